@@ -1,0 +1,18 @@
+"""kdkernels: knowledge-distillation losses fused with the LM head, without the logits."""
+
+from .api import FusedLinearKDLoss, KDComponents, fused_linear_kd_loss, kd_loss
+from .backends.registry import available as available_backends
+from .options import DEFAULT_MAX_WORKSPACE_BYTES, DIVERGENCES, REDUCTIONS, KDOptions
+
+__all__ = [
+    "DEFAULT_MAX_WORKSPACE_BYTES",
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "FusedLinearKDLoss",
+    "KDComponents",
+    "KDOptions",
+    "available_backends",
+    "fused_linear_kd_loss",
+    "kd_loss",
+]
+__version__ = "0.1.0"

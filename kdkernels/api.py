@@ -1,0 +1,187 @@
+"""Public entry points: fused_linear_kd_loss, kd_loss and the FusedLinearKDLoss module."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from . import gemm
+from .autograd import FusedLinearKD, LogitsKD, Plan
+from .backends import registry
+from .backends.base import RowSpec
+from .options import KDOptions
+from .reducer import LOCAL
+from .validation import (check_bias, check_head, check_labels, check_pair_dtypes,
+                         check_same_device, check_tensor)
+
+
+class KDComponents(NamedTuple):
+    """``loss`` (differentiable), and, reduced the same way but detached: ``kd`` the
+    divergence D before kd_weight and T**2, ``ce`` the hard-label CE before ce_weight (NaN
+    without labels), ``n_tokens`` the number of kept tokens."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    n_tokens: torch.Tensor
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _spec(opts: KDOptions, labels: torch.Tensor | None) -> RowSpec:
+    # With return_components, CE is computed for monitoring even at ce_weight = 0.
+    spec = RowSpec.from_options(opts, labels is not None)
+    if labels is not None and opts.return_components and not spec.has_ce:
+        spec = RowSpec(**{**spec.__dict__, "has_ce": True})
+    return spec
+
+
+def _finish(opts: KDOptions, loss, kd, ce, labels, n) -> torch.Tensor | KDComponents:
+    if not opts.return_components:
+        return loss
+    kept = n if labels is None else int((labels != opts.ignore_index).sum())
+    return KDComponents(loss, kd, ce, torch.tensor(kept, dtype=torch.int64))
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: float | None = None,
+    chunk_size: int | None = None,
+    max_workspace_bytes: int | None = None,
+    impl: str = "auto",
+    return_components: bool = False,
+) -> torch.Tensor | KDComponents:
+    """Distillation loss of a student LM head against a teacher's, without materialising
+    the [tokens x vocab] logits. See README "API" for every option."""
+    opts = KDOptions(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
+                     student_softcap, teacher_softcap, ignore_index, reduction, num_items,
+                     chunk_size, max_workspace_bytes, impl, return_components)
+    h = check_tensor("student_hidden", student_hidden)
+    w = check_tensor("student_weight", student_weight)
+    g = check_tensor("teacher_hidden", teacher_hidden)
+    u = check_tensor("teacher_weight", teacher_weight)
+    device = check_same_device({"student_hidden": h, "student_weight": w, "teacher_hidden": g,
+                                "teacher_weight": u, "labels": labels,
+                                "student_bias": student_bias, "teacher_bias": teacher_bias})
+    if h.dim() < 1 or g.dim() < 1:
+        raise ValueError("student_hidden and teacher_hidden must be [..., D]; got a 0-d tensor")
+    if h.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"teacher_hidden must have the leading shape of student_hidden, "
+                         f"{list(h.shape[:-1])}; got {list(g.shape[:-1])}")
+    check_head("student_weight", w, "student_hidden", h)
+    check_head("teacher_weight", u, "teacher_hidden", g)
+    check_bias("student_bias", student_bias, w.shape[0])
+    check_bias("teacher_bias", teacher_bias, u.shape[0])
+    autocast = _autocast_dtype(device)
+    check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
+    check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
+    vocab = min(w.shape[0], u.shape[0])
+    flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", vocab, opts)
+    spec = _spec(opts, flat_labels)
+
+    cd_s = autocast if autocast is not None and h.dtype != torch.float64 else h.dtype
+    cd_t = autocast if autocast is not None and g.dtype != torch.float64 else g.dtype
+    backend = registry.select(opts.impl, device, gemm.logits_dtype(cd_s, device), spec)
+    plan = Plan(opts, spec, backend, LOCAL, cd_s, cd_t)
+    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
+    with torch.autocast(device.type, enabled=False):
+        loss, kd, ce = FusedLinearKD.apply(h2, w, student_bias, g2, u, teacher_bias,
+                                           flat_labels, plan)
+    if opts.reduction == "none":
+        loss, kd, ce = (t.reshape(h.shape[:-1]) for t in (loss, kd, ce))
+    return _finish(opts, loss, kd, ce, flat_labels, h2.shape[0])
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    student_softcap: float | None = None,
+    teacher_softcap: float | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: float | None = None,
+    chunk_size: int | None = None,
+    max_workspace_bytes: int | None = None,
+    impl: str = "auto",
+    return_components: bool = False,
+) -> torch.Tensor | KDComponents:
+    """The same loss on logits already materialised ([..., Vs] and [..., Vt]); gradient
+    w.r.t. student_logits, computed chunk by chunk without fp32 copies of either tensor."""
+    opts = KDOptions(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
+                     student_softcap, teacher_softcap, ignore_index, reduction, num_items,
+                     chunk_size, max_workspace_bytes, impl, return_components)
+    zs = check_tensor("student_logits", student_logits)
+    zt = check_tensor("teacher_logits", teacher_logits)
+    device = check_same_device({"student_logits": zs, "teacher_logits": zt, "labels": labels})
+    if zs.dim() < 1 or zt.dim() < 1 or zs.shape[-1] < 1 or zt.shape[-1] < 1:
+        raise ValueError(f"student_logits and teacher_logits must be [..., V] with V >= 1; got "
+                         f"{list(zs.shape)} and {list(zt.shape)}")
+    if zs.shape[:-1] != zt.shape[:-1]:
+        raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
+                         f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
+    vocab = min(zs.shape[-1], zt.shape[-1])
+    flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", vocab, opts)
+    spec = _spec(opts, flat_labels)
+    backend = registry.select(opts.impl, device, zs.dtype, spec)
+    plan = Plan(opts, spec, backend, LOCAL, zs.dtype, zt.dtype)
+    # Row-major views; a copy happens only for inputs whose last dim is not contiguous.
+    zs2 = zs.reshape(-1, zs.shape[-1])
+    zt2 = zt.reshape(-1, zt.shape[-1])
+    zs2 = zs2 if zs2.stride(-1) == 1 else zs2.contiguous()
+    zt2 = zt2 if zt2.stride(-1) == 1 else zt2.contiguous()
+    loss, kd, ce = LogitsKD.apply(zs2, zt2, flat_labels, plan)
+    if opts.reduction == "none":
+        loss, kd, ce = (t.reshape(zs.shape[:-1]) for t in (loss, kd, ce))
+    return _finish(opts, loss, kd, ce, flat_labels, zs2.shape[0])
+
+
+class FusedLinearKDLoss(torch.nn.Module):
+    """nn.Module form of fused_linear_kd_loss; options are checked at construction."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        KDOptions(**options)  # reject bad options now, not at the first batch
+        self.options = dict(options)
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                labels: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
+                teacher_bias: torch.Tensor | None = None) -> torch.Tensor | KDComponents:
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                    teacher_weight, labels, student_bias=student_bias,
+                                    teacher_bias=teacher_bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

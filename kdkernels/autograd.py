@@ -1,0 +1,181 @@
+"""Autograd Functions. The loss is terminal, so the gradient is computed during forward and
+backward only scales it by grad_output. With reduction='none' the fused loss cannot
+pre-scale per row, so its backward re-runs the chunk driver with grad_output as row weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backends.base import Backend, RowSpec
+from .driver import fused_rows, logits_rows
+from .options import KDOptions
+from .reducer import LocalReducer
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the Functions need besides tensors."""
+
+    opts: KDOptions
+    spec: RowSpec
+    backend: Backend
+    reducer: LocalReducer
+    compute_dtype_s: torch.dtype
+    compute_dtype_t: torch.dtype
+
+
+def _normaliser(opts: KDOptions, kept: int) -> float:
+    if opts.reduction != "mean":
+        return 1.0
+    return opts.num_items if opts.num_items is not None else float(max(kept, 1))
+
+
+def _reduce(rows: torch.Tensor, opts: KDOptions, norm: float) -> torch.Tensor:
+    return rows.sum() / norm if opts.reduction != "none" else rows
+
+
+def _combine(opts: KDOptions, kd: torch.Tensor, ce: torch.Tensor | None) -> torch.Tensor:
+    rows = kd * opts.soft_scale
+    if ce is not None and opts.ce_weight > 0:
+        rows = rows + opts.ce_weight * ce
+    return rows
+
+
+def _scatter(rows: torch.Tensor | None, idx: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    if rows is None or idx is None:
+        return rows
+    out = torch.zeros((n, *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+    return out.index_copy_(0, idx, rows)
+
+
+def _scale(grad: torch.Tensor | None, go: torch.Tensor) -> torch.Tensor | None:
+    if grad is None:
+        return None
+    if go.dim() == 0:
+        return grad if bool(go == 1) else grad * go.to(grad.dtype)
+    return grad * go.to(grad.dtype)[:, None]
+
+
+class FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, bs, g, u, bt, labels, plan: Plan):
+        opts, spec = plan.opts, plan.spec
+        n = h.shape[0]
+        vocab = min(w.shape[0], u.shape[0])
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        if labels is not None and n:
+            idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
+            if idx.numel() == n:
+                idx = None
+        else:
+            idx = None
+        kept = n if idx is None else int(idx.numel())
+        norm = _normaliser(opts, kept)
+
+        def rows(row_scale, want_h, want_w, want_b):
+            take = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+            return fused_rows(
+                take(h).to(plan.compute_dtype_s), w[:vocab].to(plan.compute_dtype_s),
+                None if bs is None else bs[:vocab], take(g).to(plan.compute_dtype_t),
+                u[:vocab].to(plan.compute_dtype_t), None if bt is None else bt[:vocab],
+                None if labels is None else take(labels), opts, spec, plan.backend,
+                row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
+                reducer=plan.reducer, acc_dtype=acc)
+
+        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
+            bs is not None and ctx.needs_input_grad[2])
+        eager_grad = opts.reduction != "none" and (want_h or want_w or want_b)
+        if kept:
+            res = rows(1.0 / norm if eager_grad else None, want_h, want_w, want_b)
+            kd, ce = res.kd, res.ce
+        else:
+            res = None
+            kd = torch.zeros(0, dtype=acc, device=h.device)
+            ce = torch.zeros(0, dtype=acc, device=h.device) if spec.has_ce else None
+        loss = _reduce(_scatter(_combine(opts, kd, ce), idx, n) if opts.reduction == "none"
+                       else _combine(opts, kd, ce), opts, norm)
+        kd_red = _reduce(_scatter(kd, idx, n) if opts.reduction == "none" else kd, opts, norm)
+        ce_red = (None if ce is None else
+                  _reduce(_scatter(ce, idx, n) if opts.reduction == "none" else ce, opts, norm))
+
+        ctx.shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
+        ctx.vocab = vocab
+        if eager_grad:
+            ctx.grads = _full_grads(res, idx, n, ctx.shapes, vocab, h.device)
+        else:
+            ctx.rows = rows
+            ctx.idx = idx
+            ctx.want = (want_h, want_w, want_b)
+            ctx.kept = kept
+        if ce_red is None:
+            ce_red = torch.full_like(kd_red, float("nan"))
+        ctx.mark_non_differentiable(kd_red, ce_red)
+        return loss.to(torch.float32) if acc == torch.float32 else loss, kd_red, ce_red
+
+    @staticmethod
+    def backward(ctx, go, _gkd, _gce):
+        if hasattr(ctx, "grads"):
+            gh, gw, gb = (_scale(t, go) for t in ctx.grads)
+        else:
+            n = ctx.shapes[0][0]
+            if ctx.kept:
+                row_scale = go if ctx.idx is None else go.index_select(0, ctx.idx)
+                res = ctx.rows(row_scale.float(), *ctx.want)
+                gh, gw, gb = _full_grads(res, ctx.idx, n, ctx.shapes, ctx.vocab, go.device)
+            else:
+                gh, gw, gb = _full_grads(None, None, n, ctx.shapes, ctx.vocab, go.device)
+            del ctx.rows
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _full_grads(res, idx, n, shapes, vocab, device):
+    """Gradients in the inputs' shapes and dtypes (zeros for ignored rows, padded vocab)."""
+    h_shape, h_dtype, w_shape, w_dtype, b_dtype = shapes
+    gh = gw = gb = None
+    if res is None or res.grad_h is not None:
+        gh = (torch.zeros(h_shape, dtype=h_dtype, device=device) if res is None
+              else _scatter(res.grad_h.to(h_dtype), idx, n))
+    if res is None or res.grad_w is not None:
+        gw = torch.zeros(w_shape, dtype=w_dtype, device=device)
+        if res is not None:
+            gw[:vocab] = res.grad_w
+    if b_dtype is not None and (res is None or res.grad_b is not None):
+        gb = torch.zeros(w_shape[0], dtype=b_dtype, device=device)
+        if res is not None:
+            gb[:vocab] = res.grad_b
+    return gh, gw, gb
+
+
+class LogitsKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zs, zt, labels, plan: Plan):
+        opts = plan.opts
+        n = zs.shape[0]
+        keep = None if labels is None else labels != opts.ignore_index
+        kept = n if keep is None else int(keep.sum())
+        norm = _normaliser(opts, kept)
+        want = ctx.needs_input_grad[0]
+        unit = 1.0 if opts.reduction == "none" else 1.0 / norm
+        row_scale = None
+        if want:
+            row_scale = torch.full((n,), unit, dtype=torch.float32, device=zs.device)
+            if keep is not None:
+                row_scale = torch.where(keep, row_scale, torch.zeros_like(row_scale))
+        kd, ce, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,
+                                   row_scale=row_scale, reducer=plan.reducer)
+        if keep is not None:
+            kd = torch.where(keep, kd, torch.zeros_like(kd))
+            ce = None if ce is None else torch.where(keep, ce, torch.zeros_like(ce))
+        loss = _reduce(_combine(opts, kd, ce), opts, norm)
+        kd_red = _reduce(kd, opts, norm)
+        ce_red = torch.full_like(kd_red, float("nan")) if ce is None else _reduce(ce, opts, norm)
+        ctx.grad = grad
+        ctx.mark_non_differentiable(kd_red, ce_red)
+        return loss, kd_red, ce_red
+
+    @staticmethod
+    def backward(ctx, go, _gkd, _gce):
+        return _scale(ctx.grad, go), None, None, None

@@ -1,0 +1,79 @@
+"""The backend table and `impl` dispatch.
+
+Each entry is a module path exposing ``BACKEND`` (a base.Backend) or raising ImportError with
+a reason. ``auto`` walks the device's preference list and takes the first backend that loads
+and supports the input.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import Backend, RowSpec
+
+_MODULES: dict[str, str] = {
+    "torch": "kdkernels.backends.torch_rows",
+    "triton": "kdkernels.backends.triton_rows",
+    "cpp": "kdkernels.backends.cpp_rows",
+    "cuda": "kdkernels.backends.cuda_rows",
+}
+# Fastest first; see README "Backends" for the measurements behind the order.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpp", "torch"),
+}
+IMPLS = ("auto", *_MODULES)
+
+_loaded: dict[str, Backend | str] = {}
+
+
+def load(name: str) -> Backend | str:
+    """The backend, or a string saying why it cannot be loaded here."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(_MODULES[name])
+            _loaded[name] = module.BACKEND
+        except ImportError as err:  # missing toolkit, unbuilt extension, not written yet
+            _loaded[name] = f"backend {name!r} is not available: {err}"
+    return _loaded[name]
+
+
+def register(name: str, module_path: str, *, auto_on: dict[str, int] | None = None) -> None:
+    """Add a backend module to the table (for out-of-tree backends)."""
+    _MODULES[name] = module_path
+    _loaded.pop(name, None)
+    for device_type, position in (auto_on or {}).items():
+        order = list(AUTO_ORDER.get(device_type, ()))
+        order.insert(position, name)
+        AUTO_ORDER[device_type] = tuple(order)
+
+
+def reasons(name: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
+    backend = load(name)
+    if isinstance(backend, str):
+        return [backend]
+    return backend.not_supported_reasons(device, dtype, spec)
+
+
+def select(impl: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) -> Backend:
+    if impl not in _MODULES and impl != "auto":
+        raise ValueError(f"impl must be one of {', '.join(('auto', *_MODULES))}; got {impl!r}")
+    if impl != "auto":
+        why = reasons(impl, device, dtype, spec)
+        if why:
+            raise ValueError(f"impl={impl!r} cannot serve this input: {'; '.join(why)}")
+        return load(impl)  # type: ignore[return-value]
+    tried = []
+    for name in AUTO_ORDER.get(device.type, ("torch",)):
+        why = reasons(name, device, dtype, spec)
+        if not why:
+            return load(name)  # type: ignore[return-value]
+        tried.append(f"{name}: {'; '.join(why)}")
+    raise ValueError(f"impl='auto' found no backend for {device} {dtype}: {' | '.join(tried)}")
+
+
+def available() -> dict[str, str]:
+    """Backend name -> 'ok' or the reason it cannot load."""
+    return {name: ("ok" if not isinstance(load(name), str) else load(name)) for name in _MODULES}

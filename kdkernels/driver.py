@@ -1,0 +1,156 @@
+"""The chunk driver: for each token chunk, logits GEMMs -> row ops -> gradient GEMMs.
+
+Written once for every backend. The workspace (the [C, V] buffers) is allocated once per
+call and reused by every chunk, so its size is bounded by the chunk rule below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import gemm
+from .backends.base import Backend, RowSpec
+from .divergences import row_kd_and_aux
+from .options import KDOptions
+from .reducer import LocalReducer
+from .row_stats import finish
+
+
+@dataclass
+class RowResult:
+    kd: torch.Tensor  # [K] divergence per row (unscaled), fp32
+    ce: torch.Tensor | None  # [K] hard-label CE per row, fp32
+    grad_h: torch.Tensor | None = None  # [K, Ds]
+    grad_w: torch.Tensor | None = None  # [V, Ds] fp32 accumulator
+    grad_b: torch.Tensor | None = None  # [V] fp32 accumulator
+
+
+def choose_chunk_size(opts: KDOptions, n_rows: int, vocab: int, bytes_per_logit: int) -> int:
+    """Rows per chunk: the explicit chunk_size, else the most rows whose [C, V] buffers fit
+    in max_workspace_bytes (at least one row)."""
+    if opts.chunk_size is not None:
+        return max(1, min(opts.chunk_size, n_rows))
+    return max(1, min(n_rows, opts.workspace_bytes // max(1, vocab * bytes_per_logit)))
+
+
+def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,
+                  rows: int, device: torch.device) -> torch.Tensor:
+    if labels is None or not spec.has_ce:
+        return torch.full((rows,), -1, dtype=torch.int64, device=device)
+    local = labels - start
+    return torch.where((local >= 0) & (local < width), local, torch.full_like(local, -1))
+
+
+def _row_coefficients(opts, spec, totals, aux, row_scale) -> torch.Tensor:
+    kd_coef = (opts.soft_scale / opts.temperature) * row_scale
+    ce_coef = opts.ce_weight * row_scale if spec.has_ce else torch.zeros_like(row_scale)
+    return torch.stack((totals.lse_a, totals.lse_b, totals.lse_z, aux,
+                        kd_coef.to(aux.dtype), ce_coef.to(aux.dtype)), 1)
+
+
+def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, grad_out):
+    """Row ops over one chunk; returns (kd, ce) and, if grad_out is given, writes dL/dzs."""
+    stats = reducer.merge_stats(backend.stats(zs, zt, labels_local, spec))
+    totals = finish(stats)
+    mix = None
+    if spec.needs_mix:
+        lse = torch.stack((totals.lse_a, totals.lse_b), 1)
+        mix = reducer.sum_rows(backend.mix(zs, zt, lse, spec))
+    kd, aux = row_kd_and_aux(opts, totals, mix)
+    ce = (totals.lse_z - totals.z_label) if spec.has_ce else None
+    if grad_out is not None:
+        coef = _row_coefficients(opts, spec, totals, aux, row_scale)
+        backend.grad(zs, zt, labels_local, coef, spec, grad_out)
+    return kd, ce
+
+
+def _scale_slice(row_scale, start, stop, like):
+    if isinstance(row_scale, torch.Tensor):
+        return row_scale[start:stop].to(like.dtype)
+    return torch.full((stop - start,), float(row_scale), dtype=like.dtype, device=like.device)
+
+
+def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
+               g: torch.Tensor, u: torch.Tensor, bt: torch.Tensor | None,
+               labels: torch.Tensor | None, opts: KDOptions, spec: RowSpec, backend: Backend,
+               *, row_scale: float | torch.Tensor | None, want_h: bool, want_w: bool,
+               want_b: bool, reducer: LocalReducer, acc_dtype: torch.dtype) -> RowResult:
+    """Row losses (and gradients unless row_scale is None) over kept rows h [K, Ds], g [K, Dt].
+
+    w [V, Ds], u [V, Dt] are the heads already cut to the shared vocabulary, in the compute
+    dtype; labels [K] are global ids of kept rows.
+    """
+    k, vocab = h.shape[0], w.shape[0]
+    device = h.device
+    zs_dtype = gemm.logits_dtype(h.dtype, device)
+    zt_dtype = gemm.logits_dtype(g.dtype, device)
+    need_grad = row_scale is not None and (want_h or want_w or want_b)
+    separate_dz = need_grad and zs_dtype != h.dtype
+    per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (h.element_size() if separate_dz
+                                                                else 0)
+    c = choose_chunk_size(opts, k, vocab, per_logit)
+    zs_buf = torch.empty(c, vocab, dtype=zs_dtype, device=device)
+    zt_buf = torch.empty(c, vocab, dtype=zt_dtype, device=device)
+    dz_buf = torch.empty(c, vocab, dtype=h.dtype, device=device) if separate_dz else zs_buf
+
+    kd = torch.empty(k, dtype=acc_dtype, device=device)
+    ce = torch.empty(k, dtype=acc_dtype, device=device) if spec.has_ce else None
+    grad_h = torch.empty_like(h) if need_grad and want_h else None
+    grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_grad and want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad and want_b else None
+    for start in range(0, k, c):
+        stop = min(k, start + c)
+        zs = gemm.logits_into(h[start:stop], w, bs, zs_buf[: stop - start])
+        zt = gemm.logits_into(g[start:stop], u, bt, zt_buf[: stop - start])
+        lab = _local_labels(None if labels is None else labels[start:stop], spec,
+                            reducer.vocab_start, vocab, stop - start, device)
+        dz = dz_buf[: stop - start] if need_grad else None
+        scale = _scale_slice(row_scale, start, stop, kd) if need_grad else None
+        kd_c, ce_c = _chunk_rows(zs, zt, lab, opts, spec, backend, reducer, scale, dz)
+        kd[start:stop] = kd_c
+        if ce is not None:
+            ce[start:stop] = ce_c
+        if not need_grad:
+            continue
+        if grad_h is not None:
+            torch.mm(dz, w, out=grad_h[start:stop])
+        if grad_w is not None:
+            gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
+        if grad_b is not None:
+            grad_b += dz.sum(0, dtype=acc_dtype)
+    if grad_h is not None:
+        grad_h = reducer.finish_grad_hidden(grad_h)
+    return RowResult(kd, ce, grad_h, grad_w, grad_b)
+
+
+def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
+                opts: KDOptions, spec: RowSpec, backend: Backend, *,
+                row_scale: float | torch.Tensor | None, reducer: LocalReducer
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Row losses over materialised logits zs [N, Vs], zt [N, Vt] (shared vocab = min);
+    returns (kd [N], ce [N] | None, grad [N, Vs] in zs's dtype | None). Rows whose
+    row_scale is 0 get zero gradient."""
+    n, vocab = zs.shape[0], min(zs.shape[1], zt.shape[1])
+    c = choose_chunk_size(opts, n, vocab, backend.workspace_bytes_per_logit(zs.dtype))
+    row_dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
+    kd = torch.empty(n, dtype=row_dtype, device=zs.device)
+    ce = torch.empty(n, dtype=row_dtype, device=zs.device) if spec.has_ce else None
+    grad = None
+    if row_scale is not None:
+        grad = torch.empty_like(zs, memory_format=torch.contiguous_format)
+        if zs.shape[1] > vocab:
+            grad[:, vocab:] = 0
+    for start in range(0, n, c):
+        stop = min(n, start + c)
+        lab = _local_labels(None if labels is None else labels[start:stop], spec,
+                            reducer.vocab_start, vocab, stop - start, zs.device)
+        out = grad[start:stop, :vocab] if grad is not None else None
+        scale = _scale_slice(row_scale, start, stop, kd) if grad is not None else None
+        kd_c, ce_c = _chunk_rows(zs[start:stop, :vocab], zt[start:stop, :vocab], lab, opts,
+                                 spec, backend, reducer, scale, out)
+        kd[start:stop] = kd_c
+        if ce is not None:
+            ce[start:stop] = ce_c
+    return kd, ce, grad

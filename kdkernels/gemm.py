@@ -1,0 +1,59 @@
+"""The GEMMs of the chunk driver: logits into preallocated buffers, fp32 weight-grad sums.
+
+On CUDA, bf16/fp16 GEMMs can emit fp32 (``out_dtype``), so logits are never rounded to 16
+bits before the softmax. The CPU kernels cannot; there the logits stay in the input dtype
+and the row ops upcast them per chunk.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_HALF = (torch.bfloat16, torch.float16)
+# Rows of a vocab block in the CPU weight-grad fallback: bounds its temporary to ~16 MiB.
+_BLOCK_BYTES = 16 * 2**20
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_supported(device_type: str, dtype: torch.dtype) -> bool:
+    if dtype not in _HALF or device_type != "cuda":
+        return False
+    try:
+        a = torch.ones(2, 2, device=device_type, dtype=dtype)
+        out = torch.empty(2, 2, device=device_type, dtype=torch.float32)
+        torch.mm(a, a, out_dtype=torch.float32, out=out)
+        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def logits_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    return torch.float32 if _fp32_out_supported(device.type, compute_dtype) else compute_dtype
+
+
+def logits_into(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor) -> torch.Tensor:
+    """out[:] = x @ w.T (+ bias); out may be fp32 while x, w are half."""
+    if out.dtype == x.dtype:
+        if bias is None:
+            return torch.mm(x, w.t(), out=out)
+        return torch.addmm(bias.to(out.dtype), x, w.t(), out=out)
+    torch.mm(x, w.t(), out_dtype=out.dtype, out=out)
+    if bias is not None:
+        out.add_(bias)
+    return out
+
+
+def accumulate_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc in fp32 (or float64) whatever the dtype of a and b."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _fp32_out_supported(a.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        rows = max(1, _BLOCK_BYTES // max(1, b.shape[1] * a.element_size()))
+        for start in range(0, a.shape[0], rows):
+            acc[start:start + rows].add_(a[start:start + rows] @ b)

@@ -1,0 +1,116 @@
+"""The loss options: one frozen dataclass, validated once, shared by every backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+REDUCTIONS = ("mean", "sum", "none")
+# impl names are validated against the backend table at dispatch time (backends/registry.py).
+
+DEFAULT_MAX_WORKSPACE_BYTES = 256 * 2**20
+
+
+def _check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a Python number, got a tensor of shape "
+                            f"{tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value}")
+    return value
+
+
+def _check_optional_positive(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    return _check_real(name, value, low=0.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """Every scalar option of the distillation loss, checked at construction.
+
+    ``divergence`` keeps the name the user gave; ``effective_divergence`` folds the exact
+    special cases (jsd with beta 0 or 1 is forward or reverse KL, as in TRL).
+    """
+
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
+    temperature: float = 1.0
+    scale_by_t2: bool = True
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
+    ignore_index: int = -100
+    reduction: str = "mean"
+    num_items: float | None = None
+    chunk_size: int | None = None
+    max_workspace_bytes: int | None = None
+    impl: str = "auto"
+    return_components: bool = False
+    effective_divergence: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if not isinstance(self.divergence, str) or self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}; "
+                             f"got {self.divergence!r}")
+        if not isinstance(self.reduction, str) or self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; "
+                             f"got {self.reduction!r}")
+        if not isinstance(self.impl, str):
+            raise TypeError(f"impl must be a string, got {type(self.impl).__name__}")
+        set_("beta", _check_real("beta", self.beta, low=0.0, high=1.0))
+        set_("skew", _check_real("skew", self.skew, low=0.0, high=1.0))
+        set_("temperature", _check_real("temperature", self.temperature, low=0.0, low_open=True))
+        set_("kd_weight", _check_real("kd_weight", self.kd_weight, low=0.0))
+        set_("ce_weight", _check_real("ce_weight", self.ce_weight, low=0.0))
+        set_("student_softcap", _check_optional_positive("student_softcap", self.student_softcap))
+        set_("teacher_softcap", _check_optional_positive("teacher_softcap", self.teacher_softcap))
+        set_("num_items", _check_optional_positive("num_items", self.num_items))
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        for name in ("chunk_size", "max_workspace_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        for name in ("scale_by_t2", "return_components"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        eff = self.divergence
+        if eff == "jsd" and self.beta == 0.0:
+            eff = "forward_kl"
+        elif eff == "jsd" and self.beta == 1.0:
+            eff = "reverse_kl"
+        set_("effective_divergence", eff)
+
+    @property
+    def soft_scale(self) -> float:
+        """kd_weight times the Hinton T**2 factor: the weight of the divergence per token."""
+        t2 = self.temperature**2 if self.scale_by_t2 else 1.0
+        return self.kd_weight * t2
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.max_workspace_bytes or DEFAULT_MAX_WORKSPACE_BYTES
+
+
+OPTION_NAMES = tuple(f.name for f in fields(KDOptions) if f.init)

@@ -1,0 +1,101 @@
+"""The float64 oracle: a plain, materialising implementation of every option.
+
+It is deliberately naive (full [N, V] logits, log_softmax, autograd for gradients) so that
+it can be read in one sitting and trusted; every backend is tested against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .options import KDOptions
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def _plogp_ratio(w: torch.Tensor, logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
+    """Row sums of w * (logx - logy), taking 0 * anything = 0."""
+    return torch.where(w > 0, w * (logx - logy), torch.zeros_like(w)).sum(-1)
+
+
+def _log_mix(logq: torch.Tensor, logp: torch.Tensor, wq: float) -> torch.Tensor:
+    """log(wq * q + (1 - wq) * p)."""
+    parts = []
+    if wq > 0:
+        parts.append(logq + math.log(wq))
+    if wq < 1:
+        parts.append(logp + math.log(1 - wq))
+    return torch.logsumexp(torch.stack(parts), 0)
+
+
+def divergence(a: torch.Tensor, b: torch.Tensor, name: str, beta: float = 0.5,
+               skew: float = 0.1) -> torch.Tensor:
+    """Per-row divergence between teacher q = softmax(b) and student p = softmax(a)."""
+    logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    p, q = logp.exp(), logq.exp()
+    if name == "jsd" and beta == 0:
+        name = "forward_kl"
+    if name == "jsd" and beta == 1:
+        name = "reverse_kl"
+    if name == "forward_kl":
+        return _plogp_ratio(q, logq, logp)
+    if name == "reverse_kl":
+        return _plogp_ratio(p, logp, logq)
+    if name == "jsd":
+        logm = _log_mix(logq, logp, beta)
+        return beta * _plogp_ratio(q, logq, logm) + (1 - beta) * _plogp_ratio(p, logp, logm)
+    if name == "skew_forward_kl":
+        return _plogp_ratio(q, logq, _log_mix(logq, logp, skew))
+    if name == "skew_reverse_kl":
+        return _plogp_ratio(p, logp, _log_mix(logq, logp, 1 - skew))
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    raise ValueError(f"unknown divergence {name!r}")
+
+
+def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      labels: torch.Tensor | None = None, **options) -> dict[str, torch.Tensor]:
+    """Loss on materialised logits, in float64. Returns loss, kd_rows, ce_rows, kept."""
+    opts = KDOptions(**options)
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    z = _softcap(student_logits[..., :vocab].double(), opts.student_softcap)
+    t = _softcap(teacher_logits[..., :vocab].double(), opts.teacher_softcap)
+    z, t = z.reshape(-1, vocab), t.reshape(-1, vocab)
+    temp = opts.temperature
+    kd = divergence(z / temp, t / temp, opts.divergence, opts.beta, opts.skew)
+    keep = torch.ones_like(kd, dtype=torch.bool)
+    ce = torch.zeros_like(kd)
+    if labels is not None:
+        labels = labels.reshape(-1)
+        keep = labels != opts.ignore_index
+        safe = torch.where(keep, labels, torch.zeros_like(labels))
+        ce = torch.logsumexp(z, -1) - z.gather(1, safe[:, None]).squeeze(1)
+    t2 = temp**2 if opts.scale_by_t2 else 1.0
+    rows = opts.kd_weight * t2 * kd + opts.ce_weight * ce
+    zero = torch.zeros_like(rows)
+    rows, kd, ce = (torch.where(keep, x, zero) for x in (rows, kd, ce))
+    kept = int(keep.sum())
+    if opts.reduction == "none":
+        loss = rows
+    elif opts.reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / (opts.num_items if opts.num_items is not None else max(kept, 1))
+    return {"loss": loss, "kd_rows": kd, "ce_rows": ce, "kept": kept}
+
+
+def reference_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
+                                   teacher_weight, labels=None, *, student_bias=None,
+                                   teacher_bias=None, **options) -> dict[str, torch.Tensor]:
+    """Fused-linear loss in float64: logits = hidden @ weight.T + bias, then the above."""
+    def logits(x, w, b):
+        z = x.double().reshape(-1, x.shape[-1]) @ w.double().t()
+        return z if b is None else z + b.double()
+
+    zs = logits(student_hidden, student_weight, student_bias)
+    zt = logits(teacher_hidden, teacher_weight, teacher_bias)
+    return reference_kd_loss(zs, zt, labels, **options)
