@@ -58,12 +58,15 @@ def divergence(a: torch.Tensor, b: torch.Tensor, name: str, beta: float = 0.5,
 
 
 def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      labels: torch.Tensor | None = None, **options) -> dict[str, torch.Tensor]:
-    """Loss on materialised logits, in float64. Returns loss, kd_rows, ce_rows, kept."""
+                      labels: torch.Tensor | None = None, *,
+                      compute_dtype: torch.dtype = torch.float64,
+                      **options) -> dict[str, torch.Tensor]:
+    """Loss on materialised logits, in float64 (or compute_dtype: the tests' naive
+    same-dtype yardstick). Returns loss, kd_rows, ce_rows, kept."""
     opts = KDOptions(**options)
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    z = _softcap(student_logits[..., :vocab].double(), opts.student_softcap)
-    t = _softcap(teacher_logits[..., :vocab].double(), opts.teacher_softcap)
+    z = _softcap(student_logits[..., :vocab].to(compute_dtype), opts.student_softcap)
+    t = _softcap(teacher_logits[..., :vocab].to(compute_dtype), opts.teacher_softcap)
     z, t = z.reshape(-1, vocab), t.reshape(-1, vocab)
     temp = opts.temperature
     kd = divergence(z / temp, t / temp, opts.divergence, opts.beta, opts.skew)

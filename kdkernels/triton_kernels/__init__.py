@@ -1,0 +1,11 @@
+"""@triton.jit kernels of the Triton backend, one module per row-op stage.
+
+common.py  element-wise helpers (softcap, log-mixture) and the divergence codes
+stats.py   online (max, sum, weighted sum) partials per (row block, vocab split) + merge
+mix.py     the two plain sums of JSD / skew KL / TVD per (row block, vocab split)
+grad.py    dL/dz of the student, written over a [BLOCK_R, BLOCK_V] tile
+
+Every kernel works on [BLOCK_R, BLOCK_V] tiles: one row per program with long blocks for
+large vocabularies on a GPU, many rows per program for small ones (and under the CPU
+interpreter, where each program instance costs milliseconds of Python).
+"""

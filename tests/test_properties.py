@@ -1,0 +1,202 @@
+"""Hypothesis property suite: every CPU backend against the float64 oracle.
+
+Tolerances. fp32: 1e-5 norm-wise relative error on the loss and on every gradient (the
+issue's bound); fp32 rounding of O(10) logits and of sums over <= 3000 terms stays near
+1e-6, so 1e-5 leaves a margin without hiding a wrong formula (those err by >= 1e-3).
+The error is relative to the scale of the problem, max(||ref||, ||twin||), where twin is
+the same quantity for a well-conditioned twin loss (forward KL, T = 1, no softcap, same
+inputs and weights). Saturated softmaxes make some losses and gradients tiny (1e-5),
+while their fp32 formulas still cancel O(|logit|) terms at eps 6e-8 (e.g. reverse KL's
+p * (log p - log q - KL)), so relative accuracy on a tiny result is not attainable in
+fp32 by any formula; the twin keeps the bound at 1e-5 of the problem's natural scale.
+bf16: our error against float64, on the same scale, must not exceed 2x that of a
+same-dtype naive PyTorch loss plus BF16_SLACK = 2**-7 (one bf16 ulp at 1.0: the final
+rounding of a bf16 result). TVD's gradient is discontinuous (sign(p - q)), so logits
+rounded to bf16 flip signs and both implementations err by O(10%) there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import kdkernels
+from kdkernels.reference import reference_fused_linear_kd_loss, reference_kd_loss
+
+from ._helpers import make_fused, naive_fused, run_fused
+from .conftest import cpu_impls
+
+FP32_TOL = 1e-5
+BF16_SLACK = 2.0**-7
+VOCABS = st.one_of(st.sampled_from([2, 3, 5, 31, 97, 257, 1021, 2039, 2999, 3000]),
+                   st.integers(2, 3000))
+# The Triton interpreter runs each program in Python: keep its examples few and small.
+BUDGET = {"triton": dict(max_examples=12, max_n=12, max_v=1500)}
+DEFAULT_BUDGET = dict(max_examples=40, max_n=64, max_v=3000)
+# KD_EXAMPLES=500 pytest ... runs a longer search than CI affords.
+_EXTRA = int(os.environ.get("KD_EXAMPLES", "0"))
+
+
+@st.composite
+def loss_options(draw, n):
+    div = draw(st.sampled_from(kdkernels.DIVERGENCES))
+    reduction = draw(st.sampled_from(kdkernels.REDUCTIONS))
+    unit = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
+    opts = dict(
+        divergence=div,
+        beta=draw(unit),
+        skew=draw(unit),
+        temperature=draw(st.one_of(st.sampled_from([0.25, 1.0, 8.0]), st.floats(0.25, 8.0))),
+        scale_by_t2=draw(st.booleans()),
+        kd_weight=draw(st.sampled_from([1.0, 0.5])),
+        ce_weight=draw(st.sampled_from([0.0, 0.0, 0.7])),
+        student_softcap=draw(st.sampled_from([None, None, 4.0, 30.0])),
+        teacher_softcap=draw(st.sampled_from([None, None, 5.0])),
+        reduction=reduction,
+        num_items=draw(st.sampled_from([None, None, 7.0])) if reduction == "mean" else None,
+        chunk_size=draw(st.one_of(st.none(), st.integers(1, max(1, n + 3)))),
+    )
+    return opts
+
+
+@st.composite
+def fused_cases(draw, impl):
+    b = BUDGET.get(impl, DEFAULT_BUDGET)
+    n = draw(st.integers(0, b["max_n"]))
+    vs = min(draw(VOCABS), b["max_v"])
+    vt = draw(st.sampled_from([vs, vs, vs + draw(st.integers(1, 9))]))
+    if draw(st.booleans()):
+        vs, vt = vt, vs
+    ds, dt = draw(st.sampled_from([(8, 16), (17, 5), (32, 12)]))
+    case = dict(
+        n=n, vs=vs, vt=vt, ds=ds, dt=dt,
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        bias=draw(st.booleans()),
+        ignore_frac=draw(st.sampled_from([0.0, 0.3, 1.0])),
+        logit_scale=draw(st.sampled_from([0.5, 3.0, 10.0])),
+        seed=draw(st.integers(0, 2**16)),
+        go=draw(st.sampled_from([1.0, 0.37, -2.0])),
+    )
+    return case, draw(loss_options(n))
+
+
+def _go(loss, scale):
+    if loss.dim() == 0:
+        return torch.tensor(scale)
+    return torch.linspace(-1.0, 2.0, loss.numel()).reshape(loss.shape) * scale
+
+
+def _twin(opts):
+    return {**opts, "divergence": "forward_kl", "temperature": 1.0, "student_softcap": None,
+            "teacher_softcap": None}
+
+
+def _scaled_err(x, ref, twin):
+    scale = max(ref.double().norm().item(), twin.double().norm().item())
+    err = (x.double() - ref.double()).norm().item()
+    return err / scale if scale > 0 else err
+
+
+def _check_fp32(ours, ref, twin, what):
+    err = _scaled_err(ours, ref, twin)
+    assert err <= FP32_TOL, f"{what}: scaled error {err:.3g} > {FP32_TOL}"
+
+
+def _check_bf16(ours, ref, twin, naive, what):
+    bound = 2 * _scaled_err(naive, ref, twin) + BF16_SLACK
+    err = _scaled_err(ours, ref, twin)
+    assert err <= bound, f"{what}: bf16 scaled error {err:.3g} > {bound:.3g}"
+
+
+@pytest.mark.parametrize("impl", cpu_impls())
+def test_fused_linear_matches_oracle(impl):
+    b = BUDGET.get(impl, DEFAULT_BUDGET)
+
+    @settings(max_examples=_EXTRA or b["max_examples"], deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(fused_cases(impl))
+    def check(drawn):
+        case, opts = drawn
+        inp = make_fused(case["n"], case["vs"], case["vt"], case["ds"], case["dt"],
+                         case["dtype"], bias=case["bias"], logit_scale=case["logit_scale"],
+                         ignore_frac=case["ignore_frac"], seed=case["seed"])
+        ref = run_fused(reference_fused_linear_kd_loss, inp,
+                        grad_output=_go(torch.zeros(()) if opts["reduction"] != "none"
+                                        else torch.zeros(case["n"]), case["go"]), **opts)
+        go = _go(ref[0], case["go"])
+        ours = run_fused(kdkernels.fused_linear_kd_loss, inp, grad_output=go, impl=impl,
+                         **opts)
+        names = ("loss", "grad_hidden", "grad_weight", "grad_bias")
+        assert ours[0].shape == ref[0].shape
+        assert ours[1].dtype == inp["h"].dtype and ours[2].dtype == inp["w"].dtype
+        twin = run_fused(reference_fused_linear_kd_loss, inp, grad_output=go, **_twin(opts))
+        if case["dtype"] == torch.float32:
+            for o, r, t, name in zip(ours, ref, twin, names):
+                if r is not None:
+                    _check_fp32(o, r, t, name)
+        else:
+            naive = naive_fused(inp, **opts)
+            naive[0].backward(go.to(naive[0].dtype))
+            naive_vals = (naive[0].detach(), naive[1].grad, naive[2].grad,
+                          None if naive[3] is None else naive[3].grad)
+            for o, r, t, nv, name in zip(ours, ref, twin, naive_vals, names):
+                if r is not None:
+                    _check_bf16(o, r, t, nv, name)
+
+    check()
+
+
+@st.composite
+def logits_cases(draw, impl):
+    b = BUDGET.get(impl, DEFAULT_BUDGET)
+    n = draw(st.integers(0, b["max_n"]))
+    vs = min(draw(VOCABS), b["max_v"])
+    vt = draw(st.sampled_from([vs, vs + 3]))
+    return dict(n=n, vs=vs, vt=vt, seed=draw(st.integers(0, 2**16)),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                scale=draw(st.sampled_from([1.0, 5.0])), ignore=draw(st.booleans()),
+                go=draw(st.sampled_from([1.0, -0.5]))), draw(loss_options(n))
+
+
+@pytest.mark.parametrize("impl", cpu_impls())
+def test_kd_loss_matches_oracle(impl):
+    b = BUDGET.get(impl, DEFAULT_BUDGET)
+
+    @settings(max_examples=_EXTRA or b["max_examples"], deadline=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(logits_cases(impl))
+    def check(drawn):
+        case, opts = drawn
+        gen = torch.Generator().manual_seed(case["seed"])
+        zs = (torch.randn(case["n"], case["vs"], generator=gen) * case["scale"]).to(case["dtype"])
+        zt = (torch.randn(case["n"], case["vt"], generator=gen) * case["scale"]).to(case["dtype"])
+        labels = torch.randint(0, min(case["vs"], case["vt"]), (case["n"],), generator=gen)
+        if case["ignore"]:
+            labels[::3] = -100
+        z64 = zs.double().requires_grad_()
+        ref = reference_kd_loss(z64, zt.double(), labels, **opts)["loss"]
+        go = _go(ref.detach(), case["go"]).double()
+        ref.backward(go)
+        zq = zs.clone().requires_grad_()
+        ours = kdkernels.kd_loss(zq, zt, labels, impl=impl, **opts)
+        ours.backward(go.to(ours.dtype))
+        assert zq.grad.dtype == zs.dtype and zq.grad.shape == zs.shape
+        zw = zs.double().requires_grad_()
+        twin = reference_kd_loss(zw, zt.double(), labels, **_twin(opts))["loss"]
+        twin.backward(go)
+        if case["dtype"] == torch.float32:
+            _check_fp32(ours.detach(), ref.detach(), twin.detach(), "loss")
+            _check_fp32(zq.grad, z64.grad, zw.grad, "grad_logits")
+        else:
+            zn = zs.clone().requires_grad_()
+            naive = reference_kd_loss(zn, zt, labels, compute_dtype=torch.bfloat16,
+                                      **opts)["loss"]
+            naive.backward(go.to(naive.dtype))
+            _check_bf16(ours.detach(), ref.detach(), twin.detach(), naive.detach(), "loss")
+            _check_bf16(zq.grad, z64.grad, zw.grad, zn.grad, "grad_logits")
+
+    check()
