@@ -6,11 +6,12 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import gemm
+from . import gemm, parallel
 from .autograd import FusedLinearKD, LogitsKD, Plan
 from .backends import registry
 from .backends.base import RowSpec
 from .options import KDOptions
+from .parallel import VocabParallel
 from .reducer import LOCAL
 from .validation import (check_bias, check_head, check_labels, check_pair_dtypes,
                          check_same_device, check_tensor)
@@ -73,12 +74,17 @@ def fused_linear_kd_loss(
     max_workspace_bytes: int | None = None,
     impl: str = "auto",
     return_components: bool = False,
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | KDComponents:
     """Distillation loss of a student LM head against a teacher's, without materialising
     the [tokens x vocab] logits. See README "API" for every option."""
     opts = KDOptions(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
                      student_softcap, teacher_softcap, ignore_index, reduction, num_items,
                      chunk_size, max_workspace_bytes, impl, return_components)
+    vocab_parallel, heads = parallel.unwrap(vocab_parallel, {
+        "student_weight": student_weight, "teacher_weight": teacher_weight,
+        "student_bias": student_bias, "teacher_bias": teacher_bias}, 0)
+    student_weight, teacher_weight, student_bias, teacher_bias = heads.values()
     h = check_tensor("student_hidden", student_hidden)
     w = check_tensor("student_weight", student_weight)
     g = check_tensor("teacher_hidden", teacher_hidden)
@@ -91,6 +97,8 @@ def fused_linear_kd_loss(
     if h.shape[:-1] != g.shape[:-1]:
         raise ValueError(f"teacher_hidden must have the leading shape of student_hidden, "
                          f"{list(h.shape[:-1])}; got {list(g.shape[:-1])}")
+    reducer = LOCAL if vocab_parallel is None else parallel.fused_setup(
+        vocab_parallel, h, w, g, u, labels, student_bias, teacher_bias, opts, device)
     check_head("student_weight", w, "student_hidden", h)
     check_head("teacher_weight", u, "teacher_hidden", g)
     check_bias("student_bias", student_bias, w.shape[0])
@@ -98,14 +106,17 @@ def fused_linear_kd_loss(
     autocast = _autocast_dtype(device)
     check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
     check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
-    vocab = min(w.shape[0], u.shape[0])
+    vocab = min(w.shape[0], u.shape[0]) if vocab_parallel is None else reducer.vocab
     flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", vocab, opts)
     spec = _spec(opts, flat_labels)
 
     cd_s = autocast if autocast is not None and h.dtype != torch.float64 else h.dtype
     cd_t = autocast if autocast is not None and g.dtype != torch.float64 else g.dtype
     backend = registry.select(opts.impl, device, gemm.logits_dtype(cd_s, device), spec)
-    plan = Plan(opts, spec, backend, LOCAL, cd_s, cd_t)
+    ld = gemm.logits_dtype(cd_s, device)
+    run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(ld)
+                                     + torch.empty((), dtype=cd_s).element_size())
+    plan = Plan(run_opts, spec, backend, reducer, cd_s, cd_t)
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     with torch.autocast(device.type, enabled=False):
         loss, kd, ce = FusedLinearKD.apply(h2, w, student_bias, g2, u, teacher_bias,
@@ -136,26 +147,33 @@ def kd_loss(
     max_workspace_bytes: int | None = None,
     impl: str = "auto",
     return_components: bool = False,
+    vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | KDComponents:
     """The same loss on logits already materialised ([..., Vs] and [..., Vt]); gradient
     w.r.t. student_logits, computed chunk by chunk without fp32 copies of either tensor."""
     opts = KDOptions(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
                      student_softcap, teacher_softcap, ignore_index, reduction, num_items,
                      chunk_size, max_workspace_bytes, impl, return_components)
+    vocab_parallel, logits = parallel.unwrap(vocab_parallel, {
+        "student_logits": student_logits, "teacher_logits": teacher_logits}, -1)
+    student_logits, teacher_logits = logits.values()
     zs = check_tensor("student_logits", student_logits)
     zt = check_tensor("teacher_logits", teacher_logits)
     device = check_same_device({"student_logits": zs, "teacher_logits": zt, "labels": labels})
+    reducer = LOCAL if vocab_parallel is None else parallel.logits_setup(
+        vocab_parallel, zs, zt, labels, opts, device)
     if zs.dim() < 1 or zt.dim() < 1 or zs.shape[-1] < 1 or zt.shape[-1] < 1:
         raise ValueError(f"student_logits and teacher_logits must be [..., V] with V >= 1; got "
                          f"{list(zs.shape)} and {list(zt.shape)}")
     if zs.shape[:-1] != zt.shape[:-1]:
         raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
                          f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
-    vocab = min(zs.shape[-1], zt.shape[-1])
+    vocab = min(zs.shape[-1], zt.shape[-1]) if vocab_parallel is None else reducer.vocab
     flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", vocab, opts)
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, zs.dtype, spec)
-    plan = Plan(opts, spec, backend, LOCAL, zs.dtype, zt.dtype)
+    run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(zs.dtype))
+    plan = Plan(run_opts, spec, backend, reducer, zs.dtype, zt.dtype)
     # Row-major views; a copy happens only for inputs whose last dim is not contiguous.
     zs2 = zs.reshape(-1, zs.shape[-1])
     zt2 = zt.reshape(-1, zt.shape[-1])
@@ -170,10 +188,11 @@ def kd_loss(
 class FusedLinearKDLoss(torch.nn.Module):
     """nn.Module form of fused_linear_kd_loss; options are checked at construction."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, *, vocab_parallel: VocabParallel | None = None, **options: Any) -> None:
         super().__init__()
         KDOptions(**options)  # reject bad options now, not at the first batch
         self.options = dict(options)
+        self.vocab_parallel = vocab_parallel
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
@@ -181,7 +200,8 @@ class FusedLinearKDLoss(torch.nn.Module):
                 teacher_bias: torch.Tensor | None = None) -> torch.Tensor | KDComponents:
         return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
                                     teacher_weight, labels, student_bias=student_bias,
-                                    teacher_bias=teacher_bias, **self.options)
+                                    teacher_bias=teacher_bias,
+                                    vocab_parallel=self.vocab_parallel, **self.options)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -98,9 +98,10 @@ def _checksum(parts: tuple) -> int:
 
 
 def _all_gather(t: torch.Tensor, group, size: int) -> torch.Tensor:
-    out = torch.empty((size, *t.shape), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
-    return out
+    # Flat buffers: gloo wants the output to be the inputs concatenated along dim 0.
+    out = torch.empty(size * t.numel(), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous().view(-1), group=group)
+    return out.view(size, *t.shape)
 
 
 def _check_layout(table: list[list[int]], size: int) -> tuple[list[int], list[int]]:
