@@ -3,6 +3,7 @@
 from .api import FusedLinearKDLoss, KDComponents, fused_linear_kd_loss, kd_loss
 from .backends.registry import available as available_backends
 from .options import DEFAULT_MAX_WORKSPACE_BYTES, DIVERGENCES, REDUCTIONS, KDOptions
+from .parallel import VocabParallel
 
 __all__ = [
     "DEFAULT_MAX_WORKSPACE_BYTES",
@@ -11,6 +12,7 @@ __all__ = [
     "FusedLinearKDLoss",
     "KDComponents",
     "KDOptions",
+    "VocabParallel",
     "available_backends",
     "fused_linear_kd_loss",
     "kd_loss",
