@@ -6,8 +6,15 @@ interpreter, which does not patch libdevice.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+# Helpers called from kernels. Under the CPU interpreter each nested @triton.jit call
+# re-patches triton.language (~5 ms, most of a small launch), so there they are plain
+# Python functions run inside the caller's patched scope; compiled, they are @triton.jit.
+helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
 
 # Divergence codes (DIV constexpr); kdkernels.backends.triton_rows maps names to them.
 FORWARD_KL = tl.constexpr(0)
@@ -29,7 +36,7 @@ def mix_kind(wq: float) -> int:
     return 1 if wq == 1.0 else (2 if wq == 0.0 else 0)
 
 
-@triton.jit
+@helper
 def softcap(x, cap):
     """cap * tanh(x / cap). tanh from one exp of -2|y| (never overflows); below |y| = 1/16 a
     Taylor polynomial instead, where 1 - exp(-2|y|) would cancel (relative error < 4e-9)."""
@@ -43,7 +50,7 @@ def softcap(x, cap):
     return cap * tl.where(y < 0, -t, t)
 
 
-@triton.jit
+@helper
 def log_mix(logq, logp, lwq, lwp, MIX_KIND: tl.constexpr):
     """log(wq * q + (1 - wq) * p) as a logaddexp of the log-probs, lwq = log wq and
     lwp = log(1 - wq); exact when a weight is 0, -inf (not NaN) when both terms are."""
@@ -61,7 +68,7 @@ def log_mix(logq, logp, lwq, lwp, MIX_KIND: tl.constexpr):
         return tl.where(hi == float("-inf"), float("-inf"), out)
 
 
-@triton.jit
+@helper
 def load_logits(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
                 TEMPERED: tl.constexpr):
     """(capped logits z, tempered logits z * inv_t) of a tile, fp32; masked lanes are

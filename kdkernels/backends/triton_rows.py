@@ -1,0 +1,211 @@
+"""The `triton` backend: the row-op contract as Triton kernels (kdkernels/triton_kernels).
+
+Passes over a [C, V] chunk: stats (one read of zs and zt), mix (one more read, JSD / skew KL /
+TVD only), grad (one read of each, one write of dL/dzs). All math in fp32 whatever the
+storage; no [C, V] temporaries. Rows are split over several programs along the vocabulary
+when the chunk has too few rows to fill the GPU (see _plan).
+
+On CPU tensors the kernels run through Triton's interpreter, only when TRITON_INTERPRET=1
+was set before triton was imported (tests/conftest.py does it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+except ImportError as err:  # registry.load turns this into "not available: <reason>"
+    raise ImportError(f"the triton backend needs the triton package ({err})") from err
+
+from ..row_stats import N_MIX, N_STATS
+from ..triton_kernels.common import DIVERGENCE_CODES
+from ..triton_kernels.grad import grad_kernel
+from ..triton_kernels.mix import mix_kernel
+from ..triton_kernels.stats import merge_kernel, stats_kernel
+from .base import Backend, RowSpec
+
+# @triton.jit reads TRITON_INTERPRET when the kernels are defined, i.e. at this import.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tile/split overrides for tests (force the vocab split on CPU) and for bench sweeps:
+# keys block_r, block_v, n_split, num_warps. Empty in normal use.
+OVERRIDE: dict[str, int] = {}
+
+# GPU heuristics. Long rows: one row per program, BLOCK_V columns per step (16 elements per
+# thread at 8 warps: four 16-byte loads of 16-bit logits, or four of fp32 at 2048).
+_GPU_BLOCK_V = {2: 4096, 4: 2048}
+_GPU_TILE = 2048  # small V: pack rows until a tile has this many elements
+_PROGRAMS_PER_SM = 8  # enough resident programs to hide load latency in the stats loop
+_MIN_BLOCKS_PER_SPLIT = 4  # a vocab split walks at least this many blocks
+# Interpreter: each program instance costs milliseconds of Python, so use big tiles.
+_CPU_BLOCK_V = 8192
+_CPU_TILE = 32768
+
+
+@dataclass(frozen=True)
+class _Plan:
+    block_r: int
+    block_v: int
+    n_split: int  # vocab splits of the stats and mix passes
+    span: int  # columns per split, a multiple of block_v
+    num_warps: int
+
+    def row_blocks(self, n_rows: int) -> int:
+        return triton.cdiv(n_rows, self.block_r)
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _plan(n_rows: int, n_cols: int, device: torch.device, elem_bytes: int) -> _Plan:
+    pow2_v = triton.next_power_of_2(n_cols)
+    if device.type == "cuda":
+        block_v = min(pow2_v, _GPU_BLOCK_V.get(elem_bytes, 2048))
+        block_r = min(triton.next_power_of_2(n_rows), max(1, _GPU_TILE // block_v))
+        row_blocks = triton.cdiv(n_rows, block_r)
+        # Few rows (a small chunk at a large vocabulary): split each row's vocabulary so
+        # that about _PROGRAMS_PER_SM programs per SM run; a row walks >= a few blocks.
+        target = _PROGRAMS_PER_SM * _sm_count(device.index or 0)
+        n_split = min(triton.cdiv(target, row_blocks),
+                      max(1, n_cols // (_MIN_BLOCKS_PER_SPLIT * block_v)))
+        num_warps = 8 if block_r * block_v >= 2048 else 4
+    else:
+        block_v = min(pow2_v, _CPU_BLOCK_V)
+        block_r = min(triton.next_power_of_2(n_rows), max(1, _CPU_TILE // block_v))
+        n_split, num_warps = 1, 4
+    block_r = OVERRIDE.get("block_r", block_r)
+    block_v = OVERRIDE.get("block_v", block_v)
+    n_split = max(1, OVERRIDE.get("n_split", n_split))
+    num_warps = OVERRIDE.get("num_warps", num_warps)
+    span = triton.cdiv(triton.cdiv(n_cols, n_split), block_v) * block_v
+    return _Plan(block_r, block_v, triton.cdiv(n_cols, span), span, num_warps)
+
+
+def _check(name: str, x: torch.Tensor) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"triton backend: {name} must be float32/bfloat16/float16, got {x.dtype}")
+    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
+        raise ValueError(f"triton backend: {name} must be 2-d with unit column stride, got "
+                         f"shape {tuple(x.shape)} strides {x.stride()}")
+
+
+def _spec_args(spec: RowSpec) -> dict:
+    """Runtime scalars shared by the kernels (0 means 'no softcap')."""
+    return dict(inv_t=1.0 / spec.temperature, cap_s=spec.student_softcap or 0.0,
+                cap_t=spec.teacher_softcap or 0.0)
+
+
+def _mix_weights(spec: RowSpec) -> dict:
+    """q-weight of the divergence's log-mixture, its logs, and the gradient's constant."""
+    div = spec.divergence
+    wq, k_div = {"jsd": (spec.beta, 1.0 - spec.beta),
+                 "skew_forward_kl": (spec.skew, 1.0 - spec.skew),
+                 "skew_reverse_kl": (1.0 - spec.skew, spec.skew)}.get(div, (0.5, 0.0))
+    lwq = math.log(wq) if wq > 0 else 0.0
+    lwp = math.log1p(-wq) if wq < 1 else 0.0
+    return dict(wq=wq, lwq=lwq, lwp=lwp, k_div=k_div)
+
+
+def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec
+          ) -> torch.Tensor:
+    _check("zs", zs)
+    _check("zt", zt)
+    n_rows, n_cols = zs.shape
+    out = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=zs.device)
+    if n_rows == 0:
+        return out
+    plan = _plan(n_rows, n_cols, zs.device, max(zs.element_size(), zt.element_size()))
+    part = out if plan.n_split == 1 else torch.empty(
+        plan.n_split, n_rows, N_STATS, dtype=torch.float32, device=zs.device)
+    stats_kernel[(plan.row_blocks(n_rows), plan.n_split)](
+        zs, zt, labels, part, n_rows, n_cols, zs.stride(0), zt.stride(0), plan.span,
+        **_spec_args(spec), DIV=DIVERGENCE_CODES[spec.divergence], HAS_CE=spec.has_ce,
+        BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+    if plan.n_split > 1:
+        block_p = triton.next_power_of_2(plan.n_split)
+        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_p))
+        merge_kernel[(triton.cdiv(n_rows, block_r),)](
+            part, out, n_rows, plan.n_split, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
+    return out
+
+
+def mix(zs: torch.Tensor, zt: torch.Tensor, lse: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    _check("zs", zs)
+    _check("zt", zt)
+    n_rows, n_cols = zs.shape
+    lse = lse.to(torch.float32).contiguous()
+    if n_rows == 0:
+        return torch.zeros(0, N_MIX, dtype=torch.float32, device=zs.device)
+    plan = _plan(n_rows, n_cols, zs.device, max(zs.element_size(), zt.element_size()))
+    part = torch.empty(plan.n_split, n_rows, N_MIX, dtype=torch.float32, device=zs.device)
+    weights = _mix_weights(spec)
+    del weights["k_div"]
+    mix_kernel[(plan.row_blocks(n_rows), plan.n_split)](
+        zs, zt, lse, part, n_rows, n_cols, zs.stride(0), zt.stride(0), lse.stride(0),
+        plan.span, **_spec_args(spec), **weights, DIV=DIVERGENCE_CODES[spec.divergence],
+        BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+    return part[0] if plan.n_split == 1 else part.sum(0)
+
+
+def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
+         spec: RowSpec, out: torch.Tensor) -> None:
+    _check("zs", zs)
+    _check("zt", zt)
+    _check("out", out)
+    n_rows, n_cols = zs.shape
+    if tuple(out.shape) != (n_rows, n_cols):
+        raise ValueError(f"triton backend: out must be {[n_rows, n_cols]}, got {list(out.shape)}")
+    if n_rows == 0:
+        return
+    coef = coef.to(torch.float32).contiguous()
+    plan = _plan(n_rows, n_cols, zs.device, max(zs.element_size(), zt.element_size()))
+    grid = (plan.row_blocks(n_rows), triton.cdiv(n_cols, plan.block_v))
+    grad_kernel[grid](
+        zs, zt, labels, coef, out, n_rows, n_cols, zs.stride(0), zt.stride(0), out.stride(0),
+        coef.stride(0), **_spec_args(spec), **_mix_weights(spec),
+        DIV=DIVERGENCE_CODES[spec.divergence], HAS_CE=spec.has_ce, BLOCK_R=plan.block_r,
+        BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+
+
+def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
+    why = []
+    if dtype == torch.float64:
+        why.append("triton backend computes in fp32 and takes no float64 logits "
+                   "(use impl='torch' for float64)")
+    elif dtype not in _DTYPES:
+        why.append(f"triton backend needs float32/bfloat16/float16 logits, got {dtype}")
+    if device.type == "cpu":
+        if not _INTERPRETED:
+            why.append("triton backend runs on CPU tensors only through the Triton "
+                       "interpreter: set TRITON_INTERPRET=1 before importing kdkernels")
+    elif device.type != "cuda":
+        why.append(f"triton backend runs on CUDA devices (or CPU with TRITON_INTERPRET=1), "
+                   f"not {device.type}")
+    elif not torch.cuda.is_available():
+        why.append("triton backend: CUDA is not available")
+    return why
+
+
+def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
+    # The two [C, V] inputs only: the kernels keep no [C, V] temporaries (partials are
+    # [splits, C, 9] fp32, negligible).
+    return 2 * torch.empty((), dtype=dtype).element_size()
+
+
+BACKEND = Backend(
+    name="triton",
+    stats=stats,
+    mix=mix,
+    grad=grad,
+    not_supported_reasons=not_supported_reasons,
+    workspace_bytes_per_logit=workspace_bytes_per_logit,
+)

@@ -1,0 +1,95 @@
+"""Gradient pass: dL/dz of the student over one [BLOCK_R, BLOCK_V] tile (formulas in
+backends/base.py), stored in the dtype of ``out``, which may alias the student logits."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    FORWARD_KL,
+    JSD,
+    MIX_ONLY_Q,
+    REVERSE_KL,
+    SKEW_FORWARD_KL,
+    SKEW_REVERSE_KL,
+    TVD,
+    helper,
+    load_logits,
+    log_mix,
+    mix_kind,
+)
+
+
+@helper
+def _p_times(p, x):
+    # p * x with 0 where p == 0 (underflow or -inf logit: x may be infinite there).
+    return tl.where(p == 0.0, 0.0, p * x)
+
+
+@triton.heuristics({
+    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
+    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
+    "TEMPERED": lambda a: a["inv_t"] != 1.0,
+    "MIX_KIND": lambda a: mix_kind(a["wq"]),
+})
+@triton.jit
+def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
+                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, wq, lwq, lwp, k_div,
+                DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+                TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr):
+    """k_div: 1 - beta (jsd), 1 - skew (skew_forward_kl), skew (skew_reverse_kl)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    c = coef_ptr + rows * stride_c
+    lse_a = tl.load(c + 0, mask=row_ok, other=0.0)
+    lse_b = tl.load(c + 1, mask=row_ok, other=0.0)
+    aux = tl.load(c + 3, mask=row_ok, other=0.0)
+    kd = tl.load(c + 4, mask=row_ok, other=0.0)
+    ce = tl.load(c + 5, mask=row_ok, other=0.0)
+    # Dead rows (ignored tokens) are not even read: their logits may be garbage.
+    live = row_ok & ((kd != 0.0) | (ce != 0.0))
+    mask = live[:, None] & col_ok[None, :]
+    z, a = load_logits(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
+    _, b = load_logits(zt_ptr, rows * stride_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
+    logp = a - lse_a[:, None]
+    logq = b - lse_b[:, None]
+    p = tl.exp(logp)
+    if DIV == FORWARD_KL:
+        g = p - tl.exp(logq)
+    elif DIV == REVERSE_KL:
+        g = _p_times(p, logp - logq - aux[:, None])
+    elif DIV == TVD:
+        diff = p - tl.exp(logq)
+        half_sign = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
+        g = p * (half_sign - aux[:, None])
+    else:
+        logm = log_mix(logq, logp, lwq, lwp, MIX_KIND)
+        if DIV == JSD:
+            g = k_div * _p_times(p, logp - logm - aux[:, None])
+        elif DIV == SKEW_FORWARD_KL:
+            g = -k_div * (tl.exp(logp + logq - logm) - p * aux[:, None])
+        else:
+            tl.static_assert(DIV == SKEW_REVERSE_KL)
+            g = _p_times(p, logp - logm - aux[:, None])
+            if MIX_KIND != MIX_ONLY_Q:  # skew > 0: p / m <= 1 / skew, no overflow
+                g -= k_div * tl.exp(2.0 * logp - logm)
+    dz = kd[:, None] * g
+    if HAS_CE:
+        lse_z = tl.load(c + 2, mask=row_ok, other=0.0)
+        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+        if TEMPERED:
+            p_z = tl.exp(z - lse_z[:, None])
+        else:  # z == a: reuse p, rescaled in case lse_z was formed apart from lse_a
+            p_z = p * tl.exp(lse_a - lse_z)[:, None]
+        hit = cols[None, :] == label[:, None]
+        dz += ce[:, None] * (p_z - tl.where(hit, 1.0, 0.0))
+    if HAS_CAP_S:
+        r = z / cap_s
+        dz *= 1.0 - r * r
+    dz = tl.where(mask, dz, 0.0)
+    out = out_ptr + rows[:, None] * stride_o + cols[None, :]
+    tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

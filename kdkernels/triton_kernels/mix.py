@@ -1,0 +1,79 @@
+"""Mix pass of JSD, skew KL and TVD: two plain row sums per (row, vocab split), given the
+full-row log-normalisers (divergences.py says what the two sums are)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import (
+    JSD,
+    SKEW_FORWARD_KL,
+    SKEW_REVERSE_KL,
+    TVD,
+    helper,
+    load_logits,
+    log_mix,
+    mix_kind,
+)
+
+
+@helper
+def _xlogy_diff(w, logx, logm):
+    # w * (log x - log m) with 0 where w == 0 (masked lanes, underflow); NaN stays NaN.
+    return tl.where(w == 0.0, 0.0, w * (logx - logm))
+
+
+@triton.heuristics({
+    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
+    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
+    "TEMPERED": lambda a: a["inv_t"] != 1.0,
+    "MIX_KIND": lambda a: mix_kind(a["wq"]),
+})
+@triton.jit
+def mix_kernel(zs_ptr, zt_ptr, lse_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
+               stride_lse, span, inv_t, cap_s, cap_t, wq, lwq, lwp,
+               DIV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+               HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, TEMPERED: tl.constexpr,
+               MIX_KIND: tl.constexpr):
+    split = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    off_s = rows * stride_s
+    off_t = rows * stride_t
+    lse_a = tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0)
+    lse_b = tl.load(lse_ptr + rows * stride_lse + 1, mask=row_ok, other=0.0)
+    lo = split * span
+    hi = tl.minimum(lo + span, n_cols)
+    acc0 = tl.zeros([BLOCK_R], tl.float32)
+    acc1 = tl.zeros([BLOCK_R], tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = row_ok[:, None] & (cols < hi)[None, :]
+        _, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
+        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
+        logp = a - lse_a[:, None]
+        logq = b - lse_b[:, None]
+        p = tl.exp(logp)
+        q = tl.exp(logq)
+        if DIV == TVD:
+            diff = p - q
+            t0 = 0.5 * tl.abs(diff)
+            t1 = tl.where(diff > 0, 0.5 * p, tl.where(diff < 0, -0.5 * p, 0.0))
+        else:
+            logm = log_mix(logq, logp, lwq, lwp, MIX_KIND)
+            if DIV == JSD:
+                t0 = _xlogy_diff(q, logq, logm)
+                t1 = _xlogy_diff(p, logp, logm)
+            elif DIV == SKEW_FORWARD_KL:
+                t0 = _xlogy_diff(q, logq, logm)
+                t1 = tl.exp(logq + logp - logm)  # q p / m without dividing underflowed probs
+            else:
+                tl.static_assert(DIV == SKEW_REVERSE_KL)
+                t0 = _xlogy_diff(p, logp, logm)
+                t1 = tl.exp(2.0 * logp - logm)  # p^2 / m
+        acc0 += tl.sum(tl.where(mask, t0, 0.0), axis=1)
+        acc1 += tl.sum(tl.where(mask, t1, 0.0), axis=1)
+    out = part_ptr + (split.to(tl.int64) * n_rows + rows) * 2
+    tl.store(out, acc0, mask=row_ok)
+    tl.store(out + 1, acc1, mask=row_ok)
