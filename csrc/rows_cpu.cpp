@@ -1,0 +1,367 @@
+// CPU row ops: OpenMP over (row, vocab block) work items, at::vec::Vectorized inside a row.
+//
+// A row block is walked in tiles of kTile columns: each tile is converted to fp32 once
+// (softcap and temperature applied) into L1-resident buffers, then the math of row_math.h
+// runs over the buffers in vector lanes, with the scalar policy for the remainder. Stats are
+// online at tile granularity (one rescale per tile whose max grows), so every pass reads each
+// logit once from memory and calls exp once per distribution per element.
+// Compiled with the host's torch CPU capability (AVX2 / AVX512 flags from kdkernels/_build.py);
+// this file includes no ATen tensor header, only at::vec.
+#include "rows_cpu.h"
+
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace kdk {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int kW = Vec::size();
+constexpr int64_t kTile = 1024;
+
+// Vector policy for row_math.h.
+struct VecMath {
+  using V = Vec;
+  using Mask = Vec;
+  // torch's fast exp (ULP 20, ~1e-6 relative) with NaN passed through (exp_u20 clamps NaN).
+  static V exp(V x) { return V::blendv(x.exp_u20(), x, x.isnan()); }
+  static V log1p(V x) { return x.log1p(); }
+  static V tanh(V x) { return x.tanh(); }
+  static V abs(V x) { return x.abs(); }
+  static V max(V a, V b) { return at::vec::maximum(a, b); }
+  static V min(V a, V b) { return at::vec::minimum(a, b); }
+  static Mask gt(V a, V b) { return a > b; }
+  static Mask lt(V a, V b) { return a < b; }
+  static Mask eq(V a, V b) { return a == b; }
+  static Mask isnan(V a) { return a.isnan(); }
+  static V select(Mask m, V a, V b) { return V::blendv(b, a, m); }
+};
+
+// Load n logits of `dtype` starting at p into fp32 dst.
+void load_f32(const void* p, int dtype, int64_t n, float* dst) {
+  int64_t i = 0;
+  if (dtype == kF32) {
+    std::memcpy(dst, p, n * sizeof(float));
+  } else if (dtype == kBF16) {
+    using VB = at::vec::Vectorized<c10::BFloat16>;
+    auto src = static_cast<const c10::BFloat16*>(p);
+    for (; i + VB::size() <= n; i += VB::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(VB::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + kW);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    using VH = at::vec::Vectorized<c10::Half>;
+    auto src = static_cast<const c10::Half*>(p);
+    for (; i + VH::size() <= n; i += VH::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<c10::Half>(VH::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + kW);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// Store n fp32 values into `dtype` (round to nearest even, as Tensor.copy_).
+void store_from_f32(const float* src, int dtype, int64_t n, void* p) {
+  int64_t i = 0;
+  if (dtype == kF32) {
+    std::memmove(p, src, n * sizeof(float));
+  } else if (dtype == kBF16) {
+    using VB = at::vec::Vectorized<c10::BFloat16>;
+    auto dst = static_cast<c10::BFloat16*>(p);
+    for (; i + VB::size() <= n; i += VB::size()) {
+      at::vec::convert_from_float<c10::BFloat16>(Vec::loadu(src + i), Vec::loadu(src + i + kW))
+          .store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+  } else {
+    using VH = at::vec::Vectorized<c10::Half>;
+    auto dst = static_cast<c10::Half*>(p);
+    for (; i + VH::size() <= n; i += VH::size()) {
+      at::vec::convert_from_float<c10::Half>(Vec::loadu(src + i), Vec::loadu(src + i + kW))
+          .store(dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+  }
+}
+
+void zero_store(int dtype, int64_t n, void* p) {
+  std::memset(p, 0, n * (dtype == kF32 ? 4 : 2));
+}
+
+inline int64_t elem_size(int dtype) { return dtype == kF32 ? 4 : 2; }
+
+inline const void* at_col(const void* base, int dtype, int64_t stride, int64_t row, int64_t col) {
+  return static_cast<const char*>(base) + (row * stride + col) * elem_size(dtype);
+}
+
+// One tile of the three views of a row: z (capped student), a = z / T, b (teacher / T).
+struct Tile {
+  alignas(64) float z[kTile];
+  alignas(64) float a[kTile];
+  alignas(64) float b[kTile];
+  alignas(64) float d[kTile];
+};
+
+// Fill t.z, t.a, t.b with columns [c0, c0 + n) of `row`; z is only kept when `need_z`.
+void load_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, bool need_z, Tile& t) {
+  const RowParams& p = g.p;
+  float* zbuf = need_z ? t.z : t.a;
+  load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, c0), g.zs_dtype, n, zbuf);
+  load_f32(at_col(g.zt, g.zt_dtype, g.zt_stride, row, c0), g.zt_dtype, n, t.b);
+  const Vec it(p.inv_t), sc(p.scap), isc(p.inv_scap), tc(p.tcap), itc(p.inv_tcap);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    Vec z = softcap<VecMath>(Vec::loadu(zbuf + i), p.scap, p.inv_scap);
+    if (need_z) z.store(t.z + i);
+    (z * it).store(t.a + i);
+    (softcap<VecMath>(Vec::loadu(t.b + i), p.tcap, p.inv_tcap) * it).store(t.b + i);
+  }
+  for (; i < n; ++i) {
+    float z = softcap<ScalarMath>(zbuf[i], p.scap, p.inv_scap);
+    if (need_z) t.z[i] = z;
+    t.a[i] = z * p.inv_t;
+    t.b[i] = softcap<ScalarMath>(t.b[i], p.tcap, p.inv_tcap) * p.inv_t;
+  }
+}
+
+float tile_max(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -INFINITY;
+  if (n >= kW) {
+    Vec vm(-INFINITY);
+    for (; i + kW <= n; i += kW) vm = at::vec::maximum(vm, Vec::loadu(x + i));
+    alignas(64) float lanes[kW];
+    vm.store(lanes);
+    for (int l = 0; l < kW; ++l) m = ScalarMath::max(m, lanes[l]);
+  }
+  for (; i < n; ++i) m = ScalarMath::max(m, x[i]);
+  return m;
+}
+
+float hsum(Vec v) {
+  alignas(64) float lanes[kW];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int l = 0; l < kW; ++l) s += lanes[l];
+  return s;
+}
+
+// Running online-softmax state of one distribution inside one row block.
+struct Online {
+  float m = -INFINITY;
+  Vec s = Vec(0.0f), w = Vec(0.0f);
+  float s_tail = 0.0f, w_tail = 0.0f;
+
+  // Raise the max to cover a tile whose max is tm; false if every value so far is -inf.
+  bool raise(float tm) {
+    float m_new = ScalarMath::max(m, tm);
+    if (!(m_new == m)) {
+      if (m != -INFINITY) {
+        float f = std::exp(m - m_new);
+        s = s * Vec(f);
+        w = w * Vec(f);
+        s_tail *= f;
+        w_tail *= f;
+      }
+      m = m_new;
+    }
+    return m != -INFINITY;
+  }
+  MaxSum result() const { return MaxSum{m, hsum(s) + s_tail, hsum(w) + w_tail}; }
+};
+
+// Partial stats [9] of columns [c0, c1) of `row`.
+void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, float* out) {
+  const RowParams& p = g.p;
+  const bool rev = p.div == kReverseKL, fwd = p.div == kForwardKL, cez = p.ce_separate;
+  Online A, B, Z;
+  for (int64_t col = c0; col < c1; col += kTile) {
+    const int64_t n = std::min(kTile, c1 - col);
+    load_tile(g, row, col, n, cez, t);
+    const bool la = A.raise(tile_max(t.a, n));
+    const bool lb = B.raise(tile_max(t.b, n));
+    const bool lz = cez && Z.raise(tile_max(t.z, n));
+    const Vec ma(A.m), mb(B.m), mz(Z.m);
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      Vec a = Vec::loadu(t.a + i), b = Vec::loadu(t.b + i);
+      if (la) {
+        Vec e = VecMath::exp(a - ma);
+        A.s = A.s + e;
+        if (rev) A.w = at::vec::fmadd(e, a - b, A.w);
+      }
+      if (lb) {
+        Vec e = VecMath::exp(b - mb);
+        B.s = B.s + e;
+        if (fwd) B.w = at::vec::fmadd(e, b - a, B.w);
+      }
+      if (lz) Z.s = Z.s + VecMath::exp(Vec::loadu(t.z + i) - mz);
+    }
+    for (; i < n; ++i) {
+      float a = t.a[i], b = t.b[i];
+      if (la) {
+        float e = std::exp(a - A.m);
+        A.s_tail += e;
+        if (rev) A.w_tail += e * (a - b);
+      }
+      if (lb) {
+        float e = std::exp(b - B.m);
+        B.s_tail += e;
+        if (fwd) B.w_tail += e * (b - a);
+      }
+      if (lz) Z.s_tail += std::exp(t.z[i] - Z.m);
+    }
+  }
+  MaxSum ra = A.result(), rb = B.result(), rz = cez ? Z.result() : ra;
+  out[0] = ra.m; out[1] = ra.s; out[2] = rev ? ra.w : 0.0f;
+  out[3] = rb.m; out[4] = rb.s; out[5] = fwd ? rb.w : 0.0f;
+  out[6] = rz.m; out[7] = rz.s;
+  out[8] = 0.0f;
+  const int64_t label = p.has_ce && g.labels ? g.labels[row] : -1;
+  if (label >= c0 && label < c1) {
+    float z;
+    load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, label), g.zs_dtype, 1, &z);
+    out[8] = softcap<ScalarMath>(z, p.scap, p.inv_scap);
+  }
+}
+
+void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, float* out) {
+  const RowParams& p = g.p;
+  const float la = g.lse[row * 2], lb = g.lse[row * 2 + 1];
+  const Vec vla(la), vlb(lb);
+  Vec c0v(0.0f), c1v(0.0f);
+  float c0s = 0.0f, c1s = 0.0f;
+  for (int64_t col = c0; col < c1; col += kTile) {
+    const int64_t n = std::min(kTile, c1 - col);
+    load_tile(g, row, col, n, false, t);
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW)
+      mix_terms<VecMath>(p, Vec::loadu(t.a + i), Vec::loadu(t.b + i), vla, vlb, c0v, c1v);
+    for (; i < n; ++i) mix_terms<ScalarMath>(p, t.a[i], t.b[i], la, lb, c0s, c1s);
+  }
+  const float half = p.div == kTVD ? 0.5f : 1.0f;
+  out[0] = half * (hsum(c0v) + c0s);
+  out[1] = half * (hsum(c1v) + c1s);
+}
+
+void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) {
+  const RowParams& p = g.p;
+  const float* k = g.coef + row * kCoef;
+  void* out_row = static_cast<char*>(g.out) + row * g.out_stride * elem_size(g.out_dtype);
+  if (k[4] == 0.0f && k[5] == 0.0f) {  // ignored row: exact zeros, whatever its logits hold
+    zero_store(g.out_dtype, c1 - c0, static_cast<char*>(out_row) + c0 * elem_size(g.out_dtype));
+    return;
+  }
+  const bool reuse = p.has_ce && !p.ce_separate && k[2] == k[0];
+  GradRow<VecMath> rv{Vec(k[0]), Vec(k[1]), Vec(k[2]), Vec(k[3]), Vec(k[4]), Vec(k[5]), reuse};
+  GradRow<ScalarMath> rs{k[0], k[1], k[2], k[3], k[4], k[5], reuse};
+  const int64_t label = p.has_ce && g.labels ? g.labels[row] : -1;
+  const bool need_z = p.has_ce || p.inv_scap != 0.0f;
+  for (int64_t col = c0; col < c1; col += kTile) {
+    const int64_t n = std::min(kTile, c1 - col);
+    load_tile(g, row, col, n, need_z, t);
+    const float* z = need_z ? t.z : t.a;
+    int64_t i = 0;
+    const Vec zero(0.0f);
+    for (; i + kW <= n; i += kW) {
+      grad_elem<VecMath>(p, rv, Vec::loadu(z + i), Vec::loadu(t.a + i), Vec::loadu(t.b + i), zero)
+          .store(t.d + i);
+    }
+    for (; i < n; ++i) t.d[i] = grad_elem<ScalarMath>(p, rs, z[i], t.a[i], t.b[i], 0.0f);
+    if (label >= col && label < col + n) {
+      const int64_t j = label - col;
+      t.d[j] = grad_elem<ScalarMath>(p, rs, z[j], t.a[j], t.b[j], k[5]);
+    }
+    store_from_f32(t.d, g.out_dtype, n,
+                   static_cast<char*>(out_row) + col * elem_size(g.out_dtype));
+  }
+}
+
+// Blocks per row: one when rows keep every thread busy, else enough vocab blocks (of at least
+// 4096 columns) to give each thread several work items.
+int64_t blocks_per_row(int64_t rows, int64_t cols, int threads) {
+  if (rows >= 4 * threads) return 1;
+  int64_t want = (4 * threads + rows - 1) / rows;
+  return std::max<int64_t>(1, std::min<int64_t>(want, cols / 4096));
+}
+
+// Run fn(row, c0, c1, item, tile) over every (row, vocab block) item.
+template <class F>
+void for_blocks(int64_t rows, int64_t cols, int threads, int64_t nb, F fn) {
+  const int64_t items = rows * nb;
+  const int64_t step = ((cols + nb - 1) / nb + 63) / 64 * 64;  // 64-column aligned blocks
+#pragma omp parallel num_threads(threads)
+  {
+    Tile* t = new Tile;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t row = it / nb, blk = it % nb;
+      const int64_t c0 = std::min(cols, blk * step), c1 = std::min(cols, c0 + step);
+      fn(row, c0, c1, it, *t);
+    }
+    delete t;
+  }
+}
+
+}  // namespace
+
+void cpu_row_stats(const RowArgs& g, float* out, int threads) {
+  const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  if (nb == 1) {
+    for_blocks(g.rows, g.cols, threads, 1, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
+                                                Tile& t) { stats_block(g, r, c0, c1, t,
+                                                                       out + r * kStats); });
+    return;
+  }
+  std::vector<float> parts(g.rows * nb * kStats);
+  for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t it,
+                                              Tile& t) {
+    if (c0 < c1) {
+      stats_block(g, r, c0, c1, t, parts.data() + it * kStats);
+    } else {  // an empty block: the empty-sum partial
+      float* q = parts.data() + it * kStats;
+      for (int s = 0; s < kStats; ++s) q[s] = 0.0f;
+      q[0] = q[3] = q[6] = -INFINITY;
+    }
+  });
+  for (int64_t r = 0; r < g.rows; ++r)
+    merge_stats(parts.data() + r * nb * kStats, static_cast<int>(nb), kStats, out + r * kStats);
+}
+
+void cpu_row_mix(const RowArgs& g, float* out, int threads) {
+  const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  std::vector<float> parts(g.rows * nb * kMix, 0.0f);
+  for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t it,
+                                              Tile& t) {
+    if (c0 < c1) mix_block(g, r, c0, c1, t, parts.data() + it * kMix);
+  });
+  for (int64_t r = 0; r < g.rows; ++r) {
+    float s0 = 0.0f, s1 = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      s0 += parts[(r * nb + b) * kMix];
+      s1 += parts[(r * nb + b) * kMix + 1];
+    }
+    out[r * kMix] = s0;
+    out[r * kMix + 1] = s1;
+  }
+}
+
+void cpu_row_grad(const RowArgs& g, int threads) {
+  const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
+                                              Tile& t) {
+    if (c0 < c1) grad_block(g, r, c0, c1, t);
+  });
+}
+
+}  // namespace kdk

@@ -1,0 +1,12 @@
+// Entry points of the CPU row ops (rows_cpu.cpp); argument checking lives in register.cpp.
+#pragma once
+
+#include "row_math.h"
+
+namespace kdk {
+
+void cpu_row_stats(const RowArgs& g, float* out, int threads);  // out [rows, 9]
+void cpu_row_mix(const RowArgs& g, float* out, int threads);    // out [rows, 2]
+void cpu_row_grad(const RowArgs& g, int threads);               // writes g.out
+
+}  // namespace kdk

@@ -1,0 +1,39 @@
+"""The row-op contract over the kdkernels::* torch.library ops (shared by cpp and cuda)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import RowSpec
+
+_OK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _params(spec: RowSpec) -> tuple:
+    return (spec.divergence, spec.temperature, spec.beta, spec.skew, spec.student_softcap,
+            spec.teacher_softcap)
+
+
+def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    return torch.ops.kdkernels.row_stats(zs, zt, labels, *_params(spec), spec.has_ce)
+
+
+def mix(zs: torch.Tensor, zt: torch.Tensor, lse: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    return torch.ops.kdkernels.row_mix(zs, zt, lse.float().contiguous(), *_params(spec))
+
+
+def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
+         spec: RowSpec, out: torch.Tensor) -> None:
+    torch.ops.kdkernels.row_grad_(zs, zt, labels, coef.float().contiguous(), *_params(spec),
+                                  spec.has_ce, out)
+
+
+def dtype_reasons(name: str, dtype: torch.dtype) -> list[str]:
+    if dtype not in _OK_DTYPES:
+        return [f"{name} backend needs float32/bfloat16/float16 logits, got {dtype}"]
+    return []
+
+
+def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
+    # Only the two [C, V] inputs: the kernels keep no [C, V] temporaries.
+    return 2 * torch.empty((), dtype=dtype).element_size()
