@@ -113,7 +113,7 @@ class FusedLinearKD(torch.autograd.Function):
         if ce_red is None:
             ce_red = torch.full_like(kd_red, float("nan"))
         ctx.mark_non_differentiable(kd_red, ce_red)
-        return loss.to(torch.float32) if acc == torch.float32 else loss, kd_red, ce_red
+        return loss, kd_red, ce_red
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce):
@@ -123,11 +123,10 @@ class FusedLinearKD(torch.autograd.Function):
             n = ctx.shapes[0][0]
             if ctx.kept:
                 row_scale = go if ctx.idx is None else go.index_select(0, ctx.idx)
-                res = ctx.rows(row_scale.float(), *ctx.want)
+                res = ctx.rows(row_scale, *ctx.want)
                 gh, gw, gb = _full_grads(res, ctx.idx, n, ctx.shapes, ctx.vocab, go.device)
             else:
                 gh, gw, gb = _full_grads(None, None, n, ctx.shapes, ctx.vocab, go.device)
-            del ctx.rows
         return gh, gw, gb, None, None, None, None, None
 
 

@@ -15,7 +15,7 @@ from .backends.base import Backend, RowSpec
 from .divergences import row_kd_and_aux
 from .options import KDOptions
 from .reducer import LocalReducer
-from .row_stats import finish
+from .row_stats import finish, norms
 
 
 @dataclass
@@ -46,8 +46,8 @@ def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width:
 def _row_coefficients(opts, spec, totals, aux, row_scale) -> torch.Tensor:
     kd_coef = (opts.soft_scale / opts.temperature) * row_scale
     ce_coef = opts.ce_weight * row_scale if spec.has_ce else torch.zeros_like(row_scale)
-    return torch.stack((totals.lse_a, totals.lse_b, totals.lse_z, aux,
-                        kd_coef.to(aux.dtype), ce_coef.to(aux.dtype)), 1)
+    return torch.stack((totals.m_a, totals.log_s_a, totals.m_b, totals.log_s_b, totals.m_z,
+                        totals.log_s_z, aux, kd_coef.to(aux.dtype), ce_coef.to(aux.dtype)), 1)
 
 
 def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, grad_out):
@@ -56,10 +56,9 @@ def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, g
     totals = finish(stats)
     mix = None
     if spec.needs_mix:
-        lse = torch.stack((totals.lse_a, totals.lse_b), 1)
-        mix = reducer.sum_rows(backend.mix(zs, zt, lse, spec))
+        mix = reducer.sum_rows(backend.mix(zs, zt, norms(totals), spec))
     kd, aux = row_kd_and_aux(opts, totals, mix)
-    ce = (totals.lse_z - totals.z_label) if spec.has_ce else None
+    ce = ((totals.m_z - totals.z_label) + totals.log_s_z) if spec.has_ce else None
     if grad_out is not None:
         coef = _row_coefficients(opts, spec, totals, aux, row_scale)
         backend.grad(zs, zt, labels_local, coef, spec, grad_out)

@@ -50,11 +50,18 @@ def merge_partials(parts: torch.Tensor) -> torch.Tensor:
 
 
 class RowTotals(NamedTuple):
-    """Finished per-row quantities derived from merged stats."""
+    """Finished per-row quantities derived from merged stats.
 
-    lse_a: torch.Tensor  # logsumexp of the tempered student row
-    lse_b: torch.Tensor  # logsumexp of the tempered teacher row
-    lse_z: torch.Tensor  # logsumexp of the untempered student row
+    Each log-normaliser is kept as (max, log of the shifted sum): in fp32, m + log s would
+    round to ulp(|m|), and log p = (a - m) - log s keeps full precision for large logits.
+    """
+
+    m_a: torch.Tensor  # tempered student row: lse_a = m_a + log_s_a
+    log_s_a: torch.Tensor
+    m_b: torch.Tensor  # tempered teacher row
+    log_s_b: torch.Tensor
+    m_z: torch.Tensor  # untempered student row (hard-label CE)
+    log_s_z: torch.Tensor
     lse_gap: torch.Tensor  # lse_b - lse_a, formed from the max gap first to avoid cancellation
     mean_b_minus_a: torch.Tensor  # E_q[b - a]
     mean_a_minus_b: torch.Tensor  # E_p[a - b]
@@ -63,13 +70,16 @@ class RowTotals(NamedTuple):
 
 def finish(stats: torch.Tensor) -> RowTotals:
     m_a, s_a, w_a, m_b, s_b, w_b, m_z, s_z, z_label = stats.unbind(1)
-    log_s_a, log_s_b = torch.log(s_a), torch.log(s_b)
+    log_s_a, log_s_b, log_s_z = torch.log(s_a), torch.log(s_b), torch.log(s_z)
     return RowTotals(
-        lse_a=m_a + log_s_a,
-        lse_b=m_b + log_s_b,
-        lse_z=m_z + torch.log(s_z),
+        m_a=m_a, log_s_a=log_s_a, m_b=m_b, log_s_b=log_s_b, m_z=m_z, log_s_z=log_s_z,
         lse_gap=(m_b - m_a) + (log_s_b - log_s_a),
         mean_b_minus_a=w_b / s_b,
         mean_a_minus_b=w_a / s_a,
         z_label=z_label,
     )
+
+
+def norms(totals: RowTotals) -> torch.Tensor:
+    """[C, 4] (m_a, log_s_a, m_b, log_s_b): what the mix pass needs."""
+    return torch.stack((totals.m_a, totals.log_s_a, totals.m_b, totals.log_s_b), 1)

@@ -4,7 +4,7 @@ Tolerances. fp32: 1e-5 norm-wise relative error on the loss and on every gradien
 issue's bound); fp32 rounding of O(10) logits and of sums over <= 3000 terms stays near
 1e-6, so 1e-5 leaves a margin without hiding a wrong formula (those err by >= 1e-3).
 The error is relative to the scale of the problem, max(||ref||, ||twin||), where twin is
-the same quantity for a well-conditioned twin loss (forward KL, T = 1, no softcap, same
+the same quantity for a well-conditioned twin loss (forward KL, no softcap, same T,
 inputs and weights). Saturated softmaxes make some losses and gradients tiny (1e-5),
 while their fp32 formulas still cancel O(|logit|) terms at eps 6e-8 (e.g. reverse KL's
 p * (log p - log q - KL)), so relative accuracy on a tiny result is not attainable in
@@ -91,7 +91,7 @@ def _go(loss, scale):
 
 
 def _twin(opts):
-    return {**opts, "divergence": "forward_kl", "temperature": 1.0, "student_softcap": None,
+    return {**opts, "divergence": "forward_kl", "student_softcap": None,
             "teacher_softcap": None}
 
 

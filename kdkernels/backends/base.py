@@ -7,13 +7,18 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
     Partial row statistics over these V columns (layout in row_stats.py). ``labels`` is
     int64 [C]: the column of the row's hard label inside this block, or -1 if the label is
     not in it (or there is no CE term).
-``mix(zs, zt, lse, spec) -> [C, 2] fp32``
+``mix(zs, zt, norms, spec) -> [C, 2] fp32``
     Only for spec.needs_mix: the two plain sums of divergences.py, given
-    ``lse`` [C, 2] = (lse_a, lse_b), the full-row log-normalisers.
+    ``norms`` [C, 4] = (m_a, log_s_a, m_b, log_s_b), the full-row log-normalisers split as
+    lse = m + log_s. Form log-probs as ``log p = (a - m_a) - log_s_a``, never as
+    ``a - (m_a + log_s_a)``: in fp32 the sum rounds to ulp(|m|) (5e-4 at |z| = 1e4, 2e-6
+    at 30), an error that the large log-ratios of KL terms then multiply.
 ``grad(zs, zt, labels, coef, spec, out) -> None``
     Writes dL/dzs into ``out`` ([C, V], may alias ``zs``: element-wise in place is allowed).
-    ``coef`` [C, 6] fp32 = (lse_a, lse_b, lse_z, aux, kd_coef, ce_coef), with
-    kd_coef = d(loss)/d(divergence) / T and ce_coef = d(loss)/d(CE). With p = softmax(a),
+    ``coef`` [C, 9] fp32 = (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef,
+    ce_coef), the same split log-normalisers for a, b and the untempered z (softmax(z) =
+    exp((z - m_z) - log_s_z)), kd_coef = d(loss)/d(divergence) / T and
+    ce_coef = d(loss)/d(CE). With p = softmax(a),
     q = softmax(b), logm the log-mixture of the divergence (computed by logaddexp of
     log-probs, never from underflowed probabilities), the gradient is
 

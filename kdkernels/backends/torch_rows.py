@@ -72,10 +72,12 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
     return out
 
 
-def _log_probs(zs, zt, lse_a, lse_b, spec):
+def _log_probs(zs, zt, norms, spec):
+    """log p and log q as (x - m) - log_s: see base.py for why not x - lse."""
+    m_a, ls_a, m_b, ls_b = (norms[:, i, None] for i in range(4))
     z = _capped(zs, spec.student_softcap)
-    logp = _tempered(z, spec.temperature) - lse_a[:, None]
-    logq = _tempered(_capped(zt, spec.teacher_softcap), spec.temperature) - lse_b[:, None]
+    logp = (_tempered(z, spec.temperature) - m_a).sub_(ls_a)
+    logq = (_tempered(_capped(zt, spec.teacher_softcap), spec.temperature) - m_b).sub_(ls_b)
     return z, logp, logq
 
 
@@ -93,8 +95,8 @@ def _xlogy_diff(w: torch.Tensor, logx: torch.Tensor, logm: torch.Tensor) -> torc
     return torch.where(w > 0, w * (logx - logm), torch.zeros_like(w)).sum(1)
 
 
-def mix(zs: torch.Tensor, zt: torch.Tensor, lse: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    _, logp, logq = _log_probs(zs, zt, lse[:, 0], lse[:, 1], spec)
+def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    _, logp, logq = _log_probs(zs, zt, norms, spec)
     p, q = torch.exp(logp), torch.exp(logq)
     div = spec.divergence
     if div == "jsd":
@@ -137,13 +139,13 @@ def _soft_term(logp, logq, aux, spec: RowSpec) -> torch.Tensor:
 
 
 def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
-    lse_a, lse_b, lse_z, aux, kd_coef, ce_coef = coef.unbind(1)
-    z, logp, logq = _log_probs(zs, zt, lse_a, lse_b, spec)
+    aux, kd_coef, ce_coef = coef[:, 6], coef[:, 7], coef[:, 8]
+    z, logp, logq = _log_probs(zs, zt, coef[:, :4], spec)
     dz = _soft_term(logp, logq, aux, spec)
     del logp, logq
     dz.mul_(kd_coef[:, None])
     if spec.has_ce:
-        ce = torch.exp(z - lse_z[:, None]).mul_(ce_coef[:, None])
+        ce = torch.exp((z - coef[:, 4, None]).sub_(coef[:, 5, None])).mul_(ce_coef[:, None])
         rows = torch.nonzero(labels >= 0).squeeze(1)
         ce[rows, labels[rows]] -= ce_coef[rows]
         dz.add_(ce)
