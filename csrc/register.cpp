@@ -177,7 +177,7 @@ Tensor row_stats(const Tensor& zs, const Tensor& zt, const Tensor& labels,
   return out;
 }
 
-Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& lse,
+Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms,
                c10::string_view divergence, double temperature, double beta, double skew,
                std::optional<double> student_softcap, std::optional<double> teacher_softcap) {
   const std::string op = "kdkernels::row_mix";
@@ -186,8 +186,8 @@ Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& lse,
   TORCH_CHECK(p.div >= kJSD, op, ": the mix pass is only defined for jsd, skew_forward_kl, "
               "skew_reverse_kl and tvd, got '", std::string(divergence), "'");
   RowArgs g = make_args(op, zs, zt, nullptr, p);
-  check_rows(op, "lse", lse, g.rows, 2, at::kFloat, zs);
-  g.lse = lse.data_ptr<float>();
+  check_rows(op, "norms", norms, g.rows, kNorms, at::kFloat, zs);
+  g.norms = norms.data_ptr<float>();
   Tensor out = at::empty({g.rows, kMix}, zs.options().dtype(at::kFloat));
   if (g.rows == 0) return out;
 #ifdef KDKERNELS_CUDA_BUILD
@@ -233,7 +233,7 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("row_stats(Tensor zs, Tensor zt, Tensor labels, str divergence, float temperature, "
         "float beta, float skew, float? student_softcap, float? teacher_softcap, bool has_ce) "
         "-> Tensor");
-  m.def("row_mix(Tensor zs, Tensor zt, Tensor lse, str divergence, float temperature, "
+  m.def("row_mix(Tensor zs, Tensor zt, Tensor norms, str divergence, float temperature, "
         "float beta, float skew, float? student_softcap, float? teacher_softcap) -> Tensor");
   m.def("row_grad_(Tensor zs, Tensor zt, Tensor labels, Tensor coef, str divergence, "
         "float temperature, float beta, float skew, float? student_softcap, "

@@ -59,14 +59,15 @@ struct RowArgs {
   int64_t zs_stride, zt_stride, out_stride;
   int64_t rows, cols;
   const int64_t* labels;  // [rows]: column of the hard label in this block, or -1
-  const float* lse;       // [rows, 2] (mix)
-  const float* coef;      // [rows, 6] (grad)
+  const float* norms;     // [rows, 4] (mix): m_a, log_s_a, m_b, log_s_b; lse = m + log_s
+  const float* coef;      // [rows, 9] (grad): norms of a, b, z, then aux, kd_coef, ce_coef
   RowParams p;
 };
 
 constexpr int kStats = 9;
 constexpr int kMix = 2;
-constexpr int kCoef = 6;
+constexpr int kNorms = 4;
+constexpr int kCoef = 9;
 
 // Scalar policy: the CUDA kernels and the CPU remainder loops.
 struct ScalarMath {
@@ -127,14 +128,22 @@ KDK_HD typename M::V sign(typename M::V d) {
   return M::select(M::isnan(d), d, s);
 }
 
+// A log-normaliser split as lse = m + log_s: log-probs are formed as (x - m) - log_s, which
+// keeps fp32 precision at large logits (m + log_s would round to ulp(|m|); base.py).
+template <class M>
+struct Norm {
+  typename M::V m, log_s;
+  KDK_HD typename M::V log_prob(typename M::V x) const { return (x - m) - log_s; }
+};
+
 // One element's contribution to the two mix sums (divergences.py); TVD's 0.5 is applied once
 // per row by the caller.
 template <class M>
-KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, typename M::V lse_a,
-                      typename M::V lse_b, typename M::V& c0, typename M::V& c1) {
+KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, const Norm<M>& na,
+                      const Norm<M>& nb, typename M::V& c0, typename M::V& c1) {
   using V = typename M::V;
-  V logp = a - lse_a;
-  V logq = b - lse_b;
+  V logp = na.log_prob(a);
+  V logq = nb.log_prob(b);
   V pr = M::exp(logp);
   V qr = M::exp(logq);
   if (p.div == kTVD) {
@@ -159,9 +168,23 @@ KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, type
 // Per-row gradient coefficients, broadcast once per row.
 template <class M>
 struct GradRow {
-  typename M::V lse_a, lse_b, lse_z, aux, kd, ce;
-  bool ce_reuses_p;  // softmax(z) == p exactly (T == 1 and lse_z == lse_a)
+  Norm<M> na, nb, nz;
+  typename M::V aux, kd, ce;
+  bool ce_reuses_p;  // softmax(z) == p exactly (T == 1 and the z norms equal the a norms)
 };
+
+// Broadcast row `k` of coef ([9]: norms of a, b, z, aux, kd_coef, ce_coef).
+template <class M>
+KDK_HD GradRow<M> grad_row(const RowParams& p, const float* k) {
+  using V = typename M::V;
+  GradRow<M> r{{V(k[0]), V(k[1])}, {V(k[2]), V(k[3])}, {V(k[4]), V(k[5])},
+               V(k[6]), V(k[7]), V(k[8]), false};
+  r.ce_reuses_p = p.has_ce && !p.ce_separate && k[4] == k[0] && k[5] == k[1];
+  return r;
+}
+
+// Rows with kd_coef == ce_coef == 0 get exact zeros (ignored tokens may hold garbage).
+KDK_HD bool dead_row(const float* k) { return k[7] == 0.0f && k[8] == 0.0f; }
 
 // dL/dz at one element (base.py): kd * G + ce * (softmax(z) - onehot), times the student
 // softcap derivative. z is the capped, untempered student logit, a = z / T, b the teacher's
@@ -170,13 +193,13 @@ template <class M>
 KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename M::V z,
                                typename M::V a, typename M::V b, typename M::V onehot_ce) {
   using V = typename M::V;
-  V logp = a - r.lse_a;
+  V logp = r.na.log_prob(a);
   V pr = M::exp(logp);
   V g;
   if (p.div == kForwardKL) {
-    g = pr - M::exp(b - r.lse_b);
+    g = pr - M::exp(r.nb.log_prob(b));
   } else {
-    V logq = b - r.lse_b;
+    V logq = r.nb.log_prob(b);
     if (p.div == kReverseKL) {
       g = pr * (logp - logq - r.aux);
     } else if (p.div == kTVD) {
@@ -194,7 +217,7 @@ KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename
   }
   V dz = r.kd * g;
   if (p.has_ce) {
-    V sz = r.ce_reuses_p ? pr : M::exp(z - r.lse_z);
+    V sz = r.ce_reuses_p ? pr : M::exp(r.nz.log_prob(z));
     dz = dz + (r.ce * sz - onehot_ce);
   }
   if (p.inv_scap != 0.0f) {

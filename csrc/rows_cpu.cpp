@@ -237,8 +237,9 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
 
 void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, float* out) {
   const RowParams& p = g.p;
-  const float la = g.lse[row * 2], lb = g.lse[row * 2 + 1];
-  const Vec vla(la), vlb(lb);
+  const float* nr = g.norms + row * kNorms;
+  const Norm<VecMath> va{Vec(nr[0]), Vec(nr[1])}, vb{Vec(nr[2]), Vec(nr[3])};
+  const Norm<ScalarMath> sa{nr[0], nr[1]}, sb{nr[2], nr[3]};
   Vec c0v(0.0f), c1v(0.0f);
   float c0s = 0.0f, c1s = 0.0f;
   for (int64_t col = c0; col < c1; col += kTile) {
@@ -246,8 +247,8 @@ void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, f
     load_tile(g, row, col, n, false, t);
     int64_t i = 0;
     for (; i + kW <= n; i += kW)
-      mix_terms<VecMath>(p, Vec::loadu(t.a + i), Vec::loadu(t.b + i), vla, vlb, c0v, c1v);
-    for (; i < n; ++i) mix_terms<ScalarMath>(p, t.a[i], t.b[i], la, lb, c0s, c1s);
+      mix_terms<VecMath>(p, Vec::loadu(t.a + i), Vec::loadu(t.b + i), va, vb, c0v, c1v);
+    for (; i < n; ++i) mix_terms<ScalarMath>(p, t.a[i], t.b[i], sa, sb, c0s, c1s);
   }
   const float half = p.div == kTVD ? 0.5f : 1.0f;
   out[0] = half * (hsum(c0v) + c0s);
@@ -258,13 +259,12 @@ void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) 
   const RowParams& p = g.p;
   const float* k = g.coef + row * kCoef;
   void* out_row = static_cast<char*>(g.out) + row * g.out_stride * elem_size(g.out_dtype);
-  if (k[4] == 0.0f && k[5] == 0.0f) {  // ignored row: exact zeros, whatever its logits hold
+  if (dead_row(k)) {
     zero_store(g.out_dtype, c1 - c0, static_cast<char*>(out_row) + c0 * elem_size(g.out_dtype));
     return;
   }
-  const bool reuse = p.has_ce && !p.ce_separate && k[2] == k[0];
-  GradRow<VecMath> rv{Vec(k[0]), Vec(k[1]), Vec(k[2]), Vec(k[3]), Vec(k[4]), Vec(k[5]), reuse};
-  GradRow<ScalarMath> rs{k[0], k[1], k[2], k[3], k[4], k[5], reuse};
+  const GradRow<VecMath> rv = grad_row<VecMath>(p, k);
+  const GradRow<ScalarMath> rs = grad_row<ScalarMath>(p, k);
   const int64_t label = p.has_ce && g.labels ? g.labels[row] : -1;
   const bool need_z = p.has_ce || p.inv_scap != 0.0f;
   for (int64_t col = c0; col < c1; col += kTile) {
@@ -280,7 +280,7 @@ void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) 
     for (; i < n; ++i) t.d[i] = grad_elem<ScalarMath>(p, rs, z[i], t.a[i], t.b[i], 0.0f);
     if (label >= col && label < col + n) {
       const int64_t j = label - col;
-      t.d[j] = grad_elem<ScalarMath>(p, rs, z[j], t.a[j], t.b[j], k[5]);
+      t.d[j] = grad_elem<ScalarMath>(p, rs, z[j], t.a[j], t.b[j], rs.ce);
     }
     store_from_f32(t.d, g.out_dtype, n,
                    static_cast<char*>(out_row) + col * elem_size(g.out_dtype));

@@ -95,27 +95,28 @@ def find_cuda_home() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc:
         real = Path(nvcc).resolve()
-        candidates.append(str(real.parent.parent))
         try:
             text = real.read_text(errors="ignore")[:4096] if real.stat().st_size < 65536 else ""
         except OSError:
             text = ""
         candidates += [m.group(1) for m in re.finditer(r"(/[^\s\"']+)/bin/nvcc", text)]
+        candidates.append(str(real.parent.parent))
     candidates.append("/usr/local/cuda")
     for c in candidates:
         if c and (Path(c) / "bin" / "nvcc").exists() and any(
-                (Path(c) / lib).glob("libcudart.so*") for lib in ("lib64", "lib")):
+                next((Path(c) / lib).glob("libcudart.so*"), None) for lib in ("lib64", "lib")):
             return str(Path(c))
     return None
 
 
 def _pip_cuda_includes() -> list[str]:
-    """Headers of the nvidia-* wheels (cublas_v2.h, cusparse.h, ... that ATen includes)."""
+    """Headers of the nvidia-* wheels (cublas_v2.h, cusparse.h, ... that ATen's CUDA headers
+    include), searched after the toolkit's own (-idirafter: their cuda_runtime.h is partial)."""
     out = []
     for entry in sys.path:
         base = Path(entry) / "nvidia"
         if base.is_dir():
-            out += [str(p) for p in sorted(base.glob("*/include")) if p.is_dir()]
+            out += [f"-idirafter{p}" for p in sorted(base.glob("*/include")) if p.is_dir()]
     return out
 
 
@@ -193,13 +194,13 @@ def _cuda_build() -> tuple[str, Path, list[str], dict]:
         raise ExtensionUnavailable("no CUDA toolkit found (nvcc with a lib64/libcudart next to "
                                    "it); set CUDA_HOME")
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", *map(_gencode, archs)]
-    cflags = ["-O3", "-DKDKERNELS_CUDA_BUILD"]
+    cflags = ["-O3", "-DKDKERNELS_CUDA_BUILD", *_pip_cuda_includes()]
     tag = f"cuda_{'_'.join(a.replace('.', '') for a in archs)}_" \
           f"{_source_hash(CUDA_SOURCES, nvcc_flags + cflags + [home])}"
     name = f"kdkernels_{tag}"
     build_dir = cache_root() / f"torch{torch.__version__}" / tag
     kwargs = dict(extra_cflags=cflags, extra_cuda_cflags=nvcc_flags,
-                  extra_include_paths=[str(SRC_DIR), *_pip_cuda_includes()], with_cuda=True)
+                  extra_include_paths=[str(SRC_DIR)], with_cuda=True)
     return name, build_dir, [str(SRC_DIR / s) for s in CUDA_SOURCES], kwargs
 
 

@@ -18,7 +18,7 @@ def _row_stats_fake(zs, zt, labels, divergence, temperature, beta, skew, student
 
 
 @torch.library.register_fake("kdkernels::row_mix")
-def _row_mix_fake(zs, zt, lse, divergence, temperature, beta, skew, student_softcap,
+def _row_mix_fake(zs, zt, norms, divergence, temperature, beta, skew, student_softcap,
                   teacher_softcap):
     return zs.new_empty((zs.shape[0], N_MIX), dtype=torch.float32)
 

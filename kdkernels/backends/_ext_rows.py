@@ -18,8 +18,8 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
     return torch.ops.kdkernels.row_stats(zs, zt, labels, *_params(spec), spec.has_ce)
 
 
-def mix(zs: torch.Tensor, zt: torch.Tensor, lse: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    return torch.ops.kdkernels.row_mix(zs, zt, lse.float().contiguous(), *_params(spec))
+def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    return torch.ops.kdkernels.row_mix(zs, zt, norms.float().contiguous(), *_params(spec))
 
 
 def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,

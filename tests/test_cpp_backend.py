@@ -1,0 +1,192 @@
+"""The cpp backend (csrc/rows_cpu.cpp) against the torch reference backend, op by op."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from kdkernels.backends import registry
+from tests._rowop_cases import (
+    DIVERGENCES,
+    check_all,
+    check_grad,
+    check_stats,
+    coefficients,
+    norms_of,
+    make_labels,
+    make_logits,
+    spec_of,
+)
+
+if shutil.which("c++") is None:  # a machine without a compiler: the backend says why
+    pytest.skip("no C++ compiler on PATH", allow_module_level=True)
+
+_loaded = registry.load("cpp")
+if isinstance(_loaded, str):  # a compiler is here, so the extension must build
+    raise AssertionError(_loaded)
+CPP = _loaded
+CPU = torch.device("cpu")
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+               (torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+               (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}"[6:])
+def test_every_divergence_and_dtype(div, dtypes):
+    zs = make_logits(9, 1031, dtypes[0], CPU, seed=3)
+    zt = make_logits(9, 1031, dtypes[1], CPU, seed=4)
+    check_all(CPP, zs, zt, make_labels(9, 1031, CPU), spec_of(div, 1.0, ce=True))
+
+
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("temperature,scap,tcap", [(2.5, 30.0, 20.0), (0.5, None, 15.0),
+                                                   (1.0, 10.0, None), (3.0, None, None)])
+def test_temperatures_and_softcaps(div, temperature, scap, tcap):
+    zs = make_logits(6, 777, torch.float32, CPU, scale=8.0, seed=5)
+    zt = make_logits(6, 777, torch.float32, CPU, scale=8.0, seed=6)
+    check_all(CPP, zs, zt, make_labels(6, 777, CPU),
+              spec_of(div, temperature, scap=scap, tcap=tcap, ce=True))
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 9000), (2, 4099), (3, 1), (1, 17),
+                                       (130, 97), (5, 8192)])
+def test_shapes_including_vocab_split(rows, cols):
+    # One or two rows with a wide vocab take the vocab-split path (partials merged).
+    zs = make_logits(rows, cols, torch.bfloat16, CPU, seed=7)
+    zt = make_logits(rows, cols, torch.bfloat16, CPU, seed=8)
+    for div in ("forward_kl", "jsd"):
+        check_all(CPP, zs, zt, make_labels(rows, cols, CPU), spec_of(div, 2.0, ce=True))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_thread_counts_agree(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        zs = make_logits(3, 6000, torch.float32, CPU, seed=9)
+        zt = make_logits(3, 6000, torch.float32, CPU, seed=10)
+        check_all(CPP, zs, zt, make_labels(3, 6000, CPU), spec_of("reverse_kl", 1.5, ce=True))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("div", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("w", [0.0, 1.0])
+def test_mixture_weights_zero_and_one_are_exact(div, w):
+    # beta/skew at 0 or 1 make logm = logp or logq: no log(0) arithmetic, no NaN.
+    zs = make_logits(5, 300, torch.float32, CPU, seed=11)
+    zt = make_logits(5, 300, torch.float32, CPU, seed=12)
+    spec = spec_of(div, 1.0, beta=w, skew=w)
+    stats = check_stats(CPP, zs, zt, make_labels(5, 300, CPU), spec)
+    mix = CPP.mix(zs, zt, norms_of(stats), spec)
+    assert torch.isfinite(mix).all()
+    check_all(CPP, zs, zt, make_labels(5, 300, CPU), spec)
+
+
+def test_strided_rows_and_separate_out_of_another_dtype():
+    zs = make_logits(7, 500, torch.bfloat16, CPU, row_stride=613, seed=13)
+    zt = make_logits(7, 500, torch.float32, CPU, row_stride=509, seed=14)
+    assert zs.stride(0) == 613 and not zs.is_contiguous()
+    for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        check_all(CPP, zs, zt, make_labels(7, 500, CPU), spec_of("skew_reverse_kl", 2.0),
+                  out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_aliasing_zs(dtype):
+    zs = make_logits(6, 2111, dtype, CPU, seed=15)
+    zt = make_logits(6, 2111, dtype, CPU, seed=16)
+    check_all(CPP, zs, zt, make_labels(6, 2111, CPU), spec_of("tvd", 1.0, ce=True), alias=True)
+
+
+def test_garbage_rows_with_zero_coefficients_get_exact_zeros():
+    zs = make_logits(4, 333, torch.float32, CPU, seed=17).clone()
+    zt = make_logits(4, 333, torch.float32, CPU, seed=18).clone()
+    zs[1, 5], zs[1, 9], zt[1, 7] = math.nan, math.inf, -math.inf
+    zs[3] = math.nan
+    labels = make_labels(4, 333, CPU)
+    spec = spec_of("jsd", 1.0, ce=True)
+    coef = coefficients(CPP.stats(zs, zt, labels, spec), dead_rows=(1, 3))
+    for div in DIVERGENCES:
+        spec = spec_of(div, 2.0, scap=20.0, ce=True)
+        out = torch.full_like(zs, math.nan)
+        CPP.grad(zs, zt, labels, coef, spec, out)
+        assert (out[[1, 3]] == 0).all() and not torch.signbit(out[[1, 3]]).any()
+        assert torch.isfinite(out[[0, 2]]).all()
+
+
+def test_nan_propagates_to_its_row_only():
+    zs = make_logits(4, 400, torch.float32, CPU, seed=19).clone()
+    zt = make_logits(4, 400, torch.float32, CPU, seed=20).clone()
+    zs[2, 123] = math.nan
+    labels = make_labels(4, 400, CPU)
+    for div in DIVERGENCES:
+        check_all(CPP, zs, zt, labels, spec_of(div, 1.0, ce=True))
+        stats = CPP.stats(zs, zt, labels, spec_of(div, 1.0, ce=True))
+        n = norms_of(stats)
+        assert torch.isnan(n[2, :2]).any() and torch.isfinite(n[[0, 1, 3]]).all()
+
+
+def test_masked_columns_at_minus_inf_match_torch():
+    # -inf logits (a masked vocabulary slice) must not poison the online max/sum.
+    zs = make_logits(3, 3000, torch.float32, CPU, seed=21).clone()
+    zt = make_logits(3, 3000, torch.float32, CPU, seed=22).clone()
+    zs[:, :1500] = -math.inf  # whole leading tiles of -inf, then finite values
+    zt[:, 2000:] = -math.inf
+    for div in ("forward_kl", "reverse_kl"):
+        check_stats(CPP, zs, zt, make_labels(3, 3000, CPU), spec_of(div, 1.0, ce=True))
+
+
+def test_hard_label_ce_only_term():
+    zs = make_logits(8, 640, torch.float32, CPU, seed=23)
+    zt = make_logits(8, 640, torch.float32, CPU, seed=24)
+    labels = make_labels(8, 640, CPU)
+    spec = spec_of("forward_kl", 2.0, ce=True)
+    stats = check_stats(CPP, zs, zt, labels, spec)
+    coef = coefficients(stats)
+    coef[:, 7] = 0.0  # CE only: dz = ce * (softmax(z) - onehot)
+    out = check_grad(CPP, zs, zt, labels, coef, spec)
+    # Each row sums to ce * (1 - [label in this block]): softmax sums to 1, the one-hot to 1.
+    want = coef[:, 8] * (labels < 0)
+    assert torch.allclose(out.sum(1), want, atol=1e-5), (out.sum(1), want)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda a: dict(a, zs=a["zs"].double()), "zs must be float32, bfloat16 or float16"),
+    (lambda a: dict(a, zt=a["zt"][:, :-1]), "zt must have shape"),
+    (lambda a: dict(a, zs=a["zs"].t().contiguous().t()), "zs must have unit column stride"),
+    (lambda a: dict(a, labels=a["labels"].int()), "labels must be Long"),
+    (lambda a: dict(a, labels=torch.full_like(a["labels"], 64)), r"labels must hold -1 or"),
+    (lambda a: dict(a, coef=a["coef"][:, :6].contiguous()), "coef must have shape"),
+    (lambda a: dict(a, out=a["out"].double()), "out must be float32"),
+    (lambda a: dict(a, divergence="kl"), "divergence must be one of"),
+    (lambda a: dict(a, temperature=0.0), "temperature must be a finite number > 0"),
+])
+def test_bad_arguments_raise_naming_the_argument(bad, match):
+    zs = make_logits(4, 64, torch.float32, CPU)
+    args = dict(zs=zs, zt=zs.clone(), labels=make_labels(4, 64, CPU),
+                coef=torch.ones(4, 9), divergence="forward_kl", temperature=1.0, beta=0.5,
+                skew=0.1, student_softcap=None, teacher_softcap=None, has_ce=True,
+                out=torch.empty(4, 64))
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.kdkernels.row_grad_(**bad(args))
+
+
+def test_mix_rejects_divergences_without_a_mix_pass():
+    zs = make_logits(2, 10, torch.float32, CPU)
+    with pytest.raises(RuntimeError, match="mix pass is only defined"):
+        torch.ops.kdkernels.row_mix(zs, zs, torch.zeros(2, 4), "forward_kl", 1.0, 0.5, 0.1,
+                                    None, None)
+
+
+def test_backend_reasons():
+    spec = spec_of("forward_kl")
+    assert CPP.not_supported_reasons(CPU, torch.bfloat16, spec) == []
+    assert "float64" in " ".join(CPP.not_supported_reasons(CPU, torch.float64, spec))
+    assert "CPU tensors" in " ".join(
+        CPP.not_supported_reasons(torch.device("cuda"), torch.float32, spec))
+    assert registry.select("auto", CPU, torch.bfloat16, spec).name == "cpp"
