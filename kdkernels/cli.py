@@ -1,0 +1,139 @@
+"""`kdk`: the command line. `kdk distill` trains, `kdk bench` measures, `kdk info` lists
+backends and builds. With no arguments, `kdk distill` runs the embedded offline default."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+from .options import DIVERGENCES
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _distill_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "distill", help="distil a teacher LM into a student with the fused KD loss",
+        description="Distil a causal-LM teacher into a student with kdkernels' fused loss. "
+        "With no --teacher, runs the embedded offline default: Python-stdlib corpus, local "
+        "BPE, a small Llama teacher (cached under ~/.cache/kdkernels), then a student trained "
+        "with KD and one with CE only; the report goes to OUTPUT/report.md and report.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="default", choices=["default", "smoke"],
+      help="option set for the embedded run; smoke finishes in under a minute")
+    a("--teacher", help="Hugging Face teacher (hub id or directory); default: embedded")
+    a("--student", help="Hugging Face student to train (needs --teacher)")
+    a("--data", help="directory of text files (split train/held-out by file); "
+                     "default: the Python standard library's sources")
+    g = p.add_argument_group("loss")
+    g.add_argument("--divergence", choices=DIVERGENCES, help="KD divergence [forward_kl]")
+    g.add_argument("--beta", type=float, help="JSD mixing weight [0.5]")
+    g.add_argument("--temperature", type=float, help="softmax temperature T [preset]")
+    g.add_argument("--kd-weight", type=float, help="weight of T^2 * divergence [preset]")
+    g.add_argument("--ce-weight", type=float, help="weight of the hard-label CE [preset]")
+    g.add_argument("--baseline", choices=["fused", "naive"],
+                   help="naive: also train with a plain materialised-logits KD loss and "
+                        "compare memory, speed and losses")
+    g.add_argument("--impl", help="kdkernels backend (auto, torch, cpp, triton, cuda)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, help="optimizer steps per student [preset]")
+    g.add_argument("--lr", type=float, help="peak learning rate [preset]")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up, then cosine [preset]")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch [preset]")
+    g.add_argument("--seq-len", type=int, help="tokens per sequence [preset]")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per step, normalised with "
+                                                  "num_items over all of them [1]")
+    g.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... [cpu]")
+    g.add_argument("--seed", type=int, help="student seed (init and batches) [0]")
+    g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")
+    g = p.add_argument_group("embedded models")
+    g.add_argument("--teacher-steps", type=int, help="teacher training steps [preset]")
+    g.add_argument("--vocab-size", type=int, help="BPE vocabulary size [preset]")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", default="kdk-run", help="output directory")
+    g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUTPUT")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT from its latest checkpoints")
+    g.add_argument("--eval-every", type=int, help="held-out evaluation interval [preset]")
+    g.add_argument("--save-every", type=int, help="checkpoint interval, 0 = at the end only")
+    g.add_argument("--no-compare-ce", action="store_true",
+                   help="skip the CE-only student (the embedded default trains it)")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _config(args: argparse.Namespace):
+    from .train.config import TrainConfig, preset
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    overrides["progress"] = not args.no_progress
+    return preset(args.preset, **overrides)
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .train import pipeline
+
+    cfg = _config(args)
+    results = pipeline.run(cfg, teacher_path=args.teacher, student_path=args.student,
+                           data=args.data, overwrite=args.overwrite, resume=args.resume,
+                           parallel=args.parallel,
+                           compare_ce=False if args.no_compare_ce else None, preset=args.preset)
+    return 130 if any(r.get("interrupted") for r in results.values()) else 0
+
+
+def _bench(argv: list[str]) -> int:
+    path = _REPO / "bench" / "bench_cpu.py"
+    if not path.exists():
+        print(f"kdk bench: {path} not found; the benchmarks live in the source tree's bench/ "
+              "folder (git clone the repository and install it with pip install -e .)",
+              file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("kdkernels_bench_cpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return int(module.main(argv) or 0)
+
+
+def _info(argv: list[str]) -> int:
+    try:
+        from . import info
+    except ImportError:
+        from . import available_backends
+
+        for name, status in available_backends().items():
+            print(f"{name:8s} {status}")
+        return 0
+    return int(info.main(argv) or 0) if hasattr(info, "main") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="kdk", description="kdkernels: knowledge distillation without the logits.")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,bench,info}")
+    _distill_parser(sub)
+    sub.add_parser("bench", add_help=False, help="run the CPU benchmarks in bench/ "
+                   "(kdk bench --help for their options)")
+    sub.add_parser("info", add_help=False, help="list backends and builds")
+    if argv and argv[0] in ("bench", "info"):  # their own parsers own the rest of argv
+        return _bench(argv[1:]) if argv[0] == "bench" else _info(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return _distill(args)
+    except ValueError as err:
+        print(f"kdk distill: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

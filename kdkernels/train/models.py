@@ -1,0 +1,85 @@
+"""Hugging Face causal LMs as the trainer sees them: final hidden states from the base
+model (never the LM-head forward that builds full logits), the head weight, the softcap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelSize
+
+
+def build_llama(size: ModelSize, vocab_size: int, max_positions: int, *,
+                eos_id: int = 0) -> nn.Module:
+    """A small Llama-architecture causal LM from a local config (tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=size.hidden,
+                      intermediate_size=size.ffn, num_hidden_layers=size.layers,
+                      num_attention_heads=size.heads, num_key_value_heads=size.heads,
+                      max_position_embeddings=max_positions, tie_word_embeddings=True,
+                      bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
+    return LlamaForCausalLM(cfg)
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack under the LM head (LlamaModel, Gemma2Model, ...)."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if base is None:
+        base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or base is model:
+        raise ValueError(f"{type(model).__name__} has no base model under its LM head; the "
+                         "trainer needs a Hugging Face *ForCausalLM model")
+    return base
+
+
+def head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM-head weight [V, D] and bias (tied embeddings share the weight)."""
+    out = model.get_output_embeddings()
+    if out is None or not hasattr(out, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+    return out.weight, getattr(out, "bias", None)
+
+
+def softcap(model: nn.Module) -> float | None:
+    """Gemma-2 style final_logit_softcapping, None when the config has none."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Final (normed) hidden states [B, L, D] from the base model."""
+    return base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def max_positions(model: nn.Module) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def check_seq_len(model: nn.Module, seq_len: int, name: str) -> None:
+    limit = max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} is longer than the {name}'s "
+                         f"max_position_embeddings={limit}; pass --seq-len {limit} or less")
+
+
+def check_pair(student: nn.Module, teacher: nn.Module, student_tok=None, teacher_tok=None) -> None:
+    """Logit distillation compares distributions over one vocabulary: refuse a mismatch."""
+    vs, vt = head(student)[0].shape[0], head(teacher)[0].shape[0]
+    if student_tok is not None and teacher_tok is not None:
+        a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
+        if a != b:
+            only = sorted(set(a.items()) ^ set(b.items()))[:3]
+            raise ValueError("teacher and student tokenizers differ (e.g. token/id pairs "
+                             f"{only}); logit distillation needs one shared vocabulary: use a "
+                             "student built on the teacher's tokenizer")
+        n = len(student_tok)
+        if n > min(vs, vt):
+            raise ValueError(f"the tokenizer has {n} tokens but the LM heads have {vs} "
+                             f"(student) and {vt} (teacher) rows; both heads need at least "
+                             f"{n} rows (padded vocabularies may be larger)")
+    elif vs != vt:
+        # Without tokenizers to compare, only a common padded prefix is trusted if equal.
+        raise ValueError(f"student vocab ({vs} head rows) and teacher vocab ({vt}) differ and "
+                         "no tokenizers were given to show they share ids; pass both "
+                         "tokenizers or use models with one vocabulary")

@@ -1,0 +1,97 @@
+"""The training objective as a module, so DDP/FSDP see every parameter used in forward:
+student hidden states + the student head go through fused_linear_kd_loss with the
+teacher's hidden states and head; labels are the inputs shifted the Hugging Face way."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import reference
+from ..api import KDComponents, fused_linear_kd_loss
+from . import models
+
+LOSS_KEYS = ("divergence", "beta", "temperature", "kd_weight", "ce_weight", "impl")
+
+
+class DistillObjective(nn.Module):
+    """forward(input_ids, teacher_hidden, teacher_weight, num_items) -> KDComponents.
+
+    teacher_hidden=None trains on hard labels only (the CE student): the same fused path
+    with kd_weight 0, the student's own detached head standing in for the teacher's.
+    baseline="naive" materialises both [tokens, V] logits and uses the plain loss.
+    """
+
+    def __init__(self, student: nn.Module, *, divergence: str = "forward_kl", beta: float = 0.5,
+                 temperature: float = 1.0, kd_weight: float = 0.5, ce_weight: float = 0.5,
+                 impl: str = "auto", teacher_softcap: float | None = None,
+                 baseline: str = "fused") -> None:
+        super().__init__()
+        if baseline not in ("fused", "naive"):
+            raise ValueError(f"--baseline must be 'fused' or 'naive'; got {baseline!r}")
+        self.student = student
+        self.baseline = baseline
+        self.options = dict(divergence=divergence, beta=beta, temperature=temperature,
+                            kd_weight=kd_weight, ce_weight=ce_weight,
+                            student_softcap=models.softcap(student),
+                            teacher_softcap=teacher_softcap)
+        self.impl = impl
+
+    def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None,
+                teacher_weight: torch.Tensor | None, num_items: float) -> KDComponents:
+        hidden = models.hidden_states(self.student, input_ids)[:, :-1]
+        labels = input_ids[:, 1:]
+        weight, bias = models.head(self.student)
+        opts = dict(self.options, num_items=num_items, reduction="mean")
+        if teacher_hidden is None:  # CE only: the KD term is weighted 0 and never trained
+            teacher_hidden, teacher_weight = hidden.detach(), weight.detach()
+            opts.update(kd_weight=0.0, ce_weight=1.0, teacher_softcap=opts["student_softcap"])
+        if self.baseline == "naive":
+            return _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts)
+        return fused_linear_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels,
+                                    student_bias=bias, impl=self.impl, return_components=True,
+                                    **opts)
+
+
+def _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts) -> KDComponents:
+    """The plain materialised-logits loss (the --baseline naive yardstick), fp32 math."""
+    zs = nn.functional.linear(hidden, weight, bias)
+    zt = nn.functional.linear(teacher_hidden, teacher_weight)
+    out = reference.reference_kd_loss(zs, zt, labels, compute_dtype=torch.float32, **opts)
+    norm = opts["num_items"]
+    return KDComponents(out["loss"], out["kd_rows"].detach().sum() / norm,
+                        out["ce_rows"].detach().sum() / norm,
+                        torch.tensor(out["kept"], dtype=torch.int64))
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor):
+    """Teacher hidden states (shifted like the student's) and head, in eval mode."""
+    teacher.eval()
+    return models.hidden_states(teacher, input_ids)[:, :-1], models.head(teacher)[0]
+
+
+@torch.no_grad()
+def heldout_ce(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
+               autocast: bool = False, chunk: int = 1024) -> float:
+    """Mean next-token cross-entropy (nats/token) over fixed held-out windows. Logits are
+    built a chunk of tokens at a time, never for the whole batch."""
+    was_training = model.training
+    model.eval()
+    weight, bias = models.head(model)
+    cap = models.softcap(model)
+    total, count = 0.0, 0
+    for ids in batches:
+        ids = ids.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            h = models.hidden_states(model, ids)[:, :-1].reshape(-1, weight.shape[1])
+        y = ids[:, 1:].reshape(-1)
+        for hc, yc in zip(h.split(chunk), y.split(chunk), strict=True):
+            z = nn.functional.linear(hc.float(), weight.float(),
+                                     None if bias is None else bias.float())
+            if cap is not None:
+                z = cap * torch.tanh(z / cap)
+            total += float(nn.functional.cross_entropy(z, yc, reduction="sum"))
+            count += yc.numel()
+    model.train(was_training)
+    return total / count

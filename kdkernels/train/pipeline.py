@@ -1,0 +1,236 @@
+"""`kdk distill` end to end: corpus -> tokenizer -> teacher -> students -> report.
+
+Without --teacher this is the embedded default: the Python standard library as corpus, a
+locally trained byte-level BPE, a small Llama teacher trained once and cached under
+~/.cache/kdkernels, then a smaller student trained with KD and, from the same initial
+weights on the same batches, with CE only. With --teacher/--student it distils Hugging
+Face checkpoints instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, corpus, distributed, metrics, models, report, tokenizer
+from .config import TrainConfig
+from .loop import Stage, train
+from .objective import DistillObjective, heldout_ce
+
+RUN_MARKER = "run.json"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KDKERNELS_CACHE", Path.home() / ".cache" / "kdkernels"))
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_output(out: Path, *, overwrite: bool, resume: bool, world: distributed.World,
+                   fingerprint: dict[str, Any]) -> None:
+    """Refuse to mix runs: an output dir holding another run needs --overwrite or --resume."""
+    marker = out / RUN_MARKER
+    if resume:
+        if not marker.exists():
+            raise ValueError(f"--resume: {out} holds no run ({RUN_MARKER} missing); pass the "
+                             "--output of the run to continue")
+        saved = json.loads(marker.read_text())["fingerprint"]
+        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: run {saved.get(k)!r} vs now {fingerprint.get(k)!r}"
+                               for k in diff[:6])
+            raise ValueError(f"--resume {out} was written by a different configuration "
+                             f"({detail}); resume with the same options")
+        return
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            what = "another kdk run" if marker.exists() else "other files"
+            raise ValueError(f"--output {out} already holds {what}; pass --overwrite to "
+                             "replace it, --resume to continue it, or another --output")
+        if world.is_main:
+            shutil.rmtree(out)
+    world.barrier()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json(marker, {"fingerprint": fingerprint, "argv": sys.argv})
+    world.barrier()
+
+
+def _tokens(tok, texts: list[str], cache: Path | None, name: str) -> torch.Tensor:
+    path = None if cache is None else cache / f"{name}-tokens.pt"
+    if path is not None and path.exists():
+        return torch.load(path)
+    ids = corpus.encode(tok, texts, tok.eos_token_id)
+    if path is not None:
+        torch.save(ids, path)
+    return ids
+
+
+def _data(cfg: TrainConfig, data: str | None, tok, world: distributed.World):
+    """Tokenizer (trained and cached when none is given) and token streams."""
+    texts = (corpus.text_corpus(data, cfg.corpus_max_mb, cfg.heldout_fraction) if data
+             else corpus.stdlib_corpus(cfg.corpus_max_mb, cfg.heldout_fraction))
+    key = _key({"source": texts.source, "python": sys.version, "mb": cfg.corpus_max_mb,
+                "heldout": cfg.heldout_fraction, "vocab": cfg.vocab_size,
+                "tok": None if tok is None else tok.name_or_path})
+    cache = cache_root() / f"data-{key}"
+    if world.is_main:  # rank 0 trains/encodes once; the others read its cache
+        cache.mkdir(parents=True, exist_ok=True)
+        first = tok if tok is not None else tokenizer.load_or_train(cache, texts.train,
+                                                                     cfg.vocab_size)
+        _tokens(first, texts.train, cache, "train")
+        _tokens(first, texts.heldout, cache, "heldout")
+    world.barrier()
+    if tok is None:
+        tok = tokenizer.load_or_train(cache, texts.train, cfg.vocab_size)
+    train_ids = _tokens(tok, texts.train, cache, "train")
+    held_ids = _tokens(tok, texts.heldout, cache, "heldout")
+    return tok, train_ids, held_ids, key, texts
+
+
+def _objective(cfg: TrainConfig, student, teacher, baseline: str = "fused") -> DistillObjective:
+    return DistillObjective(student, divergence=cfg.divergence, beta=cfg.beta,
+                            temperature=cfg.temperature, kd_weight=cfg.kd_weight,
+                            ce_weight=cfg.ce_weight, impl=cfg.impl, baseline=baseline,
+                            teacher_softcap=None if teacher is None else models.softcap(teacher))
+
+
+def _teacher(cfg: TrainConfig, tok, train_ids, held, data_key: str, out: Path,
+             world: distributed.World, parallel: str) -> tuple[torch.nn.Module, dict]:
+    """The cached teacher for this data and config, or a freshly trained (and cached) one."""
+    from transformers import AutoModelForCausalLM
+
+    key = _key({"data": data_key, "size": cfg.teacher_size.as_dict(), "steps": cfg.teacher_steps,
+                "lr": cfg.teacher_lr, "seq": cfg.seq_len, "batch": cfg.batch_size,
+                "warmup": cfg.warmup_steps, "min_lr": cfg.min_lr_ratio, "vocab": len(tok),
+                "bf16": cfg.bf16})
+    cached = cache_root() / f"teacher-{key}"
+    if (cached / "summary.json").exists():
+        teacher = AutoModelForCausalLM.from_pretrained(str(cached)).to(world.device)
+        summary = json.loads((cached / "summary.json").read_text())
+        summary.update(cached=True, dir=None, heldout_ce=heldout_ce(teacher, held, world.device,
+                                                                    cfg.bf16))
+        return teacher.eval(), summary
+    torch.manual_seed(0)  # the teacher is fixed across --seed: seeds vary the students
+    teacher = models.build_llama(cfg.teacher_size, len(tok), cfg.seq_len, eos_id=tok.eos_token_id)
+    stage = Stage("teacher", _objective(cfg, teacher, None), None, cfg.teacher_steps,
+                  cfg.teacher_lr, 0, out / "teacher", tok,
+                  fingerprint={"teacher_key": key})
+    summary = train(stage, cfg, train_ids, held, world, parallel)
+    summary["dir"] = str(out / "teacher")
+    if world.is_main and not summary["interrupted"]:
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        teacher.save_pretrained(str(tmp), state_dict=checkpoint.full_state_dict(teacher))
+        tok.save_pretrained(str(tmp))
+        (tmp / "summary.json").write_text(json.dumps({k: v for k, v in summary.items()
+                                                      if k != "dir"}))
+        tmp.rename(cached) if not cached.exists() else shutil.rmtree(tmp)
+    return teacher.eval(), summary
+
+
+def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str | None = None,
+        data: str | None = None, overwrite: bool = False, resume: bool = False,
+        parallel: str = "ddp", compare_ce: bool | None = None, preset: str = "default") -> dict:
+    """The whole `kdk distill`; returns the per-model summaries (rank 0 writes the report)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    world = distributed.init(cfg.device)
+    out = Path(cfg.output)
+    fingerprint = {**cfg.fingerprint(), "teacher": teacher_path, "student": student_path,
+                   "data": data, "world": world.size, "parallel": parallel}
+    prepare_output(out, overwrite=overwrite, resume=resume, world=world, fingerprint=fingerprint)
+    results: dict[str, dict] = {}
+    if teacher_path is None:
+        if student_path is not None:
+            raise ValueError("--student needs --teacher (the embedded default builds both)")
+        tok, train_ids, held_ids, data_key, texts = _data(cfg, data, None, world)
+        held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        teacher, results["teacher"] = _teacher(cfg, tok, train_ids, held, data_key, out, world,
+                                               parallel)
+        torch.manual_seed(cfg.seed)
+        student0 = models.build_llama(cfg.student_size, len(tok), cfg.seq_len,
+                                      eos_id=tok.eos_token_id)
+        compare_ce = True if compare_ce is None else compare_ce
+    else:
+        if student_path is None:
+            raise ValueError("--teacher needs --student (a Hugging Face checkpoint to train)")
+        tok = AutoTokenizer.from_pretrained(teacher_path)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_path).to(world.device).eval()
+        torch.manual_seed(cfg.seed)
+        student0 = AutoModelForCausalLM.from_pretrained(student_path)
+        try:
+            student_tok = AutoTokenizer.from_pretrained(student_path)
+        except (OSError, ValueError):
+            student_tok = tok  # a bare student checkpoint: it must fit the teacher's vocab
+        models.check_pair(student0, teacher, student_tok, tok)
+        tok, train_ids, held_ids, data_key, texts = _data(cfg, data, tok, world)
+        held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        results["teacher"] = {"heldout_ce": heldout_ce(teacher, held, world.device, cfg.bf16),
+                              "params": sum(p.numel() for p in teacher.parameters()),
+                              "steps": 0, "cached": False}
+        compare_ce = False if compare_ce is None else compare_ce
+    models.check_seq_len(teacher, cfg.seq_len, "teacher")
+    models.check_seq_len(student0, cfg.seq_len, "student")
+    models.check_pair(student0, teacher)
+    stages = [("kd", teacher, "fused")]
+    if compare_ce:
+        stages.append(("ce", None, "fused"))
+    if cfg.baseline == "naive":
+        stages.append(("naive", teacher, "naive"))
+    for name, t, baseline in stages:
+        student = copy.deepcopy(student0)  # identical initial weights for every student
+        stage = Stage(name, _objective(cfg, student, t, baseline), t, cfg.max_steps, cfg.lr,
+                      cfg.seed, out / name, tok,
+                      resume=checkpoint.latest(out / name) if resume else None,
+                      fingerprint={**fingerprint, "stage": name})
+        results[name] = train(stage, cfg, train_ids, held, world, parallel)
+        results[name]["dir"] = str(out / name)
+        if results[name]["interrupted"]:
+            print(f"\ninterrupted: checkpoint saved under {out / name / 'checkpoints'}; "
+                  f"continue with the same command plus --resume", file=sys.stderr)
+            break
+    if world.is_main:
+        _finish(out, cfg, results, texts, t0, preset, world)
+    return results
+
+
+def _loss_agreement(out: Path) -> dict[str, float]:
+    fused = {r["step"]: r["loss"] for r in metrics.read(out / "kd" / "metrics.jsonl")
+             if "loss" in r}
+    naive = {r["step"]: r["loss"] for r in metrics.read(out / "naive" / "metrics.jsonl")
+             if "loss" in r}
+    both = sorted(set(fused) & set(naive))
+    if not both:
+        return {}
+    diffs = [abs(fused[s] - naive[s]) / max(abs(naive[s]), 1e-12) for s in both]
+    return {"step-1 loss relative difference (fused vs naive)": f"{diffs[0]:.2e}",
+            "max relative training-loss difference over all steps": f"{max(diffs):.2e}"}
+
+
+def _finish(out: Path, cfg: TrainConfig, results: dict, texts, t0: float, preset: str,
+            world: distributed.World) -> None:
+    context = {"preset": preset, "corpus": f"{texts.source} ({len(texts.train)} train / "
+               f"{len(texts.heldout)} held-out files)", "seed": cfg.seed,
+               "world size": world.size, "device": str(world.device),
+               "total wall time (s)": f"{time.perf_counter() - t0:.1f}"}
+    if "naive" in results:
+        context.update(_loss_agreement(out))
+    if any(r.get("interrupted") for r in results.values()):
+        context["status"] = "INTERRUPTED (resume with --resume)"
+    md = report.write(out, results, cfg.to_dict(), context)
+    summary = {k: {kk: vv for kk, vv in v.items() if kk != "evals"} for k, v in results.items()}
+    checkpoint.write_json(out / "results.json", {"results": summary,
+                                                 "kd_benefit": report.kd_benefit(results)})
+    print(md.read_text())
