@@ -15,9 +15,9 @@ from tests._rowop_cases import (
     check_grad,
     check_stats,
     coefficients,
-    norms_of,
     make_labels,
     make_logits,
+    norms_of,
     spec_of,
 )
 

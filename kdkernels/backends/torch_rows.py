@@ -91,8 +91,9 @@ def _log_mix(logq: torch.Tensor, logp: torch.Tensor, wq: float) -> torch.Tensor:
 
 
 def _xlogy_diff(w: torch.Tensor, logx: torch.Tensor, logm: torch.Tensor) -> torch.Tensor:
-    """Row sum of w * (logx - logm), with 0 where w == 0 (an underflowed probability)."""
-    return torch.where(w > 0, w * (logx - logm), torch.zeros_like(w)).sum(1)
+    """Row sum of w * (logx - logm), with 0 where w == 0 (an underflowed probability);
+    NaN stays NaN."""
+    return torch.where(w == 0, torch.zeros_like(w), w * (logx - logm)).sum(1)
 
 
 def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) -> torch.Tensor:

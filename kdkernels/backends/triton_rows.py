@@ -138,11 +138,12 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
     return out
 
 
-def mix(zs: torch.Tensor, zt: torch.Tensor, lse: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec
+        ) -> torch.Tensor:
     _check("zs", zs)
     _check("zt", zt)
     n_rows, n_cols = zs.shape
-    lse = lse.to(torch.float32).contiguous()
+    norms = norms.to(torch.float32).contiguous()
     if n_rows == 0:
         return torch.zeros(0, N_MIX, dtype=torch.float32, device=zs.device)
     plan = _plan(n_rows, n_cols, zs.device, max(zs.element_size(), zt.element_size()))
@@ -150,7 +151,7 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, lse: torch.Tensor, spec: RowSpec) ->
     weights = _mix_weights(spec)
     del weights["k_div"]
     mix_kernel[(plan.row_blocks(n_rows), plan.n_split)](
-        zs, zt, lse, part, n_rows, n_cols, zs.stride(0), zt.stride(0), lse.stride(0),
+        zs, zt, norms, part, n_rows, n_cols, zs.stride(0), zt.stride(0), norms.stride(0),
         plan.span, **_spec_args(spec), **weights, DIV=DIVERGENCE_CODES[spec.divergence],
         BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
     return part[0] if plan.n_split == 1 else part.sum(0)
@@ -173,7 +174,8 @@ def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.T
         zs, zt, labels, coef, out, n_rows, n_cols, zs.stride(0), zt.stride(0), out.stride(0),
         coef.stride(0), **_spec_args(spec), **_mix_weights(spec),
         DIV=DIVERGENCE_CODES[spec.divergence], HAS_CE=spec.has_ce, BLOCK_R=plan.block_r,
-        BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+        BLOCK_V=plan.block_v, ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16,
+        num_warps=plan.num_warps)
 
 
 def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
