@@ -80,3 +80,12 @@ def load_logits(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
     if TEMPERED:
         x = z * inv_t
     return z, tl.where(mask, x, float("-inf"))
+
+
+@helper
+def round_to_bf16(x):
+    """fp32 -> fp32 holding the round-to-nearest-even bf16 value. Only for the interpreter,
+    whose fp32 -> bf16 cast truncates (compiled Triton rounds to nearest even itself)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits += 0x7FFF + ((bits >> 16) & 1)
+    return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)

@@ -18,6 +18,7 @@ from .common import (
     load_logits,
     log_mix,
     mix_kind,
+    round_to_bf16,
 )
 
 
@@ -38,25 +39,29 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
                 stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, wq, lwq, lwp, k_div,
                 DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-                TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr):
-    """k_div: 1 - beta (jsd), 1 - skew (skew_forward_kl), skew (skew_reverse_kl)."""
+                TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """k_div: 1 - beta (jsd), 1 - skew (skew_forward_kl), skew (skew_reverse_kl).
+    ROUND_BF16: round to nearest even by hand before a bf16 store (interpreter only)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
+    # coef row: (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef, ce_coef)
     c = coef_ptr + rows * stride_c
-    lse_a = tl.load(c + 0, mask=row_ok, other=0.0)
-    lse_b = tl.load(c + 1, mask=row_ok, other=0.0)
-    aux = tl.load(c + 3, mask=row_ok, other=0.0)
-    kd = tl.load(c + 4, mask=row_ok, other=0.0)
-    ce = tl.load(c + 5, mask=row_ok, other=0.0)
+    m_a = tl.load(c + 0, mask=row_ok, other=0.0)
+    log_s_a = tl.load(c + 1, mask=row_ok, other=0.0)
+    m_b = tl.load(c + 2, mask=row_ok, other=0.0)
+    log_s_b = tl.load(c + 3, mask=row_ok, other=0.0)
+    aux = tl.load(c + 6, mask=row_ok, other=0.0)
+    kd = tl.load(c + 7, mask=row_ok, other=0.0)
+    ce = tl.load(c + 8, mask=row_ok, other=0.0)
     # Dead rows (ignored tokens) are not even read: their logits may be garbage.
     live = row_ok & ((kd != 0.0) | (ce != 0.0))
     mask = live[:, None] & col_ok[None, :]
     z, a = load_logits(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
     _, b = load_logits(zt_ptr, rows * stride_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
-    logp = a - lse_a[:, None]
-    logq = b - lse_b[:, None]
+    logp = (a - m_a[:, None]) - log_s_a[:, None]  # not a - lse: see backends/base.py
+    logq = (b - m_b[:, None]) - log_s_b[:, None]
     p = tl.exp(logp)
     if DIV == FORWARD_KL:
         g = p - tl.exp(logq)
@@ -79,17 +84,20 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
                 g -= k_div * tl.exp(2.0 * logp - logm)
     dz = kd[:, None] * g
     if HAS_CE:
-        lse_z = tl.load(c + 2, mask=row_ok, other=0.0)
+        m_z = tl.load(c + 4, mask=row_ok, other=0.0)
+        log_s_z = tl.load(c + 5, mask=row_ok, other=0.0)
         label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
         if TEMPERED:
-            p_z = tl.exp(z - lse_z[:, None])
-        else:  # z == a: reuse p, rescaled in case lse_z was formed apart from lse_a
-            p_z = p * tl.exp(lse_a - lse_z)[:, None]
+            p_z = tl.exp((z - m_z[:, None]) - log_s_z[:, None])
+        else:  # z == a: reuse p, rescaled by a row factor (exactly 1 when the stats agree)
+            p_z = p * tl.exp((m_a - m_z) + (log_s_a - log_s_z))[:, None]
         hit = cols[None, :] == label[:, None]
         dz += ce[:, None] * (p_z - tl.where(hit, 1.0, 0.0))
     if HAS_CAP_S:
         r = z / cap_s
         dz *= 1.0 - r * r
     dz = tl.where(mask, dz, 0.0)
+    if ROUND_BF16:
+        dz = round_to_bf16(dz)
     out = out_ptr + rows[:, None] * stride_o + cols[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

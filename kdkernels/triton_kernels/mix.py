@@ -1,5 +1,5 @@
 """Mix pass of JSD, skew KL and TVD: two plain row sums per (row, vocab split), given the
-full-row log-normalisers (divergences.py says what the two sums are)."""
+full-row log-normalisers split as (max, log sum) (divergences.py says what the sums are)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def _xlogy_diff(w, logx, logm):
     "MIX_KIND": lambda a: mix_kind(a["wq"]),
 })
 @triton.jit
-def mix_kernel(zs_ptr, zt_ptr, lse_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
-               stride_lse, span, inv_t, cap_s, cap_t, wq, lwq, lwp,
+def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
+               stride_n, span, inv_t, cap_s, cap_t, wq, lwq, lwp,
                DIV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, TEMPERED: tl.constexpr,
                MIX_KIND: tl.constexpr):
@@ -41,8 +41,11 @@ def mix_kernel(zs_ptr, zt_ptr, lse_ptr, part_ptr, n_rows, n_cols, stride_s, stri
     row_ok = rows < n_rows
     off_s = rows * stride_s
     off_t = rows * stride_t
-    lse_a = tl.load(lse_ptr + rows * stride_lse, mask=row_ok, other=0.0)
-    lse_b = tl.load(lse_ptr + rows * stride_lse + 1, mask=row_ok, other=0.0)
+    norms = norms_ptr + rows * stride_n
+    m_a = tl.load(norms + 0, mask=row_ok, other=0.0)[:, None]
+    log_s_a = tl.load(norms + 1, mask=row_ok, other=0.0)[:, None]
+    m_b = tl.load(norms + 2, mask=row_ok, other=0.0)[:, None]
+    log_s_b = tl.load(norms + 3, mask=row_ok, other=0.0)[:, None]
     lo = split * span
     hi = tl.minimum(lo + span, n_cols)
     acc0 = tl.zeros([BLOCK_R], tl.float32)
@@ -52,8 +55,8 @@ def mix_kernel(zs_ptr, zt_ptr, lse_ptr, part_ptr, n_rows, n_cols, stride_s, stri
         mask = row_ok[:, None] & (cols < hi)[None, :]
         _, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
         _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
-        logp = a - lse_a[:, None]
-        logq = b - lse_b[:, None]
+        logp = (a - m_a) - log_s_a  # not a - lse: see backends/base.py
+        logq = (b - m_b) - log_s_b
         p = tl.exp(logp)
         q = tl.exp(logq)
         if DIV == TVD:

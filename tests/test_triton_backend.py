@@ -1,0 +1,407 @@
+"""The Triton backend against the torch backend (row-op contract) and the float64 oracle.
+
+On a machine with CUDA every test runs compiled on the GPU; without one, through Triton's
+CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), where each program instance
+costs ~0.1 s: shapes stay small and tiles large. GPU-only tests (larger shapes) are marked.
+
+Tolerances. Both backends do fp32 math on the same stored values, so stats, mix sums and
+fp32 gradients agree to fp32 rounding of sums over <= 3001 terms: 2e-5 relative to the
+column's scale (a wrong formula is off by >= 1e-3). Gradients stored in 16 bits are one
+rounding of nearly equal fp32 values: identical except at near-ties, one ulp apart, so the
+norm-wise error stays far below 2**-9.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels.backends import registry, torch_rows
+from kdkernels.backends.base import RowSpec
+from kdkernels.divergences import row_kd_and_aux
+from kdkernels.options import KDOptions
+from kdkernels.reference import reference_kd_loss
+from kdkernels.row_stats import finish, norms
+
+from ._helpers import make_fused, rel_err, run_fused
+
+_loaded = registry.load("triton")
+if isinstance(_loaded, str):
+    pytest.skip(_loaded, allow_module_level=True)
+from kdkernels.backends import triton_rows  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+_why = triton_rows.not_supported_reasons(DEVICE, torch.float32, RowSpec(
+    "forward_kl", 1.0, 0.5, 0.1, None, None, False))
+if _why:
+    pytest.skip("; ".join(_why), allow_module_level=True)
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+# The interpreter evaluates masked lanes (-inf - -inf) and dead rows (NaN) through numpy,
+# which warns; the kernels discard those lanes.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")]
+
+DIVS = kdkernels.DIVERGENCES
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+STAT_TOL = 2e-5
+HALF_GRAD_TOL = 2.0**-9
+
+
+@dataclass(frozen=True)
+class Case:
+    div: str = "forward_kl"
+    rows: int = 5
+    vocab: int = 997
+    zs_dtype: torch.dtype = F32
+    zt_dtype: torch.dtype = F32
+    out: str = "alias"  # alias (in place over zs) | a dtype name for a separate buffer
+    temperature: float = 1.0
+    beta: float = 0.4
+    skew: float = 0.1
+    cap_s: float | None = None
+    cap_t: float | None = None
+    ce: bool = True
+    pad: int = 0  # row stride = vocab + pad
+    dead: tuple[int, ...] = ()  # rows with kd_coef = ce_coef = 0 and garbage logits
+    override: tuple[tuple[str, int], ...] = ()  # triton_rows.OVERRIDE (forced vocab split)
+    seed: int = 0
+    labels: tuple[int, ...] | None = None  # explicit local labels (-1: not in this block)
+
+    def __str__(self) -> str:
+        out = "alias" if self.out == "alias" else f"out_{self.out}"
+        bits = [self.div, f"{self.rows}x{self.vocab}", str(self.zs_dtype)[6:],
+                str(self.zt_dtype)[6:], out, f"T{self.temperature}"]
+        bits += [f"beta{self.beta}"] if self.div == "jsd" else []
+        bits += [f"skew{self.skew}"] if self.div.startswith("skew") else []
+        bits += [f"cap{self.cap_s},{self.cap_t}"] if self.cap_s or self.cap_t else []
+        bits += ["ce"] if self.ce else []
+        bits += [f"pad{self.pad}"] if self.pad else []
+        bits += [f"dead{len(self.dead)}"] if self.dead else []
+        bits += ["".join(f"{k}{v}" for k, v in self.override)] if self.override else []
+        return "-".join(bits)
+
+
+def _split(n_split: int, block_v: int) -> tuple[tuple[str, int], ...]:
+    return (("n_split", n_split), ("block_v", block_v))
+
+
+CASES = (
+    # every divergence, fp32, in place, one block per row
+    [Case(d, dead=(1,)) for d in DIVS]
+    # every divergence, bf16, tempered, both softcaps, padded rows, separate bf16 out,
+    # several blocks per split and a forced 3-way vocab split
+    + [Case(d, rows=3, vocab=3001, zs_dtype=BF16, zt_dtype=BF16, out="bfloat16",
+            temperature=0.7, cap_s=30.0, cap_t=5.0, pad=13, dead=(0,),
+            override=_split(3, 512), seed=1) for d in DIVS]
+    # every divergence, fp16, V smaller than a block, no CE, student softcap only
+    + [Case(d, rows=9, vocab=5, zs_dtype=F16, zt_dtype=F16, out="float16", temperature=3.0,
+            cap_s=4.0, ce=False, dead=(2, 7), seed=2) for d in DIVS]
+    # the CUDA driver's layout: fp32 logits, bf16 dL/dz buffer; a chunk of one row, split
+    + [Case("forward_kl", rows=1, vocab=2053, out="bfloat16", override=_split(2, 256)),
+       Case("jsd", rows=1, vocab=2053, zt_dtype=BF16, out="bfloat16", temperature=2.0,
+            override=_split(4, 128), seed=3)]
+    # mixture weights at their ends (log m = log p or log q exactly) and near them
+    + [Case("skew_forward_kl", skew=s, temperature=1.5, seed=4) for s in (0.0, 1.0)]
+    + [Case("skew_reverse_kl", skew=s, temperature=1.5, seed=5) for s in (0.0, 1.0)]
+    + [Case("jsd", beta=b, seed=6) for b in (1e-3, 0.999)]
+    # labels at the edges of the vocabulary and of the splits, CE at T != 1
+    + [Case("reverse_kl", rows=6, vocab=1500, temperature=2.0, labels=(0, 1499, 500, 499, -1,
+                                                                         1000),
+            override=_split(3, 256), pad=3, seed=7)]
+)
+
+
+def _tensors(case: Case):
+    gen = torch.Generator().manual_seed(case.seed)
+    c, v = case.rows, case.vocab
+
+    def logits(dtype, scale):
+        full = torch.randn(c, v + case.pad, generator=gen) * scale
+        return full.to(dtype).to(DEVICE)[:, :v]
+
+    zs, zt = logits(case.zs_dtype, 3.0), logits(case.zt_dtype, 3.0)
+    if case.labels is not None:
+        labels = torch.tensor(case.labels, dtype=torch.int64)
+    else:
+        labels = torch.randint(0, v, (c,), generator=gen)
+        labels[::3] = -1  # label held by another block / rank
+    labels = labels.to(DEVICE) if case.ce else torch.full((c,), -1, device=DEVICE)
+    for i, row in enumerate(case.dead):  # ignored tokens may hold anything
+        zs[row] = (float("nan"), float("inf"), float("-inf"))[i % 3]
+        zt[row, ::2] = float("inf")
+    return zs, zt, labels
+
+
+def _spec(case: Case) -> tuple[KDOptions, RowSpec]:
+    opts = KDOptions(divergence=case.div, beta=case.beta, skew=case.skew,
+                     temperature=case.temperature, student_softcap=case.cap_s,
+                     teacher_softcap=case.cap_t, ce_weight=0.5 if case.ce else 0.0)
+    return opts, RowSpec.from_options(opts, case.ce)
+
+
+def _assert_columns_close(ours: torch.Tensor, ref: torch.Tensor, what: str,
+                          floor: float = 1e-30) -> None:
+    assert ours.shape == ref.shape and ours.dtype == torch.float32, what
+    for col in range(ref.shape[1]):
+        r = ref[:, col].double()
+        scale = max(r.abs().max().item(), floor)
+        err = (ours[:, col].double() - r).abs().max().item()
+        assert err <= STAT_TOL * scale, f"{what} column {col}: {err:.3g} > {STAT_TOL} * {scale:.3g}"
+
+
+def _coef(opts, spec, stats, mix, case: Case) -> torch.Tensor:
+    totals = finish(stats)
+    _, aux = row_kd_and_aux(opts, totals, mix)
+    c = case.rows
+    kd_coef = torch.linspace(0.3, 1.1, c, device=DEVICE) / case.temperature
+    ce_coef = torch.full((c,), 0.5 if case.ce else 0.0, device=DEVICE)
+    dead = list(case.dead)
+    kd_coef[dead] = 0.0
+    ce_coef[dead] = 0.0
+    return torch.stack((totals.m_a, totals.log_s_a, totals.m_b, totals.log_s_b, totals.m_z,
+                        totals.log_s_z, aux, kd_coef, ce_coef), 1)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_row_ops_match_torch_backend(case: Case, monkeypatch):
+    for key, value in case.override:
+        monkeypatch.setitem(triton_rows.OVERRIDE, key, value)
+    opts, spec = _spec(case)
+    zs, zt, labels = _tensors(case)
+    live = [r for r in range(case.rows) if r not in case.dead]
+
+    ref_stats = torch_rows.stats(zs, zt, labels, spec)
+    stats = triton_rows.stats(zs, zt, labels, spec)
+    _assert_columns_close(stats[live], ref_stats[live], "stats")
+
+    mix = None
+    if spec.needs_mix:
+        nrm = norms(finish(ref_stats))
+        mix = torch_rows.mix(zs, zt, nrm, spec)
+        # Mix sums can be tiny (JSD at beta 1e-3) while each term still carries fp32
+        # rounding of log-probs of magnitude <= ~30: judge them on a scale of at least 0.1.
+        _assert_columns_close(triton_rows.mix(zs, zt, nrm, spec)[live], mix[live], "mix",
+                              floor=0.1)
+
+    coef = _coef(opts, spec, ref_stats, mix, case)
+    ref = torch.empty(zs.shape, dtype=zs.dtype if case.out == "alias"
+                      else getattr(torch, case.out), device=DEVICE)
+    torch_rows.grad(zs, zt, labels, coef, spec, ref)
+    if case.out == "alias":
+        # in place over a copy of zs with the same (padded) row stride
+        out = torch.empty(case.rows, case.vocab + case.pad, dtype=zs.dtype,
+                          device=DEVICE)[:, :case.vocab]
+        out.copy_(zs)
+        triton_rows.grad(out, zt, labels, coef, spec, out)
+    else:
+        out = torch.full_like(ref, float("nan"))  # poisoned: every element must be written
+        triton_rows.grad(zs, zt, labels, coef, spec, out)
+    assert (out[list(case.dead)] == 0).all(), "dead rows must get exact zeros"
+    assert torch.isfinite(out[live]).all()
+    tol = STAT_TOL if out.dtype == torch.float32 else HALF_GRAD_TOL
+    err = rel_err(out[live], ref[live])
+    assert err <= tol, f"grad: relative error {err:.3g} > {tol}"
+
+
+def test_nan_logit_gives_non_finite_stats_only_in_its_row():
+    case = Case("jsd", rows=4, vocab=700, temperature=2.0)
+    opts, spec = _spec(case)
+    zs, zt, labels = _tensors(case)
+    zs[1, 123] = float("nan")
+    zt[2, 5] = float("nan")
+    stats = triton_rows.stats(zs, zt, labels, spec)
+    totals = finish(stats)
+    kd, _ = row_kd_and_aux(opts, totals, triton_rows.mix(zs, zt, norms(totals), spec))
+    assert not torch.isfinite(kd[1]) and not torch.isfinite(kd[2])
+    assert torch.isfinite(kd[[0, 3]]).all()
+
+
+def test_nan_logit_gives_non_finite_loss():
+    zs = torch.randn(6, 300, device=DEVICE)
+    zt = torch.randn(6, 300, device=DEVICE)
+    zs[4, 17] = float("nan")
+    for div in ("forward_kl", "tvd"):
+        loss = kdkernels.kd_loss(zs, zt, divergence=div, impl="triton")
+        assert not torch.isfinite(loss), div
+
+
+def test_empty_chunk():
+    _, spec = _spec(Case())
+    zs = torch.empty(0, 50, device=DEVICE)
+    labels = torch.empty(0, dtype=torch.int64, device=DEVICE)
+    assert triton_rows.stats(zs, zs, labels, spec).shape == (0, 9)
+    assert triton_rows.mix(zs, zs, torch.empty(0, 4, device=DEVICE), spec).shape == (0, 2)
+    triton_rows.grad(zs, zs, labels, torch.empty(0, 9, device=DEVICE), spec, zs)
+
+
+def test_rejects_bad_layout():
+    _, spec = _spec(Case())
+    zs = torch.randn(4, 64, device=DEVICE)
+    labels = torch.full((4,), -1, device=DEVICE)
+    with pytest.raises(ValueError, match="unit column stride"):
+        triton_rows.stats(zs.t(), zs.t(), labels, spec)
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        triton_rows.stats(zs.double(), zs, labels, spec)
+    with pytest.raises(ValueError, match="out must be"):
+        triton_rows.grad(zs, zs, labels, torch.zeros(4, 9, device=DEVICE), spec, zs[:, :10])
+
+
+# ---- planning (pure Python) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,vocab,elem", [(64, 262144, 4), (64, 262144, 2), (209, 128256, 4),
+                                             (1, 32000, 2), (8192, 128256, 4), (7, 10, 4),
+                                             (300, 151936, 4)])
+def test_gpu_plan_fills_the_device(rows, vocab, elem, monkeypatch):
+    monkeypatch.setattr(triton_rows, "_sm_count", lambda index: 132)
+    plan = triton_rows._plan(rows, vocab, torch.device("cuda", 0), elem)
+    programs = plan.row_blocks(rows) * plan.n_split
+    assert plan.span % plan.block_v == 0 and plan.block_v & (plan.block_v - 1) == 0
+    assert (plan.n_split - 1) * plan.span < vocab <= plan.n_split * plan.span  # no empty split
+    if rows * vocab >= 8 * 132 * 4 * plan.block_v:  # enough work to fill 132 SMs
+        assert programs >= 2 * 132, plan
+    if rows >= 8 * 132:
+        assert plan.n_split == 1  # enough rows: no merge pass
+    # 16-byte loads: a block holds a whole number of 16-byte vectors
+    assert plan.block_v * elem % 16 == 0 or plan.block_v >= vocab
+
+
+def test_cpu_plan_uses_few_programs():
+    plan = triton_rows._plan(12, 1500, torch.device("cpu"), 4)
+    assert plan.row_blocks(12) == 1 and plan.n_split == 1 and plan.block_v >= 1500
+
+
+# ---- the backend's entry in the table -----------------------------------------------------
+
+def test_not_supported_reasons(monkeypatch):
+    spec = _spec(Case())[1]
+    assert "float64" in " ".join(triton_rows.not_supported_reasons(DEVICE, torch.float64, spec))
+    assert triton_rows.not_supported_reasons(torch.device("meta"), F32, spec)
+    monkeypatch.setattr(triton_rows, "_INTERPRETED", False)
+    why = " ".join(triton_rows.not_supported_reasons(torch.device("cpu"), F32, spec))
+    assert "TRITON_INTERPRET=1" in why
+    for dtype, size in ((F32, 8), (BF16, 4), (F16, 4)):
+        assert triton_rows.workspace_bytes_per_logit(dtype) == size
+
+
+def test_auto_order_keeps_triton_off_cpu_and_after_cuda():
+    assert "triton" not in registry.AUTO_ORDER["cpu"]
+    assert registry.AUTO_ORDER["cuda"].index("cuda") < registry.AUTO_ORDER["cuda"].index(
+        "triton")
+    assert registry.AUTO_ORDER["cuda"].index("triton") < registry.AUTO_ORDER["cuda"].index(
+        "torch")
+
+
+# ---- end to end against the float64 oracle ------------------------------------------------
+
+FUSED_CASES = [
+    dict(divergence="forward_kl", temperature=2.0, ce_weight=0.5, chunk_size=4),
+    dict(divergence="jsd", beta=0.3, student_softcap=30.0, teacher_softcap=5.0,
+         reduction="sum"),
+    dict(divergence="tvd", temperature=1.5, kd_weight=0.7, chunk_size=5, reduction="none"),
+    dict(divergence="skew_reverse_kl", skew=0.2, ce_weight=0.3, num_items=7.0),
+]
+
+
+@pytest.mark.parametrize("opts", FUSED_CASES, ids=lambda o: o["divergence"])
+def test_fused_linear_matches_oracle(opts):
+    from kdkernels.reference import reference_fused_linear_kd_loss
+
+    inp = make_fused(11, 1003, 1001, 16, 24, F32, bias=True, ignore_frac=0.3, seed=3)
+    inp = {k: (v.to(DEVICE).detach().requires_grad_(v.requires_grad) if v is not None else v)
+           for k, v in inp.items()}
+    ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **opts)
+    ref = run_fused(reference_fused_linear_kd_loss, inp, **opts)
+    for what, a, b in zip(("loss", "grad_h", "grad_w", "grad_bias"), ours, ref, strict=True):
+        # fp32 logits from a 16/24-term product, then the fp32 row math: 1e-5 norm-wise.
+        assert rel_err(a, b) <= 1e-5, f"{what}: {rel_err(a, b):.3g}"
+
+
+def test_kd_loss_on_strided_half_logits_matches_oracle():
+    base = torch.randn(10, 777, device=DEVICE) * 4
+    zs = base.to(BF16)[:, :700].requires_grad_()  # a view: row stride 777 > V
+    zs = zs.detach().requires_grad_()
+    zt = (torch.randn(10, 705, device=DEVICE) * 4).to(F16)
+    labels = torch.randint(0, 700, (10,), device=DEVICE)
+    labels[3] = -100
+    opts = dict(divergence="reverse_kl", temperature=1.3, ce_weight=0.4, chunk_size=3)
+    loss = kdkernels.kd_loss(zs, zt, labels, impl="triton", **opts)
+    loss.backward()
+    z64 = zs.detach().double().requires_grad_()
+    ref = reference_kd_loss(z64, zt.double(), labels, **opts)["loss"]
+    ref.backward()
+    # The loss is fp32 math on the stored bf16/fp16 values: 1e-5. The gradient is rounded
+    # once to bf16 (relative 2**-9 per element).
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(zs.grad, z64.grad) <= 2.0**-8
+
+
+# ---- GPU only: larger shapes against the oracle -----------------------------------------
+
+GPU_DTYPE_CASES = [(d, BF16) for d in DIVS] + [(d, t) for d in ("forward_kl", "jsd")
+                                               for t in (F32, F16)]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("div,dtype", GPU_DTYPE_CASES, ids=lambda x: str(x))
+def test_gpu_fused_linear_matches_oracle(div, dtype):
+    from kdkernels.reference import reference_fused_linear_kd_loss
+
+    inp = make_fused(384, 32003, 32011, 64, 96, dtype, ignore_frac=0.1, seed=11)
+    inp = {k: (v.cuda().detach().requires_grad_(v.requires_grad) if v is not None else v)
+           for k, v in inp.items()}
+    opts = dict(divergence=div, temperature=2.0, ce_weight=0.3, beta=0.3, skew=0.2,
+                chunk_size=100)
+    ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **opts)
+    ref = run_fused(reference_fused_linear_kd_loss, inp, **opts)
+    # fp32: GEMMs in fp32 (TF32 off by default) and ex2.approx exponentials: ~1e-6; 1e-4
+    # leaves margin. 16-bit: logits are fp32 GEMM outputs of the same 16-bit inputs as the
+    # oracle's, the loss is fp32 math (1e-4); dL/dz is rounded to 16 bits before the
+    # gradient GEMMs (2**-9 relative per element, then 16-bit GEMM outputs): 1e-2.
+    half = dtype != F32
+    for what, a, b in zip(("loss", "grad_h", "grad_w"), ours[:3], ref[:3], strict=True):
+        tol = 1e-4 if what == "loss" or not half else 1e-2
+        assert rel_err(a, b) <= tol, f"{what}: {rel_err(a, b):.3g} > {tol}"
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_few_rows_at_large_vocab_use_the_split_and_match():
+    from kdkernels.reference import reference_fused_linear_kd_loss
+
+    inp = make_fused(64, 262144, 262144, 32, 32, BF16, seed=12)
+    inp = {k: (v.cuda().detach().requires_grad_(v.requires_grad) if v is not None else v)
+           for k, v in inp.items()}
+    assert triton_rows._plan(64, 262144, torch.device("cuda"), 4).n_split > 1
+    opts = dict(divergence="skew_forward_kl", temperature=1.5, chunk_size=64)
+    ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **opts)
+    ref = run_fused(reference_fused_linear_kd_loss, inp, **opts)
+    assert rel_err(ours[0], ref[0]) <= 1e-4
+    assert rel_err(ours[1], ref[1]) <= 1e-2
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_31_elements():
+    rows, vocab = 8200, 262144  # row 8199 starts at element 2.149e9 > 2**31
+    zs = torch.randn(rows, vocab, device="cuda", dtype=BF16)
+    zt = torch.randn(rows, vocab, device="cuda", dtype=BF16)
+    labels = torch.randint(0, vocab, (rows,), device="cuda")
+    spec = RowSpec("forward_kl", 1.0, 0.5, 0.1, None, None, True)
+    tail = slice(rows - 3, rows)
+    stats = triton_rows.stats(zs, zt, labels, spec)
+    _assert_columns_close(stats[tail], torch_rows.stats(zs[tail], zt[tail], labels[tail], spec),
+                          "stats past 2**31")
+    totals = finish(stats)
+    ones = torch.ones(rows, device="cuda")
+    coef = torch.stack((*norms(totals).unbind(1), totals.m_z, totals.log_s_z, 0 * ones, ones,
+                        ones), 1)
+    ref = torch.empty(3, vocab, dtype=BF16, device="cuda")
+    torch_rows.grad(zs[tail], zt[tail], labels[tail], coef[tail], spec, ref)
+    triton_rows.grad(zs, zt, labels, coef, spec, zs)  # in place
+    assert rel_err(zs[tail], ref) <= HALF_GRAD_TOL
