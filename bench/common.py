@@ -1,0 +1,283 @@
+"""Benchmark building blocks shared by the CPU and GPU benchmarks: shapes, inputs, providers.
+
+Every provider computes the same loss, forward KL(teacher || student) at temperature 1 over
+the full vocabulary, averaged over tokens whose label is not ``IGNORE_INDEX``, and its
+gradients w.r.t. the student hidden states and the student head.
+
+``build_provider(name, inputs)`` returns ``run(inputs) -> loss`` that does forward plus
+backward; the gradients land in ``inputs.student_hidden.grad`` / ``student_weight.grad``.
+Callers clear them with ``inputs.clear_grads()`` between calls, outside their timers.
+Nothing here depends on the device: inputs are drawn on the CPU (so every process and every
+device sees the same values for a seed) and moved to the requested device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+KD_OPTIONS = {"divergence": "forward_kl", "temperature": 1.0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int  # tokens
+    vocab: int
+    ds: int  # student hidden size
+    dt: int  # teacher hidden size
+
+    def __str__(self) -> str:
+        return f"{self.n},{self.vocab},{self.ds},{self.dt}"
+
+
+SHAPES = {"S1": Shape(2048, 32000, 512, 1024), "S2": Shape(8192, 128256, 512, 1024)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_shape(text: str) -> Shape:
+    """'S1', 'S2' or 'N,V,Ds,Dt' (positive integers)."""
+    if text in SHAPES:
+        return SHAPES[text]
+    parts = text.split(",")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or min(values) < 1:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)} or N,V,Ds,Dt with four "
+                         f"positive integers; got {text!r}")
+    return Shape(*values)
+
+
+def shape_name(shape: Shape) -> str:
+    return next((k for k, v in SHAPES.items() if v == shape), str(shape))
+
+
+@dataclass
+class Inputs:
+    student_hidden: torch.Tensor  # [N, Ds], requires grad
+    student_weight: torch.Tensor  # [V, Ds], requires grad
+    teacher_hidden: torch.Tensor  # [N, Dt]
+    teacher_weight: torch.Tensor  # [V, Dt]
+    labels: torch.Tensor  # [N] int64
+
+    def clear_grads(self) -> None:
+        self.student_hidden.grad = None
+        self.student_weight.grad = None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.student_hidden, self.student_weight, self.teacher_hidden,
+                self.teacher_weight, self.labels)
+
+
+def _randn(gen: torch.Generator, rows: int, cols: int, std: float, dtype: torch.dtype,
+           device: torch.device) -> torch.Tensor:
+    # Drawn directly in the target dtype: an fp32 temporary would inflate a bf16 run's peak.
+    x = torch.randn(rows, cols, generator=gen, dtype=dtype)
+    return x.mul_(std).to(device)
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: str | torch.device = "cpu",
+                seed: int = 0) -> Inputs:
+    """Hidden states ~ N(0, 1), heads ~ N(0, 1/D) so that logits have unit scale; labels
+    uniform over the vocabulary (all kept)."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    h = _randn(gen, shape.n, shape.ds, 1.0, dtype, device).requires_grad_(True)
+    w = _randn(gen, shape.vocab, shape.ds, shape.ds ** -0.5, dtype, device).requires_grad_(True)
+    g = _randn(gen, shape.n, shape.dt, 1.0, dtype, device)
+    u = _randn(gen, shape.vocab, shape.dt, shape.dt ** -0.5, dtype, device)
+    labels = torch.randint(0, shape.vocab, (shape.n,), generator=gen).to(device)
+    return Inputs(h, w, g, u, labels)
+
+
+def naive_loss(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
+               labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Full [N, V] logits, upcast to fp32 (float64 stays float64), log_softmax + kl_div."""
+    acc = torch.promote_types(h.dtype, torch.float32)
+    log_p = F.log_softmax((h @ w.t()).to(acc), dim=-1)
+    log_q = F.log_softmax((g @ u.t()).to(acc), dim=-1)
+    rows = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    keep = labels != ignore_index
+    return torch.where(keep, rows, torch.zeros_like(rows)).sum() / keep.sum().clamp_min(1)
+
+
+@dataclass(frozen=True)
+class FloorPlan:
+    chunk: int  # token rows per chunk
+    logits_dtype: torch.dtype
+    separate_dz: bool  # dL/dz in its own buffer (when logits are fp32 but inputs are half)
+    mirrors: str  # the kdkernels backend whose chunking this copies
+
+
+def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
+    """The chunking kdkernels' driver (kdkernels/driver.py fused_rows) would use for these
+    inputs with `impl` at the default workspace budget."""
+    from kdkernels import gemm
+    from kdkernels.backends import registry
+    from kdkernels.backends.base import RowSpec
+    from kdkernels.driver import choose_chunk_size
+    from kdkernels.options import KDOptions
+
+    h, w = inputs.student_hidden, inputs.student_weight
+    opts = KDOptions(**KD_OPTIONS)
+    zs_dtype = gemm.logits_dtype(h.dtype, h.device)
+    spec = RowSpec.from_options(opts, True)
+    backend = registry.select(impl, h.device, zs_dtype, spec)
+    separate = zs_dtype != h.dtype
+    per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (h.element_size() if separate
+                                                                else 0)
+    chunk = choose_chunk_size(opts, h.shape[0], w.shape[0], per_logit)
+    return FloorPlan(chunk, zs_dtype, separate, backend.name)
+
+
+def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
+    """The four GEMMs of the fused loss and nothing else, chunked as kdkernels chunks them:
+    per chunk Zs = h_c W^T, Zt = g_c U^T, grad_h_c = dZ W, grad_W += dZ^T h_c (fp32
+    accumulator), with dZ = the Zs buffer (the row ops would overwrite it in place); then
+    grad_W cast to W's dtype. Same kdkernels.gemm calls as the driver; buffers allocated per
+    call as the driver does. Returns None (there is no loss)."""
+    from kdkernels import gemm
+
+    plan = floor_plan(inputs, impl)
+    # When dZ needs its own buffer, fill it once with logit-scale values, outside any timer.
+    dz_fixed = (torch.randn(plan.chunk, inputs.student_weight.shape[0],
+                            dtype=inputs.student_hidden.dtype,
+                            device=inputs.student_hidden.device) if plan.separate_dz else None)
+
+    def run(inp: Inputs) -> None:
+        h, w = inp.student_hidden.detach(), inp.student_weight.detach()
+        g, u = inp.teacher_hidden, inp.teacher_weight
+        n, vocab, c = h.shape[0], w.shape[0], plan.chunk
+        zs_buf = torch.empty(c, vocab, dtype=plan.logits_dtype, device=h.device)
+        zt_buf = torch.empty(c, vocab, dtype=plan.logits_dtype, device=h.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
+        for start in range(0, n, c):
+            stop = min(n, start + c)
+            zs = gemm.logits_into(h[start:stop], w, None, zs_buf[: stop - start])
+            gemm.logits_into(g[start:stop], u, None, zt_buf[: stop - start])
+            dz = dz_fixed[: stop - start] if dz_fixed is not None else zs
+            torch.mm(dz, w, out=grad_h[start:stop])
+            gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
+        inp.student_hidden.grad = grad_h
+        inp.student_weight.grad = grad_w.to(w.dtype)
+        return None
+
+    return run
+
+
+def _kdkernels(impl: str) -> Callable[[Inputs], torch.Tensor]:
+    import kdkernels
+
+    def run(inp: Inputs) -> torch.Tensor:
+        loss = kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=impl,
+                                              ignore_index=IGNORE_INDEX, **KD_OPTIONS)
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def _naive(compiled: bool) -> Callable[[Inputs], torch.Tensor]:
+    fn = torch.compile(naive_loss, dynamic=False) if compiled else naive_loss
+
+    def run(inp: Inputs) -> torch.Tensor:
+        loss = fn(*inp.tensors())
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def _liger(compiled: bool) -> Callable[[Inputs], torch.Tensor]:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    # beta=0 is forward KL(teacher || student), exactly (Liger special-cases it); mean over
+    # tokens whose label != ignore_index; no T**2 factor, which is 1 at T=1.
+    module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0,
+                                     ignore_index=IGNORE_INDEX, temperature=1.0,
+                                     compiled=compiled)
+
+    def run(inp: Inputs) -> torch.Tensor:
+        loss = module(*inp.tensors())
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+STATIC_PROVIDERS = ("floor", "naive", "naive-compiled", "liger", "liger-compiled")
+KDK_PREFIX = "kdkernels:"
+
+
+def discover_providers(device: str | torch.device, dtype: torch.dtype
+                       ) -> tuple[list[str], dict[str, str]]:
+    """(providers usable here, in run order; {provider: why it is skipped}). kdkernels
+    backends come from kdkernels.available_backends() at run time."""
+    import kdkernels
+    from kdkernels import gemm
+    from kdkernels.backends import registry
+    from kdkernels.backends.base import RowSpec
+    from kdkernels.options import KDOptions
+
+    device = torch.device(device)
+    spec = RowSpec.from_options(KDOptions(**KD_OPTIONS), True)
+    names, skipped = ["floor"], {}
+    for impl, status in kdkernels.available_backends().items():
+        name = KDK_PREFIX + impl
+        if status != "ok":
+            skipped[name] = status
+            continue
+        why = registry.reasons(impl, device, gemm.logits_dtype(dtype, device), spec)
+        if not why and impl == "triton" and device.type == "cpu":
+            why = ["runs on CPU only through the Triton interpreter, not a performance path"]
+        if why:
+            skipped[name] = "; ".join(why)
+        else:
+            names.append(name)
+    names += ["naive", "naive-compiled"]
+    if importlib.util.find_spec("liger_kernel") is None:
+        skipped["liger"] = skipped["liger-compiled"] = "liger_kernel is not installed"
+    else:
+        names += ["liger", "liger-compiled"]
+    return names, skipped
+
+
+def is_compiled(name: str) -> bool:
+    return name.endswith("-compiled")
+
+
+def build_provider(name: str, inputs: Inputs) -> Callable[[Inputs], torch.Tensor | None]:
+    """run(inputs) -> loss (None for the floor) doing forward + backward."""
+    if name == "floor":
+        return build_floor(inputs)
+    if name.startswith(KDK_PREFIX):
+        return _kdkernels(name[len(KDK_PREFIX):])
+    if name in ("naive", "naive-compiled"):
+        return _naive(is_compiled(name))
+    if name in ("liger", "liger-compiled"):
+        return _liger(is_compiled(name))
+    raise ValueError(f"unknown provider {name!r}; expected floor, {KDK_PREFIX}<impl>, "
+                     f"naive, naive-compiled, liger or liger-compiled")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (a no-op on CPU), so host timers see it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def env_for_threads(threads: int | None) -> dict[str, str]:
+    """Environment for a worker process: thread count, and torch.compile without a pool of
+    compile subprocesses (their memory would blur the worker's own peak)."""
+    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
