@@ -18,8 +18,8 @@ def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 def _plogp_ratio(w: torch.Tensor, logx: torch.Tensor, logy: torch.Tensor) -> torch.Tensor:
-    """Row sums of w * (logx - logy), taking 0 * anything = 0."""
-    return torch.where(w > 0, w * (logx - logy), torch.zeros_like(w)).sum(-1)
+    """Row sums of w * (logx - logy), taking 0 * anything = 0 (NaN stays NaN)."""
+    return torch.where(w == 0, torch.zeros_like(w), w * (logx - logy)).sum(-1)
 
 
 def _log_mix(logq: torch.Tensor, logp: torch.Tensor, wq: float) -> torch.Tensor:

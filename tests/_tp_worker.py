@@ -42,6 +42,7 @@ CASES: dict[str, dict[str, Any]] = {
                               return_components=True),
     "dtensor_heads": dict(kind="dtensor", divergence="jsd", temperature=1.3, labels=True,
                           ce_weight=0.5, chunk_size=8, bias=True),
+    "torch_backend": dict(divergence="skew_forward_kl", impl="torch", **_LABELLED),
     "group_of_one": dict(kind="single", divergence="reverse_kl", temperature=2.0,
                          ce_weight=0.5, labels=True, chunk_size=10),
 }
