@@ -1,0 +1,523 @@
+"""GPU benchmark: the fused-linear KD loss, forward plus backward, bf16, side by side; and the
+Triton row kernels' bandwidth against a measured copy.
+
+    python bench/bench_gpu.py --out DIR [--dry-run] [--shapes liger,v32k] [--budget-s 170]
+
+Loss: forward KL(teacher || student), T = 1, mean over tokens (bench/common.py KD_OPTIONS),
+gradients w.r.t. the student hidden states and head. Times are triton.testing.do_bench
+medians (L2 flushed between calls); peaks are torch.cuda.max_memory_allocated over one
+provider's calls, inputs included (`extra` = peak minus what was allocated before it).
+Every provider runs in try/except: an OOM or an error is a row in the table, not the end.
+
+Writes DIR/gpu_bench.csv, DIR/gpu_rowops.csv, DIR/gpu_env.json and DIR/summary.txt, and
+prints the summary table last. --dry-run needs no GPU: it parses the arguments, discovers
+the providers, writes the CSVs with status "dry-run" and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+
+GPU_SHAPES = {  # BT tokens, V, Ds, Dt: Liger's published shape first, then other vocabularies
+    "liger": common.Shape(8192, 128256, 2048, 4096),
+    "v32k": common.Shape(8192, 32000, 2048, 4096),
+    "v152k": common.Shape(8192, 151936, 2048, 4096),
+    "v262k": common.Shape(8192, 262144, 2048, 4096),
+}
+# Run order = priority when the time budget runs short.
+PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "liger-chunked", "naive",
+             "kdk-torch", "kdk-triton-ws1g")
+LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
+BIG_WORKSPACE = 2**30  # kdk-triton-ws1g: fewer, larger chunks than the 256 MiB default
+ROW_SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))  # (BLOCK_V, warps)
+TARGETS = dict(floor_ratio=1.25, peak_gib=4.0, vs_liger=1.6, bandwidth=0.75)
+GIB = 2**30
+
+
+@dataclass
+class Row:
+    shape: str
+    provider: str
+    status: str = "ok"  # ok | OOM | error | skipped | dry-run
+    ms: float | None = None
+    x_floor: float | None = None
+    peak_gib: float | None = None
+    extra_gib: float | None = None
+    loss: float | None = None
+    loss_rel_diff: float | None = None  # vs the naive fp32 loss (else kdk-torch)
+    grad_h_rel_diff: float | None = None
+    note: str = ""
+
+
+@dataclass
+class RowOpRow:
+    what: str  # stats | grad | mix | copy
+    divergence: str
+    rows: int
+    vocab: int
+    logits: str
+    out: str
+    block_v: int | str
+    num_warps: int | str
+    n_split: int | str
+    config: str = "default"  # default (the backend's heuristic) | sweep
+    us: float | None = None
+    gbytes: float | None = None
+    tb_per_s: float | None = None
+    of_copy: float | None = None
+    status: str = "ok"
+
+
+# ---- providers ------------------------------------------------------------------------------
+
+def _kdk(impl: str, max_workspace_bytes: int | None = None):
+    import kdkernels
+
+    extra = {} if max_workspace_bytes is None else {"max_workspace_bytes": max_workspace_bytes}
+
+    def run(inp: common.Inputs) -> torch.Tensor:
+        loss = kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=impl,
+                                              ignore_index=common.IGNORE_INDEX,
+                                              **common.KD_OPTIONS, **extra)
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def _liger_jsd():
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    # jsd_beta=0 is forward KL(teacher || student) in Liger's generalised JSD.
+    module = LigerFusedLinearJSD(jsd_beta=0.0, ignore_index=common.IGNORE_INDEX,
+                                 temperature=1.0)
+
+    def run(inp: common.Inputs) -> torch.Tensor:
+        loss = module(inp.student_hidden, inp.student_weight, inp.teacher_hidden,
+                      inp.teacher_weight, inp.labels)
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+def build(provider: str, shape_name: str, inputs: common.Inputs):
+    if provider == "floor":
+        return common.build_floor(inputs, impl="triton"), "chunked as kdkernels triton chunks"
+    if provider == "kdk-triton":
+        return _kdk("triton"), ""
+    if provider == "kdk-triton-ws1g":
+        return _kdk("triton", BIG_WORKSPACE), "max_workspace_bytes=1 GiB"
+    if provider == "kdk-cuda":
+        return _kdk("cuda"), ""
+    if provider == "kdk-torch":
+        return _kdk("torch"), ""
+    if provider == "naive":
+        return common.build_provider("naive", inputs), "full fp32 logits, log_softmax, kl_div"
+    if provider == "liger-chunked":
+        compiled = shape_name in LIGER_COMPILED_SHAPES
+        name = "liger-compiled" if compiled else "liger"
+        return common.build_provider(name, inputs), ("LigerFusedLinearJSDLoss(beta=0) "
+                                                     + ("compiled" if compiled else "eager"))
+    if provider == "liger-jsd":
+        return _liger_jsd(), "LigerFusedLinearJSD(jsd_beta=0)"
+    raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+
+
+def discover(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+    """provider -> '' if it can run here, else why not."""
+    from kdkernels import gemm
+    from kdkernels.backends import registry
+    from kdkernels.backends.base import RowSpec
+    from kdkernels.options import KDOptions
+
+    spec = RowSpec.from_options(KDOptions(**common.KD_OPTIONS), True)
+    logits = gemm.logits_dtype(dtype, device) if device.type == "cuda" else torch.float32
+    why = {}
+    for provider in PROVIDERS:
+        reasons: list[str] = []
+        if provider.startswith("kdk-") or provider == "floor":
+            impl = "triton" if provider in ("floor", "kdk-triton-ws1g") else provider[4:]
+            reasons = registry.reasons(impl, device, logits, spec)
+        elif provider.startswith("liger"):
+            if importlib.util.find_spec("liger_kernel") is None:
+                reasons = ["liger_kernel is not installed"]
+        if not torch.cuda.is_available() and not any("CUDA" in r for r in reasons):
+            reasons = reasons + ["no CUDA device"]
+        why[provider] = "; ".join(reasons)
+    return why
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def _bench_ms(fn, budget_ms: float) -> float:
+    """do_bench median with warmup/rep sized to the call's own time (>= 5 timed calls)."""
+    from triton.testing import do_bench
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    est = max(1e-3, (time.perf_counter() - t0) * 1e3)
+    rep = max(5 * est, min(budget_ms, 20 * est))
+    return float(do_bench(fn, warmup=est, rep=rep, return_mode="median"))
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def make_gpu_inputs(shape: common.Shape, dtype: torch.dtype, seed: int = 0) -> common.Inputs:
+    """common.make_inputs' distributions, drawn on the GPU (a CPU draw of a 2 GiB head
+    would cost seconds per shape)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(rows, cols, std):
+        return torch.randn(rows, cols, generator=gen, device="cuda", dtype=dtype).mul_(std)
+
+    h = randn(shape.n, shape.ds, 1.0).requires_grad_(True)
+    w = randn(shape.vocab, shape.ds, shape.ds ** -0.5).requires_grad_(True)
+    g = randn(shape.n, shape.dt, 1.0)
+    u = randn(shape.vocab, shape.dt, shape.dt ** -0.5)
+    labels = torch.randint(0, shape.vocab, (shape.n,), generator=gen, device="cuda")
+    return common.Inputs(h, w, g, u, labels)
+
+
+def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], deadline: float,
+                dtype: torch.dtype) -> list[Row]:
+    shape = GPU_SHAPES[shape_name]
+    _free()
+    inputs = make_gpu_inputs(shape, dtype)
+    rows, grads = [], {}
+    for provider in providers:
+        row = Row(shape_name, provider)
+        rows.append(row)
+        if why.get(provider):
+            row.status, row.note = "skipped", why[provider]
+            continue
+        left_ms = (deadline - time.monotonic()) * 1e3
+        if left_ms < 8e3:
+            row.status, row.note = "skipped", "time budget spent"
+            continue
+        _free()
+        base = torch.cuda.memory_allocated()
+        try:
+            run, row.note = build(provider, shape_name, inputs)
+
+            def call(run=run):
+                inputs.clear_grads()
+                return run(inputs)
+
+            call()  # compiles / autotunes
+            # Peak of one steady-state call (do_bench's own 256 MB L2-flush buffer would
+            # count otherwise).
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            loss = call()
+            torch.cuda.synchronize()
+            row.peak_gib = torch.cuda.max_memory_allocated() / GIB
+            row.extra_gib = (torch.cuda.max_memory_allocated() - base) / GIB
+            row.loss = None if loss is None else float(loss)
+            if inputs.student_hidden.grad is not None and provider != "floor":
+                grads[provider] = inputs.student_hidden.grad.detach().float().clone()
+            row.ms = _bench_ms(call, budget_ms=min(2000.0, left_ms / 8))
+        except Exception as err:  # one provider's failure must not end the benchmark
+            row.status = "OOM" if _is_oom(err) else "error"
+            row.note = (row.note + "; " if row.note else "") + f"{type(err).__name__}: {err}"[:300]
+            traceback.print_exc()
+        finally:
+            run = call = None  # noqa: F841  (drop the provider's closures before the next)
+            inputs.clear_grads()
+    floor = next((r.ms for r in rows if r.provider == "floor" and r.ms), None)
+    ref_name = next((p for p in ("naive", "kdk-torch") if p in grads), None)
+    ref_loss = next((r.loss for r in rows if r.provider == ref_name), None)
+    for r in rows:
+        if r.ms is not None and floor:
+            r.x_floor = r.ms / floor
+        if ref_loss and r.loss is not None:
+            r.loss_rel_diff = abs(r.loss - ref_loss) / abs(ref_loss)
+        if ref_name and r.provider in grads and r.provider != "floor":
+            d, ref = grads[r.provider], grads[ref_name]
+            r.grad_h_rel_diff = float((d - ref).norm() / ref.norm())
+    inputs = grads = None  # free before the next shape
+    _free()
+    return rows
+
+
+# ---- row kernels vs copy bandwidth ----------------------------------------------------------
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a device-to-device copy of 2 GiB (read + write counted)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(GIB, dtype=torch.uint8, device="cuda").fill_(1)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
+    src = dst = None  # free before the next measurement
+    _free()
+    return 2 * GIB / (ms * 1e-3)
+
+
+def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: bool
+            ) -> list[RowOpRow]:
+    """Stats and grad kernels alone on a [chunk, vocab] fp32-logit workspace with a bf16 dL/dz
+    buffer (the CUDA driver's layout), forward KL; and JSD's mix pass; plus a BLOCK_V x warps
+    sweep when asked. Bytes are what the kernels must move: stats and mix read zs and zt,
+    grad reads both and writes dz."""
+    from triton.testing import do_bench
+
+    from kdkernels.backends import triton_rows
+    from kdkernels.backends.base import RowSpec
+    from kdkernels.row_stats import finish, norms
+
+    out_rows: list[RowOpRow] = []
+    zs = torch.randn(chunk, vocab, device="cuda") * 2
+    zt = torch.randn(chunk, vocab, device="cuda") * 2
+    dz = torch.empty(chunk, vocab, device="cuda", dtype=torch.bfloat16)
+    labels = torch.full((chunk,), -1, device="cuda", dtype=torch.int64)
+    logit_bytes = chunk * vocab * (zs.element_size() + zt.element_size())
+    configs = [None] + (list(ROW_SWEEP) if sweep else [])
+    for config in configs:
+        if time.monotonic() > deadline:
+            break
+        triton_rows.OVERRIDE.clear()
+        if config is not None:
+            triton_rows.OVERRIDE.update(block_v=config[0], num_warps=config[1])
+        plan = triton_rows._plan(chunk, vocab, zs.device, 4)
+        for div in ("forward_kl", "jsd") if config is None else ("forward_kl",):
+            spec = RowSpec(div, 1.0, 0.5, 0.1, None, None, False)
+            try:
+                stats = triton_rows.stats(zs, zt, labels, spec)
+                totals = finish(stats)
+                ones = torch.ones(chunk, device="cuda")
+                coef = torch.stack((*norms(totals).unbind(1), totals.m_z, totals.log_s_z,
+                                    0 * ones, ones, 0 * ones), 1)
+                jobs = [("stats", lambda s=spec: triton_rows.stats(zs, zt, labels, s),
+                         logit_bytes),
+                        ("grad", lambda s=spec, c=coef: triton_rows.grad(zs, zt, labels, c, s,
+                                                                          dz),
+                         logit_bytes + dz.numel() * dz.element_size())]
+                if div == "jsd":
+                    nrm = norms(totals)
+                    jobs = [("mix", lambda s=spec, n=nrm: triton_rows.mix(zs, zt, n, s),
+                             logit_bytes)]
+                for what, fn, nbytes in jobs:
+                    ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+                    bps = nbytes / (ms * 1e-3)
+                    out_rows.append(RowOpRow(what, div, chunk, vocab, "fp32", "bf16",
+                                             plan.block_v, plan.num_warps, plan.n_split,
+                                             "default" if config is None else "sweep",
+                                             ms * 1e3, nbytes / 1e9, bps / 1e12,
+                                             bps / copy_bps))
+            except Exception as err:
+                traceback.print_exc()
+                out_rows.append(RowOpRow("stats+grad", div, chunk, vocab, "fp32", "bf16",
+                                         plan.block_v, plan.num_warps, plan.n_split,
+                                         "default" if config is None else "sweep",
+                                         status=f"{type(err).__name__}: {err}"[:200]))
+    triton_rows.OVERRIDE.clear()
+    zs = zt = dz = None  # free before the next measurement
+    _free()
+    return out_rows
+
+
+# ---- output ---------------------------------------------------------------------------------
+
+def _fmt(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write_csv(path: Path, rows: list) -> None:
+    cls = type(rows[0]) if rows else Row
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(cls)])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+
+
+def summary(rows: list[Row], ops: list[RowOpRow], env: dict) -> str:
+    lines = [f"kdkernels GPU bench on {env.get('device', '?')} "
+             f"(torch {env.get('torch')}, triton {env.get('triton')}); bf16, forward KL, "
+             f"fwd+bwd; copy {_fmt(env.get('copy_tb_per_s'))} TB/s",
+             f"{'shape':7} {'provider':16} {'ms':>8} {'x floor':>8} {'peak GiB':>9} "
+             f"{'loss diff':>9} {'dh diff':>8}  status"]
+    for r in rows:
+        lines.append(f"{r.shape:7} {r.provider:16} {_fmt(r.ms):>8} {_fmt(r.x_floor):>8} "
+                     f"{_fmt(r.peak_gib):>9} {_fmt(r.loss_rel_diff, '.1e'):>9} "
+                     f"{_fmt(r.grad_h_rel_diff, '.1e'):>8}  {r.status}"
+                     + (f" ({r.note[:70]})" if r.status != "ok" else ""))
+    ok_ops = [o for o in ops if o.status == "ok"]
+    default_ops = [o for o in ok_ops if o.config == "default"]
+    if ok_ops:
+        lines.append("row kernels alone (fp32 logits, bf16 dz), the backend's default configs:")
+        for o in default_ops:
+            lines.append(f"  {o.what:5} {o.divergence:10} {o.rows}x{o.vocab} BLOCK_V={o.block_v} "
+                         f"warps={o.num_warps} splits={o.n_split}: {_fmt(o.us, '.0f')} us, "
+                         f"{_fmt(o.tb_per_s)} TB/s = {_fmt(o.of_copy, '.0%')} of copy")
+        for what in ("stats", "grad"):
+            best = max((o for o in ok_ops if o.what == what and o.config == "sweep"),
+                       key=lambda o: o.tb_per_s or 0.0, default=None)
+            if best is not None:
+                lines.append(f"  sweep best {what}: BLOCK_V={best.block_v} "
+                             f"warps={best.num_warps}: {_fmt(best.of_copy, '.0%')} of copy")
+    for o in ops:
+        if o.status != "ok":
+            lines.append(f"  row kernels {o.divergence} {o.rows}x{o.vocab}: {o.status[:90]}")
+    lines += _targets(rows, default_ops)
+    return "\n".join(lines)
+
+
+def _targets(rows: list[Row], ops: list[RowOpRow]) -> list[str]:
+    get = {r.provider: r for r in rows if r.shape == "liger" and r.status == "ok"}
+    ours = get.get("kdk-triton")
+    if ours is None:
+        return ["targets: kdk-triton has no result at the liger shape"]
+    out = [f"targets at the liger shape (kdk-triton): x floor {_fmt(ours.x_floor)} "
+           f"(<= {TARGETS['floor_ratio']}), peak {_fmt(ours.peak_gib)} GiB "
+           f"(<= {TARGETS['peak_gib']})"]
+    liger = get.get("liger-chunked")
+    if liger is not None and liger.ms and ours.ms:
+        out.append(f"  speed-up over LigerFusedLinearJSDLoss: {liger.ms / ours.ms:.2f}x "
+                   f"(>= {TARGETS['vs_liger']})")
+    if ops:
+        worst = min(ops, key=lambda o: o.of_copy or 0.0)
+        out.append(f"  row kernels: worst default config {worst.what} {worst.rows}x{worst.vocab} "
+                   f"at {_fmt(worst.of_copy, '.0%')} of copy (>= {TARGETS['bandwidth']:.0%})")
+    return out
+
+
+def environment(dry_run: bool) -> dict:
+    import triton
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "triton": triton.__version__, "host": platform.node(), "dry_run": dry_run,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if torch.cuda.is_available() and not dry_run:
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=props.name, sm_count=props.multi_processor_count,
+                   memory_gib=round(props.total_memory / GIB, 1))
+    else:
+        env["device"] = "none (dry run)" if dry_run else "no CUDA device"
+    return env
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, type=Path, help="folder for the CSVs and summary")
+    ap.add_argument("--dry-run", action="store_true", help="no GPU work: discovery and files")
+    ap.add_argument("--shapes", default=",".join(GPU_SHAPES),
+                    help=f"comma-separated subset of {', '.join(GPU_SHAPES)}")
+    ap.add_argument("--providers", default=",".join(PROVIDERS),
+                    help=f"comma-separated subset of {', '.join(PROVIDERS)}")
+    ap.add_argument("--budget-s", type=float, default=170.0,
+                    help="stop starting new measurements after this many seconds")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the row-kernel config sweep")
+    args = ap.parse_args(argv)
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    args.providers = [p for p in args.providers.split(",") if p]
+    for s in args.shapes:
+        if s not in GPU_SHAPES:
+            ap.error(f"--shapes: unknown shape {s!r}; expected some of {', '.join(GPU_SHAPES)}")
+    for p in args.providers:
+        if p not in PROVIDERS:
+            ap.error(f"--providers: unknown provider {p!r}; expected some of "
+                     f"{', '.join(PROVIDERS)}")
+    if args.budget_s <= 0:
+        ap.error(f"--budget-s must be > 0, got {args.budget_s}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:  # discovery must never start a C++/CUDA build on a CI machine
+        os.environ.setdefault("KDKERNELS_NO_BUILD", "1")
+    start = time.monotonic()
+    deadline = start + args.budget_s
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = environment(args.dry_run)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    why = discover(torch.device("cuda"), torch.bfloat16)
+    rows: list[Row] = []
+    ops: list[RowOpRow] = []
+    if args.dry_run:
+        for shape in args.shapes:
+            for p in args.providers:
+                if p == "kdk-triton-ws1g" and shape != "liger":
+                    continue
+                rows.append(Row(shape, p, status="dry-run", note=why[p] or "would run"))
+    else:
+        if device.type != "cuda":
+            print("bench_gpu: no CUDA device; use --dry-run on CPU", file=sys.stderr)
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = False
+        bps = copy_bandwidth()
+        env["copy_tb_per_s"] = bps / 1e12
+        print(f"copy bandwidth {bps / 1e12:.2f} TB/s", flush=True)
+        for shape in args.shapes:
+            providers = [p for p in args.providers
+                         if p != "kdk-triton-ws1g" or shape == "liger"]
+            print(f"== {shape} {GPU_SHAPES[shape]}", flush=True)
+            rows += bench_shape(shape, providers, why, deadline, torch.bfloat16)
+            write_csv(args.out / "gpu_bench.csv", rows)
+            if shape == "liger" and not why.get("kdk-triton"):
+                chunk = _driver_chunk(GPU_SHAPES[shape])
+                ops += row_ops(bps, deadline, GPU_SHAPES[shape].vocab, chunk,
+                               sweep=not args.no_sweep)
+                ops += row_ops(bps, deadline, GPU_SHAPES[shape].vocab, 4096, sweep=False)
+                write_csv(args.out / "gpu_rowops.csv", ops)
+    env["seconds"] = round(time.monotonic() - start, 1)
+    env["providers"] = {p: (why[p] or "ok") for p in args.providers}
+    write_csv(args.out / "gpu_bench.csv", rows)
+    write_csv(args.out / "gpu_rowops.csv",
+              ops or [RowOpRow("none", "-", 0, 0, "-", "-", "-", "-", "-",
+                               status="dry-run" if args.dry_run else "not run")])
+    (args.out / "gpu_env.json").write_text(json.dumps(env, indent=1, default=str))
+    text = summary(rows, ops, env)
+    (args.out / "summary.txt").write_text(text + "\n")
+    print(text, flush=True)
+    return 0
+
+
+def _driver_chunk(shape: common.Shape) -> int:
+    """Rows per chunk the driver picks for kdk-triton at this shape (default workspace)."""
+    from kdkernels import gemm
+    from kdkernels.backends import triton_rows
+    from kdkernels.driver import choose_chunk_size
+    from kdkernels.options import KDOptions
+
+    zs_dtype = gemm.logits_dtype(torch.bfloat16, torch.device("cuda"))
+    per_logit = triton_rows.workspace_bytes_per_logit(zs_dtype) + (
+        2 if zs_dtype != torch.bfloat16 else 0)
+    return choose_chunk_size(KDOptions(**common.KD_OPTIONS), shape.n, shape.vocab, per_logit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

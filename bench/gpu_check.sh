@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# One command for the GPU machine (H200): peer wheels -> builds -> GPU tests -> benchmark ->
+# table. Every step has a time cap; the whole run stays under ~6 minutes.
+#
+#   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, repo root as cwd or not
+#   bash bench/gpu_check.sh OUTDIR --dry-run  # on CPU (CI): arguments, discovery, CSVs
+#
+# Wheels: .whl/*.whl (liger-kernel, pure Python) are installed into /tmp/site, never over
+# the machine's packages; .whl/test/*.whl (pytest, hypothesis and their deps) only if the
+# machine lacks pytest or hypothesis. kdkernels itself runs from the checkout (PYTHONPATH).
+# Builds: `python -m kdkernels.info` compiles the C++/CUDA extensions (MAX_JOBS=16) in the
+# background while the Triton tests run; later steps only load the cache (KDKERNELS_NO_BUILD).
+# Output in OUTDIR: gpu_check.log, build.log, test_triton.log, test_gpu.log, bench.log,
+# gpu_bench.csv, gpu_rowops.csv, gpu_env.json, summary.txt. Exit status: 0 when every step
+# passed, else the first failing step's status (the table is printed either way).
+# Env: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 345).
+set -uo pipefail
+
+usage() { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
+[[ $# -ge 1 && $# -le 2 ]] || usage
+OUT=$1
+DRY=0
+if [[ $# -eq 2 ]]; then
+    [[ $2 == --dry-run ]] || usage
+    DRY=1
+fi
+[[ $OUT == --* ]] && usage
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+ROOT=$PWD
+PY=${PYTHON:-python3}
+SITE=/tmp/site
+export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+export MAX_JOBS=${MAX_JOBS:-16}
+export PYTHONUNBUFFERED=1
+
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-345}))
+STATUS=0
+log() { echo "[gpu_check +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/gpu_check.log"; }
+# cap WANT RESERVE: WANT seconds, or less so that RESERVE seconds stay for later steps.
+cap() {
+    local want=$1 left=$(( DEADLINE - $(date +%s) - $2 ))
+    (( left < want )) && want=$left
+    (( want < 10 )) && want=10
+    echo "$want"
+}
+fail() { (( STATUS == 0 )) && STATUS=$1; }
+: > "$OUT/gpu_check.log"
+
+if (( DRY )); then
+    log "dry run in $ROOT: no installs, builds, tests or GPU timing"
+    shopt -s nullglob
+    wheels=(.whl/*.whl)
+    log "would install into $SITE: ${wheels[*]:-(no .whl/*.whl here: fetch liger-kernel first)}"
+    log "would build: $PY -m kdkernels.info ($( [[ -f kdkernels/info.py ]] && echo present \
+        || echo 'missing: would fall back to registry.available()'))"
+    log "would test: pytest tests/test_triton_backend.py; pytest -m gpu tests"
+    KDKERNELS_NO_BUILD=1 timeout 120 "$PY" bench/bench_gpu.py --out "$OUT" --dry-run \
+        > "$OUT/bench.log" 2>&1 || fail $?
+    cat "$OUT/bench.log"
+    log "dry run done (status $STATUS)"
+    exit $STATUS
+fi
+
+log "repo $ROOT, out $OUT, budget $(( DEADLINE - START )) s"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 \
+    | tee -a "$OUT/gpu_check.log"
+"$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', \
+torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 \
+    | tee -a "$OUT/gpu_check.log"
+
+# (a) peer wheels into /tmp/site
+shopt -s nullglob
+wheels=(.whl/*.whl)
+if (( ${#wheels[@]} )); then
+    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$SITE" "${wheels[@]}" >> "$OUT/gpu_check.log" 2>&1 \
+        || { log "wheel install failed"; fail 3; }
+else
+    log "no .whl/*.whl: Liger providers will be skipped"
+fi
+need=()
+"$PY" -c "import pytest" 2>/dev/null \
+    || need+=(.whl/test/pytest-*.whl .whl/test/pluggy-*.whl .whl/test/iniconfig-*.whl \
+              .whl/test/packaging-*.whl .whl/test/pygments-*.whl)
+"$PY" -c "import hypothesis" 2>/dev/null \
+    || need+=(.whl/test/hypothesis-*.whl .whl/test/sortedcontainers-*.whl)
+if (( ${#need[@]} )); then
+    log "installing test wheels: ${need[*]}"
+    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$SITE" "${need[@]}" >> "$OUT/gpu_check.log" 2>&1 \
+        || { log "test wheel install failed"; fail 3; }
+fi
+"$PY" -c "import liger_kernel, pytest; print('liger_kernel', liger_kernel.__file__)" 2>&1 \
+    | tee -a "$OUT/gpu_check.log"
+
+# (b) builds, in the background while the Triton tests run
+if [[ -f kdkernels/info.py ]]; then
+    build_cmd=("$PY" -m kdkernels.info)
+else
+    build_cmd=("$PY" -c "from kdkernels.backends import registry; print(registry.available())")
+fi
+log "build: ${build_cmd[*]}"
+( timeout "$(cap 200 150)" "${build_cmd[@]}" > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
+BUILD_PID=$!
+
+# (c1) the Triton backend's tests, compiled on the GPU (they do not need the extensions)
+log "tests: tests/test_triton_backend.py"
+KDKERNELS_NO_BUILD=1 timeout "$(cap 150 190)" "$PY" -m pytest -q -p no:cacheprovider \
+    -o addopts="" tests/test_triton_backend.py 2>&1 | tee "$OUT/test_triton.log" | tail -25
+rc=${PIPESTATUS[0]}; log "triton tests: status $rc"; (( rc )) && fail 4
+
+wait "$BUILD_PID"
+log "build: status $(cat "$OUT/build.rc" 2>/dev/null || echo '?')"
+tail -20 "$OUT/build.log" | tee -a "$OUT/gpu_check.log"
+[[ $(cat "$OUT/build.rc" 2>/dev/null) == 0 ]] || fail 5
+
+# (d) benchmark
+bench_cap=$(cap 175 55)
+log "bench: cap $bench_cap s"
+KDKERNELS_NO_BUILD=1 timeout "$bench_cap" "$PY" bench/bench_gpu.py --out "$OUT" \
+    --budget-s $(( bench_cap - 25 )) > "$OUT/bench.log" 2>&1
+rc=$?; log "bench: status $rc"; (( rc )) && { tail -30 "$OUT/bench.log"; fail 6; }
+
+# (c2) every other GPU-marked test
+log "tests: pytest -m gpu tests (others)"
+KDKERNELS_NO_BUILD=1 timeout "$(cap 120 8)" "$PY" -m pytest -q -p no:cacheprovider \
+    -o addopts="" -m gpu --continue-on-collection-errors \
+    --ignore=tests/test_triton_backend.py tests 2>&1 | tee "$OUT/test_gpu.log" | tail -25
+rc=${PIPESTATUS[0]}; log "gpu tests: status $rc"; (( rc && rc != 5 )) && fail 7
+
+log "done in $(( $(date +%s) - START )) s, status $STATUS"
+echo "---- tests ----"
+echo "triton: $(tail -1 "$OUT/test_triton.log" 2>/dev/null)"
+echo "gpu:    $(tail -1 "$OUT/test_gpu.log" 2>/dev/null)"
+echo "build:  status $(cat "$OUT/build.rc" 2>/dev/null || echo '?')"
+echo "---- bench (summary.txt) ----"
+cat "$OUT/summary.txt" 2>/dev/null || { echo "no summary: see bench.log"; tail -20 "$OUT/bench.log"; }
+exit $STATUS
