@@ -113,11 +113,11 @@ KDK_HD typename M::V log_mix(const RowParams& p, typename M::V logp, typename M:
   return logaddexp<M>(logq + V(p.log_wq), logp + V(p.log_wp));
 }
 
-// w * (logx - logm), and 0 where w is not > 0 (an underflowed probability, or NaN).
+// w * (logx - logm), and 0 where w == 0 (an underflowed probability); NaN stays NaN.
 template <class M>
 KDK_HD typename M::V xlogy_diff(typename M::V w, typename M::V logx, typename M::V logm) {
   using V = typename M::V;
-  return M::select(M::gt(w, V(0.0f)), w * (logx - logm), V(0.0f));
+  return M::select(M::eq(w, V(0.0f)), V(0.0f), w * (logx - logm));
 }
 
 // sign(d) with NaN kept (torch.sign).

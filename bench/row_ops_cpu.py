@@ -1,0 +1,72 @@
+"""Row ops alone on CPU: cpp (and torch) stats + grad over one [C, V] chunk vs memory copies.
+
+    python bench/row_ops_cpu.py [--impl cpp torch] [--reps 3]
+
+Prints ms per pass and the effective bandwidth (bytes each pass must move / time) next to a
+plain copy of the same bytes. Shapes: S1's whole chunk (2048 x 32000) and one S2 chunk
+(the driver's 256 MiB workspace rule gives 523 x 128256 at bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from kdkernels.backends import registry
+from kdkernels.backends.base import RowSpec
+from kdkernels.row_stats import finish
+
+SHAPES = {"S1": (2048, 32000), "S2-chunk": (523, 128256)}
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", nargs="+", default=["cpp"])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    ap.add_argument("--divergence", default="forward_kl")
+    args = ap.parse_args()
+    spec = RowSpec(args.divergence, 1.0, 0.5, 0.1, None, None, False)
+    print(f"threads {torch.get_num_threads()}; {args.divergence}; best of {args.reps}")
+    for dname in args.dtypes:
+        dtype = getattr(torch, dname)
+        for sname, (c, v) in SHAPES.items():
+            zs = (torch.randn(c, v) * 3).to(dtype)
+            zt = (torch.randn(c, v) * 3).to(dtype)
+            labels = torch.full((c,), -1, dtype=torch.int64)
+            nbytes = zs.numel() * zs.element_size()
+            dst = torch.empty_like(zs)
+            t_copy = _best(lambda: dst.copy_(zs), args.reps)  # read 1 + write 1
+            copy_gbs = 2 * nbytes / t_copy / 1e9
+            print(f"{sname} {dname} [{c} x {v}]: copy {t_copy * 1e3:.1f} ms = {copy_gbs:.1f} GB/s")
+            for impl in args.impl:
+                be = registry.load(impl)
+                stats = be.stats(zs, zt, labels, spec)
+                t = finish(stats)
+                coef = torch.stack((t.m_a, t.log_s_a, t.m_b, t.log_s_b, t.m_z, t.log_s_z,
+                                    torch.zeros(c), torch.full((c,), 1e-3), torch.zeros(c)), 1)
+                work = zs.clone()
+                t_stats = _best(lambda: be.stats(zs, zt, labels, spec), args.reps)
+                t_grad = _best(lambda: be.grad(work, zt, labels, coef, spec, work), args.reps)
+                per_s = 2 * nbytes / t_stats / 1e9
+                per_g = 3 * nbytes / t_grad / 1e9
+                elems = c * v
+                print(f"  {impl:6s} stats {t_stats * 1e3:7.1f} ms ({per_s:5.1f} GB/s, "
+                      f"{elems / t_stats / 1e9:.2f} G logits/s)  grad {t_grad * 1e3:7.1f} ms "
+                      f"({per_g:5.1f} GB/s)  total {(t_stats + t_grad) * 1e3:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
