@@ -30,13 +30,13 @@ class TrainConfig:
     divergence: str = "forward_kl"
     beta: float = 0.5
     temperature: float = 1.0
-    kd_weight: float = 0.5
-    ce_weight: float = 0.5
+    kd_weight: float = 0.8
+    ce_weight: float = 0.2
     # optimisation
-    max_steps: int = 300
+    max_steps: int = 250
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int = 25
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 16
@@ -48,7 +48,7 @@ class TrainConfig:
     baseline: str = "fused"  # "fused" or "naive" (materialised logits)
     impl: str = "auto"
     # bookkeeping (not part of the fingerprint)
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
     save_every: int = 0
     output: str = "kdk-run"
@@ -57,9 +57,9 @@ class TrainConfig:
     vocab_size: int = 8192
     corpus_max_mb: float = 6.0
     heldout_fraction: float = 0.1
-    teacher_size: ModelSize = field(default_factory=lambda: ModelSize(256, 4, 4, 704))
-    student_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 352))
-    teacher_steps: int = 600
+    teacher_size: ModelSize = field(default_factory=lambda: ModelSize(192, 4, 4, 512))
+    student_size: ModelSize = field(default_factory=lambda: ModelSize(96, 2, 4, 256))
+    teacher_steps: int = 400
     teacher_lr: float = 3e-3
 
     FINGERPRINT_EXCLUDE = ("eval_every", "eval_batches", "save_every", "output", "progress",

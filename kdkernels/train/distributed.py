@@ -65,10 +65,13 @@ def wrap(objective: nn.Module, world: World, mode: str) -> nn.Module:
         try:
             from torch.distributed.fsdp import fully_shard
         except ImportError as err:  # torch < 2.6
-            raise ValueError(f"--parallel fsdp needs torch.distributed.fsdp.fully_shard: {err}")
+            raise ValueError("--parallel fsdp needs torch.distributed.fsdp.fully_shard "
+                             f"(torch >= 2.6): {err}") from err
+        # Decoder layers are sharded; embeddings, final norm and the (tied) head stay
+        # replicated so the fused loss can use the head outside any FSDP forward, and their
+        # gradients are averaged by hand (loop._sync_replicated_grads).
         for layer in getattr(objective.student.get_decoder(), "layers", []):
             fully_shard(layer)
-        fully_shard(objective)
         return objective
     raise ValueError(f"--parallel must be one of none, ddp, fsdp; got {mode!r}")
 

@@ -169,7 +169,8 @@ def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor, heldout: list[to
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            tok_rate = step_tokens / dt if tok_rate == 0 else 0.9 * tok_rate + 0.1 * step_tokens / dt
+            rate = step_tokens / dt
+            tok_rate = rate if tok_rate == 0 else 0.9 * tok_rate + 0.1 * rate
             rec = {"step": step + 1, "loss": world.sum(loss_sum) / world.size,
                    "kd": world.sum(kd_sum) / world.size, "ce": world.sum(ce_sum) / world.size,
                    "lr": scheduler.get_last_lr()[0], "grad_norm": gnorm,

@@ -52,6 +52,13 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def hidden_states_masked(model: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """hidden_states with an optional attention mask (padded batches)."""
+    return base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False).last_hidden_state
+
+
 def max_positions(model: nn.Module) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 

@@ -46,7 +46,8 @@ def prepare_output(out: Path, *, overwrite: bool, resume: bool, world: distribut
             raise ValueError(f"--resume: {out} holds no run ({RUN_MARKER} missing); pass the "
                              "--output of the run to continue")
         saved = json.loads(marker.read_text())["fingerprint"]
-        diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        keys = set(saved) | set(fingerprint)
+        diff = sorted(k for k in keys if saved.get(k) != fingerprint.get(k))
         if diff:
             detail = ", ".join(f"{k}: run {saved.get(k)!r} vs now {fingerprint.get(k)!r}"
                                for k in diff[:6])

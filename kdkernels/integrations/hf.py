@@ -1,0 +1,92 @@
+"""KDTrainer: a transformers.Trainer that distils a teacher with the fused KD loss.
+
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
+                        train_dataset=ds, data_collator=collator, temperature=2.0,
+                        kd_weight=0.5, ce_weight=0.5)
+    trainer.train()
+
+The student's and teacher's final hidden states go to fused_linear_kd_loss with their LM
+heads, so the [tokens x vocab] logits are never built. Labels come from the batch
+("labels", -100 for ignored tokens, as DataCollatorForLanguageModeling makes them) and are
+shifted the Hugging Face way; gradient accumulation and multi-process runs are normalised by
+the Trainer's num_items_in_batch, so the loss equals one big batch's mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..api import fused_linear_kd_loss
+from ..options import KDOptions
+from ..train import models
+
+
+class KDTrainer(Trainer):
+    """transformers.Trainer whose compute_loss is teacher->student logit distillation.
+
+    Keyword options (all optional): divergence, beta, skew, temperature, scale_by_t2,
+    kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes; softcaps are read from the
+    models' configs (final_logit_softcapping).
+    """
+
+    def __init__(self, *args: Any, teacher_model: nn.Module, divergence: str = "forward_kl",
+                 beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
+                 scale_by_t2: bool = True, kd_weight: float = 1.0, ce_weight: float = 0.0,
+                 impl: str = "auto", chunk_size: int | None = None,
+                 max_workspace_bytes: int | None = None, **kwargs: Any) -> None:
+        if teacher_model is None:
+            raise ValueError("KDTrainer needs teacher_model (a Hugging Face causal LM)")
+        super().__init__(*args, **kwargs)
+        self.kd_options = dict(divergence=divergence, beta=beta, skew=skew,
+                               temperature=temperature, scale_by_t2=scale_by_t2,
+                               kd_weight=kd_weight, ce_weight=ce_weight, impl=impl,
+                               chunk_size=chunk_size, max_workspace_bytes=max_workspace_bytes)
+        KDOptions(**self.kd_options)  # reject bad options before the first batch
+        student = self.accelerator.unwrap_model(self.model)
+        models.check_pair(student, teacher_model, getattr(self, "processing_class", None),
+                          getattr(self, "processing_class", None))
+        self.teacher_model = teacher_model.to(self.args.device).eval()
+        self.teacher_model.requires_grad_(False)
+        self.kd_log: dict[str, float] = {}
+
+    def _student_hidden(self, model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+        unwrapped = self.accelerator.unwrap_model(model)
+        if model is unwrapped:
+            return models.base_model(unwrapped)(input_ids=input_ids,
+                                                attention_mask=attention_mask,
+                                                use_cache=False).last_hidden_state
+        # Wrapped (DDP/FSDP): go through the wrapper so its gradient hooks run; the final
+        # hidden state comes back in hidden_states, and logits are built for 1 position only.
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+        return out.hidden_states[-1]
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False, num_items_in_batch=None):
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        labels = inputs.get("labels")
+        if labels is None:
+            labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
+        hidden = self._student_hidden(model, input_ids, mask)
+        with torch.no_grad():
+            teacher_hidden = models.hidden_states_masked(self.teacher_model, input_ids, mask)
+        student = self.accelerator.unwrap_model(model)
+        weight, bias = models.head(student)
+        t_weight, t_bias = models.head(self.teacher_model)
+        num = None if num_items_in_batch is None else float(num_items_in_batch)
+        out = fused_linear_kd_loss(
+            hidden[:, :-1], weight, teacher_hidden[:, :-1], t_weight, labels[:, 1:],
+            student_bias=bias, teacher_bias=t_bias, student_softcap=models.softcap(student),
+            teacher_softcap=models.softcap(self.teacher_model), reduction="mean",
+            num_items=num, return_components=True, **self.kd_options)
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num is not None:
+            # Normalised by the tokens of all processes; DDP averages gradients over them.
+            loss = loss * self.accelerator.num_processes
+        self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
+        return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss
