@@ -366,7 +366,8 @@ def _header(shape: common.Shape, repeats: int, threads: int | None) -> str:
         pass
     return (f"Fused-linear forward KL (T=1), forward + backward, shape {common.shape_name(shape)}"
             f" (N={shape.n}, V={shape.vocab}, Ds={shape.ds}, Dt={shape.dt}); median of "
-            f"{repeats}; {threads or torch.get_num_threads()} threads; {cpu}; "
+            f"{repeats}; {threads or torch.get_num_threads()} threads; {cpu} "
+            f"({torch.backends.cpu.get_cpu_capability()}); "
             f"torch {torch.__version__}; one process per provider (peak = its max RSS).")
 
 
