@@ -206,12 +206,15 @@ KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename
       g = pr * (V(0.5f) * sign<M>(pr - M::exp(logq)) - r.aux);
     } else {
       V logm = log_mix<M>(p, logp, logq);
+      // p * q / mix and p * p / mix are formed as exp(log p + log q - logm): bounded by q / wq
+      // and p / (1 - wq), where q / mix alone overflows when mix underflows (e.g. skew 0).
       if (p.div == kJSD) {
         g = V(p.soft_scale) * pr * (logp - logm - r.aux);
       } else if (p.div == kSkewForwardKL) {
-        g = V(p.soft_scale) * pr * (M::exp(logq - logm) - r.aux);
-      } else {  // kSkewReverseKL
-        g = pr * (logp - logm - V(p.skew) * M::exp(logp - logm) - r.aux);
+        g = V(p.soft_scale) * (M::exp(logp + logq - logm) - pr * r.aux);
+      } else {  // kSkewReverseKL; at skew 0 the p * p / mix term is exactly absent
+        g = pr * (logp - logm - r.aux);
+        if (p.skew != 0.0f) g = g - V(p.skew) * M::exp(logp + logp - logm);
       }
     }
   }
