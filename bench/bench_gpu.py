@@ -17,6 +17,7 @@ the providers, writes the CSVs with status "dry-run" and prints the table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import importlib.util
@@ -45,10 +46,15 @@ GPU_SHAPES = {  # BT tokens, V, Ds, Dt: Liger's published shape first, then othe
 }
 # Run order = priority when the time budget runs short.
 PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "liger-chunked", "naive",
-             "kdk-torch", "kdk-triton-ws1g")
+             "kdk-torch", "floor-ws1g", "kdk-triton-ws1g")
+LIGER_SHAPE_ONLY = ("floor-ws1g", "kdk-triton-ws1g")
 LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
 BIG_WORKSPACE = 2**30  # kdk-triton-ws1g: fewer, larger chunks than the 256 MiB default
-ROW_SWEEP = ((1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16))  # (BLOCK_V, warps)
+# Row-kernel sweep at the liger chunk: OVERRIDE settings of kdkernels.backends.triton_rows.
+ROW_SWEEP = (dict(block_v=1024, num_warps=4), dict(block_v=2048, num_warps=4),
+             dict(block_v=4096, num_warps=8), dict(block_v=4096, num_warps=16),
+             dict(block_v=8192, num_warps=16), dict(programs_per_sm=4),
+             dict(programs_per_sm=16), dict(n_split=1))
 TARGETS = dict(floor_ratio=1.25, peak_gib=4.0, vs_liger=1.6, bandwidth=0.75)
 GIB = 2**30
 
@@ -79,7 +85,7 @@ class RowOpRow:
     block_v: int | str
     num_warps: int | str
     n_split: int | str
-    config: str = "default"  # default (the backend's heuristic) | sweep
+    config: str = "default"  # default (the backend's heuristic) | the sweep's OVERRIDE
     us: float | None = None
     gbytes: float | None = None
     tb_per_s: float | None = None
@@ -120,9 +126,26 @@ def _liger_jsd():
     return run
 
 
+@contextlib.contextmanager
+def _workspace(nbytes: int):
+    """common.build_floor sizes its chunks from common.KD_OPTIONS: add a workspace budget."""
+    saved = common.KD_OPTIONS
+    common.KD_OPTIONS = {**saved, "max_workspace_bytes": nbytes}
+    try:
+        yield
+    finally:
+        common.KD_OPTIONS = saved
+
+
 def build(provider: str, shape_name: str, inputs: common.Inputs):
     if provider == "floor":
-        return common.build_floor(inputs, impl="triton"), "chunked as kdkernels triton chunks"
+        plan = common.floor_plan(inputs, impl="triton")
+        return common.build_floor(inputs, impl="triton"), f"4 GEMMs in chunks of {plan.chunk}"
+    if provider == "floor-ws1g":
+        with _workspace(BIG_WORKSPACE):
+            plan = common.floor_plan(inputs, impl="triton")
+            run = common.build_floor(inputs, impl="triton")
+        return run, f"4 GEMMs in chunks of {plan.chunk}"
     if provider == "kdk-triton":
         return _kdk("triton"), ""
     if provider == "kdk-triton-ws1g":
@@ -155,8 +178,9 @@ def discover(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     why = {}
     for provider in PROVIDERS:
         reasons: list[str] = []
-        if provider.startswith("kdk-") or provider == "floor":
-            impl = "triton" if provider in ("floor", "kdk-triton-ws1g") else provider[4:]
+        if provider.startswith(("kdk-", "floor")):
+            impl = "triton" if provider.startswith("floor") or provider.endswith("ws1g") \
+                else provider[4:]
             reasons = registry.reasons(impl, device, logits, spec)
         elif provider.startswith("liger"):
             if importlib.util.find_spec("liger_kernel") is None:
@@ -243,8 +267,9 @@ def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], dead
             row.peak_gib = torch.cuda.max_memory_allocated() / GIB
             row.extra_gib = (torch.cuda.max_memory_allocated() - base) / GIB
             row.loss = None if loss is None else float(loss)
-            if inputs.student_hidden.grad is not None and provider != "floor":
-                grads[provider] = inputs.student_hidden.grad.detach().float().clone()
+            if inputs.student_hidden.grad is not None and not provider.startswith("floor"):
+                # kept on the host: device copies would count in later providers' peaks
+                grads[provider] = inputs.student_hidden.grad.detach().float().cpu()
             row.ms = _bench_ms(call, budget_ms=min(2000.0, left_ms / 8))
         except Exception as err:  # one provider's failure must not end the benchmark
             row.status = "OOM" if _is_oom(err) else "error"
@@ -254,14 +279,16 @@ def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], dead
             run = call = None  # noqa: F841  (drop the provider's closures before the next)
             inputs.clear_grads()
     floor = next((r.ms for r in rows if r.provider == "floor" and r.ms), None)
+    floor_big = next((r.ms for r in rows if r.provider == "floor-ws1g" and r.ms), None)
     ref_name = next((p for p in ("naive", "kdk-torch") if p in grads), None)
     ref_loss = next((r.loss for r in rows if r.provider == ref_name), None)
     for r in rows:
-        if r.ms is not None and floor:
-            r.x_floor = r.ms / floor
+        own_floor = floor_big if r.provider.endswith("ws1g") else floor
+        if r.ms is not None and own_floor:
+            r.x_floor = r.ms / own_floor  # ws1g rows: against the floor chunked the same way
         if ref_loss and r.loss is not None:
             r.loss_rel_diff = abs(r.loss - ref_loss) / abs(ref_loss)
-        if ref_name and r.provider in grads and r.provider != "floor":
+        if ref_name and r.provider in grads:
             d, ref = grads[r.provider], grads[ref_name]
             r.grad_h_rel_diff = float((d - ref).norm() / ref.norm())
     inputs = grads = None  # free before the next shape
@@ -306,8 +333,7 @@ def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: boo
         if time.monotonic() > deadline:
             break
         triton_rows.OVERRIDE.clear()
-        if config is not None:
-            triton_rows.OVERRIDE.update(block_v=config[0], num_warps=config[1])
+        triton_rows.OVERRIDE.update(config or {})
         plan = triton_rows._plan(chunk, vocab, zs.device, 4)
         for div in ("forward_kl", "jsd") if config is None else ("forward_kl",):
             spec = RowSpec(div, 1.0, 0.5, 0.1, None, None, False)
@@ -331,19 +357,23 @@ def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: boo
                     bps = nbytes / (ms * 1e-3)
                     out_rows.append(RowOpRow(what, div, chunk, vocab, "fp32", "bf16",
                                              plan.block_v, plan.num_warps, plan.n_split,
-                                             "default" if config is None else "sweep",
+                                             _config_name(config),
                                              ms * 1e3, nbytes / 1e9, bps / 1e12,
                                              bps / copy_bps))
             except Exception as err:
                 traceback.print_exc()
                 out_rows.append(RowOpRow("stats+grad", div, chunk, vocab, "fp32", "bf16",
                                          plan.block_v, plan.num_warps, plan.n_split,
-                                         "default" if config is None else "sweep",
+                                         _config_name(config),
                                          status=f"{type(err).__name__}: {err}"[:200]))
     triton_rows.OVERRIDE.clear()
     zs = zt = dz = None  # free before the next measurement
     _free()
     return out_rows
+
+
+def _config_name(config: dict | None) -> str:
+    return "default" if not config else " ".join(f"{k}={v}" for k, v in config.items())
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -381,11 +411,12 @@ def summary(rows: list[Row], ops: list[RowOpRow], env: dict) -> str:
                          f"warps={o.num_warps} splits={o.n_split}: {_fmt(o.us, '.0f')} us, "
                          f"{_fmt(o.tb_per_s)} TB/s = {_fmt(o.of_copy, '.0%')} of copy")
         for what in ("stats", "grad"):
-            best = max((o for o in ok_ops if o.what == what and o.config == "sweep"),
+            best = max((o for o in ok_ops if o.what == what and o.config != "default"),
                        key=lambda o: o.tb_per_s or 0.0, default=None)
             if best is not None:
-                lines.append(f"  sweep best {what}: BLOCK_V={best.block_v} "
-                             f"warps={best.num_warps}: {_fmt(best.of_copy, '.0%')} of copy")
+                lines.append(f"  sweep best {what}: {best.config} BLOCK_V={best.block_v} "
+                             f"warps={best.num_warps} splits={best.n_split}: "
+                             f"{_fmt(best.of_copy, '.0%')} of copy")
     for o in ops:
         if o.status != "ok":
             lines.append(f"  row kernels {o.divergence} {o.rows}x{o.vocab}: {o.status[:90]}")
@@ -470,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for shape in args.shapes:
             for p in args.providers:
-                if p == "kdk-triton-ws1g" and shape != "liger":
+                if p in LIGER_SHAPE_ONLY and shape != "liger":
                     continue
                 rows.append(Row(shape, p, status="dry-run", note=why[p] or "would run"))
     else:
@@ -483,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copy bandwidth {bps / 1e12:.2f} TB/s", flush=True)
         for shape in args.shapes:
             providers = [p for p in args.providers
-                         if p != "kdk-triton-ws1g" or shape == "liger"]
+                         if p not in LIGER_SHAPE_ONLY or shape == "liger"]
             print(f"== {shape} {GPU_SHAPES[shape]}", flush=True)
             rows += bench_shape(shape, providers, why, deadline, torch.bfloat16)
             write_csv(args.out / "gpu_bench.csv", rows)

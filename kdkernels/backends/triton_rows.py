@@ -35,7 +35,7 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Tile/split overrides for tests (force the vocab split on CPU) and for bench sweeps:
-# keys block_r, block_v, n_split, num_warps. Empty in normal use.
+# keys block_r, block_v, n_split, num_warps, programs_per_sm. Empty in normal use.
 OVERRIDE: dict[str, int] = {}
 
 # GPU heuristics. Long rows: one row per program, BLOCK_V columns per step (16 elements per
@@ -44,6 +44,7 @@ _GPU_BLOCK_V = {2: 4096, 4: 2048}
 _GPU_TILE = 2048  # small V: pack rows until a tile has this many elements
 _PROGRAMS_PER_SM = 8  # enough resident programs to hide load latency in the stats loop
 _MIN_BLOCKS_PER_SPLIT = 4  # a vocab split walks at least this many blocks
+_MERGE_TILE = 1024  # partials per merge program (9 loads each: keep registers modest)
 # Interpreter: each program instance costs milliseconds of Python, so use big tiles.
 _CPU_BLOCK_V = 8192
 _CPU_TILE = 32768
@@ -74,7 +75,7 @@ def _plan(n_rows: int, n_cols: int, device: torch.device, elem_bytes: int) -> _P
         row_blocks = triton.cdiv(n_rows, block_r)
         # Few rows (a small chunk at a large vocabulary): split each row's vocabulary so
         # that about _PROGRAMS_PER_SM programs per SM run; a row walks >= a few blocks.
-        target = _PROGRAMS_PER_SM * _sm_count(device.index or 0)
+        target = OVERRIDE.get("programs_per_sm", _PROGRAMS_PER_SM) * _sm_count(device.index or 0)
         n_split = min(triton.cdiv(target, row_blocks),
                       max(1, n_cols // (_MIN_BLOCKS_PER_SPLIT * block_v)))
         num_warps = 8 if block_r * block_v >= 2048 else 4
@@ -132,7 +133,7 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
         BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
     if plan.n_split > 1:
         block_p = triton.next_power_of_2(plan.n_split)
-        block_r = max(1, min(triton.next_power_of_2(n_rows), 4096 // block_p))
+        block_r = max(1, min(triton.next_power_of_2(n_rows), _MERGE_TILE // block_p))
         merge_kernel[(triton.cdiv(n_rows, block_r),)](
             part, out, n_rows, plan.n_split, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
     return out

@@ -12,7 +12,7 @@ import triton.language as tl
 
 from .common import FORWARD_KL, REVERSE_KL, helper, load_logits, softcap
 
-_NEG_INF = float("-inf")
+_NEG_INF = tl.constexpr(float("-inf"))
 
 
 @helper

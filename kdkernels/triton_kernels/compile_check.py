@@ -1,0 +1,116 @@
+"""Compile the row kernels for a GPU target without a GPU: `python -m
+kdkernels.triton_kernels.compile_check [--arch 90]`.
+
+The CPU interpreter runs the kernels' Python, not Triton's compiler, so it misses what only
+compilation rejects (non-constexpr globals, type mismatches across loop iterations, ...).
+This builds representative specialisations to PTX for the target (Triton's bundled
+toolchain, no driver needed) and reports the global loads and stores per kernel: 16-byte
+vectors (`v4.b32`) are what the bandwidth targets need. Must run with TRITON_INTERPRET unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections import Counter
+
+# (kernel, pointer dtypes, constexprs); runtime scalars are i32 / fp32.
+_PTRS = {
+    "stats": ("zs_ptr", "zt_ptr", "labels_ptr", "part_ptr"),
+    "merge": ("part_ptr", "out_ptr"),
+    "mix": ("zs_ptr", "zt_ptr", "norms_ptr", "part_ptr"),
+    "grad": ("zs_ptr", "zt_ptr", "labels_ptr", "coef_ptr", "out_ptr"),
+}
+_FLOATS = {"inv_t", "cap_s", "cap_t", "wq", "lwq", "lwp", "k_div"}
+# Arguments the runtime specialises as multiples of 16 in the driver's buffers.
+_ALIGNED = {"zs_ptr", "zt_ptr", "out_ptr", "part_ptr", "labels_ptr", "coef_ptr", "norms_ptr",
+            "stride_s", "stride_t", "stride_o", "span", "n_cols"}
+_FLAGS = dict(HAS_CAP_S=False, HAS_CAP_T=False, TEMPERED=False)
+CASES = [
+    ("stats", ("fp32", "fp32", "i64", "fp32"),
+     dict(DIV=0, HAS_CE=False, BLOCK_R=1, BLOCK_V=2048, **_FLAGS)),
+    ("stats", ("bf16", "bf16", "i64", "fp32"),
+     dict(DIV=1, HAS_CE=True, BLOCK_R=1, BLOCK_V=4096, HAS_CAP_S=True, HAS_CAP_T=True,
+          TEMPERED=True)),
+    ("stats", ("fp16", "bf16", "i64", "fp32"),
+     dict(DIV=0, HAS_CE=True, BLOCK_R=8, BLOCK_V=256, **_FLAGS)),
+    ("merge", ("fp32", "fp32"), dict(BLOCK_R=128, BLOCK_P=8)),
+    ("mix", ("fp32", "fp32", "fp32", "fp32"),
+     dict(DIV=2, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, **_FLAGS)),
+    ("mix", ("bf16", "bf16", "fp32", "fp32"),
+     dict(DIV=4, BLOCK_R=1, BLOCK_V=4096, MIX_KIND=1, HAS_CAP_S=True, HAS_CAP_T=True,
+          TEMPERED=True)),
+    ("mix", ("fp32", "fp32", "fp32", "fp32"),
+     dict(DIV=5, BLOCK_R=2, BLOCK_V=1024, MIX_KIND=0, **_FLAGS)),
+    ("grad", ("fp32", "fp32", "i64", "fp32", "bf16"),
+     dict(DIV=0, HAS_CE=False, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, ROUND_BF16=False,
+          **_FLAGS)),
+    ("grad", ("bf16", "bf16", "i64", "fp32", "bf16"),
+     dict(DIV=3, HAS_CE=True, BLOCK_R=1, BLOCK_V=4096, MIX_KIND=2, ROUND_BF16=True,
+          HAS_CAP_S=True, HAS_CAP_T=True, TEMPERED=True)),
+    ("grad", ("fp32", "fp16", "i64", "fp32", "fp32"),
+     dict(DIV=4, HAS_CE=True, BLOCK_R=4, BLOCK_V=512, MIX_KIND=0, ROUND_BF16=False,
+          **_FLAGS)),
+]
+
+
+def _kernels():
+    from .grad import grad_kernel
+    from .mix import mix_kernel
+    from .stats import merge_kernel, stats_kernel
+
+    return {"stats": stats_kernel, "merge": merge_kernel, "mix": mix_kernel,
+            "grad": grad_kernel}
+
+
+def compile_case(name: str, ptr_types: tuple[str, ...], consts: dict, arch: int,
+                 num_warps: int = 8):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = _kernels()[name]
+    fn = kernel if isinstance(kernel, triton.runtime.JITFunction) else kernel.fn
+    ptrs = dict(zip(_PTRS[name], ptr_types, strict=True))
+    sig, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in consts:
+            sig[arg] = "constexpr"
+        elif arg in ptrs:
+            sig[arg] = "*" + ptrs[arg]
+        else:
+            sig[arg] = "fp32" if arg in _FLOATS else "i32"
+        if arg in _ALIGNED and sig[arg] != "constexpr":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+def memory_ops(ptx: str) -> dict[str, int]:
+    return dict(Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="compile the Triton row kernels for a GPU target")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the interpreter does not compile", file=sys.stderr)
+        return 2
+    failed = 0
+    for name, ptr_types, consts in CASES:
+        try:
+            compiled = compile_case(name, ptr_types, consts, args.arch)
+        except Exception as err:  # report every case, then fail
+            failed += 1
+            print(f"FAIL {name} {ptr_types} {consts}: {type(err).__name__}: {err}")
+            continue
+        print(f"ok   {name} {'/'.join(ptr_types)} {consts}: {memory_ops(compiled.asm['ptx'])}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
