@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import gemm, parallel
+from . import compiled, gemm, parallel
 from .autograd import FusedLinearKD, LogitsKD, Plan
 from .backends import registry
 from .backends.base import RowSpec
@@ -107,17 +107,29 @@ def fused_linear_kd_loss(
     check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
     check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
     vocab = min(w.shape[0], u.shape[0]) if vocab_parallel is None else reducer.vocab
-    flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", vocab, opts)
-    spec = _spec(opts, flat_labels)
-
+    compiling = torch.compiler.is_compiling()
+    # Under torch.compile the label range is checked inside the op (a host sync here would
+    # break the graph).
+    flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", vocab, opts,
+                               check_range=not compiling)
     cd_s = autocast if autocast is not None and h.dtype != torch.float64 else h.dtype
     cd_t = autocast if autocast is not None and g.dtype != torch.float64 else g.dtype
+    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
+    if compiling:
+        if vocab_parallel is not None:
+            raise NotImplementedError("vocab_parallel is not supported under torch.compile; "
+                                      "compile the model and call the loss outside it")
+        loss, kd, ce, kept, *_ = compiled.fused(h2, w, student_bias, g2, u, teacher_bias,
+                                                flat_labels, opts, cd_s, cd_t)
+        if opts.reduction == "none":
+            loss, kd, ce = (t.reshape(h.shape[:-1]) for t in (loss, kd, ce))
+        return KDComponents(loss, kd, ce, kept) if opts.return_components else loss
+    spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, gemm.logits_dtype(cd_s, device), spec)
     ld = gemm.logits_dtype(cd_s, device)
     run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(ld)
                                      + torch.empty((), dtype=cd_s).element_size())
     plan = Plan(run_opts, spec, backend, reducer, cd_s, cd_t)
-    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     with torch.autocast(device.type, enabled=False):
         loss, kd, ce = FusedLinearKD.apply(h2, w, student_bias, g2, u, teacher_bias,
                                            flat_labels, plan)

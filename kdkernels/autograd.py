@@ -6,6 +6,7 @@ pre-scale per row, so its backward re-runs the chunk driver with grad_output as 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -59,80 +60,98 @@ def _scale(grad: torch.Tensor | None, go: torch.Tensor) -> torch.Tensor | None:
     return grad * go.to(grad.dtype)[:, None]
 
 
+@dataclass
+class FusedOutcome:
+    """A forward pass of the fused loss: reduced outputs, and either the gradients already
+    scaled for grad_output = 1 (``grads``) or a function of grad_output computing them."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    kept: int
+    grads: tuple | None
+    recompute: Callable[[torch.Tensor], tuple] | None
+
+
+def _kept_rows(labels, opts, n):
+    if labels is None or not n:
+        return None, n
+    idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
+    return (None, n) if idx.numel() == n else (idx, int(idx.numel()))
+
+
+def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: bool,
+                  want_b: bool) -> FusedOutcome:
+    """The fused loss on flat inputs h [N, Ds], g [N, Dt], labels [N] (plain tensors)."""
+    opts, spec = plan.opts, plan.spec
+    n = h.shape[0]
+    vocab = min(w.shape[0], u.shape[0])
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    idx, kept = _kept_rows(labels, opts, n)
+    norm = _normaliser(opts, kept)
+    shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
+    want_b = want_b and bs is not None
+
+    def rows(row_scale):
+        take = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
+        return fused_rows(
+            take(h).to(plan.compute_dtype_s), w[:vocab].to(plan.compute_dtype_s),
+            None if bs is None else bs[:vocab], take(g).to(plan.compute_dtype_t),
+            u[:vocab].to(plan.compute_dtype_t), None if bt is None else bt[:vocab],
+            None if labels is None else take(labels), opts, spec, plan.backend,
+            row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
+            reducer=plan.reducer, acc_dtype=acc)
+
+    def grads_for(go):
+        if not kept:
+            return _full_grads(None, None, n, shapes, vocab, h.device, want_b)
+        res = rows(go if idx is None else go.index_select(0, idx))
+        return _full_grads(res, idx, n, shapes, vocab, h.device, want_b)
+
+    eager_grad = opts.reduction != "none" and (want_h or want_w or want_b)
+    if kept:
+        res = rows(1.0 / norm if eager_grad else None)
+        kd, ce = res.kd, res.ce
+    else:
+        res = None
+        kd = torch.zeros(0, dtype=acc, device=h.device)
+        ce = torch.zeros(0, dtype=acc, device=h.device) if spec.has_ce else None
+
+    def reduce(x):
+        return _reduce(_scatter(x, idx, n) if opts.reduction == "none" else x, opts, norm)
+
+    loss, kd_red = reduce(_combine(opts, kd, ce)), reduce(kd)
+    ce_red = torch.full_like(kd_red, float("nan")) if ce is None else reduce(ce)
+    grads = None
+    if eager_grad:
+        grads = _full_grads(res, idx, n, shapes, vocab, h.device, want_b)
+    return FusedOutcome(loss, kd_red, ce_red, kept, grads,
+                        None if eager_grad else grads_for)
+
+
 class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, bs, g, u, bt, labels, plan: Plan):
-        opts, spec = plan.opts, plan.spec
-        n = h.shape[0]
-        vocab = min(w.shape[0], u.shape[0])
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-        if labels is not None and n:
-            idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
-            if idx.numel() == n:
-                idx = None
-        else:
-            idx = None
-        kept = n if idx is None else int(idx.numel())
-        norm = _normaliser(opts, kept)
-
-        def rows(row_scale, want_h, want_w, want_b):
-            take = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-            return fused_rows(
-                take(h).to(plan.compute_dtype_s), w[:vocab].to(plan.compute_dtype_s),
-                None if bs is None else bs[:vocab], take(g).to(plan.compute_dtype_t),
-                u[:vocab].to(plan.compute_dtype_t), None if bt is None else bt[:vocab],
-                None if labels is None else take(labels), opts, spec, plan.backend,
-                row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
-                reducer=plan.reducer, acc_dtype=acc)
-
-        want_h, want_w, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], (
-            bs is not None and ctx.needs_input_grad[2])
-        eager_grad = opts.reduction != "none" and (want_h or want_w or want_b)
-        if kept:
-            res = rows(1.0 / norm if eager_grad else None, want_h, want_w, want_b)
-            kd, ce = res.kd, res.ce
-        else:
-            res = None
-            kd = torch.zeros(0, dtype=acc, device=h.device)
-            ce = torch.zeros(0, dtype=acc, device=h.device) if spec.has_ce else None
-        loss = _reduce(_scatter(_combine(opts, kd, ce), idx, n) if opts.reduction == "none"
-                       else _combine(opts, kd, ce), opts, norm)
-        kd_red = _reduce(_scatter(kd, idx, n) if opts.reduction == "none" else kd, opts, norm)
-        ce_red = (None if ce is None else
-                  _reduce(_scatter(ce, idx, n) if opts.reduction == "none" else ce, opts, norm))
-
-        ctx.shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
-        ctx.vocab = vocab
-        if eager_grad:
-            ctx.grads = _full_grads(res, idx, n, ctx.shapes, vocab, h.device)
-        else:
-            ctx.rows = rows
-            ctx.idx = idx
-            ctx.want = (want_h, want_w, want_b)
-            ctx.kept = kept
-        if ce_red is None:
-            ce_red = torch.full_like(kd_red, float("nan"))
-        ctx.mark_non_differentiable(kd_red, ce_red)
-        return loss, kd_red, ce_red
+        out = fused_forward(h, w, bs, g, u, bt, labels, plan, ctx.needs_input_grad[0],
+                            ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        ctx.outcome = out
+        ctx.mark_non_differentiable(out.kd, out.ce)
+        return out.loss, out.kd, out.ce
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce):
-        if hasattr(ctx, "grads"):
-            gh, gw, gb = (_scale(t, go) for t in ctx.grads)
+        out: FusedOutcome = ctx.outcome
+        if out.grads is not None:
+            gh, gw, gb = (_scale(t, go) for t in out.grads)
         else:
-            n = ctx.shapes[0][0]
-            if ctx.kept:
-                row_scale = go if ctx.idx is None else go.index_select(0, ctx.idx)
-                res = ctx.rows(row_scale, *ctx.want)
-                gh, gw, gb = _full_grads(res, ctx.idx, n, ctx.shapes, ctx.vocab, go.device)
-            else:
-                gh, gw, gb = _full_grads(None, None, n, ctx.shapes, ctx.vocab, go.device)
+            gh, gw, gb = out.recompute(go)
         return gh, gw, gb, None, None, None, None, None
 
 
-def _full_grads(res, idx, n, shapes, vocab, device):
+def _full_grads(res, idx, n, shapes, vocab, device, want_b=True):
     """Gradients in the inputs' shapes and dtypes (zeros for ignored rows, padded vocab)."""
     h_shape, h_dtype, w_shape, w_dtype, b_dtype = shapes
+    b_dtype = b_dtype if want_b else None
     gh = gw = gb = None
     if res is None or res.grad_h is not None:
         gh = (torch.zeros(h_shape, dtype=h_dtype, device=device) if res is None

@@ -53,7 +53,7 @@ def check_pair_dtypes(hidden_name: str, hidden: torch.Tensor, weight_name: str,
 
 
 def check_labels(labels: object, lead_shape: torch.Size, lead_name: str, vocab: int,
-                 opts: KDOptions) -> torch.Tensor | None:
+                 opts: KDOptions, *, check_range: bool = True) -> torch.Tensor | None:
     if labels is None:
         if opts.ce_weight > 0:
             raise ValueError(f"ce_weight={opts.ce_weight} > 0 needs labels (token ids), "
@@ -66,6 +66,8 @@ def check_labels(labels: object, lead_shape: torch.Size, lead_name: str, vocab: 
         raise ValueError(f"labels must have the leading shape of {lead_name}, "
                          f"[{', '.join(map(str, lead_shape))}]; got {_shape(labels)}")
     labels = labels.reshape(-1).long()
+    if not check_range:
+        return labels
     bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= vocab))
     if labels.numel() and bool(bad.any()):
         pos = int(torch.nonzero(bad)[0, 0])
