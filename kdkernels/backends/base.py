@@ -29,7 +29,8 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
         forward_kl       p - q
         reverse_kl       p * (log p - log q - aux)
         jsd              (1 - beta) * p * (log p - logm - aux)
-        skew_forward_kl  -(1 - skew) * p * (q / mix - aux)
+        skew_forward_kl  -(1 - skew) * (exp(log p + log q - logm) - p * aux)
+                         (never p * (q / mix): q / mix overflows where p underflows)
         skew_reverse_kl  p * (log p - logm - skew * p / mix - aux)
         tvd              p * (0.5 * sign(p - q) - aux)
 

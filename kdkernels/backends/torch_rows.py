@@ -130,7 +130,8 @@ def _soft_term(logp, logq, aux, spec: RowSpec) -> torch.Tensor:
         return (1.0 - spec.beta) * p * (logp - logm - aux[:, None])
     if div == "skew_forward_kl":
         logm = _log_mix(logq, logp, spec.skew)
-        return -(1.0 - spec.skew) * p * (torch.exp(logq - logm) - aux[:, None])
+        # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
+        return -(1.0 - spec.skew) * (torch.exp(logp + logq - logm) - p * aux[:, None])
     if div == "skew_reverse_kl":
         logm = _log_mix(logq, logp, 1.0 - spec.skew)
         return p * (logp - logm - spec.skew * torch.exp(logp - logm) - aux[:, None])
