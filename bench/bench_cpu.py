@@ -185,22 +185,28 @@ def spawn_worker(worker: str, shape: common.Shape, dtype: str, limits: Limits, *
         if providers:
             cmd += ["--providers", *providers]
         proc = subprocess.Popen(cmd, stdout=2, env=common.env_for_threads(threads))
-        killed, deadline = "", time.monotonic() + limits.timeout_s
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            rss, avail = _rss_mib(proc.pid), _mem_available_mib()
-            if not killed and rss is not None and rss > limits.mem_mib:
-                killed = f"OOM: RSS {rss:.0f} MiB > limit {limits.mem_mib:.0f} MiB, killed"
-            elif not killed and avail is not None and avail < limits.min_available_mib:
-                killed = (f"OOM: machine MemAvailable {avail:.0f} MiB < "
-                          f"{limits.min_available_mib:.0f} MiB, killed")
-            elif not killed and time.monotonic() > deadline:
-                killed = f"timeout after {limits.timeout_s:.0f} s, killed"
-            if killed:
-                proc.send_signal(signal.SIGKILL)
-            time.sleep(0.05)
+        killed, deadline, pid = "", time.monotonic() + limits.timeout_s, 0
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                rss, avail = _rss_mib(proc.pid), _mem_available_mib()
+                if not killed and rss is not None and rss > limits.mem_mib:
+                    killed = f"OOM: RSS {rss:.0f} MiB > limit {limits.mem_mib:.0f} MiB, killed"
+                elif not killed and avail is not None and avail < limits.min_available_mib:
+                    killed = (f"OOM: machine MemAvailable {avail:.0f} MiB < "
+                              f"{limits.min_available_mib:.0f} MiB, killed")
+                elif not killed and time.monotonic() > deadline:
+                    killed = f"timeout after {limits.timeout_s:.0f} s, killed"
+                if killed:
+                    proc.send_signal(signal.SIGKILL)
+                time.sleep(0.05)
+        finally:
+            if not pid:  # the parent is being interrupted: never leave a worker behind
+                proc.kill()
+                os.waitpid(proc.pid, 0)
+                proc.returncode = -signal.SIGKILL
         rc = os.waitstatus_to_exitcode(status)
         proc.returncode = rc
         wait_peak = usage.ru_maxrss / 1024
@@ -401,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
         return worker_main(args)
+    try:  # SIGTERM unwinds like Ctrl-C, so the running worker is killed too
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    except ValueError:  # not the main thread: leave signal handling to the caller
+        pass
     try:
         shape = common.parse_shape(args.shape)
     except ValueError as err:
