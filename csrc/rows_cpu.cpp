@@ -44,6 +44,21 @@ struct VecMath {
   static V select(Mask m, V a, V b) { return V::blendv(b, a, m); }
 };
 
+// Scalar policy for row remainders: exp/log1p/tanh go through lane 0 of the vector functions,
+// so an element's value does not depend on whether it sits in a full vector or the remainder
+// (results stay invariant to vocabulary order up to summation order).
+inline float lane0(Vec v) {
+  float x;
+  v.store(&x, 1);
+  return x;
+}
+
+struct LaneMath : ScalarMath {
+  static float exp(float x) { return lane0(VecMath::exp(Vec(x))); }
+  static float log1p(float x) { return lane0(Vec(x).log1p()); }
+  static float tanh(float x) { return lane0(Vec(x).tanh()); }
+};
+
 // Load n logits of `dtype` starting at p into fp32 dst.
 void load_f32(const void* p, int dtype, int64_t n, float* dst) {
   int64_t i = 0;
@@ -127,10 +142,10 @@ void load_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, bool need_z
     (softcap<VecMath>(Vec::loadu(t.b + i), p.tcap, p.inv_tcap) * it).store(t.b + i);
   }
   for (; i < n; ++i) {
-    float z = softcap<ScalarMath>(zbuf[i], p.scap, p.inv_scap);
+    float z = softcap<LaneMath>(zbuf[i], p.scap, p.inv_scap);
     if (need_z) t.z[i] = z;
     t.a[i] = z * p.inv_t;
-    t.b[i] = softcap<ScalarMath>(t.b[i], p.tcap, p.inv_tcap) * p.inv_t;
+    t.b[i] = softcap<LaneMath>(t.b[i], p.tcap, p.inv_tcap) * p.inv_t;
   }
 }
 
@@ -167,7 +182,7 @@ struct Online {
     float m_new = ScalarMath::max(m, tm);
     if (!(m_new == m)) {
       if (m != -INFINITY) {
-        float f = std::exp(m - m_new);
+        float f = LaneMath::exp(m - m_new);
         s = s * Vec(f);
         w = w * Vec(f);
         s_tail *= f;
@@ -210,16 +225,16 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
     for (; i < n; ++i) {
       float a = t.a[i], b = t.b[i];
       if (la) {
-        float e = std::exp(a - A.m);
+        float e = LaneMath::exp(a - A.m);
         A.s_tail += e;
         if (rev) A.w_tail += e * (a - b);
       }
       if (lb) {
-        float e = std::exp(b - B.m);
+        float e = LaneMath::exp(b - B.m);
         B.s_tail += e;
         if (fwd) B.w_tail += e * (b - a);
       }
-      if (lz) Z.s_tail += std::exp(t.z[i] - Z.m);
+      if (lz) Z.s_tail += LaneMath::exp(t.z[i] - Z.m);
     }
   }
   MaxSum ra = A.result(), rb = B.result(), rz = cez ? Z.result() : ra;
@@ -231,7 +246,7 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
   if (label >= c0 && label < c1) {
     float z;
     load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, label), g.zs_dtype, 1, &z);
-    out[8] = softcap<ScalarMath>(z, p.scap, p.inv_scap);
+    out[8] = softcap<LaneMath>(z, p.scap, p.inv_scap);
   }
 }
 
@@ -239,7 +254,7 @@ void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, f
   const RowParams& p = g.p;
   const float* nr = g.norms + row * kNorms;
   const Norm<VecMath> va{Vec(nr[0]), Vec(nr[1])}, vb{Vec(nr[2]), Vec(nr[3])};
-  const Norm<ScalarMath> sa{nr[0], nr[1]}, sb{nr[2], nr[3]};
+  const Norm<LaneMath> sa{nr[0], nr[1]}, sb{nr[2], nr[3]};
   Vec c0v(0.0f), c1v(0.0f);
   float c0s = 0.0f, c1s = 0.0f;
   for (int64_t col = c0; col < c1; col += kTile) {
@@ -248,7 +263,7 @@ void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, f
     int64_t i = 0;
     for (; i + kW <= n; i += kW)
       mix_terms<VecMath>(p, Vec::loadu(t.a + i), Vec::loadu(t.b + i), va, vb, c0v, c1v);
-    for (; i < n; ++i) mix_terms<ScalarMath>(p, t.a[i], t.b[i], sa, sb, c0s, c1s);
+    for (; i < n; ++i) mix_terms<LaneMath>(p, t.a[i], t.b[i], sa, sb, c0s, c1s);
   }
   const float half = p.div == kTVD ? 0.5f : 1.0f;
   out[0] = half * (hsum(c0v) + c0s);
@@ -264,7 +279,7 @@ void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) 
     return;
   }
   const GradRow<VecMath> rv = grad_row<VecMath>(p, k);
-  const GradRow<ScalarMath> rs = grad_row<ScalarMath>(p, k);
+  const GradRow<LaneMath> rs = grad_row<LaneMath>(p, k);
   const int64_t label = p.has_ce && g.labels ? g.labels[row] : -1;
   const bool need_z = p.has_ce || p.inv_scap != 0.0f;
   for (int64_t col = c0; col < c1; col += kTile) {
@@ -277,10 +292,10 @@ void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) 
       grad_elem<VecMath>(p, rv, Vec::loadu(z + i), Vec::loadu(t.a + i), Vec::loadu(t.b + i), zero)
           .store(t.d + i);
     }
-    for (; i < n; ++i) t.d[i] = grad_elem<ScalarMath>(p, rs, z[i], t.a[i], t.b[i], 0.0f);
+    for (; i < n; ++i) t.d[i] = grad_elem<LaneMath>(p, rs, z[i], t.a[i], t.b[i], 0.0f);
     if (label >= col && label < col + n) {
       const int64_t j = label - col;
-      t.d[j] = grad_elem<ScalarMath>(p, rs, z[j], t.a[j], t.b[j], rs.ce);
+      t.d[j] = grad_elem<LaneMath>(p, rs, z[j], t.a[j], t.b[j], rs.ce);
     }
     store_from_f32(t.d, g.out_dtype, n,
                    static_cast<char*>(out_row) + col * elem_size(g.out_dtype));
