@@ -108,7 +108,10 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
         cols = (_xlogy_diff(q, logq, logm), torch.exp(logq + logp - logm).sum(1))
     elif div == "skew_reverse_kl":
         logm = _log_mix(logq, logp, 1.0 - spec.skew)
-        cols = (_xlogy_diff(p, logp, logm), torch.exp(2 * logp - logm).sum(1))
+        # p^2 / mix <= p / skew; at skew 0 the term is absent (and p / q may overflow).
+        second = (torch.exp(2 * logp - logm).sum(1) if spec.skew > 0
+                  else torch.zeros_like(logp[:, 0]))
+        cols = (_xlogy_diff(p, logp, logm), second)
     elif div == "tvd":
         diff = p - q
         cols = (0.5 * diff.abs().sum(1), 0.5 * (p * torch.sign(diff)).sum(1))
@@ -134,7 +137,10 @@ def _soft_term(logp, logq, aux, spec: RowSpec) -> torch.Tensor:
         return -(1.0 - spec.skew) * (torch.exp(logp + logq - logm) - p * aux[:, None])
     if div == "skew_reverse_kl":
         logm = _log_mix(logq, logp, 1.0 - spec.skew)
-        return p * (logp - logm - spec.skew * torch.exp(logp - logm) - aux[:, None])
+        g = p * (logp - logm - aux[:, None])
+        if spec.skew > 0:  # p / mix <= 1 / skew; at skew 0 the term is absent
+            g -= spec.skew * torch.exp(2 * logp - logm)
+        return g
     if div == "tvd":
         return p * (0.5 * torch.sign(p - torch.exp(logq)) - aux[:, None])
     raise ValueError(f"unknown divergence {div!r}")
