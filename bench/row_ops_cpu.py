@@ -31,6 +31,32 @@ def _best(fn, reps: int) -> float:
     return min(times)
 
 
+def _shape(sname: str, c: int, v: int, dtype: torch.dtype, impls, spec, reps: int) -> None:
+    zs = (torch.randn(c, v) * 3).to(dtype)
+    zt = (torch.randn(c, v) * 3).to(dtype)
+    labels = torch.full((c,), -1, dtype=torch.int64)
+    nbytes = zs.numel() * zs.element_size()
+    dst = torch.empty_like(zs)
+    t_copy = _best(lambda: dst.copy_(zs), reps)  # read 1 + write 1
+    zf, ef = zs.float(), torch.empty(c, v)
+    t_exp = _best(lambda: torch.exp(zf, out=ef), reps)  # the exp ceiling
+    print(f"{sname} {dtype} [{c} x {v}]: copy {t_copy * 1e3:.1f} ms = "
+          f"{2 * nbytes / t_copy / 1e9:.1f} GB/s; torch.exp fp32 {t_exp * 1e3:.1f} ms = "
+          f"{c * v / t_exp / 1e9:.2f} G/s")
+    for impl in impls:
+        be = registry.load(impl)
+        t = finish(be.stats(zs, zt, labels, spec))
+        coef = torch.stack((t.m_a, t.log_s_a, t.m_b, t.log_s_b, t.m_z, t.log_s_z,
+                            torch.zeros(c), torch.full((c,), 1e-3), torch.zeros(c)), 1)
+        work = zs.clone()
+        t_stats = _best(lambda: be.stats(zs, zt, labels, spec), reps)  # noqa: B023
+        t_grad = _best(lambda: be.grad(work, zt, labels, coef, spec, work), reps)  # noqa: B023
+        print(f"  {impl:6s} stats {t_stats * 1e3:7.1f} ms ({2 * nbytes / t_stats / 1e9:5.1f} GB/s, "
+              f"{c * v / t_stats / 1e9:.2f} G logits/s)  grad {t_grad * 1e3:7.1f} ms "
+              f"({3 * nbytes / t_grad / 1e9:5.1f} GB/s)  total {(t_stats + t_grad) * 1e3:7.1f} ms"
+              f" = {(t_stats + t_grad) / t_exp:.1f} torch.exp passes")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--impl", nargs="+", default=["cpp"])
@@ -41,31 +67,8 @@ def main() -> None:
     spec = RowSpec(args.divergence, 1.0, 0.5, 0.1, None, None, False)
     print(f"threads {torch.get_num_threads()}; {args.divergence}; best of {args.reps}")
     for dname in args.dtypes:
-        dtype = getattr(torch, dname)
         for sname, (c, v) in SHAPES.items():
-            zs = (torch.randn(c, v) * 3).to(dtype)
-            zt = (torch.randn(c, v) * 3).to(dtype)
-            labels = torch.full((c,), -1, dtype=torch.int64)
-            nbytes = zs.numel() * zs.element_size()
-            dst = torch.empty_like(zs)
-            t_copy = _best(lambda: dst.copy_(zs), args.reps)  # read 1 + write 1
-            copy_gbs = 2 * nbytes / t_copy / 1e9
-            print(f"{sname} {dname} [{c} x {v}]: copy {t_copy * 1e3:.1f} ms = {copy_gbs:.1f} GB/s")
-            for impl in args.impl:
-                be = registry.load(impl)
-                stats = be.stats(zs, zt, labels, spec)
-                t = finish(stats)
-                coef = torch.stack((t.m_a, t.log_s_a, t.m_b, t.log_s_b, t.m_z, t.log_s_z,
-                                    torch.zeros(c), torch.full((c,), 1e-3), torch.zeros(c)), 1)
-                work = zs.clone()
-                t_stats = _best(lambda: be.stats(zs, zt, labels, spec), args.reps)
-                t_grad = _best(lambda: be.grad(work, zt, labels, coef, spec, work), args.reps)
-                per_s = 2 * nbytes / t_stats / 1e9
-                per_g = 3 * nbytes / t_grad / 1e9
-                elems = c * v
-                print(f"  {impl:6s} stats {t_stats * 1e3:7.1f} ms ({per_s:5.1f} GB/s, "
-                      f"{elems / t_stats / 1e9:.2f} G logits/s)  grad {t_grad * 1e3:7.1f} ms "
-                      f"({per_g:5.1f} GB/s)  total {(t_stats + t_grad) * 1e3:7.1f} ms")
+            _shape(sname, c, v, getattr(torch, dname), args.impl, spec, args.reps)
 
 
 if __name__ == "__main__":
