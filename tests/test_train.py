@@ -158,6 +158,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, parallel: s
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_rank_gloo_ranks_end_identical(tmp_path, parallel):
     import socket
