@@ -116,6 +116,13 @@ def _mix_weights(spec: RowSpec) -> dict:
     return dict(wq=wq, lwq=lwq, lwp=lwp, k_div=k_div)
 
 
+def _stats_div(divergence: str) -> int:
+    # The stats pass only needs to know which weighted sum (if any) to keep: one compiled
+    # variant serves the four mix divergences.
+    return DIVERGENCE_CODES[divergence] if divergence in ("forward_kl", "reverse_kl") else \
+        DIVERGENCE_CODES["jsd"]
+
+
 def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec
           ) -> torch.Tensor:
     _check("zs", zs)
@@ -129,7 +136,7 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
         plan.n_split, n_rows, N_STATS, dtype=torch.float32, device=zs.device)
     stats_kernel[(plan.row_blocks(n_rows), plan.n_split)](
         zs, zt, labels, part, n_rows, n_cols, zs.stride(0), zt.stride(0), plan.span,
-        **_spec_args(spec), DIV=DIVERGENCE_CODES[spec.divergence], HAS_CE=spec.has_ce,
+        **_spec_args(spec), DIV=_stats_div(spec.divergence), HAS_CE=spec.has_ce,
         BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
     if plan.n_split > 1:
         block_p = triton.next_power_of_2(plan.n_split)

@@ -71,15 +71,15 @@ def log_mix(logq, logp, lwq, lwp, MIX_KIND: tl.constexpr):
 @helper
 def load_logits(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
                 TEMPERED: tl.constexpr):
-    """(capped logits z, tempered logits z * inv_t) of a tile, fp32; masked lanes are
-    -inf in the tempered result."""
+    """(capped logits z, tempered logits z * inv_t) of a tile, fp32. Masked lanes hold
+    finite junk (0): callers mask what they reduce (no -inf - -inf on dead lanes)."""
     z = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_CAP:
         z = softcap(z, cap)
     x = z
     if TEMPERED:
         x = z * inv_t
-    return z, tl.where(mask, x, float("-inf"))
+    return z, x
 
 
 @helper

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .common import (
     JSD,
+    MIX_ONLY_Q,
     SKEW_FORWARD_KL,
     SKEW_REVERSE_KL,
     TVD,
@@ -74,8 +75,11 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
             else:
                 tl.static_assert(DIV == SKEW_REVERSE_KL)
                 t0 = _xlogy_diff(p, logp, logm)
-                t1 = tl.exp(2.0 * logp - logm)  # p^2 / m
-        acc0 += tl.sum(tl.where(mask, t0, 0.0), axis=1)
+                if MIX_KIND == MIX_ONLY_Q:  # skew 0: the term is absent (p / q may overflow)
+                    t1 = tl.zeros_like(t0)
+                else:
+                    t1 = tl.exp(2.0 * logp - logm)  # p^2 / m <= p / skew
+        acc0 += tl.sum(tl.where(mask, t0, 0.0), axis=1)  # masked lanes: finite junk
         acc1 += tl.sum(tl.where(mask, t1, 0.0), axis=1)
     out = part_ptr + (split.to(tl.int64) * n_rows + rows) * 2
     tl.store(out, acc0, mask=row_ok)

@@ -36,13 +36,15 @@ def _weighted(e, d):
     "HAS_CAP_S": lambda a: a["cap_s"] > 0,
     "HAS_CAP_T": lambda a: a["cap_t"] > 0,
     "TEMPERED": lambda a: a["inv_t"] != 1.0,
+    # The untempered student needs its own logsumexp only for CE at T != 1.
+    "SEPARATE_Z": lambda a: bool(a["HAS_CE"]) and a["inv_t"] != 1.0,
 })
 @triton.jit
 def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
                  span, inv_t, cap_s, cap_t,
                  DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-                 TEMPERED: tl.constexpr):
+                 TEMPERED: tl.constexpr, SEPARATE_Z: tl.constexpr):
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -50,8 +52,6 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
     off_t = rows * stride_t
     lo = split * span
     hi = tl.minimum(lo + span, n_cols)
-    # The untempered student needs its own logsumexp only for CE at T != 1.
-    SEPARATE_Z: tl.constexpr = HAS_CE and TEMPERED
 
     m_a = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     m_b = tl.full([BLOCK_R], _NEG_INF, tl.float32)
@@ -66,11 +66,13 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
         mask = row_ok[:, None] & (cols < hi)[None, :]
         z, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
         _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
-        m_a, alpha_a, e_a = _online_step(m_a, a)
+        # max and exp see masked lanes as -inf (weight 0); the weighted sums use the finite
+        # a, b, whose masked lanes get e = 0.
+        m_a, alpha_a, e_a = _online_step(m_a, tl.where(mask, a, _NEG_INF))
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if DIV == REVERSE_KL:
             w_a = w_a * alpha_a + _weighted(e_a, a - b)
-        m_b, alpha_b, e_b = _online_step(m_b, b)
+        m_b, alpha_b, e_b = _online_step(m_b, tl.where(mask, b, _NEG_INF))
         s_b = s_b * alpha_b + tl.sum(e_b, axis=1)
         if DIV == FORWARD_KL:
             w_b = w_b * alpha_b + _weighted(e_b, b - a)
