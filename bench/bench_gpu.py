@@ -6,7 +6,9 @@ Triton row kernels' bandwidth against a measured copy.
 Loss: forward KL(teacher || student), T = 1, mean over tokens (bench/common.py KD_OPTIONS),
 gradients w.r.t. the student hidden states and head. Times are triton.testing.do_bench
 medians (L2 flushed between calls); peaks are torch.cuda.max_memory_allocated over one
-provider's calls, inputs included (`extra` = peak minus what was allocated before it).
+steady-state call, inputs included (`extra` = peak minus what was allocated before it).
+Order (priority when the --budget-s runs short): copy bandwidth, row kernels at their default
+configs, the Liger shape's providers, the row-kernel config sweep, the other shapes.
 Every provider runs in try/except: an OOM or an error is a row in the table, not the end.
 
 Writes DIR/gpu_bench.csv, DIR/gpu_rowops.csv, DIR/gpu_env.json and DIR/summary.txt, and
@@ -45,8 +47,8 @@ GPU_SHAPES = {  # BT tokens, V, Ds, Dt: Liger's published shape first, then othe
     "v262k": common.Shape(8192, 262144, 2048, 4096),
 }
 # Run order = priority when the time budget runs short.
-PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "liger-chunked", "naive",
-             "kdk-torch", "floor-ws1g", "kdk-triton-ws1g")
+PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "naive", "floor-ws1g",
+             "kdk-triton-ws1g", "liger-chunked", "kdk-torch")
 LIGER_SHAPE_ONLY = ("floor-ws1g", "kdk-triton-ws1g")
 LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
 BIG_WORKSPACE = 2**30  # kdk-triton-ws1g: fewer, larger chunks than the 256 MiB default
@@ -216,19 +218,20 @@ def _free() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def make_gpu_inputs(shape: common.Shape, dtype: torch.dtype, seed: int = 0) -> common.Inputs:
+def make_gpu_inputs(shape: common.Shape, dtype: torch.dtype, seed: int = 0,
+                    device: str = "cuda") -> common.Inputs:
     """common.make_inputs' distributions, drawn on the GPU (a CPU draw of a 2 GiB head
     would cost seconds per shape)."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(rows, cols, std):
-        return torch.randn(rows, cols, generator=gen, device="cuda", dtype=dtype).mul_(std)
+        return torch.randn(rows, cols, generator=gen, device=device, dtype=dtype).mul_(std)
 
     h = randn(shape.n, shape.ds, 1.0).requires_grad_(True)
     w = randn(shape.vocab, shape.ds, shape.ds ** -0.5).requires_grad_(True)
     g = randn(shape.n, shape.dt, 1.0)
     u = randn(shape.vocab, shape.dt, shape.dt ** -0.5)
-    labels = torch.randint(0, shape.vocab, (shape.n,), generator=gen, device="cuda")
+    labels = torch.randint(0, shape.vocab, (shape.n,), generator=gen, device=device)
     return common.Inputs(h, w, g, u, labels)
 
 
@@ -310,8 +313,8 @@ def copy_bandwidth() -> float:
     return 2 * GIB / (ms * 1e-3)
 
 
-def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: bool
-            ) -> list[RowOpRow]:
+def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: bool,
+            default: bool = True, device: str = "cuda") -> list[RowOpRow]:
     """Stats and grad kernels alone on a [chunk, vocab] fp32-logit workspace with a bf16 dL/dz
     buffer (the CUDA driver's layout), forward KL; and JSD's mix pass; plus a BLOCK_V x warps
     sweep when asked. Bytes are what the kernels must move: stats and mix read zs and zt,
@@ -323,12 +326,12 @@ def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: boo
     from kdkernels.row_stats import finish, norms
 
     out_rows: list[RowOpRow] = []
-    zs = torch.randn(chunk, vocab, device="cuda") * 2
-    zt = torch.randn(chunk, vocab, device="cuda") * 2
-    dz = torch.empty(chunk, vocab, device="cuda", dtype=torch.bfloat16)
-    labels = torch.full((chunk,), -1, device="cuda", dtype=torch.int64)
+    zs = torch.randn(chunk, vocab, device=device) * 2
+    zt = torch.randn(chunk, vocab, device=device) * 2
+    dz = torch.empty(chunk, vocab, device=device, dtype=torch.bfloat16)
+    labels = torch.full((chunk,), -1, device=device, dtype=torch.int64)
     logit_bytes = chunk * vocab * (zs.element_size() + zt.element_size())
-    configs = [None] + (list(ROW_SWEEP) if sweep else [])
+    configs = ([None] if default else []) + (list(ROW_SWEEP) if sweep else [])
     for config in configs:
         if time.monotonic() > deadline:
             break
@@ -340,7 +343,7 @@ def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: boo
             try:
                 stats = triton_rows.stats(zs, zt, labels, spec)
                 totals = finish(stats)
-                ones = torch.ones(chunk, device="cuda")
+                ones = torch.ones(chunk, device=device)
                 coef = torch.stack((*norms(totals).unbind(1), totals.m_z, totals.log_s_z,
                                     0 * ones, ones, 0 * ones), 1)
                 jobs = [("stats", lambda s=spec: triton_rows.stats(zs, zt, labels, s),
@@ -512,17 +515,21 @@ def main(argv: list[str] | None = None) -> int:
         bps = copy_bandwidth()
         env["copy_tb_per_s"] = bps / 1e12
         print(f"copy bandwidth {bps / 1e12:.2f} TB/s", flush=True)
-        for shape in args.shapes:
+        liger = GPU_SHAPES["liger"]
+        run_rows = not why.get("kdk-triton")
+        if run_rows:  # first: the bandwidth target must not wait behind Liger's compile
+            ops += row_ops(bps, deadline, liger.vocab, _driver_chunk(liger), sweep=False)
+            ops += row_ops(bps, deadline, liger.vocab, 4096, sweep=False)
+            write_csv(args.out / "gpu_rowops.csv", ops)
+        for i, shape in enumerate(args.shapes):
             providers = [p for p in args.providers
                          if p not in LIGER_SHAPE_ONLY or shape == "liger"]
             print(f"== {shape} {GPU_SHAPES[shape]}", flush=True)
             rows += bench_shape(shape, providers, why, deadline, torch.bfloat16)
             write_csv(args.out / "gpu_bench.csv", rows)
-            if shape == "liger" and not why.get("kdk-triton"):
-                chunk = _driver_chunk(GPU_SHAPES[shape])
-                ops += row_ops(bps, deadline, GPU_SHAPES[shape].vocab, chunk,
-                               sweep=not args.no_sweep)
-                ops += row_ops(bps, deadline, GPU_SHAPES[shape].vocab, 4096, sweep=False)
+            if i == 0 and run_rows and not args.no_sweep:
+                ops += row_ops(bps, deadline, liger.vocab, _driver_chunk(liger), sweep=True,
+                               default=False)
                 write_csv(args.out / "gpu_rowops.csv", ops)
     env["seconds"] = round(time.monotonic() - start, 1)
     env["providers"] = {p: (why[p] or "ok") for p in args.providers}
