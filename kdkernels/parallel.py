@@ -84,6 +84,8 @@ class Layout:
 
 
 _LAYOUTS: dict[tuple, Layout] = {}
+# torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def clear_layout_cache() -> None:
@@ -100,7 +102,7 @@ def _checksum(parts: tuple) -> int:
 def _all_gather(t: torch.Tensor, group, size: int) -> torch.Tensor:
     # Flat buffers: gloo wants the output to be the inputs concatenated along dim 0.
     out = torch.empty(size * t.numel(), dtype=t.dtype, device=t.device)
-    dist.all_gather_into_tensor(out, t.contiguous().view(-1), group=group)
+    _GATHER(out, t.contiguous().view(-1), group=group)
     return out.view(size, *t.shape)
 
 

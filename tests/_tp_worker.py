@@ -8,6 +8,7 @@ seed, so the test process rebuilds the full (unsharded) tensors without communic
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Any
@@ -20,6 +21,8 @@ IGNORE = -100
 
 # Every case: loss options plus harness keys (kind, bias, layout, go, ...). Chunk sizes 7, 5,
 # 6 do not divide N = 37; V = 1009 splits unevenly over 2, 3 and 4 ranks.
+# The row-op backend is pinned per case (impl="torch" unless named): the reducer is backend
+# independent, and the test process passes the other CPU backends it found in KDK_TP_IMPLS.
 _LABELLED = dict(temperature=2.0, ce_weight=0.5, chunk_size=7, labels=True)
 CASES: dict[str, dict[str, Any]] = {
     "forward_kl": dict(divergence="forward_kl", **_LABELLED),
@@ -42,10 +45,16 @@ CASES: dict[str, dict[str, Any]] = {
                               return_components=True),
     "dtensor_heads": dict(kind="dtensor", divergence="jsd", temperature=1.3, labels=True,
                           ce_weight=0.5, chunk_size=8, bias=True),
-    "torch_backend": dict(divergence="skew_forward_kl", impl="torch", **_LABELLED),
     "group_of_one": dict(kind="single", divergence="reverse_kl", temperature=2.0,
                          ce_weight=0.5, labels=True, chunk_size=10),
 }
+for _case in CASES.values():
+    _case.setdefault("impl", "torch")
+for _impl in filter(None, os.environ.get("KDK_TP_IMPLS", "").split(",")):
+    if _impl != "torch":
+        CASES[f"backend_{_impl}"] = dict(divergence="jsd", impl=_impl, **_LABELLED)
+        CASES[f"backend_{_impl}_fkl_bias"] = dict(divergence="forward_kl", bias=True,
+                                                 impl=_impl, chunk_size=11)
 _HARNESS = ("kind", "bias", "layout", "go", "labels")
 
 # Bad inputs: name -> (what to break, substring every rank's error must contain).
@@ -169,7 +178,7 @@ def run_bad(name: str, rank: int, parts: int) -> str:
     x = make_inputs(dict(labels=True), parts)
     lo, hi = shard(V, parts, rank)
     w, u = x["w"][lo:hi], x["u"][lo:hi]
-    opts: dict[str, Any] = dict(chunk_size=7, temperature=2.0)
+    opts: dict[str, Any] = dict(chunk_size=7, temperature=2.0, impl="torch")
     vp = VocabParallel()
     labels = x["labels"]
     if name == "overlap":
