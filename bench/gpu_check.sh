@@ -71,13 +71,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 \
     | tee -a "$OUT/gpu_check.log"
 
-# (a) peer wheels into /tmp/site
+# (a) peer wheels into /tmp/site (pure-Python wheels: unzipping is the fallback without pip)
+install_wheels() {
+    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$SITE" "$@" >> "$OUT/gpu_check.log" 2>&1 && return 0
+    log "pip install failed; unzipping $* into $SITE"
+    "$PY" -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in \
+sys.argv[2:]]" "$SITE" "$@" >> "$OUT/gpu_check.log" 2>&1
+}
 shopt -s nullglob
 wheels=(.whl/*.whl)
 if (( ${#wheels[@]} )); then
-    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$SITE" "${wheels[@]}" >> "$OUT/gpu_check.log" 2>&1 \
-        || { log "wheel install failed"; fail 3; }
+    install_wheels "${wheels[@]}" || { log "wheel install failed"; fail 3; }
 else
     log "no .whl/*.whl: Liger providers will be skipped"
 fi
@@ -89,9 +94,7 @@ need=()
     || need+=(.whl/test/hypothesis-*.whl .whl/test/sortedcontainers-*.whl)
 if (( ${#need[@]} )); then
     log "installing test wheels: ${need[*]}"
-    timeout 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --upgrade --target "$SITE" "${need[@]}" >> "$OUT/gpu_check.log" 2>&1 \
-        || { log "test wheel install failed"; fail 3; }
+    install_wheels "${need[@]}" || { log "test wheel install failed"; fail 3; }
 fi
 "$PY" -c "import liger_kernel, pytest; print('liger_kernel', liger_kernel.__file__)" 2>&1 \
     | tee -a "$OUT/gpu_check.log"
@@ -106,9 +109,10 @@ log "build: ${build_cmd[*]}"
 ( timeout "$(cap 200 150)" "${build_cmd[@]}" > "$OUT/build.log" 2>&1; echo $? > "$OUT/build.rc" ) &
 BUILD_PID=$!
 
-# (c1) the Triton backend's tests, compiled on the GPU (they do not need the extensions)
+# (c1) the Triton backend's tests, compiled on the GPU. They need no extension: an empty
+# extension cache keeps them away from the one being built.
 log "tests: tests/test_triton_backend.py"
-KDKERNELS_NO_BUILD=1 timeout "$(cap 150 190)" "$PY" -m pytest -q -p no:cacheprovider \
+KDKERNELS_NO_BUILD=1 KDKERNELS_CACHE_DIR=$(mktemp -d) timeout "$(cap 150 190)" "$PY" -m pytest -q -p no:cacheprovider \
     -o addopts="" tests/test_triton_backend.py 2>&1 | tee "$OUT/test_triton.log" | tail -25
 rc=${PIPESTATUS[0]}; log "triton tests: status $rc"; (( rc )) && fail 4
 
