@@ -159,9 +159,9 @@ KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, cons
   } else if (p.div == kSkewForwardKL) {
     c0 = c0 + xlogy_diff<M>(qr, logq, logm);
     c1 = c1 + M::exp(logq + logp - logm);
-  } else {  // kSkewReverseKL
+  } else {  // kSkewReverseKL; p^2 / mix <= p / skew, and at skew 0 the term is absent
     c0 = c0 + xlogy_diff<M>(pr, logp, logm);
-    c1 = c1 + M::exp(logp + logp - logm);
+    if (p.skew != 0.0f) c1 = c1 + M::exp(logp + logp - logm);
   }
 }
 
