@@ -65,11 +65,10 @@ def test_vocab_permutation_invariance(impl, div):
     opts = dict(divergence=div, temperature=0.7, ce_weight=0.4, impl=impl)
     base = run_fused(kdkernels.fused_linear_kd_loss, inp, **opts)
     moved = run_fused(kdkernels.fused_linear_kd_loss, permuted, **opts)
-    # Reordered fp32 sums: a few ulps.
-    torch.testing.assert_close(base[0], moved[0], rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(base[1], moved[1], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(base[2][perm], moved[2], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(base[3][perm], moved[3], rtol=1e-5, atol=1e-7)
+    # Reordered fp32 sums over 97 columns: a few ulps of each tensor's scale (norm-wise).
+    for a, b in ((base[0], moved[0]), (base[1], moved[1]), (base[2][perm], moved[2]),
+                 (base[3][perm], moved[3])):
+        assert (a - b).norm() <= 1e-5 * a.norm()
 
 
 @pytest.mark.parametrize("impl", cpu_impls())
