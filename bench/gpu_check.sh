@@ -48,6 +48,7 @@ cap() {
 }
 fail() { (( STATUS == 0 )) && STATUS=$1; }
 : > "$OUT/gpu_check.log"
+rm -f "$OUT/summary.txt" "$OUT/build.rc"  # never show a previous run's results
 
 if (( DRY )); then
     log "dry run in $ROOT: no installs, builds, tests or GPU timing"
