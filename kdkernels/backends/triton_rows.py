@@ -75,7 +75,8 @@ def _plan(n_rows: int, n_cols: int, device: torch.device, elem_bytes: int) -> _P
         row_blocks = triton.cdiv(n_rows, block_r)
         # Few rows (a small chunk at a large vocabulary): split each row's vocabulary so
         # that about _PROGRAMS_PER_SM programs per SM run; a row walks >= a few blocks.
-        target = OVERRIDE.get("programs_per_sm", _PROGRAMS_PER_SM) * _sm_count(device.index or 0)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        target = OVERRIDE.get("programs_per_sm", _PROGRAMS_PER_SM) * _sm_count(index)
         n_split = min(triton.cdiv(target, row_blocks),
                       max(1, n_cols // (_MIN_BLOCKS_PER_SPLIT * block_v)))
         num_warps = 8 if block_r * block_v >= 2048 else 4
