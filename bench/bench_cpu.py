@@ -140,9 +140,8 @@ def worker_main(args: argparse.Namespace) -> int:
     shape = common.parse_shape(args.shape)
     try:
         if args.worker == "check":
-            result = {"status": "ok",
-                      "check": _check_providers(args.providers, shape, args.dtype,
-                                                       args.seed)}
+            checks = _check_providers(args.providers or [], shape, args.dtype, args.seed)
+            result = {"status": "ok", "check": checks}
         else:
             result = _time_provider(args.worker, shape, args.dtype, args.repeats, args.warmup,
                                     args.seed)
@@ -332,8 +331,8 @@ def run_benchmark(shape: common.Shape, dtypes: list[str], providers: list[str] |
             for name, why in skipped.items():
                 _log(f"[bench] skipping {name}: {why}")
         check_fail: dict[str, str] = {}
-        if check:
-            eager = [n for n in names if n != "floor" and not common.is_compiled(n)]
+        eager = [n for n in names if n != "floor" and not common.is_compiled(n)]
+        if check and eager:
             res, _, _ = spawn_worker("check", CHECK_SHAPE, dtype, limits, threads=threads,
                                      seed=seed, providers=eager)
             for name, c in res.get("check", {}).items():
