@@ -99,6 +99,11 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
     grad_h = torch.empty_like(h) if need_grad and want_h else None
     grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_grad and want_w else None
     grad_b = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad and want_b else None
+    # fp16 cannot hold dL/dz already divided by N (it underflows at N ~ 1e4): the row ops
+    # write it unscaled and the scalar goes on the GEMM results instead.
+    post_scale = 1.0
+    if need_grad and dz_buf.dtype == torch.float16 and not isinstance(row_scale, torch.Tensor):
+        post_scale, row_scale = float(row_scale), 1.0
     for start in range(0, k, c):
         stop = min(k, start + c)
         zs = gemm.logits_into(h[start:stop], w, bs, zs_buf[: stop - start])
@@ -115,10 +120,16 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
             continue
         if grad_h is not None:
             torch.mm(dz, w, out=grad_h[start:stop])
+            if post_scale != 1.0:
+                grad_h[start:stop] *= post_scale
         if grad_w is not None:
             gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
         if grad_b is not None:
             grad_b += dz.sum(0, dtype=acc_dtype)
+    if post_scale != 1.0:
+        for acc in (grad_w, grad_b):
+            if acc is not None:
+                acc *= post_scale
     if grad_h is not None:
         grad_h = reducer.finish_grad_hidden(grad_h)
     return RowResult(kd, ce, grad_h, grad_w, grad_b)
