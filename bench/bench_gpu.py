@@ -51,7 +51,8 @@ PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "naive", "floor-ws1
              "kdk-triton-ws1g", "liger-chunked", "kdk-torch")
 LIGER_SHAPE_ONLY = ("floor-ws1g", "kdk-triton-ws1g")
 LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
-BIG_WORKSPACE = 2**30  # kdk-triton-ws1g: fewer, larger chunks than the 256 MiB default
+# kdk-triton-ws1g: fewer, larger chunks than the 256 MiB default (KDK_BENCH_WS overrides)
+BIG_WORKSPACE = int(os.environ.get("KDK_BENCH_WS", 2**30))
 # Row-kernel sweep at the liger chunk: OVERRIDE settings of kdkernels.backends.triton_rows.
 ROW_SWEEP = (dict(block_v=1024, num_warps=4), dict(block_v=2048, num_warps=4),
              dict(block_v=4096, num_warps=8), dict(block_v=4096, num_warps=16),
@@ -554,7 +555,8 @@ def _driver_chunk(shape: common.Shape) -> int:
     zs_dtype = gemm.logits_dtype(torch.bfloat16, torch.device("cuda"))
     per_logit = triton_rows.workspace_bytes_per_logit(zs_dtype) + (
         2 if zs_dtype != torch.bfloat16 else 0)
-    return choose_chunk_size(KDOptions(**common.KD_OPTIONS), shape.n, shape.vocab, per_logit)
+    return choose_chunk_size(KDOptions(**common.KD_OPTIONS), shape.n, shape.vocab, per_logit,
+                             "cuda")
 
 
 if __name__ == "__main__":

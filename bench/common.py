@@ -133,7 +133,7 @@ def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
     separate = zs_dtype != h.dtype
     per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (h.element_size() if separate
                                                                 else 0)
-    chunk = choose_chunk_size(opts, h.shape[0], w.shape[0], per_logit)
+    chunk = choose_chunk_size(opts, h.shape[0], w.shape[0], per_logit, h.device.type)
     return FloorPlan(chunk, zs_dtype, separate, backend.name)
 
 

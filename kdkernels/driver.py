@@ -27,12 +27,20 @@ class RowResult:
     grad_b: torch.Tensor | None = None  # [V] fp32 accumulator
 
 
-def choose_chunk_size(opts: KDOptions, n_rows: int, vocab: int, bytes_per_logit: int) -> int:
+# GPU GEMM tiles are 128 rows tall: a chunk of 209 rows pays for 256 (measured on an H200).
+_GPU_ROW_MULTIPLE = 128
+
+
+def choose_chunk_size(opts: KDOptions, n_rows: int, vocab: int, bytes_per_logit: int,
+                      device_type: str = "cpu") -> int:
     """Rows per chunk: the explicit chunk_size, else the most rows whose [C, V] buffers fit
-    in max_workspace_bytes (at least one row)."""
+    in max_workspace_bytes (at least one row; on GPUs a multiple of 128 rows when possible)."""
     if opts.chunk_size is not None:
         return max(1, min(opts.chunk_size, n_rows))
-    return max(1, min(n_rows, opts.workspace_bytes // max(1, vocab * bytes_per_logit)))
+    c = max(1, min(n_rows, opts.workspace_bytes // max(1, vocab * bytes_per_logit)))
+    if device_type == "cuda" and _GPU_ROW_MULTIPLE <= c < n_rows:
+        c -= c % _GPU_ROW_MULTIPLE
+    return c
 
 
 def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,
@@ -89,7 +97,7 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
     separate_dz = need_grad and zs_dtype != h.dtype
     per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (h.element_size() if separate_dz
                                                                 else 0)
-    c = choose_chunk_size(opts, k, vocab, per_logit)
+    c = choose_chunk_size(opts, k, vocab, per_logit, device.type)
     zs_buf = torch.empty(c, vocab, dtype=zs_dtype, device=device)
     zt_buf = torch.empty(c, vocab, dtype=zt_dtype, device=device)
     dz_buf = torch.empty(c, vocab, dtype=h.dtype, device=device) if separate_dz else zs_buf
@@ -143,7 +151,8 @@ def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
     returns (kd [N], ce [N] | None, grad [N, Vs] in zs's dtype | None). Rows whose
     row_scale is 0 get zero gradient."""
     n, vocab = zs.shape[0], min(zs.shape[1], zt.shape[1])
-    c = choose_chunk_size(opts, n, vocab, backend.workspace_bytes_per_logit(zs.dtype))
+    c = choose_chunk_size(opts, n, vocab, backend.workspace_bytes_per_logit(zs.dtype),
+                          zs.device.type)
     row_dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
     kd = torch.empty(n, dtype=row_dtype, device=zs.device)
     ce = torch.empty(n, dtype=row_dtype, device=zs.device) if spec.has_ce else None
