@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     baseline: str = "fused"  # "fused" or "naive" (materialised logits)
     impl: str = "auto"
+    threads: int = 0  # CPU threads per rank; 0 = the cores the load average leaves free
     # bookkeeping (not part of the fingerprint)
     eval_every: int = 50
     eval_batches: int = 8
@@ -63,7 +64,7 @@ class TrainConfig:
     teacher_lr: float = 3e-3
 
     FINGERPRINT_EXCLUDE = ("eval_every", "eval_batches", "save_every", "output", "progress",
-                           "max_steps", "device", "impl")
+                           "max_steps", "device", "impl", "threads")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run that wrote the checkpoint.

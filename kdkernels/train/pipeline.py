@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, corpus, distributed, metrics, models, report, tokenizer
+from . import checkpoint, corpus, distributed, metrics, models, report, threads, tokenizer
 from .config import TrainConfig
 from .loop import Stage, train
 from .objective import DistillObjective, heldout_ce
@@ -148,6 +148,8 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
 
     t0 = time.perf_counter()
     world = distributed.init(cfg.device)
+    if world.device.type == "cpu":
+        torch.set_num_threads(threads.choose(cfg.threads, world.size))
     out = Path(cfg.output)
     fingerprint = {**cfg.fingerprint(), "teacher": teacher_path, "student": student_path,
                    "data": data, "world": world.size, "parallel": parallel}
