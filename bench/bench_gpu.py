@@ -47,12 +47,12 @@ GPU_SHAPES = {  # BT tokens, V, Ds, Dt: Liger's published shape first, then othe
     "v262k": common.Shape(8192, 262144, 2048, 4096),
 }
 # Run order = priority when the time budget runs short.
-PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "naive", "floor-ws1g",
-             "kdk-triton-ws1g", "liger-chunked", "kdk-torch")
-LIGER_SHAPE_ONLY = ("floor-ws1g", "kdk-triton-ws1g")
+PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "naive", "floor-ws",
+             "kdk-triton-ws", "liger-chunked", "kdk-torch")
+LIGER_SHAPE_ONLY = ("floor-ws", "kdk-triton-ws")
 LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
-# kdk-triton-ws1g: fewer, larger chunks than the 256 MiB default (KDK_BENCH_WS overrides)
-BIG_WORKSPACE = int(os.environ.get("KDK_BENCH_WS", 2**30))
+# kdk-triton-ws / floor-ws: a second workspace budget beside the default (KDK_BENCH_WS bytes)
+BIG_WORKSPACE = int(os.environ.get("KDK_BENCH_WS", 256 * 2**20))
 # Row-kernel sweep at the liger chunk: OVERRIDE settings of kdkernels.backends.triton_rows.
 ROW_SWEEP = (dict(block_v=1024, num_warps=4), dict(block_v=2048, num_warps=4),
              dict(block_v=4096, num_warps=8), dict(block_v=4096, num_warps=16),
@@ -144,15 +144,15 @@ def build(provider: str, shape_name: str, inputs: common.Inputs):
     if provider == "floor":
         plan = common.floor_plan(inputs, impl="triton")
         return common.build_floor(inputs, impl="triton"), f"4 GEMMs in chunks of {plan.chunk}"
-    if provider == "floor-ws1g":
+    if provider == "floor-ws":
         with _workspace(BIG_WORKSPACE):
             plan = common.floor_plan(inputs, impl="triton")
             run = common.build_floor(inputs, impl="triton")
         return run, f"4 GEMMs in chunks of {plan.chunk}"
     if provider == "kdk-triton":
         return _kdk("triton"), ""
-    if provider == "kdk-triton-ws1g":
-        return _kdk("triton", BIG_WORKSPACE), "max_workspace_bytes=1 GiB"
+    if provider == "kdk-triton-ws":
+        return _kdk("triton", BIG_WORKSPACE), f"max_workspace_bytes={BIG_WORKSPACE >> 20} MiB"
     if provider == "kdk-cuda":
         return _kdk("cuda"), ""
     if provider == "kdk-torch":
@@ -182,7 +182,7 @@ def discover(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     for provider in PROVIDERS:
         reasons: list[str] = []
         if provider.startswith(("kdk-", "floor")):
-            impl = "triton" if provider.startswith("floor") or provider.endswith("ws1g") \
+            impl = "triton" if provider.startswith("floor") or provider.endswith("ws") \
                 else provider[4:]
             reasons = registry.reasons(impl, device, logits, spec)
         elif provider.startswith("liger"):
@@ -283,13 +283,13 @@ def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], dead
             run = call = None  # noqa: F841  (drop the provider's closures before the next)
             inputs.clear_grads()
     floor = next((r.ms for r in rows if r.provider == "floor" and r.ms), None)
-    floor_big = next((r.ms for r in rows if r.provider == "floor-ws1g" and r.ms), None)
+    floor_big = next((r.ms for r in rows if r.provider == "floor-ws" and r.ms), None)
     ref_name = next((p for p in ("naive", "kdk-torch") if p in grads), None)
     ref_loss = next((r.loss for r in rows if r.provider == ref_name), None)
     for r in rows:
-        own_floor = floor_big if r.provider.endswith("ws1g") else floor
+        own_floor = floor_big if r.provider.endswith("ws") else floor
         if r.ms is not None and own_floor:
-            r.x_floor = r.ms / own_floor  # ws1g rows: against the floor chunked the same way
+            r.x_floor = r.ms / own_floor  # ws rows: against the floor chunked the same way
         if ref_loss and r.loss is not None:
             r.loss_rel_diff = abs(r.loss - ref_loss) / abs(ref_loss)
         if ref_name and r.provider in grads:

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <immintrin.h>
 #include <vector>
 
 namespace kdk {
@@ -59,28 +60,40 @@ struct LaneMath : ScalarMath {
   static float tanh(float x) { return lane0(Vec(x).tanh()); }
 };
 
+// Conversions are written as plain integer loops (the compiler vectorises them) and F16C
+// intrinsics, not at::vec::convert_to_float/convert_from_float: some torch builds (2.11 with
+// AVX512, seen on an H200 machine) declare those templates without exporting them.
+inline float bf16_bits_to_f32(uint16_t b) {
+  uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint16_t f32_to_bf16_bits(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
 // Load n logits of `dtype` starting at p into fp32 dst.
 void load_f32(const void* p, int dtype, int64_t n, float* dst) {
   int64_t i = 0;
   if (dtype == kF32) {
     std::memcpy(dst, p, n * sizeof(float));
   } else if (dtype == kBF16) {
-    using VB = at::vec::Vectorized<c10::BFloat16>;
-    auto src = static_cast<const c10::BFloat16*>(p);
-    for (; i + VB::size() <= n; i += VB::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(VB::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + kW);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    auto src = static_cast<const uint16_t*>(p);
+    for (; i < n; ++i) dst[i] = bf16_bits_to_f32(src[i]);
   } else {
-    using VH = at::vec::Vectorized<c10::Half>;
     auto src = static_cast<const c10::Half*>(p);
-    for (; i + VH::size() <= n; i += VH::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<c10::Half>(VH::loadu(src + i));
-      lo.store(dst + i);
-      hi.store(dst + i + kW);
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) {
+      __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
     }
+#endif
     for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   }
 }
@@ -91,20 +104,16 @@ void store_from_f32(const float* src, int dtype, int64_t n, void* p) {
   if (dtype == kF32) {
     std::memmove(p, src, n * sizeof(float));
   } else if (dtype == kBF16) {
-    using VB = at::vec::Vectorized<c10::BFloat16>;
-    auto dst = static_cast<c10::BFloat16*>(p);
-    for (; i + VB::size() <= n; i += VB::size()) {
-      at::vec::convert_from_float<c10::BFloat16>(Vec::loadu(src + i), Vec::loadu(src + i + kW))
-          .store(dst + i);
-    }
-    for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+    auto dst = static_cast<uint16_t*>(p);
+    for (; i < n; ++i) dst[i] = f32_to_bf16_bits(src[i]);
   } else {
-    using VH = at::vec::Vectorized<c10::Half>;
     auto dst = static_cast<c10::Half*>(p);
-    for (; i + VH::size() <= n; i += VH::size()) {
-      at::vec::convert_from_float<c10::Half>(Vec::loadu(src + i), Vec::loadu(src + i + kW))
-          .store(dst + i);
+#ifdef __F16C__
+    for (; i + 8 <= n; i += 8) {
+      __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), h);
     }
+#endif
     for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
   }
 }

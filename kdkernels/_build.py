@@ -233,7 +233,11 @@ def _load(kind: str) -> Path:
         _state[kind] = err
         raise
     except OSError as err:  # a cached library that does not load (e.g. another machine's)
-        _state[kind] = ExtensionUnavailable(f"loading the {kind} extension failed: {err}")
+        # torch.ops.load_library hides the dynamic loader's reason (a missing symbol...) in
+        # the exception's cause: say it.
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        _state[kind] = ExtensionUnavailable(f"loading the {kind} extension failed: "
+                                            f"{err}{cause}")
         raise _state[kind] from err  # type: ignore[misc]
     _state[kind] = lib
     return lib

@@ -27,20 +27,19 @@ class RowResult:
     grad_b: torch.Tensor | None = None  # [V] fp32 accumulator
 
 
-# GPU GEMM tiles are 128 rows tall: a chunk of 209 rows pays for 256 (measured on an H200).
-_GPU_ROW_MULTIPLE = 128
-
-
 def choose_chunk_size(opts: KDOptions, n_rows: int, vocab: int, bytes_per_logit: int,
                       device_type: str = "cpu") -> int:
-    """Rows per chunk: the explicit chunk_size, else the most rows whose [C, V] buffers fit
-    in max_workspace_bytes (at least one row; on GPUs a multiple of 128 rows when possible)."""
+    """Rows per chunk: the explicit chunk_size, else the fewest chunks whose [C, V] buffers
+    fit in max_workspace_bytes, balanced so the last chunk is not a small remainder (at
+    least one row). Fewer chunks matter most: every chunk re-reads and re-writes the fp32
+    grad_weight accumulator (measured on an H200: 4 GEMMs at N=8192, V=128256 take 62 ms
+    in chunks of 209 rows, 37 ms in chunks of 836)."""
     if opts.chunk_size is not None:
         return max(1, min(opts.chunk_size, n_rows))
-    c = max(1, min(n_rows, opts.workspace_bytes // max(1, vocab * bytes_per_logit)))
-    if device_type == "cuda" and _GPU_ROW_MULTIPLE <= c < n_rows:
-        c -= c % _GPU_ROW_MULTIPLE
-    return c
+    budget = opts.workspace_bytes_on(device_type)
+    most = max(1, min(n_rows, budget // max(1, vocab * bytes_per_logit)))
+    n_chunks = -(-n_rows // most)
+    return -(-n_rows // n_chunks) if n_rows else most
 
 
 def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,

@@ -13,6 +13,9 @@ REDUCTIONS = ("mean", "sum", "none")
 # impl names are validated against the backend table at dispatch time (backends/registry.py).
 
 DEFAULT_MAX_WORKSPACE_BYTES = 256 * 2**20
+# GPUs: bigger chunks pay (fewer re-reads of the fp32 grad_weight accumulator, fuller GEMM
+# tiles): on an H200 at N=8192, V=128256 the loss takes 70 ms at 256 MiB, 42 ms at 1 GiB.
+DEFAULT_MAX_WORKSPACE_BYTES_CUDA = 2**30
 
 
 def _check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -110,7 +113,14 @@ class KDOptions:
 
     @property
     def workspace_bytes(self) -> int:
-        return self.max_workspace_bytes or DEFAULT_MAX_WORKSPACE_BYTES
+        return self.workspace_bytes_on("cpu")
+
+    def workspace_bytes_on(self, device_type: str) -> int:
+        """max_workspace_bytes, or the documented default for this device type."""
+        if self.max_workspace_bytes is not None:
+            return self.max_workspace_bytes
+        return DEFAULT_MAX_WORKSPACE_BYTES_CUDA if device_type == "cuda" else (
+            DEFAULT_MAX_WORKSPACE_BYTES)
 
 
 OPTION_NAMES = tuple(f.name for f in fields(KDOptions) if f.init)
