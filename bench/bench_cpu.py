@@ -342,11 +342,16 @@ def run_benchmark(shape: common.Shape, dtypes: list[str], providers: list[str] |
                     check_fail[name] = "disagrees with float64 at the check shape"
             if res["status"] != "ok":
                 problems.append(f"agreement check {dtype}: {res['status']} {res.get('error')}")
-        batch = []
+        batch, interrupted = [], False
         for name in names:
             _log(f"[bench] {name} {dtype} {shape} ...")
-            r = run_provider(name, shape, dtype, limits, repeats=repeats, warmup=warmup,
-                             threads=threads, seed=seed)
+            try:
+                r = run_provider(name, shape, dtype, limits, repeats=repeats, warmup=warmup,
+                                 threads=threads, seed=seed)
+            except (KeyboardInterrupt, SystemExit):  # keep what was measured (worker killed)
+                problems.append(f"interrupted during {name} {dtype}")
+                interrupted = True
+                break
             _log(f"[bench]   {r.status} {_fmt(r.ms_median, '.1f')} ms, peak "
                  f"{_fmt(r.peak_mib, '.0f')} MiB {r.error}")
             batch.append(r)
@@ -359,6 +364,8 @@ def run_benchmark(shape: common.Shape, dtypes: list[str], providers: list[str] |
         problems += [f"{r.provider} {dtype}: {r.status}: {r.error}" for r in batch
                      if r.status in ("error", "crash", "timeout")]
         results += batch
+        if interrupted:
+            break
     return results, problems
 
 
