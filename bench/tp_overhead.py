@@ -79,7 +79,7 @@ def worker(cfg: dict) -> dict:
         if world:
             dist.barrier()
         t0 = time.perf_counter()
-        loss = kdkernels.fused_linear_kd_loss(h, w, g, u, vocab_parallel=vp)
+        loss = kdkernels.fused_linear_kd_loss(h, w, g, u, vocab_parallel=vp, impl=cfg["impl"])
         loss.backward()
         times.append(time.perf_counter() - t0)
         if i == 0:
@@ -113,12 +113,13 @@ def main() -> None:
     ap.add_argument("--dt", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--impl", default="auto")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     base = dict(n=args.n, vocab=args.vocab, ds=args.ds, dt=args.dt, dtype=args.dtype,
-                reps=args.reps)
+                reps=args.reps, impl=args.impl)
     rows = {
         "single-2t": launch(dict(base, threads=2)),
         "vp1-2t": launch(dict(base, threads=2, port=_port()), world=1),
@@ -126,7 +127,8 @@ def main() -> None:
         "tp2-1t": launch(dict(base, threads=1, port=_port()), world=2),
     }
     print(f"N={args.n} V={args.vocab} Ds={args.ds} Dt={args.dt} {args.dtype}, "
-          f"fwd+bwd, median of {args.reps}; load average {os.getloadavg()[0]:.1f}")
+          f"impl={args.impl}, fwd+bwd, median of {args.reps}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| config | rank | loss ms | collectives ms (stats / mix / grad_h) | share |")
     print("|---|---|---|---|---|")
     for name, res in rows.items():
