@@ -185,6 +185,7 @@ class VocabParallelReducer:
         self.vocab = layout.vocab
         self._crc = settings_crc
         self._chunk = 0
+        self.device_type = "cpu"
 
     def _header(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         vals = [self._crc & 0xFFF, (self._crc >> 12) & 0xFFF, self._crc >> 24,
@@ -291,7 +292,9 @@ def setup(vp: VocabParallel, width_s: int, width_t: int, device: torch.device,
     """Layout (first use: one all-gather, checked on every rank) and the call's reducer."""
     layout = layout_for(vp, width_s, width_t, device, settings, local_ok)
     group = vp.group if vp.group is not None else dist.group.WORLD
-    return VocabParallelReducer(group, layout, _checksum(settings))
+    reducer = VocabParallelReducer(group, layout, _checksum(settings))
+    reducer.device_type = device.type
+    return reducer
 
 
 def agree_chunk_size(opts: KDOptions, reducer: VocabParallelReducer,
@@ -300,7 +303,9 @@ def agree_chunk_size(opts: KDOptions, reducer: VocabParallelReducer,
     (the driver would otherwise size chunks from each rank's own, possibly uneven, width)."""
     if opts.chunk_size is not None:
         return opts
-    rows = max(1, opts.workspace_bytes // max(1, reducer.layout.max_width * bytes_per_logit))
+    on = getattr(opts, "workspace_bytes_on", None)  # per-device budget where the core has one
+    budget = on(reducer.device_type) if on is not None else opts.workspace_bytes
+    rows = max(1, budget // max(1, reducer.layout.max_width * bytes_per_logit))
     return replace(opts, chunk_size=rows)
 
 
