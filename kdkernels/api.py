@@ -112,8 +112,10 @@ def fused_linear_kd_loss(
     # break the graph).
     flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", vocab, opts,
                                check_range=not compiling)
-    cd_s = autocast if autocast is not None and h.dtype != torch.float64 else h.dtype
-    cd_t = autocast if autocast is not None and g.dtype != torch.float64 else g.dtype
+    cd_s = gemm.compute_dtype(autocast if autocast is not None and h.dtype != torch.float64
+                              else h.dtype, device)
+    cd_t = gemm.compute_dtype(autocast if autocast is not None and g.dtype != torch.float64
+                              else g.dtype, device)
     h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
     if compiling:
         if vocab_parallel is not None:
