@@ -33,7 +33,7 @@ class TrainConfig:
     kd_weight: float = 0.8
     ce_weight: float = 0.2
     # optimisation
-    max_steps: int = 250
+    max_steps: int = 200
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 25
@@ -60,7 +60,7 @@ class TrainConfig:
     heldout_fraction: float = 0.1
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(192, 4, 4, 512))
     student_size: ModelSize = field(default_factory=lambda: ModelSize(96, 2, 4, 256))
-    teacher_steps: int = 400
+    teacher_steps: int = 300
     teacher_lr: float = 3e-3
 
     FINGERPRINT_EXCLUDE = ("eval_every", "eval_batches", "save_every", "output", "progress",
@@ -85,8 +85,12 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# The embedded default is tuned so that the KD student beats the CE student on held-out CE
-# across seeds (see README "Embedded default"); smoke is a sub-minute end-to-end test.
+# The embedded default (the TrainConfig defaults) is tuned so that the KD student beats the
+# CE student on held-out CE across seeds; bench/results/kdk_distill_seeds.md has the numbers.
+# The student sees few tokens (200 steps x 2048), where the teacher's soft targets carry more
+# per token than the labels. T=1 with kd 0.8 / ce 0.2 won: at 120 steps KD reached 5.84 nats
+# against CE's 6.09, while T=2 (6.19) fell behind CE. The teacher (300 steps) is cached, so
+# later runs train only the students. smoke is a sub-minute end-to-end test.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": dict(max_steps=6, warmup_steps=2, batch_size=4, seq_len=32, eval_every=3,
