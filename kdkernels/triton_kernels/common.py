@@ -65,7 +65,10 @@ def log_mix(logq, logp, lwq, lwp, MIX_KIND: tl.constexpr):
         lo = tl.minimum(x, y)
         finite_hi = tl.where(hi == float("-inf"), 0.0, hi)
         out = finite_hi + tl.log(1.0 + tl.exp(lo - finite_hi))
-        return tl.where(hi == float("-inf"), float("-inf"), out)
+        out = tl.where(hi == float("-inf"), float("-inf"), out)
+        # max/min return the other operand for a NaN (IEEE maxNum, on GPUs and in the
+        # interpreter): put the NaN back so that NaN logits give a NaN loss.
+        return tl.where((x != x) | (y != y), x + y, out)
 
 
 @helper
