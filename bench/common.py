@@ -127,12 +127,13 @@ def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
 
     h, w = inputs.student_hidden, inputs.student_weight
     opts = KDOptions(**KD_OPTIONS)
-    zs_dtype = gemm.logits_dtype(h.dtype, h.device)
+    cd = gemm.compute_dtype(h.dtype, h.device)  # fp32 on CPUs without native bf16 GEMMs
+    zs_dtype = gemm.logits_dtype(cd, h.device)
     spec = RowSpec.from_options(opts, True)
     backend = registry.select(impl, h.device, zs_dtype, spec)
-    separate = zs_dtype != h.dtype
-    per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (h.element_size() if separate
-                                                                else 0)
+    separate = zs_dtype != cd
+    per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (
+        torch.empty((), dtype=cd).element_size() if separate else 0)
     chunk = choose_chunk_size(opts, h.shape[0], w.shape[0], per_logit, h.device.type)
     return FloorPlan(chunk, zs_dtype, separate, backend.name)
 
@@ -148,12 +149,16 @@ def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
     plan = floor_plan(inputs, impl)
     # When dZ needs its own buffer, fill it once with logit-scale values, outside any timer.
     dz_fixed = (torch.randn(plan.chunk, inputs.student_weight.shape[0],
-                            dtype=inputs.student_hidden.dtype,
+                            dtype=gemm.compute_dtype(inputs.student_hidden.dtype,
+                                                     inputs.student_hidden.device),
                             device=inputs.student_hidden.device) if plan.separate_dz else None)
 
+    cd = gemm.compute_dtype(inputs.student_hidden.dtype, inputs.student_hidden.device)
+
     def run(inp: Inputs) -> None:
-        h, w = inp.student_hidden.detach(), inp.student_weight.detach()
-        g, u = inp.teacher_hidden, inp.teacher_weight
+        # The same casts as the driver (none unless the CPU lacks native half GEMMs).
+        h, w = inp.student_hidden.detach().to(cd), inp.student_weight.detach().to(cd)
+        g, u = inp.teacher_hidden.to(cd), inp.teacher_weight.to(cd)
         n, vocab, c = h.shape[0], w.shape[0], plan.chunk
         zs_buf = torch.empty(c, vocab, dtype=plan.logits_dtype, device=h.device)
         zt_buf = torch.empty(c, vocab, dtype=plan.logits_dtype, device=h.device)
@@ -166,8 +171,8 @@ def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
             dz = dz_fixed[: stop - start] if dz_fixed is not None else zs
             torch.mm(dz, w, out=grad_h[start:stop])
             gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
-        inp.student_hidden.grad = grad_h
-        inp.student_weight.grad = grad_w.to(w.dtype)
+        inp.student_hidden.grad = grad_h.to(inp.student_hidden.dtype)
+        inp.student_weight.grad = grad_w.to(inp.student_weight.dtype)
         return None
 
     return run
