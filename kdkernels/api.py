@@ -13,8 +13,14 @@ from .backends.base import RowSpec
 from .options import KDOptions
 from .parallel import VocabParallel
 from .reducer import LOCAL
-from .validation import (check_bias, check_head, check_labels, check_pair_dtypes,
-                         check_same_device, check_tensor)
+from .validation import (
+    check_bias,
+    check_head,
+    check_labels,
+    check_pair_dtypes,
+    check_same_device,
+    check_tensor,
+)
 
 
 class KDComponents(NamedTuple):

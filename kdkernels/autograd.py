@@ -5,8 +5,8 @@ pre-scale per row, so its backward re-runs the chunk driver with grad_output as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -124,13 +124,14 @@ def _backward(ctx, g_loss, _g_kd, _g_ce, _g_n, _g_h, _g_w, _g_b):
     want = inputs[7]
     reduction = inputs[20]
     if reduction != "none":
-        grads = [t * g_loss.to(t.dtype) if w else None for t, w in zip(ctx.grads, want)]
+        grads = [t * g_loss.to(t.dtype) if w else None
+                 for t, w in zip(ctx.grads, want, strict=True)]
     else:
         opts = list(inputs[_FWD_OPTION_SLICE])
         del opts[10]  # reduction
         del opts[-1]  # return_components
         grads = list(fused_linear_kd_backward_op(*inputs[:10], g_loss, *opts))
-        grads = [t if w else None for t, w in zip(grads, want)]
+        grads = [t if w else None for t, w in zip(grads, want, strict=True)]
     if inputs[2] is None:
         grads[2] = None
     return (*grads, *([None] * (len(inputs) - 3)))

@@ -17,7 +17,7 @@ _HALF = (torch.bfloat16, torch.float16)
 _BLOCK_BYTES = 16 * 2**20
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_fast_half_gemm() -> bool:
     """Whether this CPU multiplies bf16/fp16 natively (AVX512-BF16/FP16 or AMX). Without it,
     torch's half GEMMs fall back to slow paths: 1-6 GFLOP/s against 31 GFLOP/s in fp32 on
@@ -41,7 +41,7 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp32_out_supported(device_type: str, dtype: torch.dtype) -> bool:
     if dtype not in _HALF or device_type != "cuda":
         return False

@@ -40,7 +40,7 @@ def test_fullgraph_matches_eager(impl, reduction):
     want.backward()
     # Same eager kernels inside the op: identical up to summation order (none).
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    for a, t in zip(grads, (h, w, b)):
+    for a, t in zip(grads, (h, w, b), strict=True):
         torch.testing.assert_close(a, t.grad, rtol=1e-6, atol=1e-7)
 
 

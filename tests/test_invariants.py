@@ -49,7 +49,7 @@ def test_chunk_size_invariance(impl, div):
     outs = [run_fused(kdkernels.fused_linear_kd_loss, inp, divergence=div, temperature=1.7,
                       ce_weight=0.3, chunk_size=c, impl=impl) for c in (1, 5, 23, None)]
     for other in outs[1:]:
-        for a, b in zip(outs[0], other):
+        for a, b in zip(outs[0], other, strict=True):
             # Chunks change GEMM blocking only: fp32 rounding differences of ~1e-7.
             torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
 

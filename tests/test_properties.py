@@ -160,7 +160,8 @@ def test_fused_linear_matches_oracle(impl):
                       None if naive[3] is None else naive[3].grad)
         check = _check_fp32 if case["dtype"] == torch.float32 else _check_bf16
         units = (_unit_loss(opts, inp["labels"], case["n"]), 0.0, 0.0, 0.0)
-        for o, r, t, nv, name, unit in zip(ours, ref, twin, naive_vals, names, units):
+        rows = zip(ours, ref, twin, naive_vals, names, units, strict=True)
+        for o, r, t, nv, name, unit in rows:
             if r is not None:
                 check(o, r, t, nv, name, unit)
 

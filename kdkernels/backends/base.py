@@ -40,8 +40,8 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,7 @@ class RowSpec:
     has_ce: bool
 
     @staticmethod
-    def from_options(opts: KDOptions, has_labels: bool) -> "RowSpec":
+    def from_options(opts: KDOptions, has_labels: bool) -> RowSpec:
         return RowSpec(
             divergence=opts.effective_divergence,
             temperature=opts.temperature,

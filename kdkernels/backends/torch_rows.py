@@ -34,7 +34,7 @@ def _tempered(z: torch.Tensor, t: float) -> torch.Tensor:
 
 
 def _max_sum_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row max m, exp(x - m) and its row sum; a row of -inf gives m = -inf and NaN (as it should)."""
+    """Row max m, exp(x - m) and its row sum (a row of -inf gives NaN, as it should)."""
     m = x.amax(1)
     e = torch.exp(x - m[:, None])
     return m, e, e.sum(1)
