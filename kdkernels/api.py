@@ -8,8 +8,8 @@ import torch
 
 from . import compiled, gemm, parallel
 from .autograd import FusedLinearKD, LogitsKD, Plan
+from .autograd import row_spec as _spec
 from .backends import registry
-from .backends.base import RowSpec
 from .options import KDOptions
 from .parallel import VocabParallel
 from .reducer import LOCAL
@@ -38,14 +38,6 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
-
-
-def _spec(opts: KDOptions, labels: torch.Tensor | None) -> RowSpec:
-    # With return_components, CE is computed for monitoring even at ce_weight = 0.
-    spec = RowSpec.from_options(opts, labels is not None)
-    if labels is not None and opts.return_components and not spec.has_ce:
-        spec = RowSpec(**{**spec.__dict__, "has_ce": True})
-    return spec
 
 
 def _finish(opts: KDOptions, loss, kd, ce, labels, n) -> torch.Tensor | KDComponents:
@@ -133,8 +125,8 @@ def fused_linear_kd_loss(
             loss, kd, ce = (t.reshape(h.shape[:-1]) for t in (loss, kd, ce))
         return KDComponents(loss, kd, ce, kept) if opts.return_components else loss
     spec = _spec(opts, flat_labels)
-    backend = registry.select(opts.impl, device, gemm.logits_dtype(cd_s, device), spec)
     ld = gemm.logits_dtype(cd_s, device)
+    backend = registry.select(opts.impl, device, ld, spec)
     run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(ld)
                                      + torch.empty((), dtype=cd_s).element_size())
     plan = Plan(run_opts, spec, backend, reducer, cd_s, cd_t)

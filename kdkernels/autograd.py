@@ -16,6 +16,15 @@ from .options import KDOptions
 from .reducer import LocalReducer
 
 
+def row_spec(opts: KDOptions, labels: torch.Tensor | None) -> RowSpec:
+    """The row kernels' spec; with return_components, CE is computed for monitoring even at
+    ce_weight = 0."""
+    spec = RowSpec.from_options(opts, labels is not None)
+    if labels is not None and opts.return_components and not spec.has_ce:
+        spec = RowSpec(**{**spec.__dict__, "has_ce": True})
+    return spec
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything the Functions need besides tensors."""

@@ -13,9 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autograd import Plan, fused_forward
+from .autograd import Plan, fused_forward, row_spec
 from .backends import registry
-from .backends.base import RowSpec
 from .gemm import logits_dtype
 from .options import KDOptions
 from .reducer import LOCAL
@@ -24,9 +23,7 @@ _NAMESPACE = "kdkernels"
 
 
 def _plan(h: Tensor, labels: Optional[Tensor], opts: KDOptions, cd_s, cd_t) -> Plan:
-    spec = RowSpec.from_options(opts, labels is not None)
-    if labels is not None and opts.return_components and not spec.has_ce:
-        spec = RowSpec(**{**spec.__dict__, "has_ce": True})
+    spec = row_spec(opts, labels)
     backend = registry.select(opts.impl, h.device, logits_dtype(cd_s, h.device), spec)
     return Plan(opts, spec, backend, LOCAL, cd_s, cd_t)
 
