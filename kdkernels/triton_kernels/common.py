@@ -36,6 +36,15 @@ def mix_kind(wq: float) -> int:
     return 1 if wq == 1.0 else (2 if wq == 0.0 else 0)
 
 
+# tl.constexpr flags shared by the mix and gradient kernels (stats adds SEPARATE_Z).
+SPEC_FLAGS = {
+    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
+    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
+    "TEMPERED": lambda a: a["inv_t"] != 1.0,
+    "MIX_KIND": lambda a: mix_kind(a["wq"]),
+}
+
+
 @helper
 def softcap(x, cap):
     """cap * tanh(x / cap). tanh from one exp of -2|y| (never overflows); below |y| = 1/16 a

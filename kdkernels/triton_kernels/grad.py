@@ -13,11 +13,11 @@ from .common import (
     REVERSE_KL,
     SKEW_FORWARD_KL,
     SKEW_REVERSE_KL,
+    SPEC_FLAGS,
     TVD,
     helper,
     load_logits,
     log_mix,
-    mix_kind,
     round_to_bf16,
 )
 
@@ -28,12 +28,7 @@ def _p_times(p, x):
     return tl.where(p == 0.0, 0.0, p * x)
 
 
-@triton.heuristics({
-    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
-    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
-    "TEMPERED": lambda a: a["inv_t"] != 1.0,
-    "MIX_KIND": lambda a: mix_kind(a["wq"]),
-})
+@triton.heuristics(SPEC_FLAGS)
 @triton.jit
 def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
                 stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, wq, lwq, lwp, k_div,

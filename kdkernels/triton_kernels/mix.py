@@ -11,11 +11,11 @@ from .common import (
     MIX_ONLY_Q,
     SKEW_FORWARD_KL,
     SKEW_REVERSE_KL,
+    SPEC_FLAGS,
     TVD,
     helper,
     load_logits,
     log_mix,
-    mix_kind,
 )
 
 
@@ -25,12 +25,7 @@ def _xlogy_diff(w, logx, logm):
     return tl.where(w == 0.0, 0.0, w * (logx - logm))
 
 
-@triton.heuristics({
-    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
-    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
-    "TEMPERED": lambda a: a["inv_t"] != 1.0,
-    "MIX_KIND": lambda a: mix_kind(a["wq"]),
-})
+@triton.heuristics(SPEC_FLAGS)
 @triton.jit
 def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
                stride_n, span, inv_t, cap_s, cap_t, wq, lwq, lwp,
