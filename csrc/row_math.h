@@ -159,9 +159,9 @@ KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, cons
   } else if (p.div == kSkewForwardKL) {
     c0 = c0 + xlogy_diff<M>(qr, logq, logm);
     c1 = c1 + M::exp(logq + logp - logm);
-  } else {  // kSkewReverseKL; p^2 / mix <= p / skew, and at skew 0 the term is absent
+  } else {  // kSkewReverseKL; skew p^2 / mix <= p: one exp of a non-positive argument
     c0 = c0 + xlogy_diff<M>(pr, logp, logm);
-    if (p.skew != 0.0f) c1 = c1 + M::exp(logp + logp - logm);
+    if (p.skew != 0.0f) c1 = c1 + M::exp(V(p.log_wp) + logp + logp - logm);
   }
 }
 
@@ -214,7 +214,9 @@ KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename
         g = V(p.soft_scale) * (M::exp(logp + logq - logm) - pr * r.aux);
       } else {  // kSkewReverseKL; at skew 0 the p * p / mix term is exactly absent
         g = pr * (logp - logm - r.aux);
-        if (p.skew != 0.0f) g = g - V(p.skew) * M::exp(logp + logp - logm);
+        // skew p^2 / mix as one exp (<= p): p^2 / mix alone reaches p / skew (1e23 at skew
+        // 1e-23), beyond the range of the fast vector exp.
+        if (p.skew != 0.0f) g = g - M::exp(V(p.log_wp) + logp + logp - logm);
       }
     }
   }

@@ -10,7 +10,7 @@ the two log-normalisers (see backends/base.py for the element-wise gradient form
     skew_forward_kl  mix_l = l q + (1-l) p;  KL(q||mix_l)
                      mix = (KL, sum q p / mix_l)                     aux = sum q p / mix_l
     skew_reverse_kl  mix_l = (1-l) q + l p;  KL(p||mix_l)
-                     mix = (KL, sum p^2 / mix_l)                     aux = KL - l sum p^2/mix_l
+                     mix = (KL, sum l p^2 / mix_l)                   aux = KL - sum l p^2/mix_l
     tvd              0.5 sum |p - q|;  mix = (TVD, sum p g), g = 0.5 sign(p-q)   aux = sum p g
 """
 
@@ -43,7 +43,7 @@ def row_kd_and_aux(
             aux = c1
         elif div == "skew_reverse_kl":
             kd = c0
-            aux = c0 - opts.skew * c1
+            aux = c0 - c1  # c1 already carries the skew weight (bounded by 1)
         else:  # skew_forward_kl, tvd
             kd = c0
             aux = c1

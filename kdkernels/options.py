@@ -81,7 +81,10 @@ class KDOptions:
         if not isinstance(self.impl, str):
             raise TypeError(f"impl must be a string, got {type(self.impl).__name__}")
         set_("beta", _check_real("beta", self.beta, low=0.0, high=1.0))
-        set_("skew", _check_real("skew", self.skew, low=0.0, high=1.0))
+        skew = _check_real("skew", self.skew, low=0.0, high=1.0)
+        # A weight below fp64 resolution next to 1 (1 - skew == 1) cannot enter a mixture
+        # weighted (1 - skew, skew) consistently in every backend: it is exactly 0.
+        set_("skew", 0.0 if 1.0 - skew == 1.0 else skew)
         set_("temperature", _check_real("temperature", self.temperature, low=0.0, low_open=True))
         set_("kd_weight", _check_real("kd_weight", self.kd_weight, low=0.0))
         set_("ce_weight", _check_real("ce_weight", self.ce_weight, low=0.0))

@@ -31,7 +31,8 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
         jsd              (1 - beta) * p * (log p - logm - aux)
         skew_forward_kl  -(1 - skew) * (exp(log p + log q - logm) - p * aux)
                          (never p * (q / mix): q / mix overflows where p underflows)
-        skew_reverse_kl  p * (log p - logm - skew * p / mix - aux)
+        skew_reverse_kl  p * (log p - logm - aux) - exp(log skew + 2 log p - logm)
+                         (skew p^2 / mix <= p; its mix-pass sum is sum skew p^2 / mix)
         tvd              p * (0.5 * sign(p - q) - aux)
 
     Rows with kd_coef == 0 and ce_coef == 0 must get exact zeros whatever their logits hold

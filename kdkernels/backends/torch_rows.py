@@ -108,8 +108,8 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
         cols = (_xlogy_diff(q, logq, logm), torch.exp(logq + logp - logm).sum(1))
     elif div == "skew_reverse_kl":
         logm = _log_mix(logq, logp, 1.0 - spec.skew)
-        # p^2 / mix <= p / skew; at skew 0 the term is absent (and p / q may overflow).
-        second = (torch.exp(2 * logp - logm).sum(1) if spec.skew > 0
+        # skew p^2 / mix <= p as one exp; at skew 0 the term is absent (p / q may overflow).
+        second = (torch.exp(math.log(spec.skew) + 2 * logp - logm).sum(1) if spec.skew > 0
                   else torch.zeros_like(logp[:, 0]))
         cols = (_xlogy_diff(p, logp, logm), second)
     elif div == "tvd":
@@ -138,8 +138,8 @@ def _soft_term(logp, logq, aux, spec: RowSpec) -> torch.Tensor:
     if div == "skew_reverse_kl":
         logm = _log_mix(logq, logp, 1.0 - spec.skew)
         g = p * (logp - logm - aux[:, None])
-        if spec.skew > 0:  # p / mix <= 1 / skew; at skew 0 the term is absent
-            g -= spec.skew * torch.exp(2 * logp - logm)
+        if spec.skew > 0:  # skew p^2 / mix <= p as one exp; at skew 0 the term is absent
+            g -= torch.exp(math.log(spec.skew) + 2 * logp - logm)
         return g
     if div == "tvd":
         return p * (0.5 * torch.sign(p - torch.exp(logq)) - aux[:, None])

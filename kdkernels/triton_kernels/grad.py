@@ -76,7 +76,7 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
             tl.static_assert(DIV == SKEW_REVERSE_KL)
             g = _p_times(p, logp - logm - aux[:, None])
             if MIX_KIND != MIX_ONLY_Q:  # skew > 0: p / m <= 1 / skew, no overflow
-                g -= k_div * tl.exp(2.0 * logp - logm)
+                g -= tl.exp(lwp + 2.0 * logp - logm)  # skew p^2 / m <= p, lwp = log skew
     dz = kd[:, None] * g
     if HAS_CE:
         m_z = tl.load(c + 4, mask=row_ok, other=0.0)

@@ -73,7 +73,7 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
                 if MIX_KIND == MIX_ONLY_Q:  # skew 0: the term is absent (p / q may overflow)
                     t1 = tl.zeros_like(t0)
                 else:
-                    t1 = tl.exp(2.0 * logp - logm)  # p^2 / m <= p / skew
+                    t1 = tl.exp(lwp + 2.0 * logp - logm)  # skew p^2 / m <= p
         acc0 += tl.sum(tl.where(mask, t0, 0.0), axis=1)  # masked lanes: finite junk
         acc1 += tl.sum(tl.where(mask, t1, 0.0), axis=1)
     out = part_ptr + (split.to(tl.int64) * n_rows + rows) * 2
