@@ -18,6 +18,7 @@ from .backends import registry
 from .gemm import logits_dtype
 from .options import KDOptions
 from .reducer import LOCAL
+from .validation import check_label_range
 
 _NAMESPACE = "kdkernels"
 
@@ -26,17 +27,6 @@ def _plan(h: Tensor, labels: Optional[Tensor], opts: KDOptions, cd_s, cd_t) -> P
     spec = row_spec(opts, labels)
     backend = registry.select(opts.impl, h.device, logits_dtype(cd_s, h.device), spec)
     return Plan(opts, spec, backend, LOCAL, cd_s, cd_t)
-
-
-def _check_label_range(labels: Optional[Tensor], vocab: int, ignore_index: int) -> None:
-    if labels is None:
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if labels.numel() and bool(bad.any()):
-        pos = int(torch.nonzero(bad)[0, 0])
-        raise ValueError(f"labels must be in [0, {vocab}) (the shared vocabulary) or equal "
-                         f"ignore_index={ignore_index}; got {int(labels[pos])} at flat "
-                         f"position {pos}")
 
 
 def _options(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
@@ -62,7 +52,7 @@ def fused_linear_kd_op(
     opts = _options(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
                     student_softcap, teacher_softcap, ignore_index, reduction, num_items,
                     chunk_size, max_workspace_bytes, impl, return_components)
-    _check_label_range(labels, min(w.shape[0], u.shape[0]), ignore_index)
+    check_label_range(labels, min(w.shape[0], u.shape[0]), ignore_index)
     out = fused_forward(h, w, bs, g, u, bt, labels, _plan(h, labels, opts, cd_s, cd_t), *want)
     grads = out.grads or (None, None, None)
     # Outputs may not alias each other: a fresh empty tensor per missing gradient.

@@ -66,12 +66,18 @@ def check_labels(labels: object, lead_shape: torch.Size, lead_name: str, vocab: 
         raise ValueError(f"labels must have the leading shape of {lead_name}, "
                          f"[{', '.join(map(str, lead_shape))}]; got {_shape(labels)}")
     labels = labels.reshape(-1).long()
-    if not check_range:
-        return labels
-    bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= vocab))
-    if labels.numel() and bool(bad.any()):
+    if check_range:
+        check_label_range(labels, vocab, opts.ignore_index)
+    return labels
+
+
+def check_label_range(labels: torch.Tensor | None, vocab: int, ignore_index: int) -> None:
+    """Flat labels must be token ids in [0, vocab) or ignore_index (one host sync)."""
+    if labels is None or not labels.numel():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
         pos = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"labels must be in [0, {vocab}) (the shared vocabulary) or equal "
-                         f"ignore_index={opts.ignore_index}; got {int(labels[pos])} at flat "
+                         f"ignore_index={ignore_index}; got {int(labels[pos])} at flat "
                          f"position {pos}")
-    return labels

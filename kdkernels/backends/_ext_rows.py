@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import RowSpec
+from .base import Backend, RowSpec
 
 _OK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,3 +37,18 @@ def dtype_reasons(name: str, dtype: torch.dtype) -> list[str]:
 def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
     # Only the two [C, V] inputs: the kernels keep no [C, V] temporaries.
     return 2 * torch.empty((), dtype=dtype).element_size()
+
+
+def backend(name: str, device_type: str) -> Backend:
+    """The table entry of an extension backend serving tensors of `device_type`."""
+
+    def not_supported_reasons(device: torch.device, dtype: torch.dtype,
+                              spec: RowSpec) -> list[str]:
+        why = dtype_reasons(name, dtype)
+        if device.type != device_type:
+            why.append(f"{name} backend runs on {device_type.upper()} tensors, got {device}")
+        return why
+
+    return Backend(name=name, stats=stats, mix=mix, grad=grad,
+                   not_supported_reasons=not_supported_reasons,
+                   workspace_bytes_per_logit=workspace_bytes_per_logit)

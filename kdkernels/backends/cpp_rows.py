@@ -6,27 +6,10 @@ ImportError with the reason when it cannot be built or loaded.
 
 from __future__ import annotations
 
-import torch
-
 from .. import _build
 from . import _ext_rows
-from .base import Backend, RowSpec
 
 _build.load_cpu()
 
 
-def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
-    why = _ext_rows.dtype_reasons("cpp", dtype)
-    if device.type != "cpu":
-        why.append(f"cpp backend runs on CPU tensors, got {device}")
-    return why
-
-
-BACKEND = Backend(
-    name="cpp",
-    stats=_ext_rows.stats,
-    mix=_ext_rows.mix,
-    grad=_ext_rows.grad,
-    not_supported_reasons=not_supported_reasons,
-    workspace_bytes_per_logit=_ext_rows.workspace_bytes_per_logit,
-)
+BACKEND = _ext_rows.backend("cpp", "cpu")

@@ -10,7 +10,6 @@ import torch
 
 from .. import _build
 from . import _ext_rows
-from .base import Backend, RowSpec
 
 if not torch.cuda.is_available():
     # Building CUDA code that cannot run here would only cost minutes; tests and
@@ -19,18 +18,4 @@ if not torch.cuda.is_available():
 _build.load_cuda()
 
 
-def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
-    why = _ext_rows.dtype_reasons("cuda", dtype)
-    if device.type != "cuda":
-        why.append(f"cuda backend runs on CUDA tensors, got {device}")
-    return why
-
-
-BACKEND = Backend(
-    name="cuda",
-    stats=_ext_rows.stats,
-    mix=_ext_rows.mix,
-    grad=_ext_rows.grad,
-    not_supported_reasons=not_supported_reasons,
-    workspace_bytes_per_logit=_ext_rows.workspace_bytes_per_logit,
-)
+BACKEND = _ext_rows.backend("cuda", "cuda")

@@ -161,8 +161,9 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
     if spec.student_softcap is not None:
         c = spec.student_softcap
         dz.mul_(1.0 - (z / c).square_())
-    live = (kd_coef != 0) | (ce_coef != 0)
-    out.copy_(torch.where(live[:, None], dz, torch.zeros((), device=dz.device)))
+    # Dead rows get exact zeros whatever their logits held (no [C, V] temporary for it).
+    dz.masked_fill_(((kd_coef == 0) & (ce_coef == 0))[:, None], 0.0)
+    out.copy_(dz)
 
 
 def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
