@@ -171,6 +171,7 @@ def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
             dz = dz_fixed[: stop - start] if dz_fixed is not None else zs
             torch.mm(dz, w, out=grad_h[start:stop])
             gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
+        del zs_buf, zt_buf, zs, dz  # as the driver: no workspace while the grads are cast
         inp.student_hidden.grad = grad_h.to(inp.student_hidden.dtype)
         inp.student_weight.grad = grad_w.to(inp.student_weight.dtype)
         return None

@@ -143,17 +143,20 @@ class FusedLinearKD(torch.autograd.Function):
     def forward(ctx, h, w, bs, g, u, bt, labels, plan: Plan):
         out = fused_forward(h, w, bs, g, u, bt, labels, plan, ctx.needs_input_grad[0],
                             ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        ctx.outcome = out
+        ctx.recompute = out.recompute
+        # Saved (not kept on ctx) so that autograd releases them right after backward and
+        # AccumulateGrad adopts them as .grad instead of cloning (a ctx attribute would keep
+        # a second reference alive: one more [V, D] copy at the peak).
+        ctx.save_for_backward(*(out.grads or (None, None, None)))
         ctx.mark_non_differentiable(out.kd, out.ce)
         return out.loss, out.kd, out.ce
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce):
-        out: FusedOutcome = ctx.outcome
-        if out.grads is not None:
-            gh, gw, gb = (_scale(t, go) for t in out.grads)
+        if ctx.recompute is None:
+            gh, gw, gb = (_scale(t, go) for t in ctx.saved_tensors)
         else:
-            gh, gw, gb = out.recompute(go)
+            gh, gw, gb = ctx.recompute(go)
         return gh, gw, gb, None, None, None, None, None
 
 
@@ -166,14 +169,26 @@ def _full_grads(res, idx, n, shapes, vocab, device, want_b=True):
         gh = (torch.zeros(h_shape, dtype=h_dtype, device=device) if res is None
               else _scatter(res.grad_h.to(h_dtype), idx, n))
     if res is None or res.grad_w is not None:
-        gw = torch.zeros(w_shape, dtype=w_dtype, device=device)
-        if res is not None:
-            gw[:vocab] = res.grad_w
+        gw = _in_shape(None if res is None else res.grad_w, w_shape, w_dtype, vocab, device)
     if b_dtype is not None and (res is None or res.grad_b is not None):
-        gb = torch.zeros(w_shape[0], dtype=b_dtype, device=device)
-        if res is not None:
-            gb[:vocab] = res.grad_b
+        gb = _in_shape(None if res is None else res.grad_b, (w_shape[0],), b_dtype, vocab,
+                       device)
+    if res is not None:  # drop the fp32 accumulators now, not when the caller returns
+        res.grad_w = res.grad_b = None
     return gh, gw, gb
+
+
+def _in_shape(acc, shape, dtype, vocab, device) -> torch.Tensor:
+    """An accumulator over the first ``vocab`` rows as a gradient of ``shape``/``dtype``:
+    the accumulator itself when it already is one, else one cast (zero rows past vocab)."""
+    if acc is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    if acc.shape[0] == shape[0]:
+        return acc if acc.dtype == dtype else acc.to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    out[:vocab] = acc
+    out[vocab:] = 0
+    return out
 
 
 class LogitsKD(torch.autograd.Function):
@@ -199,10 +214,10 @@ class LogitsKD(torch.autograd.Function):
         loss = _reduce(_combine(opts, kd, ce), opts, norm)
         kd_red = _reduce(kd, opts, norm)
         ce_red = torch.full_like(kd_red, float("nan")) if ce is None else _reduce(ce, opts, norm)
-        ctx.grad = grad
+        ctx.save_for_backward(grad)  # released after backward: adopted as .grad, not cloned
         ctx.mark_non_differentiable(kd_red, ce_red)
         return loss, kd_red, ce_red
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce):
-        return _scale(ctx.grad, go), None, None, None
+        return _scale(ctx.saved_tensors[0], go), None, None, None

@@ -133,6 +133,11 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
             gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
         if grad_b is not None:
             grad_b += dz.sum(0, dtype=acc_dtype)
+    # Free the workspace before the callers cast the accumulators to the output dtype, even
+    # if a view of it is still referenced somewhere: the two must never coexist at the peak.
+    for buf in (zs_buf, zt_buf, dz_buf):
+        buf.untyped_storage().resize_(0)
+    del zs_buf, zt_buf, dz_buf
     if post_scale != 1.0:
         for acc in (grad_w, grad_b):
             if acc is not None:

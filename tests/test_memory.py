@@ -1,0 +1,128 @@
+"""Memory behaviour that needs no GPU to check: gradients are handed to autograd without a
+copy, the workspace is gone before the output-dtype gradients exist, and the allocator-trace
+replay of the GPU benchmark's peak breakdown."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import driver
+
+from .conftest import cpu_impls
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _inputs(seed=0, n=37, vocab=211, ds=16, dt=24, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, ds, generator=gen).to(dtype).requires_grad_(True)
+    w = torch.randn(vocab, ds, generator=gen).to(dtype).requires_grad_(True)
+    g = torch.randn(n, dt, generator=gen).to(dtype)
+    u = torch.randn(vocab, dt, generator=gen).to(dtype)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    return h, w, g, u, labels
+
+
+@pytest.mark.parametrize("impl", cpu_impls())
+def test_fused_gradients_are_adopted_not_cloned(impl):
+    # A second reference held by the Function would make AccumulateGrad clone the [V, D]
+    # gradient: one more weight-sized buffer at the memory peak.
+    h, w, g, u, labels = _inputs()
+    loss = kdkernels.fused_linear_kd_loss(h, w, g, u, labels, impl=impl, chunk_size=8)
+    ptrs = [t.data_ptr() for t in loss.grad_fn.saved_tensors[:2]]
+    loss.backward()
+    assert [h.grad.data_ptr(), w.grad.data_ptr()] == ptrs
+
+
+def test_kd_loss_gradient_is_adopted_not_cloned():
+    zs = torch.randn(13, 101, requires_grad=True)
+    zt = torch.randn(13, 101)
+    loss = kdkernels.kd_loss(zs, zt, divergence="jsd")
+    ptr = loss.grad_fn.saved_tensors[0].data_ptr()
+    loss.backward()
+    assert zs.grad.data_ptr() == ptr
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_retain_graph_backward_twice_accumulates(reduction):
+    h, w, g, u, labels = _inputs(1)
+    loss = kdkernels.fused_linear_kd_loss(h, w, g, u, labels, reduction=reduction,
+                                          divergence="reverse_kl")
+    loss.backward(retain_graph=True)
+    once = (h.grad.clone(), w.grad.clone())
+    loss.backward(torch.tensor(0.5))
+    torch.testing.assert_close(h.grad, 1.5 * once[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.grad, 1.5 * once[1], rtol=1e-6, atol=1e-7)
+
+
+def test_fp32_weight_gradient_is_the_accumulator_and_bf16_is_one_cast(monkeypatch):
+    made = []
+    real = driver.torch.zeros
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        made.append((tuple(out.shape), out.dtype, out.data_ptr()))  # no reference kept
+        return out
+
+    monkeypatch.setattr(driver.torch, "zeros", spy)
+    h, w, g, u, labels = _inputs(2)
+    kdkernels.fused_linear_kd_loss(h, w, g, u, labels).backward()
+    acc = [ptr for shape, _, ptr in made if shape == tuple(w.shape)]
+    assert acc == [w.grad.data_ptr()]  # fp32: the accumulator itself becomes w.grad
+
+    made.clear()
+    hb, wb, gb, ub = (t.detach().bfloat16().requires_grad_(t.requires_grad)
+                      for t in (h, w, g, u))
+    kdkernels.fused_linear_kd_loss(hb, wb, gb, ub, labels).backward()
+    assert [d for shape, d, _ in made if shape == tuple(w.shape)] == [torch.float32]
+    assert wb.grad.dtype == torch.bfloat16  # one cast of the fp32 accumulator, no zero fill
+
+
+@pytest.mark.parametrize("impl", cpu_impls())
+def test_workspace_is_released_before_the_gradients_are_cast(impl, monkeypatch):
+    buffers = []
+    real = driver.torch.empty
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.dim() == 2 and out.shape[1] == 211:
+            buffers.append(out)
+        return out
+
+    monkeypatch.setattr(driver.torch, "empty", spy)
+    h, w, g, u, labels = _inputs(3, dtype=torch.bfloat16)
+    loss = kdkernels.fused_linear_kd_loss(h, w, g, u, labels, impl=impl, chunk_size=10)
+    assert buffers, "the driver allocated no [C, V] workspace"
+    # even though this test still references them, their memory is gone
+    assert all(b.untyped_storage().nbytes() == 0 for b in buffers)
+    loss.backward()
+    assert torch.isfinite(w.grad.float()).all() and w.grad.dtype == torch.bfloat16
+
+
+def test_live_at_peak_replays_an_allocator_trace():
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_gpu import live_at_peak
+
+    def frame(name):
+        return [{"filename": "/x/torch/nn.py", "line": 1, "name": "inner"},
+                {"filename": f"/r/kdkernels/{name}.py", "line": 7, "name": name}]
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frame("driver")},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frame("gemm")},
+        {"action": "free_requested", "addr": 2, "size": 50},
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 3, "size": 70, "frames": frame("autograd")},
+        {"action": "free_requested", "addr": 99, "size": 1000},  # allocated before the trace
+        {"action": "alloc", "addr": 4, "size": 10, "frames": []},
+        {"action": "free_requested", "addr": 1, "size": 100},
+        {"action": "alloc", "addr": 5, "size": 20, "frames": frame("late")},
+    ]
+    peak, blocks = live_at_peak(trace)
+    assert peak == 180
+    assert blocks == [(100, "driver.py:7 driver"), (70, "autograd.py:7 autograd"), (10, "?")]
