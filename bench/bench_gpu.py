@@ -375,11 +375,12 @@ def copy_bandwidth() -> float:
 
 
 def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: bool,
-            default: bool = True, device: str = "cuda") -> list[RowOpRow]:
-    """Stats and grad kernels alone on a [chunk, vocab] fp32-logit workspace with a bf16 dL/dz
-    buffer (the CUDA driver's layout), forward KL; and JSD's mix pass; plus a BLOCK_V x warps
-    sweep when asked. Bytes are what the kernels must move: stats and mix read zs and zt,
-    grad reads both and writes dz."""
+            default: bool = True, device: str = "cuda", layout: str = "own") -> list[RowOpRow]:
+    """Stats and grad kernels alone on a [chunk, vocab] fp32-logit workspace with bf16 dL/dz
+    laid out as the driver does (``layout`` "packed": over the fp32 logits, which the timed
+    grad calls then overwrite: times do not depend on the values; "own": its own buffer),
+    forward KL; and JSD's mix pass; plus a BLOCK_V x warps sweep when asked. Bytes are what
+    the kernels must move: stats and mix read zs and zt, grad reads both and writes dz."""
     from triton.testing import do_bench
 
     from kdkernels.backends import triton_rows
@@ -389,7 +390,8 @@ def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: boo
     out_rows: list[RowOpRow] = []
     zs = torch.randn(chunk, vocab, device=device) * 2
     zt = torch.randn(chunk, vocab, device=device) * 2
-    dz = torch.empty(chunk, vocab, device=device, dtype=torch.bfloat16)
+    dz = (zs.view(torch.bfloat16)[:, :vocab] if layout == "packed"
+          else torch.empty(chunk, vocab, device=device, dtype=torch.bfloat16))
     labels = torch.full((chunk,), -1, device=device, dtype=torch.int64)
     logit_bytes = chunk * vocab * (zs.element_size() + zt.element_size())
     configs = ([None] if default else []) + (list(ROW_SWEEP) if sweep else [])
@@ -419,7 +421,7 @@ def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: boo
                 for what, fn, nbytes in jobs:
                     ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
                     bps = nbytes / (ms * 1e-3)
-                    out_rows.append(RowOpRow(what, div, chunk, vocab, "fp32", "bf16",
+                    out_rows.append(RowOpRow(what, div, chunk, vocab, "fp32", f"bf16 {layout}",
                                              plan.block_v, plan.num_warps, plan.n_split,
                                              _config_name(config),
                                              ms * 1e3, nbytes / 1e9, bps / 1e12,
@@ -587,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
         liger = GPU_SHAPES["liger"]
         run_rows = not why.get("kdk-triton")
         if run_rows:  # first: the bandwidth target must not wait behind Liger's compile
-            ops += row_ops(bps, deadline, liger.vocab, _driver_chunk(liger), sweep=False)
-            ops += row_ops(bps, deadline, liger.vocab, 4096, sweep=False)
+            chunk, layout = _driver_chunk(liger)
+            ops += row_ops(bps, deadline, liger.vocab, chunk, sweep=False, layout=layout)
+            ops += row_ops(bps, deadline, liger.vocab, 4096, sweep=False, layout=layout)
             write_csv(args.out / "gpu_rowops.csv", ops)
         for i, shape in enumerate(args.shapes):
             providers = [p for p in args.providers
@@ -597,8 +600,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += bench_shape(shape, providers, why, deadline, torch.bfloat16)
             write_csv(args.out / "gpu_bench.csv", rows)
             if i == 0 and run_rows and not args.no_sweep:
-                ops += row_ops(bps, deadline, liger.vocab, _driver_chunk(liger), sweep=True,
-                               default=False)
+                ops += row_ops(bps, deadline, liger.vocab, chunk, sweep=True, default=False,
+                               layout=layout)
                 write_csv(args.out / "gpu_rowops.csv", ops)
     env["seconds"] = round(time.monotonic() - start, 1)
     env["providers"] = {p: (why[p] or "ok") for p in args.providers}
@@ -613,18 +616,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _driver_chunk(shape: common.Shape) -> int:
-    """Rows per chunk the driver picks for kdk-triton at this shape (default workspace)."""
+def _driver_chunk(shape: common.Shape) -> tuple[int, str]:
+    """(rows per chunk, dL/dz layout) the driver picks for kdk-triton at this shape (default
+    workspace)."""
     from kdkernels import gemm
     from kdkernels.backends import triton_rows
-    from kdkernels.driver import choose_chunk_size
+    from kdkernels.driver import _workspace_plan
     from kdkernels.options import KDOptions
 
-    zs_dtype = gemm.logits_dtype(torch.bfloat16, torch.device("cuda"))
-    per_logit = triton_rows.workspace_bytes_per_logit(zs_dtype) + (
-        2 if zs_dtype != torch.bfloat16 else 0)
-    return choose_chunk_size(KDOptions(**common.KD_OPTIONS), shape.n, shape.vocab, per_logit,
-                             "cuda")
+    device = torch.device("cuda")
+    zs_dtype = gemm.logits_dtype(torch.bfloat16, device)
+    return _workspace_plan(KDOptions(**common.KD_OPTIONS), triton_rows.BACKEND, shape.n,
+                           shape.vocab, zs_dtype, torch.bfloat16, device, True)
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def naive_loss(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, u: torch.Tenso
 class FloorPlan:
     chunk: int  # token rows per chunk
     logits_dtype: torch.dtype
-    separate_dz: bool  # dL/dz in its own buffer (when logits are fp32 but inputs are half)
+    dz_layout: str  # where the driver puts dL/dz: in_place | packed | own (driver.py)
     mirrors: str  # the kdkernels backend whose chunking this copies
 
 
@@ -122,7 +122,7 @@ def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
     from kdkernels import gemm
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
-    from kdkernels.driver import choose_chunk_size
+    from kdkernels.driver import _workspace_plan
     from kdkernels.options import KDOptions
 
     h, w = inputs.student_hidden, inputs.student_weight
@@ -131,17 +131,16 @@ def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
     zs_dtype = gemm.logits_dtype(cd, h.device)
     spec = RowSpec.from_options(opts, True)
     backend = registry.select(impl, h.device, zs_dtype, spec)
-    separate = zs_dtype != cd
-    per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (
-        torch.empty((), dtype=cd).element_size() if separate else 0)
-    chunk = choose_chunk_size(opts, h.shape[0], w.shape[0], per_logit, h.device.type)
-    return FloorPlan(chunk, zs_dtype, separate, backend.name)
+    chunk, layout = _workspace_plan(opts, backend, h.shape[0], w.shape[0], zs_dtype, cd,
+                                    h.device, True)
+    return FloorPlan(chunk, zs_dtype, layout, backend.name)
 
 
 def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
     """The four GEMMs of the fused loss and nothing else, chunked as kdkernels chunks them:
     per chunk Zs = h_c W^T, Zt = g_c U^T, grad_h_c = dZ W, grad_W += dZ^T h_c (fp32
-    accumulator), with dZ = the Zs buffer (the row ops would overwrite it in place); then
+    accumulator), with dZ where the driver puts it (over the Zs buffer, packed in the first
+    half of its fp32 rows, or a buffer of its own: plan.dz_layout); then
     grad_W cast to W's dtype. Same kdkernels.gemm calls as the driver; buffers allocated per
     call as the driver does. Returns None (there is no loss)."""
     from kdkernels import gemm
@@ -151,7 +150,8 @@ def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
     dz_fixed = (torch.randn(plan.chunk, inputs.student_weight.shape[0],
                             dtype=gemm.compute_dtype(inputs.student_hidden.dtype,
                                                      inputs.student_hidden.device),
-                            device=inputs.student_hidden.device) if plan.separate_dz else None)
+                            device=inputs.student_hidden.device)
+                if plan.dz_layout == "own" else None)
 
     cd = gemm.compute_dtype(inputs.student_hidden.dtype, inputs.student_hidden.device)
 
@@ -168,7 +168,10 @@ def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
             stop = min(n, start + c)
             zs = gemm.logits_into(h[start:stop], w, None, zs_buf[: stop - start])
             gemm.logits_into(g[start:stop], u, None, zt_buf[: stop - start])
-            dz = dz_fixed[: stop - start] if dz_fixed is not None else zs
+            if plan.dz_layout == "packed":  # the values do not matter to the GEMMs' time
+                dz = zs_buf.view(cd)[: stop - start, :vocab]
+            else:
+                dz = dz_fixed[: stop - start] if dz_fixed is not None else zs
             torch.mm(dz, w, out=grad_h[start:stop])
             gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
         del zs_buf, zt_buf, zs, dz  # as the driver: no workspace while the grads are cast

@@ -42,6 +42,25 @@ def choose_chunk_size(opts: KDOptions, n_rows: int, vocab: int, bytes_per_logit:
     return -(-n_rows // n_chunks) if n_rows else most
 
 
+def _workspace_plan(opts: KDOptions, backend: Backend, rows: int, vocab: int,
+                    zs_dtype: torch.dtype, dz_dtype: torch.dtype, device: torch.device,
+                    need_grad: bool) -> tuple[int, str]:
+    """(rows per chunk, where dL/dz goes): "in_place" over the logits (same dtype), "packed"
+    (16-bit over the first half of each fp32 logit row, when the backend takes it and the
+    chunk has enough rows for it), or "own" (a [C, V] buffer of its own: 2 more bytes per
+    logit)."""
+    base = backend.workspace_bytes_per_logit(zs_dtype)
+    if not need_grad or zs_dtype == dz_dtype:
+        return choose_chunk_size(opts, rows, vocab, base, device.type), "in_place"
+    if zs_dtype == torch.float32 and torch.empty((), dtype=dz_dtype).element_size() == 2:
+        least = backend.packed_grad_min_rows(device)
+        c = choose_chunk_size(opts, rows, vocab, base, device.type)
+        if least is not None and c >= least:
+            return c, "packed"
+    extra = torch.empty((), dtype=dz_dtype).element_size()
+    return choose_chunk_size(opts, rows, vocab, base + extra, device.type), "own"
+
+
 def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,
                   rows: int, device: torch.device) -> torch.Tensor:
     if labels is None or not spec.has_ce:
@@ -93,13 +112,16 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
     zs_dtype = gemm.logits_dtype(h.dtype, device)
     zt_dtype = gemm.logits_dtype(g.dtype, device)
     need_grad = row_scale is not None and (want_h or want_w or want_b)
-    separate_dz = need_grad and zs_dtype != h.dtype
-    per_logit = backend.workspace_bytes_per_logit(zs_dtype) + (h.element_size() if separate_dz
-                                                                else 0)
-    c = choose_chunk_size(opts, k, vocab, per_logit, device.type)
+    c, dz_layout = _workspace_plan(opts, backend, k, vocab, zs_dtype, h.dtype, device,
+                                   need_grad)
     zs_buf = torch.empty(c, vocab, dtype=zs_dtype, device=device)
     zt_buf = torch.empty(c, vocab, dtype=zt_dtype, device=device)
-    dz_buf = torch.empty(c, vocab, dtype=h.dtype, device=device) if separate_dz else zs_buf
+    if dz_layout == "own":
+        dz_buf = torch.empty(c, vocab, dtype=h.dtype, device=device)
+    elif dz_layout == "packed":  # 16-bit dL/dz over the first half of each fp32 logit row
+        dz_buf = zs_buf.view(h.dtype)[:, :vocab]
+    else:
+        dz_buf = zs_buf
 
     kd = torch.empty(k, dtype=acc_dtype, device=device)
     ce = torch.empty(k, dtype=acc_dtype, device=device) if spec.has_ce else None

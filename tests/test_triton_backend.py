@@ -59,7 +59,9 @@ class Case:
     vocab: int = 997
     zs_dtype: torch.dtype = F32
     zt_dtype: torch.dtype = F32
-    out: str = "alias"  # alias (in place over zs) | a dtype name for a separate buffer
+    # alias (in place over zs) | a dtype name for a separate buffer | packed_<dtype> (16-bit
+    # dL/dz over the first half of each fp32 zs row, the CUDA driver's layout for big chunks)
+    out: str = "alias"
     temperature: float = 1.0
     beta: float = 0.4
     skew: float = 0.1
@@ -105,6 +107,12 @@ CASES = (
     + [Case("forward_kl", rows=1, vocab=2053, out="bfloat16", override=_split(2, 256)),
        Case("jsd", rows=1, vocab=2053, zt_dtype=BF16, out="bfloat16", temperature=2.0,
             override=_split(4, 128), seed=3)]
+    # packed: 16-bit dL/dz written over the fp32 logits, several tiles per row (front to back),
+    # padded rows, dead rows; one row per program and several (V smaller than a tile)
+    + [Case(d, rows=4, vocab=1037, zt_dtype=BF16, out="packed_bfloat16", temperature=0.7,
+            cap_s=30.0, pad=5, dead=(2,), override=(("block_v", 256),), seed=8) for d in DIVS]
+    + [Case("jsd", rows=9, vocab=7, out="packed_float16", dead=(0, 5), seed=9),
+       Case("forward_kl", rows=3, vocab=4099, out="packed_bfloat16", cap_t=3.0, seed=10)]
     # mixture weights at their ends (log m = log p or log q exactly) and near them
     + [Case("skew_forward_kl", skew=s, temperature=1.5, seed=4) for s in (0.0, 1.0)]
     + [Case("skew_reverse_kl", skew=s, temperature=1.5, seed=5) for s in (0.0, 1.0)]
@@ -190,7 +198,7 @@ def test_row_ops_match_torch_backend(case: Case, monkeypatch):
 
     coef = _coef(opts, spec, ref_stats, mix, case)
     ref = torch.empty(zs.shape, dtype=zs.dtype if case.out == "alias"
-                      else getattr(torch, case.out), device=DEVICE)
+                      else getattr(torch, case.out.removeprefix("packed_")), device=DEVICE)
     torch_rows.grad(zs, zt, labels, coef, spec, ref)
     if case.out == "alias":
         # in place over a copy of zs with the same (padded) row stride
@@ -198,6 +206,16 @@ def test_row_ops_match_torch_backend(case: Case, monkeypatch):
                           device=DEVICE)[:, :case.vocab]
         out.copy_(zs)
         triton_rows.grad(out, zt, labels, coef, spec, out)
+    elif case.out.startswith("packed"):
+        work = torch.empty(case.rows, case.vocab + case.pad, dtype=zs.dtype,
+                           device=DEVICE)[:, :case.vocab]
+        work.copy_(zs)
+        out = work.view(ref.dtype)[:, :case.vocab]
+        triton_rows.grad(work, zt, labels, coef, spec, out)
+        own = torch.full_like(ref, float("nan"))
+        triton_rows.grad(zs, zt, labels, coef, spec, own)
+        # the same arithmetic as a buffer of its own, bit for bit (dead rows: both zeros)
+        assert torch.equal(out, own), "packed dL/dz differs from dL/dz in its own buffer"
     else:
         out = torch.full_like(ref, float("nan"))  # poisoned: every element must be written
         triton_rows.grad(zs, zt, labels, coef, spec, out)
@@ -249,6 +267,13 @@ def test_rejects_bad_layout():
         triton_rows.stats(zs.double(), zs, labels, spec)
     with pytest.raises(ValueError, match="out must be"):
         triton_rows.grad(zs, zs, labels, torch.zeros(4, 9, device=DEVICE), spec, zs[:, :10])
+    coef = torch.zeros(4, 9, device=DEVICE)
+    wide = torch.randn(4, 128, device=DEVICE)
+    # overlaps that are neither in place nor packed would race: refused, naming both layouts
+    for zs_view, out in ((wide[:, :64], wide[:, 64:]),  # shifted, same dtype
+                         (wide[:, :64], wide.view(BF16)[:, 2:66])):  # packed but offset
+        with pytest.raises(ValueError, match="neither zs itself nor 16-bit"):
+            triton_rows.grad(zs_view, zs_view, labels, coef, spec, out)
 
 
 # ---- planning (pure Python) ----------------------------------------------------------------
@@ -266,6 +291,8 @@ def test_gpu_plan_fills_the_device(rows, vocab, elem, monkeypatch):
         assert programs >= 2 * 132, plan
     if rows >= 8 * 132:
         assert plan.n_split == 1  # enough rows: no merge pass
+    # >= 16 elements per thread and step (the measured rule for the reduction passes)
+    assert plan.block_r * plan.block_v >= 32 * 16 * plan.num_warps or plan.num_warps == 1
     # 16-byte loads: a block holds a whole number of 16-byte vectors
     assert plan.block_v * elem % 16 == 0 or plan.block_v >= vocab
 
@@ -317,6 +344,36 @@ def test_fused_linear_matches_oracle(opts):
     for what, a, b in zip(("loss", "grad_h", "grad_w", "grad_bias"), ours, ref, strict=True):
         # fp32 logits from a 16/24-term product, then the fp32 row math: 1e-5 norm-wise.
         assert rel_err(a, b) <= 1e-5, f"{what}: {rel_err(a, b):.3g}"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="emulates on CPU what the GPU tests run for real")
+@pytest.mark.parametrize("div", ["forward_kl", "jsd", "skew_reverse_kl"])
+def test_driver_packs_half_grad_over_fp32_logits(div, monkeypatch):
+    """The CUDA driver's layout for 16-bit inputs, on CPU: fp32 logits (fp32-output GEMMs
+    emulated by upcasting), dL/dz packed by the triton backend over them; the same loss and
+    gradients as the torch backend, which gets dL/dz in a buffer of its own."""
+    from kdkernels import driver, gemm
+
+    def logits_into(x, w, bias, out):
+        torch.mm(x.float(), w.float().t(), out=out)
+        return out if bias is None else out.add_(bias)
+
+    monkeypatch.setattr(gemm, "compute_dtype", lambda dtype, device: dtype)
+    monkeypatch.setattr(gemm, "logits_dtype", lambda dtype, device: torch.float32)
+    monkeypatch.setattr(gemm, "logits_into", logits_into)
+    layouts = []
+    plan = driver._workspace_plan
+    monkeypatch.setattr(driver, "_workspace_plan",
+                        lambda *a: layouts.append(plan(*a)) or layouts[-1])
+    inp = make_fused(37, 211, 211, 16, 24, BF16, ignore_frac=0.2, seed=13)
+    opts = dict(divergence=div, temperature=1.5, ce_weight=0.4, skew=0.3, chunk_size=16)
+    ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **opts)
+    ref = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="torch", **opts)
+    assert [layout for _, layout in layouts] == ["packed", "own"]
+    # same fp32 logits and math; dL/dz rounds to bf16 alike but at near-ties
+    assert rel_err(ours[0], ref[0]) <= 1e-5
+    for a, b in zip(ours[1:3], ref[1:3], strict=True):
+        assert a.dtype == BF16 and rel_err(a, b) <= 2.0**-8
 
 
 def test_kd_loss_on_strided_half_logits_matches_oracle():
@@ -385,6 +442,43 @@ def test_gpu_few_rows_at_large_vocab_use_the_split_and_match():
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_gpu_packed_grad_is_race_free_and_matches_oracle(div):
+    """Big chunks pack bf16 dL/dz over the fp32 logits (one program per row, a barrier
+    per tile): the same as a buffer of its own on a 1024 x 128256 chunk (a race would
+    garble whole tiles), and the fused loss through the driver matches the oracle."""
+    from kdkernels.reference import reference_fused_linear_kd_loss
+
+    rows, vocab = 1024, 128256
+    gen = torch.Generator(device="cuda").manual_seed(14)
+    zs = torch.randn(rows, vocab, device="cuda", generator=gen) * 3
+    zt = torch.randn(rows, vocab, device="cuda", generator=gen) * 3
+    labels = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
+    opts, spec = _spec(Case(div))
+    stats = triton_rows.stats(zs, zt, labels, spec)
+    mix = triton_rows.mix(zs, zt, norms(finish(stats)), spec) if spec.needs_mix else None
+    coef = _coef(opts, spec, stats, mix, Case(div, rows=rows))
+    own = torch.full((rows, vocab), float("nan"), dtype=BF16, device="cuda")
+    triton_rows.grad(zs, zt, labels, coef, spec, own)
+    packed = zs.view(BF16)[:, :vocab]
+    triton_rows.grad(zs, zt, labels, coef, spec, packed)
+    # one bf16 ulp for codegen differences; a race would read bf16 bits as fp32 logits
+    torch.testing.assert_close(packed, own, rtol=2.0**-7, atol=0.0)
+
+    assert triton_rows.packed_grad_min_rows(torch.device("cuda")) <= 600
+    inp = make_fused(600, 32003, 32003, 64, 96, BF16, ignore_frac=0.1, seed=15)
+    inp = {k: (v.cuda().detach().requires_grad_(v.requires_grad) if v is not None else v)
+           for k, v in inp.items()}
+    kw = dict(divergence=div, temperature=2.0, ce_weight=0.3, beta=0.3, chunk_size=600)
+    ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **kw)
+    ref = run_fused(reference_fused_linear_kd_loss, inp, **kw)
+    for what, a, b in zip(("loss", "grad_h", "grad_w"), ours[:3], ref[:3], strict=True):
+        tol = 1e-4 if what == "loss" else 1e-2  # as test_gpu_fused_linear_matches_oracle
+        assert rel_err(a, b) <= tol, f"{what}: {rel_err(a, b):.3g} > {tol}"
+
+
+@gpu
+@pytest.mark.gpu
 def test_gpu_offsets_past_2_31_elements():
     rows, vocab = 8200, 262144  # row 8199 starts at element 2.149e9 > 2**31
     zs = torch.randn(rows, vocab, device="cuda", dtype=BF16)
@@ -430,3 +524,5 @@ def test_kernels_compile_for_hopper_with_16_byte_loads():
             assert "'ld.global.v4.b32'" in line, line
         if line.startswith("ok   grad") and "BLOCK_R': 1," in line:
             assert "'st.global.v4.b32'" in line, line
+        if "'PACKED': True" in line:  # loads of a tile finish before its stores
+            assert "'bar': 0" not in line, line

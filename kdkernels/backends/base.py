@@ -14,7 +14,11 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
     ``a - (m_a + log_s_a)``: in fp32 the sum rounds to ulp(|m|) (5e-4 at |z| = 1e4, 2e-6
     at 30), an error that the large log-ratios of KL terms then multiply.
 ``grad(zs, zt, labels, coef, spec, out) -> None``
-    Writes dL/dzs into ``out`` ([C, V], may alias ``zs``: element-wise in place is allowed).
+    Writes dL/dzs into ``out`` ([C, V], may alias ``zs``: element-wise in place is allowed;
+    and, for backends with ``packed_grad_min_rows``, a 16-bit ``out`` may overlay the first
+    half of each fp32 ``zs`` row: ``zs.view(half)[:, :V]``, row stride 2 V. Its element j
+    then overwrites zs column j / 2, so such a backend must read each row front to back
+    before writing over it).
     ``coef`` [C, 9] fp32 = (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef,
     ce_coef), the same split log-normalisers for a, b and the untempered z (softmax(z) =
     exp((z - m_z) - log_s_z)), kd_coef = d(loss)/d(divergence) / T and
@@ -91,3 +95,6 @@ class Backend:
     not_supported_reasons: Callable[[torch.device, torch.dtype, RowSpec], list[str]]
     # Bytes of chunk workspace per logit column per row, both [C, V] inputs included.
     workspace_bytes_per_logit: Callable[[torch.dtype], int]
+    # Rows per chunk from which grad() accepts a 16-bit ``out`` packed over fp32 ``zs`` (see
+    # the module docstring); None: never, the driver gives dL/dz a buffer of its own.
+    packed_grad_min_rows: Callable[[torch.device], int | None] = lambda device: None

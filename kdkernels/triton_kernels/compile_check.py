@@ -46,13 +46,17 @@ CASES = [
      dict(DIV=5, BLOCK_R=2, BLOCK_V=1024, MIX_KIND=0, **_FLAGS)),
     ("grad", ("fp32", "fp32", "i64", "fp32", "bf16"),
      dict(DIV=0, HAS_CE=False, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, ROUND_BF16=False,
-          **_FLAGS)),
+          PACKED=False, **_FLAGS)),
     ("grad", ("bf16", "bf16", "i64", "fp32", "bf16"),
      dict(DIV=3, HAS_CE=True, BLOCK_R=1, BLOCK_V=4096, MIX_KIND=2, ROUND_BF16=True,
-          HAS_CAP_S=True, HAS_CAP_T=True, TEMPERED=True)),
+          PACKED=False, HAS_CAP_S=True, HAS_CAP_T=True, TEMPERED=True)),
     ("grad", ("fp32", "fp16", "i64", "fp32", "fp32"),
      dict(DIV=4, HAS_CE=True, BLOCK_R=4, BLOCK_V=512, MIX_KIND=0, ROUND_BF16=False,
-          **_FLAGS)),
+          PACKED=False, **_FLAGS)),
+    # the CUDA driver's big-chunk layout: bf16 dL/dz packed over the fp32 student logits
+    ("grad", ("fp32", "fp32", "i64", "fp32", "bf16"),
+     dict(DIV=2, HAS_CE=True, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, ROUND_BF16=False,
+          PACKED=True, **_FLAGS)),
 ]
 
 
@@ -66,7 +70,7 @@ def _kernels():
 
 
 def compile_case(name: str, ptr_types: tuple[str, ...], consts: dict, arch: int,
-                 num_warps: int = 8):
+                 num_warps: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -85,12 +89,18 @@ def compile_case(name: str, ptr_types: tuple[str, ...], consts: dict, arch: int,
         if arg in _ALIGNED and sig[arg] != "constexpr":
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    if num_warps is None:  # the backend's rule: 16 elements per thread and step
+        tile = consts.get("BLOCK_R", 1) * consts.get("BLOCK_V", 2048)
+        num_warps = max(1, min(16, tile // 512))
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps})
 
 
 def memory_ops(ptx: str) -> dict[str, int]:
-    return dict(Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx)))
+    """Global loads/stores by width, and CTA barriers (``bar``)."""
+    ops = Counter(re.findall(r"(?:ld|st)\.global[\w.]*", ptx))
+    ops["bar"] = len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx))
+    return dict(ops)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""Gradient pass: dL/dz of the student over one [BLOCK_R, BLOCK_V] tile (formulas in
-backends/base.py), stored in the dtype of ``out``, which may alias the student logits."""
+"""Gradient pass: dL/dz of the student (formulas in backends/base.py), stored in the dtype
+of ``out``, which may alias the student logits element for element, or pack 16-bit values
+over their fp32 rows (PACKED)."""
 
 from __future__ import annotations
 
@@ -28,30 +29,13 @@ def _p_times(p, x):
     return tl.where(p == 0.0, 0.0, p * x)
 
 
-@triton.heuristics(SPEC_FLAGS)
-@triton.jit
-def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
-                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, wq, lwq, lwp, k_div,
-                DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
-                BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-                TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """k_div: 1 - beta (jsd), 1 - skew (skew_forward_kl), skew (skew_reverse_kl).
-    ROUND_BF16: round to nearest even by hand before a bf16 store (interpreter only)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    row_ok = rows < n_rows
+@helper
+def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride_s, stride_t,
+               stride_o, m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z, label, inv_t,
+               cap_s, cap_t, lwq, lwp, k_div, DIV: tl.constexpr, HAS_CE: tl.constexpr,
+               HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, TEMPERED: tl.constexpr,
+               MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr, PACKED: tl.constexpr):
     col_ok = cols < n_cols
-    # coef row: (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef, ce_coef)
-    c = coef_ptr + rows * stride_c
-    m_a = tl.load(c + 0, mask=row_ok, other=0.0)
-    log_s_a = tl.load(c + 1, mask=row_ok, other=0.0)
-    m_b = tl.load(c + 2, mask=row_ok, other=0.0)
-    log_s_b = tl.load(c + 3, mask=row_ok, other=0.0)
-    aux = tl.load(c + 6, mask=row_ok, other=0.0)
-    kd = tl.load(c + 7, mask=row_ok, other=0.0)
-    ce = tl.load(c + 8, mask=row_ok, other=0.0)
-    # Dead rows (ignored tokens) are not even read: their logits may be garbage.
-    live = row_ok & ((kd != 0.0) | (ce != 0.0))
     mask = live[:, None] & col_ok[None, :]
     z, a = load_logits(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
     _, b = load_logits(zt_ptr, rows * stride_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
@@ -79,9 +63,6 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
                 g -= tl.exp(lwp + 2.0 * logp - logm)  # skew p^2 / m <= p, lwp = log skew
     dz = kd[:, None] * g
     if HAS_CE:
-        m_z = tl.load(c + 4, mask=row_ok, other=0.0)
-        log_s_z = tl.load(c + 5, mask=row_ok, other=0.0)
-        label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
         if TEMPERED:
             p_z = tl.exp((z - m_z[:, None]) - log_s_z[:, None])
         else:  # z == a: reuse p, rescaled by a row factor (exactly 1 when the stats agree)
@@ -94,5 +75,53 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
     dz = tl.where(mask, dz, 0.0)
     if ROUND_BF16:
         dz = round_to_bf16(dz)
+    if PACKED:
+        # These stores land on zs columns below (tile end) / 2, which every thread of the
+        # program has loaded by now, in this tile or an earlier one: wait for all of them.
+        tl.debug_barrier()
     out = out_ptr + rows[:, None] * stride_o + cols[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.heuristics(SPEC_FLAGS)
+@triton.jit
+def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
+                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, wq, lwq, lwp, k_div,
+                DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+                TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr,
+                PACKED: tl.constexpr):
+    """k_div: 1 - beta (jsd), 1 - skew (skew_forward_kl), skew (skew_reverse_kl).
+    ROUND_BF16: round to nearest even by hand before a bf16 store (interpreter only).
+    PACKED: ``out`` is 16-bit and overlays the first half of each fp32 zs row (its row
+    stride is twice zs's in elements); one program per row block then walks the whole row
+    front to back, else one program per [BLOCK_R, BLOCK_V] tile."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < n_rows
+    # coef row: (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef, ce_coef)
+    c = coef_ptr + rows * stride_c
+    m_a = tl.load(c + 0, mask=row_ok, other=0.0)
+    log_s_a = tl.load(c + 1, mask=row_ok, other=0.0)
+    m_b = tl.load(c + 2, mask=row_ok, other=0.0)
+    log_s_b = tl.load(c + 3, mask=row_ok, other=0.0)
+    m_z = tl.load(c + 4, mask=row_ok, other=0.0)
+    log_s_z = tl.load(c + 5, mask=row_ok, other=0.0)
+    aux = tl.load(c + 6, mask=row_ok, other=0.0)
+    kd = tl.load(c + 7, mask=row_ok, other=0.0)
+    ce = tl.load(c + 8, mask=row_ok, other=0.0)
+    label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
+    # Dead rows (ignored tokens) are not even read: their logits may be garbage.
+    live = row_ok & ((kd != 0.0) | (ce != 0.0))
+    if PACKED:
+        for start in range(0, n_cols, BLOCK_V):
+            _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live,
+                       start + tl.arange(0, BLOCK_V), n_cols, stride_s, stride_t, stride_o,
+                       m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z, label, inv_t,
+                       cap_s, cap_t, lwq, lwp, k_div, DIV, HAS_CE, HAS_CAP_S, HAS_CAP_T,
+                       TEMPERED, MIX_KIND, ROUND_BF16, PACKED)
+    else:
+        _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live,
+                   tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V), n_cols, stride_s,
+                   stride_t, stride_o, m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z,
+                   label, inv_t, cap_s, cap_t, lwq, lwp, k_div, DIV, HAS_CE, HAS_CAP_S,
+                   HAS_CAP_T, TEMPERED, MIX_KIND, ROUND_BF16, PACKED)
