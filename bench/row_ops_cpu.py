@@ -4,7 +4,7 @@
 
 Prints ms per pass and the effective bandwidth (bytes each pass must move / time) next to a
 plain copy of the same bytes. Shapes: S1's whole chunk (2048 x 32000) and one S2 chunk
-(the driver's 256 MiB workspace rule gives 523 x 128256 at bf16).
+(523 x 128256 at bf16: the chunk of the former 256 MiB default workspace).
 """
 
 from __future__ import annotations

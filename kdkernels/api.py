@@ -34,6 +34,15 @@ class KDComponents(NamedTuple):
     n_tokens: torch.Tensor
 
 
+def _failure(check) -> Exception | None:
+    """The input error ``check`` raises, held back for the vocab-parallel agreement."""
+    try:
+        check()
+    except (ValueError, TypeError) as err:
+        return err
+    return None
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -90,20 +99,28 @@ def fused_linear_kd_loss(
     device = check_same_device({"student_hidden": h, "student_weight": w, "teacher_hidden": g,
                                 "teacher_weight": u, "labels": labels,
                                 "student_bias": student_bias, "teacher_bias": teacher_bias})
-    if h.dim() < 1 or g.dim() < 1:
-        raise ValueError("student_hidden and teacher_hidden must be [..., D]; got a 0-d tensor")
-    if h.shape[:-1] != g.shape[:-1]:
-        raise ValueError(f"teacher_hidden must have the leading shape of student_hidden, "
-                         f"{list(h.shape[:-1])}; got {list(g.shape[:-1])}")
-    reducer = LOCAL if vocab_parallel is None else parallel.fused_setup(
-        vocab_parallel, h, w, g, u, labels, student_bias, teacher_bias, opts, device)
-    check_head("student_weight", w, "student_hidden", h)
-    check_head("teacher_weight", u, "teacher_hidden", g)
-    check_bias("student_bias", student_bias, w.shape[0])
-    check_bias("teacher_bias", teacher_bias, u.shape[0])
     autocast = _autocast_dtype(device)
-    check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
-    check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
+
+    def check_inputs() -> None:
+        if h.dim() < 1 or g.dim() < 1:
+            raise ValueError("student_hidden and teacher_hidden must be [..., D]; got a 0-d "
+                             "tensor")
+        if h.shape[:-1] != g.shape[:-1]:
+            raise ValueError(f"teacher_hidden must have the leading shape of student_hidden, "
+                             f"{list(h.shape[:-1])}; got {list(g.shape[:-1])}")
+        check_head("student_weight", w, "student_hidden", h)
+        check_head("teacher_weight", u, "teacher_hidden", g)
+        check_bias("student_bias", student_bias, w.shape[0])
+        check_bias("teacher_bias", teacher_bias, u.shape[0])
+        check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
+        check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
+
+    reducer = LOCAL
+    if vocab_parallel is None:
+        check_inputs()
+    else:  # a failed check raises on every rank together, never on one rank alone
+        reducer = parallel.fused_setup(vocab_parallel, h, w, g, u, labels, student_bias,
+                                       teacher_bias, opts, device, _failure(check_inputs))
     vocab = min(w.shape[0], u.shape[0]) if vocab_parallel is None else reducer.vocab
     compiling = torch.compiler.is_compiling()
     # Under torch.compile the label range is checked inside the op (a host sync here would
@@ -172,14 +189,21 @@ def kd_loss(
     zs = check_tensor("student_logits", student_logits)
     zt = check_tensor("teacher_logits", teacher_logits)
     device = check_same_device({"student_logits": zs, "teacher_logits": zt, "labels": labels})
-    reducer = LOCAL if vocab_parallel is None else parallel.logits_setup(
-        vocab_parallel, zs, zt, labels, opts, device)
-    if zs.dim() < 1 or zt.dim() < 1 or zs.shape[-1] < 1 or zt.shape[-1] < 1:
-        raise ValueError(f"student_logits and teacher_logits must be [..., V] with V >= 1; got "
-                         f"{list(zs.shape)} and {list(zt.shape)}")
-    if zs.shape[:-1] != zt.shape[:-1]:
-        raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
-                         f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
+
+    def check_inputs() -> None:
+        if zs.dim() < 1 or zt.dim() < 1 or zs.shape[-1] < 1 or zt.shape[-1] < 1:
+            raise ValueError(f"student_logits and teacher_logits must be [..., V] with V >= 1; "
+                             f"got {list(zs.shape)} and {list(zt.shape)}")
+        if zs.shape[:-1] != zt.shape[:-1]:
+            raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
+                             f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
+
+    reducer = LOCAL
+    if vocab_parallel is None:
+        check_inputs()
+    else:
+        reducer = parallel.logits_setup(vocab_parallel, zs, zt, labels, opts, device,
+                                        _failure(check_inputs))
     vocab = min(zs.shape[-1], zt.shape[-1]) if vocab_parallel is None else reducer.vocab
     flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", vocab, opts)
     spec = _spec(opts, flat_labels)

@@ -49,6 +49,9 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
                                                   "num_items over all of them [1]")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... [cpu]")
+    g.add_argument("--threads", type=int,
+                   help="CPU threads per rank; 0 = the cores the load average leaves free [0]. "
+                        "Fix it for bit-for-bit resumes: CPU sums depend on the thread count")
     g.add_argument("--seed", type=int, help="student seed (init and batches) [0]")
     g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                    help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")

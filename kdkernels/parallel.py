@@ -18,8 +18,10 @@ losses, run after run. The header row carries a checksum of the call's settings,
 counter and the shard bounds, so ranks that disagree raise the same error together instead
 of producing different losses (every rank sees every header, so the decision is shared).
 
-The layout (every rank's start and width) is found once per (group, local shard) with one
-all-gather, which also compares the settings checksum, and cached.
+Every call first agrees on the layout (every rank's start and width) with one all-gather
+of 5 int64 per rank, which also compares the settings checksum and whether each rank's own
+input checks passed: an input that fails on one rank only raises on every rank, instead of
+leaving the others waiting in the first chunk's collective.
 """
 
 from __future__ import annotations
@@ -83,15 +85,16 @@ class Layout:
         return max(self.widths)
 
 
-_LAYOUTS: dict[tuple, Layout] = {}
 # torch 2.14 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
 _GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
+# Status column of the layout all-gather.
+_OK, _BAD_SHARD, _INPUT_ERROR = 1, 0, 2
+
 
 def clear_layout_cache() -> None:
-    """Forget the cached layouts. Call it on every rank of a group at once (for example
-    after re-sharding a head), since a rank with a stale entry skips the first-use check."""
-    _LAYOUTS.clear()
+    """Kept for compatibility: layouts are no longer cached (every call agrees on its
+    layout), so there is nothing to clear after re-sharding a head."""
 
 
 def _checksum(parts: tuple) -> int:
@@ -106,10 +109,19 @@ def _all_gather(t: torch.Tensor, group, size: int) -> torch.Tensor:
     return out.view(size, *t.shape)
 
 
-def _check_layout(table: list[list[int]], size: int) -> tuple[list[int], list[int]]:
-    """Starts and widths from the gathered rows (given start or -1, ws, wt, crc, ok); raises
-    the same error on every rank (every rank sees the same table)."""
-    bad = [r for r, row in enumerate(table) if row[4] == 0 or row[1] < 1]
+def _check_layout(table: list[list[int]], size: int,
+                  local_error: Exception | None = None) -> tuple[list[int], list[int]]:
+    """Starts and widths from the gathered rows (given start or -1, ws, wt, crc, status);
+    raises the same error on every rank (every rank sees the same table), the failing
+    rank's own message on the ranks whose input checks failed."""
+    failed = [r for r, row in enumerate(table) if row[4] == _INPUT_ERROR]
+    if failed:
+        what = f"vocab_parallel: rank(s) {failed} rejected their inputs"
+        if local_error is not None:
+            raise type(local_error)(f"{what}; here: {local_error}") from local_error
+        raise ValueError(f"{what} (the error raised there says why); no rank computed the "
+                         f"loss")
+    bad = [r for r, row in enumerate(table) if row[4] == _BAD_SHARD or row[1] < 1]
     if bad:
         raise ValueError(f"vocab_parallel: the heads (or logits) of rank(s) {bad} are not "
                          f"non-empty [V_shard, D] shards ([..., V_shard] logits); every rank "
@@ -155,23 +167,21 @@ def _check_tiling(starts: list[int], widths: list[int]) -> None:
 
 
 def layout_for(vp: VocabParallel, width_s: int, width_t: int, device: torch.device,
-               settings: tuple, local_ok: bool = True) -> Layout:
-    """The group's layout; one all-gather the first time this (group, shard) is seen."""
+               settings: tuple, status: int = _OK,
+               local_error: Exception | None = None) -> Layout:
+    """The group's layout, agreed by one all-gather of 5 int64 per rank on every call."""
     group = vp.group if vp.group is not None else dist.group.WORLD
     if not dist.is_available() or not dist.is_initialized():
+        if local_error is not None:
+            raise local_error
         raise RuntimeError("vocab_parallel needs torch.distributed to be initialised "
                            "(torch.distributed.init_process_group)")
-    key = (group, vp.vocab_start, width_s, width_t, device.type)
-    if local_ok and key in _LAYOUTS:
-        return _LAYOUTS[key]
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     mine = torch.tensor([-1 if vp.vocab_start is None else vp.vocab_start, width_s, width_t,
-                         _checksum(settings), int(local_ok)], dtype=torch.int64, device=device)
+                         _checksum(settings), status], dtype=torch.int64, device=device)
     table = _all_gather(mine, group, size).tolist()
-    starts, widths = _check_layout(table, size)
-    layout = Layout(tuple(starts), tuple(widths), rank)
-    _LAYOUTS[key] = layout
-    return layout
+    starts, widths = _check_layout(table, size, local_error)
+    return Layout(tuple(starts), tuple(widths), rank)
 
 
 class VocabParallelReducer:
@@ -288,9 +298,14 @@ def settings_key(opts: KDOptions, *parts: Any) -> tuple:
 
 
 def setup(vp: VocabParallel, width_s: int, width_t: int, device: torch.device,
-          settings: tuple, local_ok: bool = True) -> VocabParallelReducer:
-    """Layout (first use: one all-gather, checked on every rank) and the call's reducer."""
-    layout = layout_for(vp, width_s, width_t, device, settings, local_ok)
+          settings: tuple, shard_ok: bool = True,
+          local_error: Exception | None = None) -> VocabParallelReducer:
+    """Layout (one all-gather, checked on every rank) and the call's reducer. ``local_error``:
+    this rank's failed input check, raised here on every rank together."""
+    # An empty or malformed shard gets the shard message on every rank (clearer than the
+    # local check's, which it also trips).
+    status = _BAD_SHARD if not shard_ok else (_OK if local_error is None else _INPUT_ERROR)
+    layout = layout_for(vp, width_s, width_t, device, settings, status, local_error)
     group = vp.group if vp.group is not None else dist.group.WORLD
     reducer = VocabParallelReducer(group, layout, _checksum(settings))
     reducer.device_type = device.type
@@ -315,24 +330,26 @@ def _grad_flags(*ts: torch.Tensor | None) -> tuple:
 
 def fused_setup(vp: VocabParallel, h: torch.Tensor, w: torch.Tensor, g: torch.Tensor,
                 u: torch.Tensor, labels: torch.Tensor | None, bs: torch.Tensor | None,
-                bt: torch.Tensor | None, opts: KDOptions, device: torch.device
-                ) -> VocabParallelReducer:
+                bt: torch.Tensor | None, opts: KDOptions, device: torch.device,
+                local_error: Exception | None = None) -> VocabParallelReducer:
     """Reducer for fused_linear_kd_loss on head shards w [Vs_local, Ds], u [Vt_local, Dt]."""
     ok = w.dim() == 2 and u.dim() == 2 and w.shape[0] >= 1 and u.shape[0] >= 1
     settings = settings_key(opts, "fused", tuple(h.shape), tuple(g.shape), str(h.dtype),
                             str(w.dtype), str(g.dtype), str(u.dtype), labels is None,
                             _grad_flags(h, w, bs, g, u, bt), str(_autocast(device)))
-    return setup(vp, w.shape[0] if ok else 0, u.shape[0] if ok else 0, device, settings, ok)
+    return setup(vp, w.shape[0] if ok else 0, u.shape[0] if ok else 0, device, settings, ok,
+                 local_error)
 
 
 def logits_setup(vp: VocabParallel, zs: torch.Tensor, zt: torch.Tensor,
-                 labels: torch.Tensor | None, opts: KDOptions, device: torch.device
-                 ) -> VocabParallelReducer:
+                 labels: torch.Tensor | None, opts: KDOptions, device: torch.device,
+                 local_error: Exception | None = None) -> VocabParallelReducer:
     """Reducer for kd_loss on logit shards zs [..., Vs_local], zt [..., Vt_local]."""
     ok = zs.dim() >= 1 and zt.dim() >= 1 and zs.shape[-1] >= 1 and zt.shape[-1] >= 1
     settings = settings_key(opts, "logits", tuple(zs.shape[:-1]), tuple(zt.shape[:-1]),
                             str(zs.dtype), str(zt.dtype), labels is None, _grad_flags(zs, zt))
-    return setup(vp, zs.shape[-1] if ok else 0, zt.shape[-1] if ok else 0, device, settings, ok)
+    return setup(vp, zs.shape[-1] if ok else 0, zt.shape[-1] if ok else 0, device, settings, ok,
+                 local_error)
 
 
 def _autocast(device: torch.device) -> torch.dtype | None:

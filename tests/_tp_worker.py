@@ -64,10 +64,17 @@ BAD: dict[str, str] = {
     "student_teacher_rows": "student and teacher shards must cover the same",
     "mixed_vocab_start": "vocab_start must be given on every rank or on none",
     "chunk_mismatch_first_use": "differ across ranks",
-    "option_mismatch_after_first_use": "ranks disagree on the loss call",
+    "option_mismatch_after_first_use": "differ across ranks",
+    # an input that only one rank rejects: every rank raises (none waits in a collective)
+    "head_dim_one_rank_after_first_use": "rejected their inputs",
+    "bias_length_one_rank": "rejected their inputs",
     "empty_shard": "must hold at least one vocabulary row",
     "label_out_of_range": "labels must be in [0, 1009)",
 }
+
+# ... and the rank that rejected them (the last) says why, naming the argument.
+BAD_ON_LAST_RANK: dict[str, str] = {"head_dim_one_rank_after_first_use": "student_weight",
+                                    "bias_length_one_rank": "student_bias"}
 
 
 def widths(vocab: int, parts: int) -> list[int]:
@@ -172,9 +179,8 @@ def run_case(case: dict, rank: int, parts: int, singles: list) -> dict[str, Any]
 def run_bad(name: str, rank: int, parts: int) -> str:
     """Break one input on some ranks; return the error message (or 'no error')."""
     import kdkernels
-    from kdkernels.parallel import VocabParallel, clear_layout_cache
+    from kdkernels.parallel import VocabParallel
 
-    clear_layout_cache()  # every bad case is a first use of its layout
     x = make_inputs(dict(labels=True), parts)
     lo, hi = shard(V, parts, rank)
     w, u = x["w"][lo:hi], x["u"][lo:hi]
@@ -197,6 +203,18 @@ def run_bad(name: str, rank: int, parts: int) -> str:
     elif name == "option_mismatch_after_first_use":
         kdkernels.fused_linear_kd_loss(x["h"], w, x["g"], u, labels, vocab_parallel=vp, **opts)
         opts["temperature"] = 2.0 + (rank == 0)
+    elif name == "head_dim_one_rank_after_first_use":
+        kdkernels.fused_linear_kd_loss(x["h"], w, x["g"], u, labels, vocab_parallel=vp, **opts)
+        if rank == parts - 1:
+            w = w[:, :-1]
+    elif name == "bias_length_one_rank":
+        bias = torch.zeros(w.shape[0] + (rank == parts - 1))
+        try:
+            kdkernels.fused_linear_kd_loss(x["h"], w, x["g"], u, labels, student_bias=bias,
+                                           vocab_parallel=vp, **opts)
+        except (ValueError, RuntimeError, TypeError) as err:
+            return f"{type(err).__name__}: {err}"
+        return "no error"
     elif name == "empty_shard":
         if rank == parts - 1:
             w, u = w[:0], u[:0]

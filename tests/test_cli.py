@@ -69,3 +69,12 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch, capsys):
     # A second run into the same directory is refused without --overwrite.
     assert cli.main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_threads_option_reaches_the_config():
+    parser = cli.argparse.ArgumentParser()
+    cli._distill_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["distill", "--preset", "smoke", "--threads", "1"])
+    assert cli._config(args).threads == 1
+    args = parser.parse_args(["distill", "--preset", "smoke"])
+    assert cli._config(args).threads == 0  # automatic unless asked

@@ -169,6 +169,8 @@ def test_bad_input_raises_on_every_rank(parts, bad, tmp_path_factory):
     for r, rr in enumerate(res):
         msg = rr["bad"][bad]
         assert W.BAD[bad] in msg, f"rank {r}: expected {W.BAD[bad]!r}, got {msg!r}"
+        if r == parts - 1 and bad in W.BAD_ON_LAST_RANK:
+            assert W.BAD_ON_LAST_RANK[bad] in msg, msg
 
 
 def test_tiling_messages():
