@@ -10,6 +10,10 @@ steady-state call, inputs included (`extra` = peak minus what was allocated befo
 Order (priority when the --budget-s runs short): copy bandwidth, row kernels at their default
 configs, the Liger shape's providers, the row-kernel config sweep, the other shapes.
 Every provider runs in try/except: an OOM or an error is a row in the table, not the end.
+At the Liger shape, one extra call of `floor` and `kdk-triton` runs under the CUDA
+allocator's recorder; summary.txt lists what is live at each one's memory peak (`peak of`
+lines: size and the allocating kdkernels/bench line), so a peak over the model is explained
+in the same run.
 
 Writes DIR/gpu_bench.csv, DIR/gpu_rowops.csv, DIR/gpu_env.json and DIR/summary.txt, and
 prints the summary table last. --dry-run needs no GPU: it parses the arguments, discovers
