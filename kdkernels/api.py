@@ -198,6 +198,10 @@ def kd_loss(
             raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
                              f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
 
+    compiling = torch.compiler.is_compiling()
+    if compiling and vocab_parallel is not None:
+        raise NotImplementedError("vocab_parallel is not supported under torch.compile; "
+                                  "compile the model and call the loss outside it")
     reducer = LOCAL
     if vocab_parallel is None:
         check_inputs()
@@ -205,16 +209,25 @@ def kd_loss(
         reducer = parallel.logits_setup(vocab_parallel, zs, zt, labels, opts, device,
                                         _failure(check_inputs))
     vocab = min(zs.shape[-1], zt.shape[-1]) if vocab_parallel is None else reducer.vocab
-    flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", vocab, opts)
-    spec = _spec(opts, flat_labels)
-    backend = registry.select(opts.impl, device, zs.dtype, spec)
-    run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(zs.dtype))
-    plan = Plan(run_opts, spec, backend, reducer, zs.dtype, zt.dtype)
+    # Under torch.compile the label range is checked inside the op (a host sync here would
+    # break the graph).
+    flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", vocab, opts,
+                               check_range=not compiling)
     # Row-major views; a copy happens only for inputs whose last dim is not contiguous.
     zs2 = zs.reshape(-1, zs.shape[-1])
     zt2 = zt.reshape(-1, zt.shape[-1])
     zs2 = zs2 if zs2.stride(-1) == 1 else zs2.contiguous()
     zt2 = zt2 if zt2.stride(-1) == 1 else zt2.contiguous()
+    if compiling:
+        want = zs.requires_grad and torch.is_grad_enabled()
+        loss, kd, ce, kept, _ = compiled.logits(zs2, zt2, flat_labels, opts, want)
+        if opts.reduction == "none":
+            loss, kd, ce = (t.reshape(zs.shape[:-1]) for t in (loss, kd, ce))
+        return KDComponents(loss, kd, ce, kept) if opts.return_components else loss
+    spec = _spec(opts, flat_labels)
+    backend = registry.select(opts.impl, device, zs.dtype, spec)
+    run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(zs.dtype))
+    plan = Plan(run_opts, spec, backend, reducer, zs.dtype, zt.dtype)
     loss, kd, ce = LogitsKD.apply(zs2, zt2, flat_labels, plan)
     if opts.reduction == "none":
         loss, kd, ce = (t.reshape(zs.shape[:-1]) for t in (loss, kd, ce))

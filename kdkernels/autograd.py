@@ -191,32 +191,51 @@ def _in_shape(acc, shape, dtype, vocab, device) -> torch.Tensor:
     return out
 
 
+@dataclass
+class LogitsOutcome:
+    """A forward pass of the logits loss: reduced outputs, the kept-token count, and the
+    gradient w.r.t. zs for grad_output = 1 (None when not wanted)."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    kept: int
+    grad: torch.Tensor | None
+
+
+def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome:
+    """The logits loss on flat inputs zs [N, Vs], zt [N, Vt], labels [N] (plain tensors).
+    With reduction='none' the gradient is per row for unit weights, so backward can scale
+    it row by row without a recompute."""
+    opts = plan.opts
+    n = zs.shape[0]
+    keep = None if labels is None else labels != opts.ignore_index
+    kept = n if keep is None else int(keep.sum())
+    norm = _normaliser(opts, kept)
+    unit = 1.0 if opts.reduction == "none" else 1.0 / norm
+    row_scale = None
+    if want_grad:
+        row_scale = torch.full((n,), unit, dtype=torch.float32, device=zs.device)
+        if keep is not None:
+            row_scale = torch.where(keep, row_scale, torch.zeros_like(row_scale))
+    kd, ce, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,
+                               row_scale=row_scale, reducer=plan.reducer)
+    if keep is not None:
+        kd = torch.where(keep, kd, torch.zeros_like(kd))
+        ce = None if ce is None else torch.where(keep, ce, torch.zeros_like(ce))
+    loss = _reduce(_combine(opts, kd, ce), opts, norm)
+    kd_red = _reduce(kd, opts, norm)
+    ce_red = torch.full_like(kd_red, float("nan")) if ce is None else _reduce(ce, opts, norm)
+    return LogitsOutcome(loss, kd_red, ce_red, kept, grad)
+
+
 class LogitsKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, zt, labels, plan: Plan):
-        opts = plan.opts
-        n = zs.shape[0]
-        keep = None if labels is None else labels != opts.ignore_index
-        kept = n if keep is None else int(keep.sum())
-        norm = _normaliser(opts, kept)
-        want = ctx.needs_input_grad[0]
-        unit = 1.0 if opts.reduction == "none" else 1.0 / norm
-        row_scale = None
-        if want:
-            row_scale = torch.full((n,), unit, dtype=torch.float32, device=zs.device)
-            if keep is not None:
-                row_scale = torch.where(keep, row_scale, torch.zeros_like(row_scale))
-        kd, ce, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,
-                                   row_scale=row_scale, reducer=plan.reducer)
-        if keep is not None:
-            kd = torch.where(keep, kd, torch.zeros_like(kd))
-            ce = None if ce is None else torch.where(keep, ce, torch.zeros_like(ce))
-        loss = _reduce(_combine(opts, kd, ce), opts, norm)
-        kd_red = _reduce(kd, opts, norm)
-        ce_red = torch.full_like(kd_red, float("nan")) if ce is None else _reduce(ce, opts, norm)
-        ctx.save_for_backward(grad)  # released after backward: adopted as .grad, not cloned
-        ctx.mark_non_differentiable(kd_red, ce_red)
-        return loss, kd_red, ce_red
+        out = logits_forward(zs, zt, labels, plan, ctx.needs_input_grad[0])
+        ctx.save_for_backward(out.grad)  # released after backward: adopted as .grad, not cloned
+        ctx.mark_non_differentiable(out.kd, out.ce)
+        return out.loss, out.kd, out.ce
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce):

@@ -1,9 +1,10 @@
-"""torch.compile support: the fused loss as one opaque custom op.
+"""torch.compile support: each loss as one opaque custom op.
 
 Dynamo cannot trace the chunk driver (data-dependent row counts, host-side checks), so
-under torch.compile the public function routes here: the op runs the same eager code
-(autograd.fused_forward) and registers a fake impl for tracing and an autograd formula that
-scales the gradients computed during forward (or recomputes them for reduction='none').
+under torch.compile the public functions route here: the ops run the same eager code
+(autograd.fused_forward, autograd.logits_forward) and register a fake impl for tracing and an
+autograd formula that scales the gradients computed during forward (the fused loss
+recomputes them for reduction='none').
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .autograd import Plan, fused_forward, row_spec
+from .autograd import Plan, fused_forward, logits_forward, row_spec
 from .backends import registry
 from .gemm import logits_dtype
 from .options import KDOptions
@@ -23,9 +24,13 @@ from .validation import check_label_range
 _NAMESPACE = "kdkernels"
 
 
-def _plan(h: Tensor, labels: Optional[Tensor], opts: KDOptions, cd_s, cd_t) -> Plan:
+def _plan(h: Tensor, labels: Optional[Tensor], opts: KDOptions, cd_s, cd_t,
+          rows_dtype: Optional[torch.dtype] = None) -> Plan:
+    """rows_dtype: the dtype the row kernels see (the logits' for kd_loss; by default the
+    fused loss's chunk-logits dtype)."""
     spec = row_spec(opts, labels)
-    backend = registry.select(opts.impl, h.device, logits_dtype(cd_s, h.device), spec)
+    ld = logits_dtype(cd_s, h.device) if rows_dtype is None else rows_dtype
+    backend = registry.select(opts.impl, h.device, ld, spec)
     return Plan(opts, spec, backend, LOCAL, cd_s, cd_t)
 
 
@@ -136,3 +141,64 @@ def fused(h, w, bs, g, u, bt, labels, opts: KDOptions, cd_s, cd_t):
         opts.student_softcap, opts.teacher_softcap, opts.ignore_index, opts.reduction,
         opts.num_items, opts.chunk_size, opts.max_workspace_bytes, opts.impl,
         opts.return_components)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::kd_loss", mutates_args=())
+def kd_loss_op(
+    zs: Tensor, zt: Tensor, labels: Optional[Tensor], want_grad: bool, divergence: str,
+    beta: float, skew: float, temperature: float, scale_by_t2: bool, kd_weight: float,
+    ce_weight: float, student_softcap: Optional[float], teacher_softcap: Optional[float],
+    ignore_index: int, reduction: str, num_items: Optional[float], chunk_size: Optional[int],
+    max_workspace_bytes: Optional[int], impl: str, return_components: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, kd, ce, n_tokens, grad) on flat logits zs [N, Vs], zt [N, Vt]; grad is the
+    gradient w.r.t. zs for grad_output = 1 (per row for reduction='none'), or an empty
+    tensor when not wanted."""
+    opts = _options(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
+                    student_softcap, teacher_softcap, ignore_index, reduction, num_items,
+                    chunk_size, max_workspace_bytes, impl, return_components)
+    check_label_range(labels, min(zs.shape[1], zt.shape[1]), ignore_index)
+    plan = _plan(zs, labels, opts, zs.dtype, zt.dtype, rows_dtype=zs.dtype)
+    out = logits_forward(zs, zt, labels, plan, want_grad)
+    return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=zs.device),
+            zs.new_empty(0) if out.grad is None else out.grad)
+
+
+@kd_loss_op.register_fake
+def _fake_kd_loss(zs, zt, labels, want_grad, divergence, beta, skew, temperature,
+                  scale_by_t2, kd_weight, ce_weight, student_softcap, teacher_softcap,
+                  ignore_index, reduction, *args):
+    acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
+    shape = (zs.shape[0],) if reduction == "none" else ()
+    return (zs.new_empty(shape, dtype=acc), zs.new_empty(shape, dtype=acc),
+            zs.new_empty(shape, dtype=acc), zs.new_empty((), dtype=torch.int64),
+            torch.empty_like(zs, memory_format=torch.contiguous_format) if want_grad
+            else zs.new_empty(0))
+
+
+def _setup_kd_loss(ctx, inputs, output):
+    ctx.want_grad = inputs[3]
+    ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, grad: as eager
+    # Saved, not kept on ctx, so that autograd frees it as soon as backward has run.
+    ctx.save_for_backward(output[4])
+
+
+def _backward_kd_loss(ctx, g_loss, _g_kd, _g_ce, _g_n, _g_grad):
+    (grad,) = ctx.saved_tensors
+    gz = None
+    if ctx.want_grad:  # per-row grad_output for reduction='none', else a scalar
+        go = g_loss.to(grad.dtype)
+        gz = grad * (go[:, None] if go.dim() else go)
+    return (gz, *([None] * 19))
+
+
+kd_loss_op.register_autograd(_backward_kd_loss, setup_context=_setup_kd_loss)
+
+
+def logits(zs: Tensor, zt: Tensor, labels: Optional[Tensor], opts: KDOptions, want_grad: bool):
+    """Call the logits op from the public API (under torch.compile)."""
+    return kd_loss_op(
+        zs, zt, labels, want_grad, opts.divergence, opts.beta, opts.skew, opts.temperature,
+        opts.scale_by_t2, opts.kd_weight, opts.ce_weight, opts.student_softcap,
+        opts.teacher_softcap, opts.ignore_index, opts.reduction, opts.num_items,
+        opts.chunk_size, opts.max_workspace_bytes, opts.impl, opts.return_components)
