@@ -26,7 +26,7 @@ from .validation import (
 class KDComponents(NamedTuple):
     """``loss`` (differentiable), and, reduced the same way but detached: ``kd`` the
     divergence D before kd_weight and T**2, ``ce`` the hard-label CE before ce_weight (NaN
-    without labels), ``n_tokens`` the number of kept tokens."""
+    without labels), ``n_tokens`` the number of kept tokens (0-d int64, inputs' device)."""
 
     loss: torch.Tensor
     kd: torch.Tensor
@@ -53,7 +53,8 @@ def _finish(opts: KDOptions, loss, kd, ce, labels, n) -> torch.Tensor | KDCompon
     if not opts.return_components:
         return loss
     kept = n if labels is None else int((labels != opts.ignore_index).sum())
-    return KDComponents(loss, kd, ce, torch.tensor(kept, dtype=torch.int64))
+    # on the loss's device, as the torch.compile path returns it
+    return KDComponents(loss, kd, ce, torch.tensor(kept, dtype=torch.int64, device=loss.device))
 
 
 def fused_linear_kd_loss(

@@ -108,7 +108,9 @@ _FWD_OPTION_SLICE = slice(10, 26)  # divergence .. return_components in the forw
 
 def _setup_context(ctx, inputs, output):
     ctx.inputs = inputs
-    ctx.grads = output[4:]
+    ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, the grads: as eager
+    # Saved, not kept on ctx, so that autograd frees them as soon as backward has run.
+    ctx.save_for_backward(*output[4:])
 
 
 def _backward(ctx, g_loss, _g_kd, _g_ce, _g_n, _g_h, _g_w, _g_b):
@@ -117,7 +119,7 @@ def _backward(ctx, g_loss, _g_kd, _g_ce, _g_n, _g_h, _g_w, _g_b):
     reduction = inputs[20]
     if reduction != "none":
         grads = [t * g_loss.to(t.dtype) if w else None
-                 for t, w in zip(ctx.grads, want, strict=True)]
+                 for t, w in zip(ctx.saved_tensors, want, strict=True)]
     else:
         opts = list(inputs[_FWD_OPTION_SLICE])
         del opts[10]  # reduction

@@ -211,3 +211,24 @@ def test_kd_loss_opcheck(reduction):
     args = (zs.detach().requires_grad_(), zt, labels, True, "jsd", 0.4, 0.1, 1.5, True, 1.0,
             0.2, None, 10.0, -100, reduction, None, 3, None, "torch", False)
     torch.library.opcheck(torch.ops.kdkernels.kd_loss.default, args)
+
+
+def test_fullgraph_fused_components_are_detached():
+    torch._dynamo.reset()
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(40, 8, requires_grad=True)
+    labels = torch.randint(0, 40, (10,))
+
+    @torch.compile(fullgraph=True)
+    def f(h, w, labels):
+        return kdkernels.fused_linear_kd_loss(h, w, h.detach() * 2, w.detach(), labels,
+                                              ce_weight=0.5, return_components=True)
+
+    out = f(h, w, labels)
+    assert out.loss.requires_grad
+    assert not out.kd.requires_grad and not out.ce.requires_grad  # as eager
+    out.loss.backward()
+    eager = kdkernels.fused_linear_kd_loss(h, w, h.detach() * 2, w.detach(), labels,
+                                           ce_weight=0.5, return_components=True)
+    torch.testing.assert_close(out.kd, eager.kd)
+    assert out.n_tokens.device == eager.n_tokens.device and int(out.n_tokens) == 10
