@@ -1,7 +1,11 @@
-"""The `torch` backend: the row-op contract as vectorised PyTorch ops over a chunk.
+"""The `torch` backend: the row-op contract as plain eager PyTorch ops over a chunk.
 
-Runs on any device. Each call converts the chunk to fp32 once; temporaries are [C, V] fp32,
-which the chunk-size rule accounts for through WORKSPACE_BYTES_PER_LOGIT.
+Runs on any device and in float64 (gradcheck). The chunk is walked in blocks of rows; each
+block's math runs in a few preallocated scratch buffers with in-place / ``out=`` ops, so no
+op allocates a [C, V] result. On CPUs a block's buffers are a few MiB: they stay in cache,
+every pass but the exps costs little, and no fresh pages are faulted in per op (a newly
+allocated 256 MiB temporary cost more than the exp written into it). Elsewhere a block is
+normally the whole chunk.
 """
 
 from __future__ import annotations
@@ -10,11 +14,18 @@ import math
 
 import torch
 
-from ..row_stats import N_STATS
+from ..row_stats import N_MIX, N_STATS
 from .base import Backend, RowSpec
 
-# zs and zt in storage, plus up to four fp32 [C, V] temporaries alive at once.
+# zs and zt in storage, plus at most this many scratch buffers in the accumulation dtype,
+# each [rows of a block, V] with a block no larger than the chunk (grad: z, log p, log q and
+# one work buffer; mix: log p, log q, log-mixture, probabilities; stats: a, b, exp).
 _TEMPS = 4
+# Elements per scratch buffer: 2 MiB of fp32 on CPUs (measured on 2 EPYC cores: 8 to 32 rows
+# of V = 32000 run each op 3-10x faster than whole-chunk buffers); 256 MiB elsewhere, where
+# per-op launch costs favour big blocks and the caching allocator makes buffers cheap.
+_CPU_BLOCK_ELEMS = 1 << 19
+_DEVICE_BLOCK_ELEMS = 1 << 26
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -23,21 +34,46 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _capped(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """x in the accumulation dtype, soft-capped (a fresh tensor unless nothing changes)."""
     x = x.to(_acc_dtype(x))
     if cap is None:
         return x
     return torch.tanh(x / cap).mul_(cap)
 
 
-def _tempered(z: torch.Tensor, t: float) -> torch.Tensor:
-    return z if t == 1.0 else z / t
+class _Blocks:
+    """Row blocks of a [C, V] chunk and `k` scratch buffers sized for the largest block."""
+
+    def __init__(self, x: torch.Tensor, k: int) -> None:
+        c, v = x.shape
+        elems = _CPU_BLOCK_ELEMS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMS
+        self.rows = max(1, min(c, elems // max(1, v)))
+        self.c = c
+        self.scratch = torch.empty(k, min(self.rows, c), v, dtype=_acc_dtype(x), device=x.device)
+
+    def __iter__(self):
+        for r0 in range(0, self.c, self.rows):
+            r1 = min(self.c, r0 + self.rows)
+            yield slice(r0, r1), [buf[: r1 - r0] for buf in self.scratch]
 
 
-def _max_sum_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row max m, exp(x - m) and its row sum (a row of -inf gives NaN, as it should)."""
+def _prepare(x: torch.Tensor, cap: float | None, t: float, buf: torch.Tensor) -> torch.Tensor:
+    """tempered(capped(x)) in the accumulation dtype: x itself when nothing changes it (then it
+    must not be written to), else written into buf (the same values as ``_capped(x) / t``)."""
+    src = x
+    if x.dtype != buf.dtype:
+        src = buf.copy_(x)
+    if cap is not None:
+        src = torch.div(src, cap, out=buf).tanh_().mul_(cap)
+    if t != 1.0:
+        src = torch.div(src, t, out=buf)
+    return src
+
+
+def _row_max_exp(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max m and exp(x - m) in buf (a row of -inf gives NaN, as it should)."""
     m = x.amax(1)
-    e = torch.exp(x - m[:, None])
-    return m, e, e.sum(1)
+    return m, torch.sub(x, m[:, None], out=buf).exp_()
 
 
 def _label_logit(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,123 +83,183 @@ def _label_logit(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    c = zs.shape[0]
-    out = torch.zeros(c, N_STATS, dtype=_acc_dtype(zs), device=zs.device)
-    z = _capped(zs, spec.student_softcap)
-    a = _tempered(z, spec.temperature)
-    b = _tempered(_capped(zt, spec.teacher_softcap), spec.temperature)
-    m_a, e_a, s_a = _max_sum_exp(a)
-    out[:, 0], out[:, 1] = m_a, s_a
-    if spec.divergence == "reverse_kl":
-        out[:, 2] = (e_a * (a - b)).sum(1)
-    del e_a
-    m_b, e_b, s_b = _max_sum_exp(b)
-    out[:, 3], out[:, 4] = m_b, s_b
-    if spec.divergence == "forward_kl":
-        out[:, 5] = (e_b * (b - a)).sum(1)
-    del e_b
-    if spec.has_ce and spec.temperature != 1.0:
-        m_z, e_z, s_z = _max_sum_exp(z)
-        out[:, 6], out[:, 7] = m_z, s_z
-    else:
-        out[:, 6], out[:, 7] = m_a, s_a
-    if spec.has_ce:
-        out[:, 8] = _label_logit(z, labels)
+    out = torch.zeros(zs.shape[0], N_STATS, dtype=_acc_dtype(zs), device=zs.device)
+    t, div = spec.temperature, spec.divergence
+    separate_z = spec.has_ce and t != 1.0
+    for rows, (buf_a, buf_b, buf_e) in _Blocks(zs, 3):
+        o = out[rows]
+        # z: the untempered capped student; a = z / T.
+        z = _prepare(zs[rows], spec.student_softcap, 1.0 if separate_z else t, buf_a)
+        if spec.has_ce:
+            o[:, 8] = _label_logit(z, labels[rows])
+        if separate_z:
+            m_z, e = _row_max_exp(z, buf_e)
+            o[:, 6], o[:, 7] = m_z, e.sum(1)
+            a = torch.div(z, t, out=buf_a)
+        else:
+            a = z
+        m_a, e = _row_max_exp(a, buf_e)
+        o[:, 0], o[:, 1] = m_a, e.sum(1)
+        if not separate_z:
+            o[:, 6], o[:, 7] = o[:, 0], o[:, 1]
+        b = _prepare(zt[rows], spec.teacher_softcap, t, buf_b)
+        if div == "reverse_kl":  # a - b into a's buffer (a is no longer needed, or is zs)
+            o[:, 2] = torch.sub(a, b, out=buf_a).mul_(e).sum(1)
+        m_b, e = _row_max_exp(b, buf_e)
+        o[:, 3], o[:, 4] = m_b, e.sum(1)
+        if div == "forward_kl":
+            o[:, 5] = torch.sub(b, a, out=buf_b if b is buf_b else buf_a).mul_(e).sum(1)
     return out
 
 
-def _log_probs(zs, zt, norms, spec):
-    """log p and log q as (x - m) - log_s: see base.py for why not x - lse."""
-    m_a, ls_a, m_b, ls_b = (norms[:, i, None] for i in range(4))
-    z = _capped(zs, spec.student_softcap)
-    logp = (_tempered(z, spec.temperature) - m_a).sub_(ls_a)
-    logq = (_tempered(_capped(zt, spec.teacher_softcap), spec.temperature) - m_b).sub_(ls_b)
-    return z, logp, logq
+def _log_prob(x: torch.Tensor, cap: float | None, t: float, m: torch.Tensor,
+              log_s: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """log-probs into buf as (x - m) - log_s: see base.py for why not x - lse."""
+    src = _prepare(x, cap, t, buf)
+    return torch.sub(src, m[:, None], out=buf).sub_(log_s[:, None])
 
 
-def _log_mix(logq: torch.Tensor, logp: torch.Tensor, wq: float) -> torch.Tensor:
-    """log(wq * q + (1 - wq) * p) as a logaddexp of log-probs (exact when a weight is 0)."""
+def _log_mix_into(logq: torch.Tensor, logp: torch.Tensor, wq: float,
+                  buf: torch.Tensor) -> torch.Tensor:
+    """log(wq * q + (1 - wq) * p) into buf as a logaddexp of log-probs (exact when a weight is
+    0). The weight of q is added after the logaddexp, so no buffer holds log q + log wq."""
     if wq == 0.0:
-        return logp
+        return buf.copy_(logp)
     if wq == 1.0:
-        return logq
-    return torch.logaddexp(logq + math.log(wq), logp + math.log1p(-wq))
+        return buf.copy_(logq)
+    lw_q, lw_p = math.log(wq), math.log1p(-wq)
+    torch.add(logp, lw_p - lw_q, out=buf)
+    return torch.logaddexp(logq, buf, out=buf).add_(lw_q)
 
 
-def _xlogy_diff(w: torch.Tensor, logx: torch.Tensor, logm: torch.Tensor) -> torch.Tensor:
-    """Row sum of w * (logx - logm), with 0 where w == 0 (an underflowed probability);
-    NaN stays NaN."""
-    return torch.where(w == 0, torch.zeros_like(w), w * (logx - logm)).sum(1)
+def _masked_row_sum(prod: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Row sums of prod = w * (log x - log m), with 0 where w == 0 (an underflowed
+    probability, whose log-ratio may be infinite); NaN stays NaN. Only rows whose plain sum
+    is not finite can hold a 0 * inf term, so only those are summed again with the mask."""
+    s = prod.sum(1)
+    bad = ~torch.isfinite(s)
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(1)
+        fixed = torch.where(w[rows] == 0, torch.zeros((), dtype=prod.dtype, device=prod.device),
+                            prod[rows])
+        s[rows] = fixed.sum(1)
+    return s
 
 
 def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    _, logp, logq = _log_probs(zs, zt, norms, spec)
-    p, q = torch.exp(logp), torch.exp(logq)
     div = spec.divergence
-    if div == "jsd":
-        logm = _log_mix(logq, logp, spec.beta)
-        cols = (_xlogy_diff(q, logq, logm), _xlogy_diff(p, logp, logm))
-    elif div == "skew_forward_kl":
-        logm = _log_mix(logq, logp, spec.skew)
-        cols = (_xlogy_diff(q, logq, logm), torch.exp(logq + logp - logm).sum(1))
-    elif div == "skew_reverse_kl":
-        logm = _log_mix(logq, logp, 1.0 - spec.skew)
-        # skew p^2 / mix <= p as one exp; at skew 0 the term is absent (p / q may overflow).
-        second = (torch.exp(math.log(spec.skew) + 2 * logp - logm).sum(1) if spec.skew > 0
-                  else torch.zeros_like(logp[:, 0]))
-        cols = (_xlogy_diff(p, logp, logm), second)
-    elif div == "tvd":
-        diff = p - q
-        cols = (0.5 * diff.abs().sum(1), 0.5 * (p * torch.sign(diff)).sum(1))
-    else:
+    if div not in ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
         raise ValueError(f"mix pass is not defined for divergence {div!r}")
-    return torch.stack(cols, 1)
+    out = torch.empty(zs.shape[0], N_MIX, dtype=_acc_dtype(zs), device=zs.device)
+    t = spec.temperature
+    for rows, (buf_p, buf_q, buf_m, buf_e) in _Blocks(zs, 4):
+        nrm, o = norms[rows], out[rows]
+        logp = _log_prob(zs[rows], spec.student_softcap, t, nrm[:, 0], nrm[:, 1], buf_p)
+        logq = _log_prob(zt[rows], spec.teacher_softcap, t, nrm[:, 2], nrm[:, 3], buf_q)
+        if div == "jsd":
+            logm = _log_mix_into(logq, logp, spec.beta, buf_m)
+            q = torch.exp(logq, out=buf_e)
+            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q)
+            p = torch.exp(logp, out=buf_e)
+            o[:, 1] = _masked_row_sum(logp.sub_(logm).mul_(p), p)
+        elif div == "skew_forward_kl":
+            logm = _log_mix_into(logq, logp, spec.skew, buf_m)
+            # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
+            o[:, 1] = torch.add(logq, logp, out=buf_e).sub_(logm).exp_().sum(1)
+            q = torch.exp(logq, out=buf_e)
+            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q)
+        elif div == "skew_reverse_kl":
+            logm = _log_mix_into(logq, logp, 1.0 - spec.skew, buf_m)
+            # skew p^2 / mix <= p as one exp; at skew 0 the term is absent (p / q may overflow).
+            if spec.skew > 0:
+                o[:, 1] = (torch.mul(logp, 2, out=buf_e).add_(math.log(spec.skew)).sub_(logm)
+                           .exp_().sum(1))
+            else:
+                o[:, 1] = 0.0
+            p = torch.exp(logp, out=buf_e)
+            o[:, 0] = _masked_row_sum(logp.sub_(logm).mul_(p), p)
+        else:  # tvd: |d| as d * sign(d), so no buffer holds |d|
+            p, q = logp.exp_(), logq.exp_()
+            d = torch.sub(p, q, out=buf_m)
+            sign = torch.sign(d, out=buf_e)
+            o[:, 0] = d.mul_(sign).sum(1).mul_(0.5)
+            o[:, 1] = p.mul_(sign).sum(1).mul_(0.5)
+    return out
 
 
-def _soft_term(logp, logq, aux, spec: RowSpec) -> torch.Tensor:
-    """G of the contract (base.py), without kd_coef."""
-    p = torch.exp(logp)
+def _soft_term(logp, logq, aux, spec: RowSpec, work) -> tuple[torch.Tensor, float]:
+    """(H, s) with G = s * H, G of the contract (base.py) without kd_coef. Leaves
+    p = exp(log p) in logp's buffer; H lands in logq's buffer or in `work`."""
     div = spec.divergence
     if div == "forward_kl":
-        return p - torch.exp(logq)
+        return torch.sub(logp.exp_(), logq.exp_(), out=work), 1.0
     if div == "reverse_kl":
-        return p * (logp - logq - aux[:, None])
+        h = torch.sub(logp, logq, out=logq).sub_(aux)
+        return h.mul_(logp.exp_()), 1.0
     if div == "jsd":
-        logm = _log_mix(logq, logp, spec.beta)
-        return (1.0 - spec.beta) * p * (logp - logm - aux[:, None])
+        logm = _log_mix_into(logq, logp, spec.beta, work)
+        h = torch.sub(logp, logm, out=work).sub_(aux)
+        return h.mul_(logp.exp_()), 1.0 - spec.beta
     if div == "skew_forward_kl":
-        logm = _log_mix(logq, logp, spec.skew)
+        logm = _log_mix_into(logq, logp, spec.skew, work)
         # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
-        return -(1.0 - spec.skew) * (torch.exp(logp + logq - logm) - p * aux[:, None])
+        h = logq.add_(logp).sub_(logm).exp_()
+        return h.addcmul_(logp.exp_(), aux, value=-1.0), -(1.0 - spec.skew)
     if div == "skew_reverse_kl":
-        logm = _log_mix(logq, logp, 1.0 - spec.skew)
-        g = p * (logp - logm - aux[:, None])
+        logm = _log_mix_into(logq, logp, 1.0 - spec.skew, work)
+        second = None
         if spec.skew > 0:  # skew p^2 / mix <= p as one exp; at skew 0 the term is absent
-            g -= torch.exp(math.log(spec.skew) + 2 * logp - logm)
-        return g
+            second = (torch.mul(logp, 2, out=logq).add_(math.log(spec.skew)).sub_(logm)
+                      .exp_())
+        h = torch.sub(logp, logm, out=work).sub_(aux).mul_(logp.exp_())
+        return (h if second is None else h.sub_(second)), 1.0
     if div == "tvd":
-        return p * (0.5 * torch.sign(p - torch.exp(logq)) - aux[:, None])
+        p = logp.exp_()
+        h = torch.sub(p, logq.exp_(), out=logq).sign_().mul_(0.5).sub_(aux)
+        return h.mul_(p), 1.0
     raise ValueError(f"unknown divergence {div!r}")
 
 
 def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
-    aux, kd_coef, ce_coef = coef[:, 6], coef[:, 7], coef[:, 8]
-    z, logp, logq = _log_probs(zs, zt, coef[:, :4], spec)
-    dz = _soft_term(logp, logq, aux, spec)
-    del logp, logq
-    dz.mul_(kd_coef[:, None])
-    if spec.has_ce:
-        ce = torch.exp((z - coef[:, 4, None]).sub_(coef[:, 5, None])).mul_(ce_coef[:, None])
-        rows = torch.nonzero(labels >= 0).squeeze(1)
-        ce[rows, labels[rows]] -= ce_coef[rows]
-        dz.add_(ce)
-        del ce
-    if spec.student_softcap is not None:
-        c = spec.student_softcap
-        dz.mul_(1.0 - (z / c).square_())
-    # Dead rows get exact zeros whatever their logits held (no [C, V] temporary for it).
-    dz.masked_fill_(((kd_coef == 0) & (ce_coef == 0))[:, None], 0.0)
-    out.copy_(dz)
+    kd_coef, ce_coef = coef[:, 7], coef[:, 8]
+    t, cap = spec.temperature, spec.student_softcap
+    # At T = 1, softmax(z) is p whenever the stats gave z and a the same normaliser (the
+    # driver does); then the CE term reuses p instead of a third exp.
+    ce_is_p = spec.has_ce and t == 1.0 and torch.equal(coef[:, 4:6], coef[:, 0:2])
+    keep_z = cap is not None or (spec.has_ce and not ce_is_p)
+    direct = out.dtype == _acc_dtype(zs)  # else dz is formed in scratch and cast into out
+    for rows, (buf_z, buf_p, buf_q, buf_w) in _Blocks(zs, 4):
+        c, o = coef[rows].to(buf_p.dtype), out[rows]
+        z = None
+        if keep_z:  # a copy even when zs needs no conversion: out may alias zs
+            z = _prepare(zs[rows], cap, 1.0, buf_z)
+            z = z if z is buf_z else buf_z.copy_(z)
+        logp = _log_prob(zs[rows] if z is None else z, None if z is not None else cap, t,
+                         c[:, 0], c[:, 1], buf_p)
+        logq = _log_prob(zt[rows], spec.teacher_softcap, t, c[:, 2], c[:, 3], buf_q)
+        # From here on zs[rows] is not read, so dz may be written straight into out.
+        h, scale = _soft_term(logp, logq, c[:, 6, None], spec, o if direct else buf_w)
+        kd = c[:, 7, None] if scale == 1.0 else c[:, 7, None] * scale
+        dz = torch.mul(h, kd, out=o) if direct else h.mul_(kd)
+        if spec.has_ce:
+            ce = c[:, 8, None]
+            if ce_is_p:
+                sm = logp  # holds p
+            else:
+                sm = torch.sub(z, c[:, 4, None], out=buf_p).sub_(c[:, 5, None]).exp_()
+            dz.addcmul_(sm, ce)
+            lab = labels[rows]
+            # -ce at the label column; rows without one get -0.0 at column 0 (x + -0 == x).
+            dz.scatter_add_(1, lab.clamp(min=0)[:, None],
+                            torch.where(lab[:, None] >= 0, -ce, torch.full_like(ce, -0.0)))
+        if cap is not None:
+            dz.mul_(z.div_(cap).square_().neg_().add_(1.0))
+        if not direct:
+            o.copy_(dz)
+    # Dead rows get exact zeros whatever their logits held.
+    dead = torch.nonzero((kd_coef == 0) & (ce_coef == 0)).squeeze(1)
+    if dead.numel():
+        out.index_fill_(0, dead, 0.0)
 
 
 def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
@@ -173,7 +269,8 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpe
 
 
 def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
-    return 2 * torch.empty((), dtype=dtype).element_size() + 4 * _TEMPS
+    acc = 8 if dtype == torch.float64 else 4
+    return 2 * torch.empty((), dtype=dtype).element_size() + acc * _TEMPS
 
 
 BACKEND = Backend(
