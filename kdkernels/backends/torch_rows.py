@@ -21,10 +21,12 @@ from .base import Backend, RowSpec
 # each [rows of a block, V] with a block no larger than the chunk (grad: z, log p, log q and
 # one work buffer; mix: log p, log q, log-mixture, probabilities; stats: a, b, exp).
 _TEMPS = 4
-# Elements per scratch buffer: 2 MiB of fp32 on CPUs (measured on 2 EPYC cores: 8 to 32 rows
-# of V = 32000 run each op 3-10x faster than whole-chunk buffers); 256 MiB elsewhere, where
-# per-op launch costs favour big blocks and the caching allocator makes buffers cheap.
+# Elements per scratch buffer: on CPUs 2 MiB of fp32, or 256 KiB per thread if more (on 2
+# EPYC cores, 8 to 32 rows of V = 32000 ran each op 3-10x faster than whole-chunk buffers;
+# 2 rows, 2x slower again: per-op overhead); 256 MiB elsewhere, where per-op launch costs
+# favour big blocks and the caching allocator makes buffers cheap.
 _CPU_BLOCK_ELEMS = 1 << 19
+_CPU_BLOCK_ELEMS_PER_THREAD = 1 << 16
 _DEVICE_BLOCK_ELEMS = 1 << 26
 
 
@@ -46,7 +48,9 @@ class _Blocks:
 
     def __init__(self, x: torch.Tensor, k: int) -> None:
         c, v = x.shape
-        elems = _CPU_BLOCK_ELEMS if x.device.type == "cpu" else _DEVICE_BLOCK_ELEMS
+        elems = _DEVICE_BLOCK_ELEMS
+        if x.device.type == "cpu":
+            elems = max(_CPU_BLOCK_ELEMS, torch.get_num_threads() * _CPU_BLOCK_ELEMS_PER_THREAD)
         self.rows = max(1, min(c, elems // max(1, v)))
         self.c = c
         self.scratch = torch.empty(k, min(self.rows, c), v, dtype=_acc_dtype(x), device=x.device)
@@ -187,44 +191,51 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
     return out
 
 
-def _soft_term(logp, logq, aux, spec: RowSpec, work) -> tuple[torch.Tensor, float]:
-    """(H, s) with G = s * H, G of the contract (base.py) without kd_coef. Leaves
-    p = exp(log p) in logp's buffer; H lands in logq's buffer or in `work`."""
+def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
+    """kd_coef * G (G of the contract, base.py) + ce_p * p into `work`, for every divergence
+    but forward_kl. ce_p is the CE coefficient when softmax(z) is p, else None. G is
+    p * s (D - aux) (+ a term free of p) for a log-ratio D, so kd, aux and the CE term are
+    applied to D by cheap in-place row-constant ops before the one multiplication by p."""
     div = spec.divergence
-    if div == "forward_kl":
-        return torch.sub(logp.exp_(), logq.exp_(), out=work), 1.0
-    if div == "reverse_kl":
-        h = torch.sub(logp, logq, out=logq).sub_(aux)
-        return h.mul_(logp.exp_()), 1.0
-    if div == "jsd":
-        logm = _log_mix_into(logq, logp, spec.beta, work)
-        h = torch.sub(logp, logm, out=work).sub_(aux)
-        return h.mul_(logp.exp_()), 1.0 - spec.beta
+    kd, aux = c[:, 7, None], c[:, 6, None]
     if div == "skew_forward_kl":
         logm = _log_mix_into(logq, logp, spec.skew, work)
         # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
-        h = logq.add_(logp).sub_(logm).exp_()
-        return h.addcmul_(logp.exp_(), aux, value=-1.0), -(1.0 - spec.skew)
-    if div == "skew_reverse_kl":
+        pq_mix = logq.add_(logp).sub_(logm).exp_()
+        k = kd * -(1.0 - spec.skew)
+        return torch.mul(pq_mix, k, out=work).addcmul_(
+            logp.exp_(), -k * aux if ce_p is None else ce_p - k * aux)
+    second = None
+    if div == "reverse_kl":
+        d, k = torch.sub(logp, logq, out=logq).sub_(aux), kd
+    elif div == "jsd":
+        logm = _log_mix_into(logq, logp, spec.beta, work)
+        d, k = torch.sub(logp, logm, out=work).sub_(aux), kd * (1.0 - spec.beta)
+    elif div == "skew_reverse_kl":
         logm = _log_mix_into(logq, logp, 1.0 - spec.skew, work)
-        second = None
         if spec.skew > 0:  # skew p^2 / mix <= p as one exp; at skew 0 the term is absent
             second = (torch.mul(logp, 2, out=logq).add_(math.log(spec.skew)).sub_(logm)
                       .exp_())
-        h = torch.sub(logp, logm, out=work).sub_(aux).mul_(logp.exp_())
-        return (h if second is None else h.sub_(second)), 1.0
-    if div == "tvd":
+        d, k = torch.sub(logp, logm, out=work).sub_(aux), kd
+    elif div == "tvd":
+        # (0.5 sign - aux) as 0.5 (sign - 2 aux): scaling by 2 and 0.5 is exact.
         p = logp.exp_()
-        h = torch.sub(p, logq.exp_(), out=logq).sign_().mul_(0.5).sub_(aux)
-        return h.mul_(p), 1.0
-    raise ValueError(f"unknown divergence {div!r}")
+        d = torch.sub(p, logq.exp_(), out=logq).sign_().sub_(aux * 2.0)
+        k = kd * 0.5
+    else:
+        raise ValueError(f"unknown divergence {div!r}")
+    d.mul_(k)
+    if ce_p is not None:
+        d.add_(ce_p)
+    dz = torch.mul(d, logp if div == "tvd" else logp.exp_(), out=work)
+    return dz if second is None else dz.addcmul_(second, kd, value=-1.0)
 
 
 def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
     kd_coef, ce_coef = coef[:, 7], coef[:, 8]
     t, cap = spec.temperature, spec.student_softcap
     # At T = 1, softmax(z) is p whenever the stats gave z and a the same normaliser (the
-    # driver does); then the CE term reuses p instead of a third exp.
+    # driver does); then the CE term joins the p term instead of costing a third exp.
     ce_is_p = spec.has_ce and t == 1.0 and torch.equal(coef[:, 4:6], coef[:, 0:2])
     keep_z = cap is not None or (spec.has_ce and not ce_is_p)
     direct = out.dtype == _acc_dtype(zs)  # else dz is formed in scratch and cast into out
@@ -234,20 +245,28 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
         if keep_z:  # a copy even when zs needs no conversion: out may alias zs
             z = _prepare(zs[rows], cap, 1.0, buf_z)
             z = z if z is buf_z else buf_z.copy_(z)
-        logp = _log_prob(zs[rows] if z is None else z, None if z is not None else cap, t,
-                         c[:, 0], c[:, 1], buf_p)
-        logq = _log_prob(zt[rows], spec.teacher_softcap, t, c[:, 2], c[:, 3], buf_q)
+        a = _prepare(zs[rows] if z is None else z, None if z is not None else cap, t, buf_p)
+        b = _prepare(zt[rows], spec.teacher_softcap, t, buf_q)
+        ce = c[:, 8, None]
+        ce_p = ce if ce_is_p else None
         # From here on zs[rows] is not read, so dz may be written straight into out.
-        h, scale = _soft_term(logp, logq, c[:, 6, None], spec, o if direct else buf_w)
-        kd = c[:, 7, None] if scale == 1.0 else c[:, 7, None] * scale
-        dz = torch.mul(h, kd, out=o) if direct else h.mul_(kd)
+        if spec.divergence == "forward_kl":
+            # p - q needs no log-probs: exp(x - m) times a row factor that also carries 1 / s,
+            # kd and ce_p (more precise than exp((x - m) - log_s), and two passes fewer).
+            e_p = torch.sub(a, c[:, 0, None], out=buf_p).exp_()
+            e_q = torch.sub(b, c[:, 2, None], out=buf_q).exp_()
+            kd = c[:, 7, None]
+            kp = kd if ce_p is None else kd + ce_p
+            dz = torch.mul(e_p, kp * torch.exp(-c[:, 1, None]), out=o if direct else e_p)
+            dz.addcmul_(e_q, kd * torch.exp(-c[:, 3, None]), value=-1.0)
+        else:
+            logp = torch.sub(a, c[:, 0, None], out=buf_p).sub_(c[:, 1, None])
+            logq = torch.sub(b, c[:, 2, None], out=buf_q).sub_(c[:, 3, None])
+            dz = _soft_dz(logp, logq, c, ce_p, spec, o if direct else buf_w)
         if spec.has_ce:
-            ce = c[:, 8, None]
-            if ce_is_p:
-                sm = logp  # holds p
-            else:
-                sm = torch.sub(z, c[:, 4, None], out=buf_p).sub_(c[:, 5, None]).exp_()
-            dz.addcmul_(sm, ce)
+            if not ce_is_p:  # softmax(z) as exp(z - m_z) / s_z, the 1 / s_z in the row factor
+                e_z = torch.sub(z, c[:, 4, None], out=buf_q).exp_()
+                dz.addcmul_(e_z, ce * torch.exp(-c[:, 5, None]))
             lab = labels[rows]
             # -ce at the label column; rows without one get -0.0 at column 0 (x + -0 == x).
             dz.scatter_add_(1, lab.clamp(min=0)[:, None],
