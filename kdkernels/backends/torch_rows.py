@@ -136,17 +136,18 @@ def _log_mix_into(logq: torch.Tensor, logp: torch.Tensor, wq: float,
     return torch.logaddexp(logq, buf, out=buf).add_(lw_q)
 
 
-def _masked_row_sum(prod: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Row sums of prod = w * (log x - log m), with 0 where w == 0 (an underflowed
-    probability, whose log-ratio may be infinite); NaN stays NaN. Only rows whose plain sum
-    is not finite can hold a 0 * inf term, so only those are summed again with the mask."""
+def _masked_row_sum(prod: torch.Tensor, w: torch.Tensor, logm: torch.Tensor) -> torch.Tensor:
+    """Row sums of prod = w * (log w - logm), with 0 where w == 0 (an underflowed
+    probability, whose log-ratio may be infinite); NaN stays NaN. With 0 <= w <= 1 and
+    logm < inf, a term is not finite only where w == 0 (0 * inf = NaN) or where w or logm
+    is NaN, so a row whose plain sum is not finite sums without its NaNs unless w or logm
+    holds one: no [C, V] temporary."""
     s = prod.sum(1)
     bad = ~torch.isfinite(s)
     if bool(bad.any()):
-        rows = bad.nonzero().squeeze(1)
-        fixed = torch.where(w[rows] == 0, torch.zeros((), dtype=prod.dtype, device=prod.device),
-                            prod[rows])
-        s[rows] = fixed.sum(1)
+        genuine = torch.isnan(w.sum(1)) | torch.isnan(logm.sum(1))
+        fixed = torch.where(genuine, torch.full_like(s, math.nan), torch.nansum(prod, 1))
+        s = torch.where(bad, fixed, s)
     return s
 
 
@@ -163,15 +164,15 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
         if div == "jsd":
             logm = _log_mix_into(logq, logp, spec.beta, buf_m)
             q = torch.exp(logq, out=buf_e)
-            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q)
+            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q, logm)
             p = torch.exp(logp, out=buf_e)
-            o[:, 1] = _masked_row_sum(logp.sub_(logm).mul_(p), p)
+            o[:, 1] = _masked_row_sum(logp.sub_(logm).mul_(p), p, logm)
         elif div == "skew_forward_kl":
             logm = _log_mix_into(logq, logp, spec.skew, buf_m)
             # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
             o[:, 1] = torch.add(logq, logp, out=buf_e).sub_(logm).exp_().sum(1)
             q = torch.exp(logq, out=buf_e)
-            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q)
+            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q, logm)
         elif div == "skew_reverse_kl":
             logm = _log_mix_into(logq, logp, 1.0 - spec.skew, buf_m)
             # skew p^2 / mix <= p as one exp; at skew 0 the term is absent (p / q may overflow).
@@ -181,7 +182,7 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
             else:
                 o[:, 1] = 0.0
             p = torch.exp(logp, out=buf_e)
-            o[:, 0] = _masked_row_sum(logp.sub_(logm).mul_(p), p)
+            o[:, 0] = _masked_row_sum(logp.sub_(logm).mul_(p), p, logm)
         else:  # tvd: |d| as d * sign(d), so no buffer holds |d|
             p, q = logp.exp_(), logq.exp_()
             d = torch.sub(p, q, out=buf_m)
