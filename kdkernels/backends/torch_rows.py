@@ -5,7 +5,8 @@ block's math runs in a few preallocated scratch buffers with in-place / ``out=``
 op allocates a [C, V] result. On CPUs a block's buffers are a few MiB: they stay in cache,
 every pass but the exps costs little, and no fresh pages are faulted in per op (a newly
 allocated 256 MiB temporary cost more than the exp written into it). Elsewhere a block is
-normally the whole chunk.
+normally the whole chunk. Measured (bench/row_ops_cpu.py, 2 shared EPYC cores, S1 fp32,
+forward_kl): stats + grad 0.26-0.32 s, against 1.6-1.8 s with whole-chunk temporaries.
 """
 
 from __future__ import annotations
