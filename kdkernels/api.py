@@ -145,7 +145,8 @@ def fused_linear_kd_loss(
     spec = _spec(opts, flat_labels)
     ld = gemm.logits_dtype(cd_s, device)
     backend = registry.select(opts.impl, device, ld, spec)
-    run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(ld)
+    run_opts = parallel.plan_options(opts, reducer,
+                                     backend.workspace_bytes_per_logit(ld, device.type)
                                      + torch.empty((), dtype=cd_s).element_size())
     plan = Plan(run_opts, spec, backend, reducer, cd_s, cd_t)
     with torch.autocast(device.type, enabled=False):
@@ -227,7 +228,8 @@ def kd_loss(
         return KDComponents(loss, kd, ce, kept) if opts.return_components else loss
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, zs.dtype, spec)
-    run_opts = parallel.plan_options(opts, reducer, backend.workspace_bytes_per_logit(zs.dtype))
+    run_opts = parallel.plan_options(opts, reducer,
+                                     backend.workspace_bytes_per_logit(zs.dtype, device.type))
     plan = Plan(run_opts, spec, backend, reducer, zs.dtype, zt.dtype)
     loss, kd, ce = LogitsKD.apply(zs2, zt2, flat_labels, plan)
     if opts.reduction == "none":

@@ -49,7 +49,7 @@ def _workspace_plan(opts: KDOptions, backend: Backend, rows: int, vocab: int,
     (16-bit over the first half of each fp32 logit row, when the backend takes it and the
     chunk has enough rows for it), or "own" (a [C, V] buffer of its own: 2 more bytes per
     logit)."""
-    base = backend.workspace_bytes_per_logit(zs_dtype)
+    base = backend.workspace_bytes_per_logit(zs_dtype, device.type)
     if not need_grad or zs_dtype == dz_dtype:
         return choose_chunk_size(opts, rows, vocab, base, device.type), "in_place"
     if zs_dtype == torch.float32 and torch.empty((), dtype=dz_dtype).element_size() == 2:
@@ -177,7 +177,8 @@ def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
     returns (kd [N], ce [N] | None, grad [N, Vs] in zs's dtype | None). Rows whose
     row_scale is 0 get zero gradient."""
     n, vocab = zs.shape[0], min(zs.shape[1], zt.shape[1])
-    c = choose_chunk_size(opts, n, vocab, backend.workspace_bytes_per_logit(zs.dtype),
+    c = choose_chunk_size(opts, n, vocab,
+                          backend.workspace_bytes_per_logit(zs.dtype, zs.device.type),
                           zs.device.type)
     row_dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
     kd = torch.empty(n, dtype=row_dtype, device=zs.device)

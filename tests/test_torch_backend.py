@@ -45,3 +45,25 @@ def test_blocks_of_a_few_rows_match_the_oracle(div, rows_per_block, monkeypatch)
     assert rel_err(loss.detach(), ref.detach()) <= TOL
     assert (zs.grad[[2, 7]] == 0).all()
     assert rel_err(zs.grad, z64.grad) <= TOL
+
+
+def test_cpu_scratch_is_a_block_not_the_chunk(monkeypatch):
+    """On CPUs the scratch is a fixed few MiB, so the chunk budget counts only the two
+    logit buffers; elsewhere it counts _TEMPS fp32 temporaries per logit."""
+    sizes = []
+    init = torch_rows._Blocks.__init__
+
+    def spy(self, x, k):
+        init(self, x, k)
+        sizes.append(self.scratch.numel())
+
+    monkeypatch.setattr(torch_rows._Blocks, "__init__", spy)
+    n, vocab = 3000, 1009
+    zs = torch.randn(n, vocab, requires_grad=True)
+    kdkernels.kd_loss(zs, torch.randn(n, vocab), divergence="jsd", impl="torch").backward()
+    block = max(torch_rows._CPU_BLOCK_ELEMS,
+                torch.get_num_threads() * torch_rows._CPU_BLOCK_ELEMS_PER_THREAD)
+    assert sizes and max(sizes) <= torch_rows._TEMPS * max(block, vocab) < n * vocab
+    assert torch_rows.workspace_bytes_per_logit(torch.bfloat16, "cpu") == 4
+    assert torch_rows.workspace_bytes_per_logit(torch.float32, "cuda") == 8 + 4 * 4
+    assert torch_rows.workspace_bytes_per_logit(torch.float64, "cuda") == 16 + 8 * 4

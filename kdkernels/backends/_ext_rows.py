@@ -34,7 +34,7 @@ def dtype_reasons(name: str, dtype: torch.dtype) -> list[str]:
     return []
 
 
-def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
+def workspace_bytes_per_logit(dtype: torch.dtype, device_type: str = "cuda") -> int:
     # Only the two [C, V] inputs: the kernels keep no [C, V] temporaries.
     return 2 * torch.empty((), dtype=dtype).element_size()
 

@@ -93,8 +93,9 @@ class Backend:
     grad: Callable[..., None]
     # Reasons this backend cannot serve tensors on `device` in `dtype` with `spec` (empty = ok).
     not_supported_reasons: Callable[[torch.device, torch.dtype, RowSpec], list[str]]
-    # Bytes of chunk workspace per logit column per row, both [C, V] inputs included.
-    workspace_bytes_per_logit: Callable[[torch.dtype], int]
+    # Bytes of chunk workspace per logit column per row, both [C, V] inputs included, for
+    # logits of this dtype on this device type ("cpu", "cuda", ...).
+    workspace_bytes_per_logit: Callable[[torch.dtype, str], int]
     # Rows per chunk from which grad() accepts a 16-bit ``out`` packed over fp32 ``zs`` (see
     # the module docstring); None: never, the driver gives dL/dz a buffer of its own.
     packed_grad_min_rows: Callable[[torch.device], int | None] = lambda device: None

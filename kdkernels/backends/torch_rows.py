@@ -289,9 +289,11 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpe
     return []
 
 
-def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
-    acc = 8 if dtype == torch.float64 else 4
-    return 2 * torch.empty((), dtype=dtype).element_size() + acc * _TEMPS
+def workspace_bytes_per_logit(dtype: torch.dtype, device_type: str = "cuda") -> int:
+    inputs = 2 * torch.empty((), dtype=dtype).element_size()
+    if device_type == "cpu":  # scratch of a fixed few MiB (_CPU_BLOCK_ELEMS), not per row
+        return inputs
+    return inputs + (8 if dtype == torch.float64 else 4) * _TEMPS
 
 
 BACKEND = Backend(

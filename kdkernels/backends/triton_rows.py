@@ -243,7 +243,7 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpe
     return why
 
 
-def workspace_bytes_per_logit(dtype: torch.dtype) -> int:
+def workspace_bytes_per_logit(dtype: torch.dtype, device_type: str = "cuda") -> int:
     # The two [C, V] inputs only: the kernels keep no [C, V] temporaries (partials are
     # [splits, C, 9] fp32, negligible).
     return 2 * torch.empty((), dtype=dtype).element_size()
