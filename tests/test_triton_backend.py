@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kdkernels
 from kdkernels.backends import registry, torch_rows
@@ -224,6 +226,36 @@ def test_row_ops_match_torch_backend(case: Case, monkeypatch):
     tol = STAT_TOL if out.dtype == torch.float32 else HALF_GRAD_TOL
     err = rel_err(out[live], ref[live])
     assert err <= tol, f"grad: relative error {err:.3g} > {tol}"
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 6), vocab=st.integers(1, 700), pad=st.integers(0, 5),
+       div=st.sampled_from(DIVS), out_dtype=st.sampled_from([BF16, F16]),
+       block_v=st.sampled_from([32, 128, 1024]), temperature=st.sampled_from([0.5, 1.0, 3.0]),
+       ce=st.booleans(), cap=st.sampled_from([None, 7.0]), seed=st.integers(0, 2**16))
+def test_packed_grad_equals_own_buffer(rows, vocab, pad, div, out_dtype, block_v, temperature,
+                                       ce, cap, seed, monkeypatch):
+    """Property: dL/dz packed over the fp32 logits is bit-identical to dL/dz written to a
+    buffer of its own, for any shape (odd, prime, smaller than a tile, many tiles), padding,
+    divergence and option; the first and last rows are dead."""
+    monkeypatch.setitem(triton_rows.OVERRIDE, "block_v", block_v)
+    dead = (0,) if rows == 1 else (0, rows - 1)
+    case = Case(div, rows=rows, vocab=vocab, zt_dtype=BF16, temperature=temperature,
+                cap_s=cap, ce=ce, pad=pad, dead=dead, seed=seed)
+    opts, spec = _spec(case)
+    zs, zt, labels = _tensors(case)
+    stats = torch_rows.stats(zs, zt, labels, spec)
+    mix = torch_rows.mix(zs, zt, norms(finish(stats)), spec) if spec.needs_mix else None
+    coef = _coef(opts, spec, stats, mix, case)
+    own = torch.full(zs.shape, float("nan"), dtype=out_dtype, device=DEVICE)
+    triton_rows.grad(zs, zt, labels, coef, spec, own)
+    work = torch.empty(rows, vocab + pad, device=DEVICE)[:, :vocab]
+    work.copy_(zs)
+    packed = work.view(out_dtype)[:, :vocab]
+    triton_rows.grad(work, zt, labels, coef, spec, packed)
+    assert torch.equal(packed, own)
+    assert (packed[list(dead)] == 0).all()
 
 
 def test_nan_logit_gives_non_finite_stats_only_in_its_row():
