@@ -47,6 +47,9 @@ CASES: dict[str, dict[str, Any]] = {
                           ce_weight=0.5, chunk_size=8, bias=True),
     "group_of_one": dict(kind="single", divergence="reverse_kl", temperature=2.0,
                          ce_weight=0.5, labels=True, chunk_size=10),
+    # bf16 heads and hidden states: bf16 gradients, grad_hidden summed across ranks in fp32
+    "bf16": dict(divergence="jsd", beta=0.4, temperature=1.5, ce_weight=0.3, labels=True,
+                 chunk_size=13, bias=True, dtype="bf16"),
 }
 for _case in CASES.values():
     _case.setdefault("impl", "torch")
@@ -55,7 +58,7 @@ for _impl in filter(None, os.environ.get("KDK_TP_IMPLS", "").split(",")):
         CASES[f"backend_{_impl}"] = dict(divergence="jsd", impl=_impl, **_LABELLED)
         CASES[f"backend_{_impl}_fkl_bias"] = dict(divergence="forward_kl", bias=True,
                                                  impl=_impl, chunk_size=11)
-_HARNESS = ("kind", "bias", "layout", "go", "labels")
+_HARNESS = ("kind", "bias", "layout", "go", "labels", "dtype")
 
 # Bad inputs: name -> (what to break, substring every rank's error must contain).
 BAD: dict[str, str] = {
@@ -96,7 +99,7 @@ def dtensor_shard(vocab: int, parts: int, rank: int) -> tuple[int, int]:
 
 
 def make_inputs(case: dict, parts: int) -> dict[str, torch.Tensor | None]:
-    """Full fp32 inputs; labels hit every rank's shard (under every layout used here)."""
+    """Full fp32 (or bf16) inputs; labels hit every rank's shard (under every layout)."""
     gen = torch.Generator().manual_seed(1234)
     h = torch.randn(N, DS, generator=gen)
     g = torch.randn(N, DT, generator=gen)
@@ -112,6 +115,8 @@ def make_inputs(case: dict, parts: int) -> dict[str, torch.Tensor | None]:
                 labels[2 * r + (lo % 2) + 12] = (lo + hi) // 2
         labels[list(IGNORED_ROWS)] = IGNORE
     go = torch.rand(N, generator=gen) + 0.5 if case.get("go") else None
+    if case.get("dtype") == "bf16":
+        h, g, w, u, bs, bt = (None if t is None else t.bfloat16() for t in (h, g, w, u, bs, bt))
     return dict(h=h, g=g, w=w, u=u, bs=bs, bt=bt, labels=labels, go=go)
 
 
