@@ -126,3 +126,38 @@ def test_live_at_peak_replays_an_allocator_trace():
     peak, blocks = live_at_peak(trace)
     assert peak == 180
     assert blocks == [(100, "driver.py:7 driver"), (70, "autograd.py:7 autograd"), (10, "?")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_peak_is_the_model():
+    """Beyond the inputs, one fwd+bwd holds at most the fp32 grad_W accumulator, the
+    workspace and grad_hidden (then the bf16 grad_W replaces the workspace): no workspace
+    during the cast, no clone of a gradient. Allocations, not time: deterministic."""
+    n, vocab, ds, dt, budget = 4096, 65536, 1024, 2048, 256 * 2**20
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape, std=1.0):
+        return torch.randn(*shape, generator=gen, device="cuda").mul_(std).bfloat16()
+
+    h = rnd(n, ds).requires_grad_()
+    w = rnd(vocab, ds, std=ds**-0.5).requires_grad_()
+    g, u = rnd(n, dt), rnd(vocab, dt, std=dt**-0.5)
+    labels = torch.randint(0, vocab, (n,), device="cuda", generator=gen)
+
+    def call():
+        h.grad = w.grad = None
+        kdkernels.fused_linear_kd_loss(h, w, g, u, labels, max_workspace_bytes=budget
+                                       ).backward()
+
+    call()  # warm-up: kernels, cuBLAS workspace
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    model = vocab * ds * 4 + budget + n * ds * 2  # accumulator + workspace + grad_hidden
+    slack = 64 * 2**20  # per-chunk rows/labels/stats vectors, allocator rounding
+    assert extra <= model + slack, f"{extra / 2**20:.0f} MiB > {(model + slack) / 2**20:.0f}"
