@@ -234,12 +234,14 @@ def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
 
 
 def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
-    kd_coef, ce_coef = coef[:, 7], coef[:, 8]
     t, cap = spec.temperature, spec.student_softcap
-    # At T = 1, softmax(z) is p whenever the stats gave z and a the same normaliser (the
-    # driver does); then the CE term joins the p term instead of costing a third exp.
-    ce_is_p = spec.has_ce and t == 1.0 and torch.equal(coef[:, 4:6], coef[:, 0:2])
+    # At T = 1, z == a, so softmax(z) = p * exp((m_a - m_z) + (log_s_a - log_s_z)), a row
+    # factor (exactly 1 when the stats agree): the CE term joins the p term instead of
+    # costing a third exp, and no host sync decides it.
+    ce_is_p = spec.has_ce and t == 1.0
     keep_z = cap is not None or (spec.has_ce and not ce_is_p)
+    # Rows of ignored tokens get exact zeros whatever their logits held.
+    dead = ((coef[:, 7] == 0) & (coef[:, 8] == 0))[:, None]
     direct = out.dtype == _acc_dtype(zs)  # else dz is formed in scratch and cast into out
     for rows, (buf_z, buf_p, buf_q, buf_w) in _Blocks(zs, 4):
         c, o = coef[rows].to(buf_p.dtype), out[rows]
@@ -250,7 +252,9 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
         a = _prepare(zs[rows] if z is None else z, None if z is not None else cap, t, buf_p)
         b = _prepare(zt[rows], spec.teacher_softcap, t, buf_q)
         ce = c[:, 8, None]
-        ce_p = ce if ce_is_p else None
+        ce_p = None
+        if ce_is_p:
+            ce_p = ce * torch.exp((c[:, 0, None] - c[:, 4, None]) + (c[:, 1, None] - c[:, 5, None]))
         # From here on zs[rows] is not read, so dz may be written straight into out.
         if spec.divergence == "forward_kl":
             # p - q needs no log-probs: exp(x - m) times a row factor that also carries 1 / s,
@@ -275,12 +279,9 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
                             torch.where(lab[:, None] >= 0, -ce, torch.full_like(ce, -0.0)))
         if cap is not None:
             dz.mul_(z.div_(cap).square_().neg_().add_(1.0))
+        dz.masked_fill_(dead[rows], 0.0)  # on the block while it is in cache
         if not direct:
             o.copy_(dz)
-    # Dead rows get exact zeros whatever their logits held.
-    dead = torch.nonzero((kd_coef == 0) & (ce_coef == 0)).squeeze(1)
-    if dead.numel():
-        out.index_fill_(0, dead, 0.0)
 
 
 def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
