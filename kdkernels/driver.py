@@ -47,18 +47,17 @@ def _workspace_plan(opts: KDOptions, backend: Backend, rows: int, vocab: int,
                     need_grad: bool) -> tuple[int, str]:
     """(rows per chunk, where dL/dz goes): "in_place" over the logits (same dtype), "packed"
     (16-bit over the first half of each fp32 logit row, when the backend takes it and the
-    chunk has enough rows for it), or "own" (a [C, V] buffer of its own: 2 more bytes per
-    logit)."""
+    chunk has enough rows for it), or "own" (a [C, V] buffer of its own: dz_dtype's bytes
+    more per logit)."""
     base = backend.workspace_bytes_per_logit(zs_dtype, device.type)
     if not need_grad or zs_dtype == dz_dtype:
         return choose_chunk_size(opts, rows, vocab, base, device.type), "in_place"
-    if zs_dtype == torch.float32 and torch.empty((), dtype=dz_dtype).element_size() == 2:
+    if zs_dtype == torch.float32 and dz_dtype.itemsize == 2:
         least = backend.packed_grad_min_rows(device)
         c = choose_chunk_size(opts, rows, vocab, base, device.type)
         if least is not None and c >= least:
             return c, "packed"
-    extra = torch.empty((), dtype=dz_dtype).element_size()
-    return choose_chunk_size(opts, rows, vocab, base + extra, device.type), "own"
+    return choose_chunk_size(opts, rows, vocab, base + dz_dtype.itemsize, device.type), "own"
 
 
 def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,
