@@ -14,6 +14,7 @@
 
 #include "row_math.h"
 #ifdef KDKERNELS_CUDA_BUILD
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -27,56 +28,53 @@ namespace {
 
 using at::Tensor;
 
-int div_code(const std::string& op, c10::string_view name) {
-  static const char* kNames[] = {"forward_kl",      "reverse_kl",      "jsd",
-                                 "skew_forward_kl", "skew_reverse_kl", "tvd"};
-  for (int i = 0; i < 6; ++i)
-    if (name == kNames[i]) return i;
-  TORCH_CHECK(false, op, ": divergence must be one of forward_kl, reverse_kl, jsd, "
-              "skew_forward_kl, skew_reverse_kl, tvd; got '", std::string(name), "'");
-}
-
-float positive(const std::string& op, const char* arg, double v) {
-  TORCH_CHECK(std::isfinite(v) && v > 0, op, ": ", arg, " must be a finite number > 0, got ", v);
-  return static_cast<float>(v);
-}
-
-RowParams make_params(const std::string& op, c10::string_view divergence, double temperature,
-                      double beta, double skew, std::optional<double> scap,
-                      std::optional<double> tcap, bool has_ce) {
+// The row constants arrive as RowSpec.consts (kdkernels/layouts.py CONSTS), computed once
+// in Python for every backend: here they are only checked and unpacked.
+RowParams make_params(const std::string& op, int64_t div, at::ArrayRef<double> consts,
+                      bool has_ce) {
+  TORCH_CHECK(div >= 0 && div < kDivs, op, ": div must be a divergence code in [0, ", kDivs,
+              ") (kdkernels.divergences.TABLE), got ", div);
+  TORCH_CHECK(static_cast<int64_t>(consts.size()) == kConsts, op, ": consts must be a list of ",
+              kConsts, " floats in kdkernels.layouts.CONSTS order (RowSpec.consts), got ",
+              consts.size());
+  for (size_t i = 0; i < consts.size(); ++i)
+    TORCH_CHECK(std::isfinite(consts[i]), op, ": consts[", i, "] must be finite, got ",
+                consts[i]);
+  const double inv_t = consts[kConstInvT], tempered = consts[kConstTempered];
+  const double cap_s = consts[kConstCapS], cap_t = consts[kConstCapT];
+  const double w_q = consts[kConstWQ];
+  const double mix_kind = consts[kConstMixKind], weight = consts[kConstStatsWeight];
+  TORCH_CHECK(inv_t > 0, op, ": consts[inv_t] (1 / temperature) must be > 0, got ", inv_t);
+  TORCH_CHECK(tempered == 0 || tempered == 1, op, ": consts[tempered] must be 0 or 1, got ",
+              tempered);
+  TORCH_CHECK(cap_s >= 0 && cap_t >= 0, op, ": consts[cap_s] and consts[cap_t] must be >= 0 "
+              "(0 = no softcap), got ", cap_s, " and ", cap_t);
+  TORCH_CHECK(w_q >= 0 && w_q <= 1, op, ": consts[w_q] must be in [0, 1], got ", w_q);
+  TORCH_CHECK(mix_kind == std::floor(mix_kind) && mix_kind >= 0 && mix_kind < kMixKinds, op,
+              ": consts[mix_kind] must be a MIX_KINDS index in [0, ", kMixKinds, "), got ",
+              mix_kind);
+  TORCH_CHECK(weight == std::floor(weight) && weight >= 0 && weight < kWeights, op,
+              ": consts[stats_weight] must be a STATS_WEIGHTS index in [0, ", kWeights,
+              "), got ", weight);
   RowParams p{};
-  p.div = div_code(op, divergence);
-  const float t = positive(op, "temperature", temperature);
-  TORCH_CHECK(beta >= 0 && beta <= 1, op, ": beta must be in [0, 1], got ", beta);
-  TORCH_CHECK(skew >= 0 && skew <= 1, op, ": skew must be in [0, 1], got ", skew);
-  p.inv_t = 1.0f / t;
-  if (scap) {
-    p.scap = positive(op, "student_softcap", *scap);
+  p.div = static_cast<int>(div);
+  p.inv_t = static_cast<float>(inv_t);
+  if (cap_s > 0) {
+    p.scap = static_cast<float>(cap_s);
     p.inv_scap = 1.0f / p.scap;
   }
-  if (tcap) {
-    p.tcap = positive(op, "teacher_softcap", *tcap);
+  if (cap_t > 0) {
+    p.tcap = static_cast<float>(cap_t);
     p.inv_tcap = 1.0f / p.tcap;
   }
   p.has_ce = has_ce;
-  p.ce_separate = has_ce && t != 1.0f;
-  double wq = 0.0;  // weight of q in the log-mixture
-  p.soft_scale = 1.0f;
-  if (p.div == kJSD) {
-    wq = beta;
-    p.soft_scale = static_cast<float>(1.0 - beta);
-  } else if (p.div == kSkewForwardKL) {
-    wq = skew;
-    p.soft_scale = static_cast<float>(-(1.0 - skew));
-  } else if (p.div == kSkewReverseKL) {
-    wq = 1.0 - skew;
-  }
-  p.skew = static_cast<float>(skew);
-  p.mix_mode = wq == 0.0 ? kMixIsP : (wq == 1.0 ? kMixIsQ : kMixGeneral);
-  if (p.mix_mode == kMixGeneral) {
-    p.log_wq = static_cast<float>(std::log(wq));
-    p.log_wp = static_cast<float>(std::log1p(-wq));
-  }
+  p.ce_separate = has_ce && tempered != 0;
+  p.mix_kind = static_cast<int>(mix_kind);
+  p.stats_weight = static_cast<int>(weight);
+  p.w_q = static_cast<float>(w_q);
+  p.log_wq = static_cast<float>(consts[kConstLogWQ]);
+  p.log_wp = static_cast<float>(consts[kConstLogWP]);
+  p.k_div = static_cast<float>(consts[kConstKDiv]);
   return p;
 }
 
@@ -146,8 +144,12 @@ RowArgs make_args(const std::string& op, const Tensor& zs, const Tensor& zt,
 }
 
 #ifdef KDKERNELS_CUDA_BUILD
-int blocks(const RowArgs& g, const Tensor& zs) {
-  return cuda_blocks_per_row(g.rows, g.cols, zs.get_device());
+int blocks(const std::string& op, const RowArgs& g, const Tensor& zs) {
+  int nb = 1;
+  const cudaError_t err = cuda_blocks_per_row(g.rows, g.cols, zs.get_device(), &nb);
+  TORCH_CHECK(err == cudaSuccess, op, ": cannot read the SM count of CUDA device ",
+              zs.get_device(), ": ", cudaGetErrorString(err));
+  return nb;
 }
 
 Tensor workspace(const RowArgs& g, int nb, const Tensor& zs) {
@@ -155,47 +157,41 @@ Tensor workspace(const RowArgs& g, int nb, const Tensor& zs) {
 }
 #endif
 
-Tensor row_stats(const Tensor& zs, const Tensor& zt, const Tensor& labels,
-                 c10::string_view divergence, double temperature, double beta, double skew,
-                 std::optional<double> student_softcap, std::optional<double> teacher_softcap,
-                 bool has_ce) {
+Tensor row_stats(const Tensor& zs, const Tensor& zt, const Tensor& labels, int64_t div,
+                 at::ArrayRef<double> consts, bool has_ce) {
   const std::string op = "kdkernels::row_stats";
-  RowParams p = make_params(op, divergence, temperature, beta, skew, student_softcap,
-                            teacher_softcap, has_ce);
-  RowArgs g = make_args(op, zs, zt, &labels, p);
+  RowArgs g = make_args(op, zs, zt, &labels, make_params(op, div, consts, has_ce));
   Tensor out = at::empty({g.rows, kStats}, zs.options().dtype(at::kFloat));
   if (g.rows == 0) return out;
 #ifdef KDKERNELS_CUDA_BUILD
   c10::cuda::CUDAGuard guard(zs.device());
-  const int nb = blocks(g, zs);
+  const int nb = blocks(op, g, zs);
   Tensor work = workspace(g, nb, zs);
-  cuda_row_stats(g, out.data_ptr<float>(), work.data_ptr<float>(), nb,
-                 c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda_row_stats(g, out.data_ptr<float>(), work.data_ptr<float>(), nb,
+                                c10::cuda::getCurrentCUDAStream()));
 #else
   cpu_row_stats(g, out.data_ptr<float>(), at::get_num_threads());
 #endif
   return out;
 }
 
-Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms,
-               c10::string_view divergence, double temperature, double beta, double skew,
-               std::optional<double> student_softcap, std::optional<double> teacher_softcap) {
+Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms, int64_t div,
+               at::ArrayRef<double> consts) {
   const std::string op = "kdkernels::row_mix";
-  RowParams p = make_params(op, divergence, temperature, beta, skew, student_softcap,
-                            teacher_softcap, false);
-  TORCH_CHECK(p.div >= kJSD, op, ": the mix pass is only defined for jsd, skew_forward_kl, "
-              "skew_reverse_kl and tvd, got '", std::string(divergence), "'");
+  RowParams p = make_params(op, div, consts, false);
+  TORCH_CHECK(has_mix_terms(p.div), op, ": divergence code ", div, " has no mix pass (only "
+              "the divergences with needs_mix in kdkernels.divergences.TABLE have one)");
   RowArgs g = make_args(op, zs, zt, nullptr, p);
-  check_rows(op, "norms", norms, g.rows, kNorms, at::kFloat, zs);
+  check_rows(op, "norms", norms, g.rows, kNormCols, at::kFloat, zs);
   g.norms = norms.data_ptr<float>();
-  Tensor out = at::empty({g.rows, kMix}, zs.options().dtype(at::kFloat));
+  Tensor out = at::empty({g.rows, kMixSums}, zs.options().dtype(at::kFloat));
   if (g.rows == 0) return out;
 #ifdef KDKERNELS_CUDA_BUILD
   c10::cuda::CUDAGuard guard(zs.device());
-  const int nb = blocks(g, zs);
+  const int nb = blocks(op, g, zs);
   Tensor work = workspace(g, nb, zs);
-  cuda_row_mix(g, out.data_ptr<float>(), work.data_ptr<float>(), nb,
-               c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda_row_mix(g, out.data_ptr<float>(), work.data_ptr<float>(), nb,
+                              c10::cuda::getCurrentCUDAStream()));
 #else
   cpu_row_mix(g, out.data_ptr<float>(), at::get_num_threads());
 #endif
@@ -203,14 +199,10 @@ Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms,
 }
 
 void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const Tensor& coef,
-               c10::string_view divergence, double temperature, double beta, double skew,
-               std::optional<double> student_softcap, std::optional<double> teacher_softcap,
-               bool has_ce, const Tensor& out) {
+               int64_t div, at::ArrayRef<double> consts, bool has_ce, const Tensor& out) {
   const std::string op = "kdkernels::row_grad_";
-  RowParams p = make_params(op, divergence, temperature, beta, skew, student_softcap,
-                            teacher_softcap, has_ce);
-  RowArgs g = make_args(op, zs, zt, &labels, p);
-  check_rows(op, "coef", coef, g.rows, kCoef, at::kFloat, zs);
+  RowArgs g = make_args(op, zs, zt, &labels, make_params(op, div, consts, has_ce));
+  check_rows(op, "coef", coef, g.rows, kCoefs, at::kFloat, zs);
   check_logits(op, "out", out, g.rows, g.cols, zs);
   g.coef = coef.data_ptr<float>();
   g.out = out.data_ptr();
@@ -219,7 +211,7 @@ void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const T
   if (g.rows == 0 || g.cols == 0) return;
 #ifdef KDKERNELS_CUDA_BUILD
   c10::cuda::CUDAGuard guard(zs.device());
-  cuda_row_grad(g, blocks(g, zs), c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(cuda_row_grad(g, blocks(op, g, zs), c10::cuda::getCurrentCUDAStream()));
 #else
   cpu_row_grad(g, at::get_num_threads());
 #endif
@@ -230,14 +222,12 @@ void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const T
 
 #ifndef KDKERNELS_CUDA_BUILD
 TORCH_LIBRARY(kdkernels, m) {
-  m.def("row_stats(Tensor zs, Tensor zt, Tensor labels, str divergence, float temperature, "
-        "float beta, float skew, float? student_softcap, float? teacher_softcap, bool has_ce) "
+  // div: kdkernels.divergences code; consts: RowSpec.consts (layouts.CONSTS order).
+  m.def("row_stats(Tensor zs, Tensor zt, Tensor labels, int div, float[] consts, bool has_ce) "
         "-> Tensor");
-  m.def("row_mix(Tensor zs, Tensor zt, Tensor norms, str divergence, float temperature, "
-        "float beta, float skew, float? student_softcap, float? teacher_softcap) -> Tensor");
-  m.def("row_grad_(Tensor zs, Tensor zt, Tensor labels, Tensor coef, str divergence, "
-        "float temperature, float beta, float skew, float? student_softcap, "
-        "float? teacher_softcap, bool has_ce, Tensor(a!) out) -> ()");
+  m.def("row_mix(Tensor zs, Tensor zt, Tensor norms, int div, float[] consts) -> Tensor");
+  m.def("row_grad_(Tensor zs, Tensor zt, Tensor labels, Tensor coef, int div, float[] consts, "
+        "bool has_ce, Tensor(a!) out) -> ()");
 }
 #define KDK_DEVICE CPU
 #else

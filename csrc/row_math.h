@@ -18,7 +18,8 @@
 
 namespace kdk {
 
-// Effective divergence (jsd with beta 0/1 already folded into forward/reverse KL).
+// Divergence codes: kdkernels/divergences.py TABLE (jsd with beta 0/1 already folded into
+// forward/reverse KL by RowSpec); tests/test_layouts.py checks the mirror.
 enum Div : int {
   kForwardKL = 0,
   kReverseKL = 1,
@@ -26,14 +27,88 @@ enum Div : int {
   kSkewForwardKL = 3,
   kSkewReverseKL = 4,
   kTVD = 5,
+  kAlpha = 6,
+  kDivs = 7,
 };
+
+// Column layouts of kdkernels/layouts.py, spelled k + prefix + CamelCase column, the last
+// entry the count (tests/test_layouts.py parses these enums against the Python tables).
+enum Stat : int {
+  kStatMA = 0,
+  kStatSA = 1,
+  kStatWA = 2,
+  kStatMB = 3,
+  kStatSB = 4,
+  kStatWB = 5,
+  kStatMZ = 6,
+  kStatSZ = 7,
+  kStatZLabel = 8,
+  kStats = 9,
+};
+
+enum MixSum : int { kMixSumC0 = 0, kMixSumC1 = 1, kMixSums = 2 };
+
+enum NormCol : int {
+  kNormColMA = 0,
+  kNormColLogSA = 1,
+  kNormColMB = 2,
+  kNormColLogSB = 3,
+  kNormCols = 4,
+};
+
+enum Coef : int {
+  kCoefMA = 0,
+  kCoefLogSA = 1,
+  kCoefMB = 2,
+  kCoefLogSB = 3,
+  kCoefMZ = 4,
+  kCoefLogSZ = 5,
+  kCoefAux = 6,
+  kCoefKd = 7,
+  kCoefCe = 8,
+  kCoefs = 9,
+};
+
+// Row constants of one call (RowSpec.consts), computed once in Python for every backend.
+enum Const : int {
+  kConstInvT = 0,
+  kConstTempered = 1,
+  kConstCapS = 2,
+  kConstCapT = 3,
+  kConstWQ = 4,
+  kConstLogWQ = 5,
+  kConstLogWP = 6,
+  kConstKDiv = 7,
+  kConstMixKind = 8,
+  kConstStatsWeight = 9,
+  kConsts = 10,
+};
+
+// Which terms the log-mixture logm = log(w_q q + (1 - w_q) p) has: exact at weights 0 and 1.
+enum MixKind : int { kMixKindBoth = 0, kMixKindOnlyQ = 1, kMixKindOnlyP = 2, kMixKinds = 3 };
+
+// Which weighted sum the stats pass keeps: w_a (student) or w_b (teacher).
+enum Weight : int { kWeightNone = 0, kWeightStudent = 1, kWeightTeacher = 2, kWeights = 3 };
+
+// Divergences with a mix pass (divergences.py needs_mix): a switch, so that the answer never
+// depends on the order of the codes.
+KDK_HD bool has_mix_terms(int div) {
+  switch (div) {
+    case kJSD:
+    case kSkewForwardKL:
+    case kSkewReverseKL:
+    case kTVD:
+    case kAlpha:
+      return true;
+    default:
+      return false;
+  }
+}
 
 // Storage dtypes of the [C, V] tensors.
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
-// How the log-mixture logm = log(wq * q + (1 - wq) * p) is formed.
-enum MixMode : int { kMixGeneral = 0, kMixIsP = 1, kMixIsQ = 2 };
-
+// RowSpec.consts unpacked (register.cpp validates them), plus the reciprocals of the caps.
 struct RowParams {
   int div;
   float inv_t;        // 1 / temperature
@@ -42,12 +117,13 @@ struct RowParams {
   float inv_tcap;     // 1 / teacher softcap, 0 when there is none
   float tcap;         // teacher softcap
   bool has_ce;
-  bool ce_separate;   // temperature != 1: the CE softmax needs its own exp and its own stats
-  int mix_mode;       // exact mixtures at weight 0 or 1, never log(0) arithmetic
-  float log_wq;       // log(wq)
-  float log_wp;       // log1p(-wq)
-  float soft_scale;   // (1 - beta) for jsd, -(1 - skew) for skew forward KL, else 1
-  float skew;
+  bool ce_separate;   // has_ce and T != 1: the CE softmax needs its own exp and its own stats
+  int mix_kind;       // MixKind
+  int stats_weight;   // Weight
+  float w_q;          // weight of q in the mixture (alpha for kAlpha)
+  float log_wq;       // log(w_q), 0 when w_q == 0
+  float log_wp;       // log(1 - w_q), 0 when w_q == 1
+  float k_div;        // constant factor of the divergence's gradient G (backends/base.py)
 };
 
 // Pointers and strides of one call; rows and columns are elements, strides in elements.
@@ -59,15 +135,10 @@ struct RowArgs {
   int64_t zs_stride, zt_stride, out_stride;
   int64_t rows, cols;
   const int64_t* labels;  // [rows]: column of the hard label in this block, or -1
-  const float* norms;     // [rows, 4] (mix): m_a, log_s_a, m_b, log_s_b; lse = m + log_s
-  const float* coef;      // [rows, 9] (grad): norms of a, b, z, then aux, kd_coef, ce_coef
+  const float* norms;     // [rows, kNormCols] (mix); lse = m + log_s
+  const float* coef;      // [rows, kCoefs] (grad)
   RowParams p;
 };
-
-constexpr int kStats = 9;
-constexpr int kMix = 2;
-constexpr int kNorms = 4;
-constexpr int kCoef = 9;
 
 // Scalar policy: the CUDA kernels and the CPU remainder loops.
 struct ScalarMath {
@@ -108,9 +179,19 @@ KDK_HD typename M::V logaddexp(typename M::V x, typename M::V y) {
 template <class M>
 KDK_HD typename M::V log_mix(const RowParams& p, typename M::V logp, typename M::V logq) {
   using V = typename M::V;
-  if (p.mix_mode == kMixIsP) return logp;
-  if (p.mix_mode == kMixIsQ) return logq;
+  if (p.mix_kind == kMixKindOnlyP) return logp;
+  if (p.mix_kind == kMixKindOnlyQ) return logq;
   return logaddexp<M>(logq + V(p.log_wq), logp + V(p.log_wp));
+}
+
+// log w = log(q^w_q p^(1 - w_q)) = logp + w_q (logq - logp) for the alpha divergence; logp
+// itself where logq == logp (w == p exactly, so c0 is exactly 0 at q == p) or logp == -inf
+// (w = 0: -inf + inf would be NaN). NaN stays NaN.
+template <class M>
+KDK_HD typename M::V alpha_log_w(const RowParams& p, typename M::V logp, typename M::V logq) {
+  using V = typename M::V;
+  V lw = M::select(M::eq(logq, logp), logp, logp + V(p.w_q) * (logq - logp));
+  return M::select(M::eq(logp, V(-INFINITY)), logp, lw);
 }
 
 // w * (logx - logm), and 0 where w == 0 (an underflowed probability); NaN stays NaN.
@@ -137,7 +218,7 @@ struct Norm {
 };
 
 // One element's contribution to the two mix sums (divergences.py); TVD's 0.5 is applied once
-// per row by the caller.
+// per row by the caller. Only for has_mix_terms(p.div).
 template <class M>
 KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, const Norm<M>& na,
                       const Norm<M>& nb, typename M::V& c0, typename M::V& c1) {
@@ -152,6 +233,13 @@ KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, cons
     c1 = c1 + pr * sign<M>(d);
     return;
   }
+  if (p.div == kAlpha) {
+    // p + w_q (q - p) - w >= 0 term by term (weighted AM-GM), exactly 0 where q == p.
+    V w = M::exp(alpha_log_w<M>(p, logp, logq));
+    c0 = c0 + ((pr + V(p.w_q) * (qr - pr)) - w);
+    c1 = c1 + w;
+    return;
+  }
   V logm = log_mix<M>(p, logp, logq);
   if (p.div == kJSD) {
     c0 = c0 + xlogy_diff<M>(qr, logq, logm);
@@ -161,7 +249,7 @@ KDK_HD void mix_terms(const RowParams& p, typename M::V a, typename M::V b, cons
     c1 = c1 + M::exp(logq + logp - logm);
   } else {  // kSkewReverseKL; skew p^2 / mix <= p: one exp of a non-positive argument
     c0 = c0 + xlogy_diff<M>(pr, logp, logm);
-    if (p.skew != 0.0f) c1 = c1 + M::exp(V(p.log_wp) + logp + logp - logm);
+    if (p.mix_kind != kMixKindOnlyQ) c1 = c1 + M::exp(V(p.log_wp) + logp + logp - logm);
   }
 }
 
@@ -173,18 +261,24 @@ struct GradRow {
   bool ce_reuses_p;  // softmax(z) == p exactly (T == 1 and the z norms equal the a norms)
 };
 
-// Broadcast row `k` of coef ([9]: norms of a, b, z, aux, kd_coef, ce_coef).
+// Broadcast row `k` of coef ([kCoefs]).
 template <class M>
 KDK_HD GradRow<M> grad_row(const RowParams& p, const float* k) {
   using V = typename M::V;
-  GradRow<M> r{{V(k[0]), V(k[1])}, {V(k[2]), V(k[3])}, {V(k[4]), V(k[5])},
-               V(k[6]), V(k[7]), V(k[8]), false};
-  r.ce_reuses_p = p.has_ce && !p.ce_separate && k[4] == k[0] && k[5] == k[1];
+  GradRow<M> r{{V(k[kCoefMA]), V(k[kCoefLogSA])},
+               {V(k[kCoefMB]), V(k[kCoefLogSB])},
+               {V(k[kCoefMZ]), V(k[kCoefLogSZ])},
+               V(k[kCoefAux]),
+               V(k[kCoefKd]),
+               V(k[kCoefCe]),
+               false};
+  r.ce_reuses_p = p.has_ce && !p.ce_separate && k[kCoefMZ] == k[kCoefMA] &&
+                  k[kCoefLogSZ] == k[kCoefLogSA];
   return r;
 }
 
-// Rows with kd_coef == ce_coef == 0 get exact zeros (ignored tokens may hold garbage).
-KDK_HD bool dead_row(const float* k) { return k[7] == 0.0f && k[8] == 0.0f; }
+// Rows with kd == ce == 0 get exact zeros (ignored tokens may hold garbage).
+KDK_HD bool dead_row(const float* k) { return k[kCoefKd] == 0.0f && k[kCoefCe] == 0.0f; }
 
 // dL/dz at one element (base.py): kd * G + ce * (softmax(z) - onehot), times the student
 // softcap derivative. z is the capped, untempered student logit, a = z / T, b the teacher's
@@ -204,19 +298,21 @@ KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename
       g = pr * (logp - logq - r.aux);
     } else if (p.div == kTVD) {
       g = pr * (V(0.5f) * sign<M>(pr - M::exp(logq)) - r.aux);
+    } else if (p.div == kAlpha) {
+      g = V(p.k_div) * (M::exp(alpha_log_w<M>(p, logp, logq)) - pr * r.aux);
     } else {
       V logm = log_mix<M>(p, logp, logq);
       // p * q / mix and p * p / mix are formed as exp(log p + log q - logm): bounded by q / wq
       // and p / (1 - wq), where q / mix alone overflows when mix underflows (e.g. skew 0).
       if (p.div == kJSD) {
-        g = V(p.soft_scale) * pr * (logp - logm - r.aux);
+        g = V(p.k_div) * pr * (logp - logm - r.aux);
       } else if (p.div == kSkewForwardKL) {
-        g = V(p.soft_scale) * (M::exp(logp + logq - logm) - pr * r.aux);
-      } else {  // kSkewReverseKL; at skew 0 the p * p / mix term is exactly absent
+        g = V(p.k_div) * (M::exp(logp + logq - logm) - pr * r.aux);
+      } else {  // kSkewReverseKL; at skew 0 (only_q) the p * p / mix term is exactly absent
         g = pr * (logp - logm - r.aux);
         // skew p^2 / mix as one exp (<= p): p^2 / mix alone reaches p / skew (1e23 at skew
         // 1e-23), beyond the range of the fast vector exp.
-        if (p.skew != 0.0f) g = g - M::exp(V(p.log_wp) + logp + logp - logm);
+        if (p.mix_kind != kMixKindOnlyQ) g = g - M::exp(V(p.log_wp) + logp + logp - logm);
       }
     }
   }
@@ -248,22 +344,33 @@ KDK_HD MaxSum merge_max_sum(MaxSum x, MaxSum y) {
   return MaxSum{m, x.s * fx + y.s * fy, x.w * fx + y.w * fy};
 }
 
-// Merge stats partials [n, 9] into one [9] row (vocab-split blocks of one row).
+// A stats row [kStats] from the three accumulators and the label sum.
+KDK_HD void put_stats(float* out, MaxSum a, MaxSum b, MaxSum z, float label) {
+  out[kStatMA] = a.m;
+  out[kStatSA] = a.s;
+  out[kStatWA] = a.w;
+  out[kStatMB] = b.m;
+  out[kStatSB] = b.s;
+  out[kStatWB] = b.w;
+  out[kStatMZ] = z.m;
+  out[kStatSZ] = z.s;
+  out[kStatZLabel] = label;
+}
+
+// Merge stats partials [n, kStats] into one [kStats] row (vocab-split blocks of one row).
 KDK_HD void merge_stats(const float* parts, int n, int stride, float* out) {
-  MaxSum a{parts[0], parts[1], parts[2]};
-  MaxSum b{parts[3], parts[4], parts[5]};
-  MaxSum z{parts[6], parts[7], 0.0f};
-  float label = parts[8];
+  MaxSum a{parts[kStatMA], parts[kStatSA], parts[kStatWA]};
+  MaxSum b{parts[kStatMB], parts[kStatSB], parts[kStatWB]};
+  MaxSum z{parts[kStatMZ], parts[kStatSZ], 0.0f};
+  float label = parts[kStatZLabel];
   for (int i = 1; i < n; ++i) {
     const float* q = parts + static_cast<int64_t>(i) * stride;
-    a = merge_max_sum(a, MaxSum{q[0], q[1], q[2]});
-    b = merge_max_sum(b, MaxSum{q[3], q[4], q[5]});
-    z = merge_max_sum(z, MaxSum{q[6], q[7], 0.0f});
-    label += q[8];
+    a = merge_max_sum(a, MaxSum{q[kStatMA], q[kStatSA], q[kStatWA]});
+    b = merge_max_sum(b, MaxSum{q[kStatMB], q[kStatSB], q[kStatWB]});
+    z = merge_max_sum(z, MaxSum{q[kStatMZ], q[kStatSZ], 0.0f});
+    label += q[kStatZLabel];
   }
-  out[0] = a.m; out[1] = a.s; out[2] = a.w;
-  out[3] = b.m; out[4] = b.s; out[5] = b.w;
-  out[6] = z.m; out[7] = z.s; out[8] = label;
+  put_stats(out, a, b, z, label);
 }
 
 }  // namespace kdk

@@ -204,10 +204,11 @@ struct Online {
   MaxSum result() const { return MaxSum{m, hsum(s) + s_tail, hsum(w) + w_tail}; }
 };
 
-// Partial stats [9] of columns [c0, c1) of `row`.
+// Partial stats [kStats] of columns [c0, c1) of `row`.
 void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, float* out) {
   const RowParams& p = g.p;
-  const bool rev = p.div == kReverseKL, fwd = p.div == kForwardKL, cez = p.ce_separate;
+  const bool rev = p.stats_weight == kWeightStudent, fwd = p.stats_weight == kWeightTeacher;
+  const bool cez = p.ce_separate;
   Online A, B, Z;
   for (int64_t col = c0; col < c1; col += kTile) {
     const int64_t n = std::min(kTile, c1 - col);
@@ -247,23 +248,25 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
     }
   }
   MaxSum ra = A.result(), rb = B.result(), rz = cez ? Z.result() : ra;
-  out[0] = ra.m; out[1] = ra.s; out[2] = rev ? ra.w : 0.0f;
-  out[3] = rb.m; out[4] = rb.s; out[5] = fwd ? rb.w : 0.0f;
-  out[6] = rz.m; out[7] = rz.s;
-  out[8] = 0.0f;
+  if (!rev) ra.w = 0.0f;
+  if (!fwd) rb.w = 0.0f;
+  float label_z = 0.0f;
   const int64_t label = p.has_ce && g.labels ? g.labels[row] : -1;
   if (label >= c0 && label < c1) {
     float z;
     load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, label), g.zs_dtype, 1, &z);
-    out[8] = softcap<LaneMath>(z, p.scap, p.inv_scap);
+    label_z = softcap<LaneMath>(z, p.scap, p.inv_scap);
   }
+  put_stats(out, ra, rb, rz, label_z);
 }
 
 void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, float* out) {
   const RowParams& p = g.p;
-  const float* nr = g.norms + row * kNorms;
-  const Norm<VecMath> va{Vec(nr[0]), Vec(nr[1])}, vb{Vec(nr[2]), Vec(nr[3])};
-  const Norm<LaneMath> sa{nr[0], nr[1]}, sb{nr[2], nr[3]};
+  const float* nr = g.norms + row * kNormCols;
+  const Norm<VecMath> va{Vec(nr[kNormColMA]), Vec(nr[kNormColLogSA])};
+  const Norm<VecMath> vb{Vec(nr[kNormColMB]), Vec(nr[kNormColLogSB])};
+  const Norm<LaneMath> sa{nr[kNormColMA], nr[kNormColLogSA]};
+  const Norm<LaneMath> sb{nr[kNormColMB], nr[kNormColLogSB]};
   Vec c0v(0.0f), c1v(0.0f);
   float c0s = 0.0f, c1s = 0.0f;
   for (int64_t col = c0; col < c1; col += kTile) {
@@ -275,13 +278,13 @@ void mix_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, f
     for (; i < n; ++i) mix_terms<LaneMath>(p, t.a[i], t.b[i], sa, sb, c0s, c1s);
   }
   const float half = p.div == kTVD ? 0.5f : 1.0f;
-  out[0] = half * (hsum(c0v) + c0s);
-  out[1] = half * (hsum(c1v) + c1s);
+  out[kMixSumC0] = half * (hsum(c0v) + c0s);
+  out[kMixSumC1] = half * (hsum(c1v) + c1s);
 }
 
 void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) {
   const RowParams& p = g.p;
-  const float* k = g.coef + row * kCoef;
+  const float* k = g.coef + row * kCoefs;
   void* out_row = static_cast<char*>(g.out) + row * g.out_stride * elem_size(g.out_dtype);
   if (dead_row(k)) {
     zero_store(g.out_dtype, c1 - c0, static_cast<char*>(out_row) + c0 * elem_size(g.out_dtype));
@@ -354,8 +357,8 @@ void cpu_row_stats(const RowArgs& g, float* out, int threads) {
       stats_block(g, r, c0, c1, t, parts.data() + it * kStats);
     } else {  // an empty block: the empty-sum partial
       float* q = parts.data() + it * kStats;
-      for (int s = 0; s < kStats; ++s) q[s] = 0.0f;
-      q[0] = q[3] = q[6] = -INFINITY;
+      const MaxSum empty{-INFINITY, 0.0f, 0.0f};
+      put_stats(q, empty, empty, empty, 0.0f);
     }
   });
   for (int64_t r = 0; r < g.rows; ++r)
@@ -364,19 +367,17 @@ void cpu_row_stats(const RowArgs& g, float* out, int threads) {
 
 void cpu_row_mix(const RowArgs& g, float* out, int threads) {
   const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
-  std::vector<float> parts(g.rows * nb * kMix, 0.0f);
+  std::vector<float> parts(g.rows * nb * kMixSums, 0.0f);
   for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t it,
                                               Tile& t) {
-    if (c0 < c1) mix_block(g, r, c0, c1, t, parts.data() + it * kMix);
+    if (c0 < c1) mix_block(g, r, c0, c1, t, parts.data() + it * kMixSums);
   });
   for (int64_t r = 0; r < g.rows; ++r) {
-    float s0 = 0.0f, s1 = 0.0f;
-    for (int64_t b = 0; b < nb; ++b) {
-      s0 += parts[(r * nb + b) * kMix];
-      s1 += parts[(r * nb + b) * kMix + 1];
+    for (int c = 0; c < kMixSums; ++c) {
+      float s = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) s += parts[(r * nb + b) * kMixSums + c];
+      out[r * kMixSums + c] = s;
     }
-    out[r * kMix] = s0;
-    out[r * kMix + 1] = s1;
   }
 }
 

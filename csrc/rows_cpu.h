@@ -5,8 +5,8 @@
 
 namespace kdk {
 
-void cpu_row_stats(const RowArgs& g, float* out, int threads);  // out [rows, 9]
-void cpu_row_mix(const RowArgs& g, float* out, int threads);    // out [rows, 2]
+void cpu_row_stats(const RowArgs& g, float* out, int threads);  // out [rows, kStats]
+void cpu_row_mix(const RowArgs& g, float* out, int threads);    // out [rows, kMixSums]
 void cpu_row_grad(const RowArgs& g, int threads);               // writes g.out
 
 }  // namespace kdk

@@ -2,7 +2,8 @@
 // only when there are too few rows to fill the GPU (partials merged by a second tiny kernel).
 // Each thread walks 8-column chunks with 16-byte loads (two for fp32) when the row pointers
 // allow it, else plain coalesced element loads; all math in fp32 through row_math.h.
-// No torch header here: register.cpp launches these through rows_cuda.h.
+// No torch header here (the file compiles with nvcc alone, fast): every entry point returns
+// the cudaError_t of its launches and register.cpp raises it with C10_CUDA_CHECK.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -185,7 +186,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
                                                          int nb) {
   const Span s = block_span(g, nb);
   const RowParams& p = g.p;
-  const bool rev = p.div == kReverseKL, fwd = p.div == kForwardKL, cez = p.ce_separate;
+  const bool rev = p.stats_weight == kWeightStudent, fwd = p.stats_weight == kWeightTeacher;
+  const bool cez = p.ce_separate;
   MaxSum acc[3] = {{-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}};
   auto add = [&](const float* zv, const float* av, const float* bv, int n) {
     float ma = -INFINITY, mb = -INFINITY, mz = -INFINITY;
@@ -231,10 +233,10 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
     label_z = softcap<ScalarMath>(zr, p.scap, p.inv_scap);
   }
   const MaxSum z = cez ? acc[2] : acc[0];
-  float* o = nb == 1 ? out + s.row * kStats : work + blockIdx.x * kStats;
-  o[0] = acc[0].m; o[1] = acc[0].s; o[2] = rev ? acc[0].w : 0.0f;
-  o[3] = acc[1].m; o[4] = acc[1].s; o[5] = fwd ? acc[1].w : 0.0f;
-  o[6] = z.m; o[7] = z.s; o[8] = label_z;
+  if (!rev) acc[0].w = 0.0f;
+  if (!fwd) acc[1].w = 0.0f;
+  put_stats(nb == 1 ? out + s.row * kStats : work + blockIdx.x * kStats, acc[0], acc[1], z,
+            label_z);
 }
 
 __global__ void merge_stats_kernel(const float* work, float* out, int64_t rows, int nb) {
@@ -246,8 +248,9 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(RowArgs g, float* out, fl
                                                        int nb) {
   const Span s = block_span(g, nb);
   const RowParams& p = g.p;
-  const float* nr = g.norms + s.row * kNorms;
-  const Norm<ScalarMath> na{nr[0], nr[1]}, nbn{nr[2], nr[3]};
+  const float* nr = g.norms + s.row * kNormCols;
+  const Norm<ScalarMath> na{nr[kNormColMA], nr[kNormColLogSA]};
+  const Norm<ScalarMath> nbn{nr[kNormColMB], nr[kNormColLogSB]};
   float c0 = 0.0f, c1 = 0.0f;
   auto add = [&](float zr, float tr) {
     float z, a, b;
@@ -265,27 +268,25 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(RowArgs g, float* out, fl
   block_reduce<1>(none, c1);
   if (threadIdx.x != 0) return;
   const float half = p.div == kTVD ? 0.5f : 1.0f;
-  float* o = nb == 1 ? out + s.row * kMix : work + blockIdx.x * kMix;
-  o[0] = half * none[0].w;
-  o[1] = half * c1;
+  float* o = nb == 1 ? out + s.row * kMixSums : work + blockIdx.x * kMixSums;
+  o[kMixSumC0] = half * none[0].w;
+  o[kMixSumC1] = half * c1;
 }
 
 __global__ void merge_mix_kernel(const float* work, float* out, int64_t rows, int nb) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (r >= rows) return;
-  float s0 = 0.0f, s1 = 0.0f;
-  for (int b = 0; b < nb; ++b) {
-    s0 += work[(r * nb + b) * kMix];
-    s1 += work[(r * nb + b) * kMix + 1];
+  for (int c = 0; c < kMixSums; ++c) {
+    float sum = 0.0f;
+    for (int b = 0; b < nb; ++b) sum += work[(r * nb + b) * kMixSums + c];
+    out[r * kMixSums + c] = sum;
   }
-  out[r * kMix] = s0;
-  out[r * kMix + 1] = s1;
 }
 
 __global__ void __launch_bounds__(kThreads) grad_kernel(RowArgs g, int nb) {
   const Span s = block_span(g, nb);
   const RowParams& p = g.p;
-  const float* k = g.coef + s.row * kCoef;
+  const float* k = g.coef + s.row * kCoefs;
   char* out = static_cast<char*>(g.out) + s.row * g.out_stride * elem_bytes(g.out_dtype);
   const bool dead = dead_row(k);  // ignored row: exact zeros, whatever its logits hold
   const GradRow<ScalarMath> r = grad_row<ScalarMath>(p, k);
@@ -309,31 +310,56 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(RowArgs g, int nb) {
 
 int64_t grid_of(const RowArgs& g, int nb) { return g.rows * nb; }
 
+// gridDim.x is at most 2^31 - 1; a larger grid would be silently truncated by dim3.
+bool grid_fits(const RowArgs& g, int nb) { return grid_of(g, nb) <= 0x7fffffff; }
+
+// The merge kernels: one thread per row.
+constexpr int kMergeThreads = 256;
+int64_t merge_grid(const RowArgs& g) { return (g.rows + kMergeThreads - 1) / kMergeThreads; }
+
 }  // namespace
 
-int cuda_blocks_per_row(int64_t rows, int64_t cols, int device) {
+cudaError_t cuda_blocks_per_row(int64_t rows, int64_t cols, int device, int* nb) {
   int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    sms = 132;
-  if (rows >= 2 * sms) return 1;
-  const int64_t want = (4 * sms + rows - 1) / rows;
-  const int64_t most = cols / (kThreads * kChunk * 2);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, most)));
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: keep it from being blamed on the next launch
+    return err;
+  }
+  if (rows >= 2 * sms) {
+    *nb = 1;
+  } else {
+    const int64_t want = (4 * sms + rows - 1) / rows;
+    const int64_t most = cols / (kThreads * kChunk * 2);
+    *nb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, most)));
+  }
+  return cudaSuccess;
 }
 
-void cuda_row_stats(const RowArgs& g, float* out, float* work, int nb, cudaStream_t stream) {
+// Each launch is followed by cudaGetLastError: a bad grid or a missing kernel image for this
+// GPU would otherwise surface at some later, unrelated CUDA call.
+cudaError_t cuda_row_stats(const RowArgs& g, float* out, float* work, int nb,
+                           cudaStream_t stream) {
+  if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
   stats_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
-  if (nb > 1)
-    merge_stats_kernel<<<(g.rows + 255) / 256, 256, 0, stream>>>(work, out, g.rows, nb);
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
+  merge_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows, nb);
+  return cudaGetLastError();
 }
 
-void cuda_row_mix(const RowArgs& g, float* out, float* work, int nb, cudaStream_t stream) {
+cudaError_t cuda_row_mix(const RowArgs& g, float* out, float* work, int nb,
+                         cudaStream_t stream) {
+  if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
   mix_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
-  if (nb > 1) merge_mix_kernel<<<(g.rows + 255) / 256, 256, 0, stream>>>(work, out, g.rows, nb);
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
+  merge_mix_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows, nb);
+  return cudaGetLastError();
 }
 
-void cuda_row_grad(const RowArgs& g, int nb, cudaStream_t stream) {
+cudaError_t cuda_row_grad(const RowArgs& g, int nb, cudaStream_t stream) {
+  if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
   grad_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, nb);
+  return cudaGetLastError();
 }
 
 }  // namespace kdk

@@ -12,7 +12,7 @@ from .autograd import row_spec as _spec
 from .backends import registry
 from .options import KDOptions
 from .parallel import VocabParallel
-from .reducer import LOCAL
+from .reducer import LOCAL, Reducer
 from .validation import (
     check_bias,
     check_head,
@@ -49,12 +49,12 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _finish(opts: KDOptions, loss, kd, ce, labels, n) -> torch.Tensor | KDComponents:
-    if not opts.return_components:
-        return loss
-    kept = n if labels is None else int((labels != opts.ignore_index).sum())
-    # on the loss's device, as the torch.compile path returns it
-    return KDComponents(loss, kd, ce, torch.tensor(kept, dtype=torch.int64, device=loss.device))
+def _finish(opts: KDOptions, outputs, lead_shape) -> torch.Tensor | KDComponents:
+    """The public result from the Functions' or ops' (loss, kd, ce, n_tokens, ...)."""
+    loss, kd, ce, n_tokens = outputs[:4]
+    if opts.reduction == "none":
+        loss, kd, ce = (t.reshape(lead_shape) for t in (loss, kd, ce))
+    return KDComponents(loss, kd, ce, n_tokens) if opts.return_components else loss
 
 
 def fused_linear_kd_loss(
@@ -69,6 +69,7 @@ def fused_linear_kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha: float = 0.5,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
     kd_weight: float = 1.0,
@@ -86,9 +87,13 @@ def fused_linear_kd_loss(
 ) -> torch.Tensor | KDComponents:
     """Distillation loss of a student LM head against a teacher's, without materialising
     the [tokens x vocab] logits. See README "API" for every option."""
-    opts = KDOptions(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
-                     student_softcap, teacher_softcap, ignore_index, reduction, num_items,
-                     chunk_size, max_workspace_bytes, impl, return_components)
+    opts = KDOptions(divergence=divergence, beta=beta, skew=skew, alpha=alpha,
+                     temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
+                     ce_weight=ce_weight, student_softcap=student_softcap,
+                     teacher_softcap=teacher_softcap, ignore_index=ignore_index,
+                     reduction=reduction, num_items=num_items, chunk_size=chunk_size,
+                     max_workspace_bytes=max_workspace_bytes, impl=impl,
+                     return_components=return_components)
     vocab_parallel, heads = parallel.unwrap(vocab_parallel, {
         "student_weight": student_weight, "teacher_weight": teacher_weight,
         "student_bias": student_bias, "teacher_bias": teacher_bias}, 0)
@@ -116,7 +121,7 @@ def fused_linear_kd_loss(
         check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
         check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
 
-    reducer = LOCAL
+    reducer: Reducer = LOCAL
     if vocab_parallel is None:
         check_inputs()
     else:  # a failed check raises on every rank together, never on one rank alone
@@ -124,10 +129,8 @@ def fused_linear_kd_loss(
                                        teacher_bias, opts, device, _failure(check_inputs))
     vocab = min(w.shape[0], u.shape[0]) if vocab_parallel is None else reducer.vocab
     compiling = torch.compiler.is_compiling()
-    # Under torch.compile the label range is checked inside the op (a host sync here would
-    # break the graph).
-    flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", vocab, opts,
-                               check_range=not compiling)
+    # The label range is checked inside the loss, with the kept-row scan (one host sync).
+    flat_labels = check_labels(labels, h.shape[:-1], "student_hidden", opts)
     cd_s = gemm.compute_dtype(autocast if autocast is not None and h.dtype != torch.float64
                               else h.dtype, device)
     cd_t = gemm.compute_dtype(autocast if autocast is not None and g.dtype != torch.float64
@@ -137,24 +140,14 @@ def fused_linear_kd_loss(
         if vocab_parallel is not None:
             raise NotImplementedError("vocab_parallel is not supported under torch.compile; "
                                       "compile the model and call the loss outside it")
-        loss, kd, ce, kept, *_ = compiled.fused(h2, w, student_bias, g2, u, teacher_bias,
-                                                flat_labels, opts, cd_s, cd_t)
-        if opts.reduction == "none":
-            loss, kd, ce = (t.reshape(h.shape[:-1]) for t in (loss, kd, ce))
-        return KDComponents(loss, kd, ce, kept) if opts.return_components else loss
+        return _finish(opts, compiled.fused(h2, w, student_bias, g2, u, teacher_bias,
+                                            flat_labels, opts, cd_s, cd_t), h.shape[:-1])
     spec = _spec(opts, flat_labels)
-    ld = gemm.logits_dtype(cd_s, device)
-    backend = registry.select(opts.impl, device, ld, spec)
-    run_opts = parallel.plan_options(opts, reducer,
-                                     backend.workspace_bytes_per_logit(ld, device.type)
-                                     + torch.empty((), dtype=cd_s).element_size())
-    plan = Plan(run_opts, spec, backend, reducer, cd_s, cd_t)
+    backend = registry.select(opts.impl, device, gemm.logits_dtype(cd_s, device), spec)
+    plan = Plan(opts, spec, backend, reducer, cd_s, cd_t, vocab)
     with torch.autocast(device.type, enabled=False):
-        loss, kd, ce = FusedLinearKD.apply(h2, w, student_bias, g2, u, teacher_bias,
-                                           flat_labels, plan)
-    if opts.reduction == "none":
-        loss, kd, ce = (t.reshape(h.shape[:-1]) for t in (loss, kd, ce))
-    return _finish(opts, loss, kd, ce, flat_labels, h2.shape[0])
+        out = FusedLinearKD.apply(h2, w, student_bias, g2, u, teacher_bias, flat_labels, plan)
+    return _finish(opts, out, h.shape[:-1])
 
 
 def kd_loss(
@@ -165,6 +158,7 @@ def kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    alpha: float = 0.5,
     temperature: float = 1.0,
     scale_by_t2: bool = True,
     kd_weight: float = 1.0,
@@ -182,9 +176,13 @@ def kd_loss(
 ) -> torch.Tensor | KDComponents:
     """The same loss on logits already materialised ([..., Vs] and [..., Vt]); gradient
     w.r.t. student_logits, computed chunk by chunk without fp32 copies of either tensor."""
-    opts = KDOptions(divergence, beta, skew, temperature, scale_by_t2, kd_weight, ce_weight,
-                     student_softcap, teacher_softcap, ignore_index, reduction, num_items,
-                     chunk_size, max_workspace_bytes, impl, return_components)
+    opts = KDOptions(divergence=divergence, beta=beta, skew=skew, alpha=alpha,
+                     temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
+                     ce_weight=ce_weight, student_softcap=student_softcap,
+                     teacher_softcap=teacher_softcap, ignore_index=ignore_index,
+                     reduction=reduction, num_items=num_items, chunk_size=chunk_size,
+                     max_workspace_bytes=max_workspace_bytes, impl=impl,
+                     return_components=return_components)
     vocab_parallel, logits = parallel.unwrap(vocab_parallel, {
         "student_logits": student_logits, "teacher_logits": teacher_logits}, -1)
     student_logits, teacher_logits = logits.values()
@@ -204,17 +202,15 @@ def kd_loss(
     if compiling and vocab_parallel is not None:
         raise NotImplementedError("vocab_parallel is not supported under torch.compile; "
                                   "compile the model and call the loss outside it")
-    reducer = LOCAL
+    reducer: Reducer = LOCAL
     if vocab_parallel is None:
         check_inputs()
     else:
         reducer = parallel.logits_setup(vocab_parallel, zs, zt, labels, opts, device,
                                         _failure(check_inputs))
     vocab = min(zs.shape[-1], zt.shape[-1]) if vocab_parallel is None else reducer.vocab
-    # Under torch.compile the label range is checked inside the op (a host sync here would
-    # break the graph).
-    flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", vocab, opts,
-                               check_range=not compiling)
+    # The label range is checked inside the loss, with the kept-row scan (one host sync).
+    flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", opts)
     # Row-major views; a copy happens only for inputs whose last dim is not contiguous.
     zs2 = zs.reshape(-1, zs.shape[-1])
     zt2 = zt.reshape(-1, zt.shape[-1])
@@ -222,19 +218,11 @@ def kd_loss(
     zt2 = zt2 if zt2.stride(-1) == 1 else zt2.contiguous()
     if compiling:
         want = zs.requires_grad and torch.is_grad_enabled()
-        loss, kd, ce, kept, _ = compiled.logits(zs2, zt2, flat_labels, opts, want)
-        if opts.reduction == "none":
-            loss, kd, ce = (t.reshape(zs.shape[:-1]) for t in (loss, kd, ce))
-        return KDComponents(loss, kd, ce, kept) if opts.return_components else loss
+        return _finish(opts, compiled.logits(zs2, zt2, flat_labels, opts, want), zs.shape[:-1])
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, zs.dtype, spec)
-    run_opts = parallel.plan_options(opts, reducer,
-                                     backend.workspace_bytes_per_logit(zs.dtype, device.type))
-    plan = Plan(run_opts, spec, backend, reducer, zs.dtype, zt.dtype)
-    loss, kd, ce = LogitsKD.apply(zs2, zt2, flat_labels, plan)
-    if opts.reduction == "none":
-        loss, kd, ce = (t.reshape(zs.shape[:-1]) for t in (loss, kd, ce))
-    return _finish(opts, loss, kd, ce, flat_labels, zs2.shape[0])
+    plan = Plan(opts, spec, backend, reducer, zs.dtype, zt.dtype, vocab)
+    return _finish(opts, LogitsKD.apply(zs2, zt2, flat_labels, plan), zs.shape[:-1])
 
 
 class FusedLinearKDLoss(torch.nn.Module):

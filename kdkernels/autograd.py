@@ -5,15 +5,17 @@ pre-scale per row, so its backward re-runs the chunk driver with grad_output as 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .backends.base import Backend, RowSpec
-from .driver import fused_rows, logits_rows
+from .driver import RowResult, fused_rows, logits_rows, plan_fused
 from .options import KDOptions
-from .reducer import LocalReducer
+from .reducer import Reducer
+from .validation import scan_labels
 
 
 def row_spec(opts: KDOptions, labels: torch.Tensor | None) -> RowSpec:
@@ -21,7 +23,7 @@ def row_spec(opts: KDOptions, labels: torch.Tensor | None) -> RowSpec:
     ce_weight = 0."""
     spec = RowSpec.from_options(opts, labels is not None)
     if labels is not None and opts.return_components and not spec.has_ce:
-        spec = RowSpec(**{**spec.__dict__, "has_ce": True})
+        spec = dataclasses.replace(spec, has_ce=True)
     return spec
 
 
@@ -32,9 +34,10 @@ class Plan:
     opts: KDOptions
     spec: RowSpec
     backend: Backend
-    reducer: LocalReducer
+    reducer: Reducer
     compute_dtype_s: torch.dtype
     compute_dtype_t: torch.dtype
+    label_vocab: int  # labels must be ids in [0, label_vocab) (the global shared vocabulary)
 
 
 def _normaliser(opts: KDOptions, kept: int) -> float:
@@ -82,13 +85,6 @@ class FusedOutcome:
     recompute: Callable[[torch.Tensor], tuple] | None
 
 
-def _kept_rows(labels, opts, n):
-    if labels is None or not n:
-        return None, n
-    idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
-    return (None, n) if idx.numel() == n else (idx, int(idx.numel()))
-
-
 def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: bool,
                   want_b: bool) -> FusedOutcome:
     """The fused loss on flat inputs h [N, Ds], g [N, Dt], labels [N] (plain tensors)."""
@@ -96,26 +92,32 @@ def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: 
     n = h.shape[0]
     vocab = min(w.shape[0], u.shape[0])
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    idx, kept = _kept_rows(labels, opts, n)
+    rows_kept = scan_labels(labels, n, plan.label_vocab, opts.ignore_index)
+    idx, kept = rows_kept.idx, rows_kept.kept
     norm = _normaliser(opts, kept)
     shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
     want_b = want_b and bs is not None
+    cd_s, cd_t = plan.compute_dtype_s, plan.compute_dtype_t
 
-    def rows(row_scale):
-        take = (lambda t: t) if idx is None else (lambda t: t.index_select(0, idx))
-        return fused_rows(
-            take(h).to(plan.compute_dtype_s), w[:vocab].to(plan.compute_dtype_s),
-            None if bs is None else bs[:vocab], take(g).to(plan.compute_dtype_t),
-            u[:vocab].to(plan.compute_dtype_t), None if bt is None else bt[:vocab],
-            None if labels is None else take(labels), opts, spec, plan.backend,
-            row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
-            reducer=plan.reducer, acc_dtype=acc)
+    def rows(row_scale) -> RowResult:
+        need_grad = row_scale is not None and (want_h or want_w or want_b)
+        chunks = plan_fused(opts, plan.backend, plan.reducer, n_rows=kept, vocab=vocab,
+                            ds=h.shape[1], dt=g.shape[1], h_dtype=h.dtype, g_dtype=g.dtype,
+                            cd_s=cd_s, cd_t=cd_t, idx=idx, need_grad=need_grad,
+                            want_h=want_h, device=h.device)
+        # Heads cut to the shared vocabulary (views), cast only where the GEMMs need it.
+        return fused_rows(h, w[:vocab].to(cd_s), None if bs is None else bs[:vocab], g,
+                          u[:vocab].to(cd_t), None if bt is None else bt[:vocab], labels,
+                          opts, spec, plan.backend,
+                          idx=idx, n_kept=kept, chunks=chunks, cd_s=cd_s, cd_t=cd_t,
+                          row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
+                          reducer=plan.reducer, acc_dtype=acc)
 
     def grads_for(go):
         if not kept:
-            return _full_grads(None, None, n, shapes, vocab, h.device, want_b)
+            return _full_grads(None, n, shapes, vocab, h.device, want_b)
         res = rows(go if idx is None else go.index_select(0, idx))
-        return _full_grads(res, idx, n, shapes, vocab, h.device, want_b)
+        return _full_grads(res, n, shapes, vocab, h.device, want_b)
 
     eager_grad = opts.reduction != "none" and (want_h or want_w or want_b)
     if kept:
@@ -133,9 +135,13 @@ def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: 
     ce_red = torch.full_like(kd_red, float("nan")) if ce is None else reduce(ce)
     grads = None
     if eager_grad:
-        grads = _full_grads(res, idx, n, shapes, vocab, h.device, want_b)
+        grads = _full_grads(res, n, shapes, vocab, h.device, want_b)
     return FusedOutcome(loss, kd_red, ce_red, kept, grads,
                         None if eager_grad else grads_for)
+
+
+def _kept_count(kept: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor(kept, dtype=torch.int64, device=device)
 
 
 class FusedLinearKD(torch.autograd.Function):
@@ -148,11 +154,12 @@ class FusedLinearKD(torch.autograd.Function):
         # AccumulateGrad adopts them as .grad instead of cloning (a ctx attribute would keep
         # a second reference alive: one more [V, D] copy at the peak).
         ctx.save_for_backward(*(out.grads or (None, None, None)))
-        ctx.mark_non_differentiable(out.kd, out.ce)
-        return out.loss, out.kd, out.ce
+        n_tokens = _kept_count(out.kept, h.device)
+        ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
+        return out.loss, out.kd, out.ce, n_tokens
 
     @staticmethod
-    def backward(ctx, go, _gkd, _gce):
+    def backward(ctx, go, _gkd, _gce, _gn):
         if ctx.recompute is None:
             gh, gw, gb = (_scale(t, go) for t in ctx.saved_tensors)
         else:
@@ -160,21 +167,21 @@ class FusedLinearKD(torch.autograd.Function):
         return gh, gw, gb, None, None, None, None, None
 
 
-def _full_grads(res, idx, n, shapes, vocab, device, want_b=True):
+def _full_grads(res: RowResult | None, n, shapes, vocab, device, want_b=True):
     """Gradients in the inputs' shapes and dtypes (zeros for ignored rows, padded vocab)."""
     h_shape, h_dtype, w_shape, w_dtype, b_dtype = shapes
     b_dtype = b_dtype if want_b else None
     gh = gw = gb = None
     if res is None or res.grad_h is not None:
         gh = (torch.zeros(h_shape, dtype=h_dtype, device=device) if res is None
-              else _scatter(res.grad_h.to(h_dtype), idx, n))
+              else res.grad_h.to(h_dtype))
     if res is None or res.grad_w is not None:
         gw = _in_shape(None if res is None else res.grad_w, w_shape, w_dtype, vocab, device)
     if b_dtype is not None and (res is None or res.grad_b is not None):
         gb = _in_shape(None if res is None else res.grad_b, (w_shape[0],), b_dtype, vocab,
                        device)
     if res is not None:  # drop the fp32 accumulators now, not when the caller returns
-        res.grad_w = res.grad_b = None
+        res.grad_h = res.grad_w = res.grad_b = None
     return gh, gw, gb
 
 
@@ -209,8 +216,8 @@ def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome
     it row by row without a recompute."""
     opts = plan.opts
     n = zs.shape[0]
-    keep = None if labels is None else labels != opts.ignore_index
-    kept = n if keep is None else int(keep.sum())
+    rows_kept = scan_labels(labels, n, plan.label_vocab, opts.ignore_index)
+    keep, kept = rows_kept.mask, rows_kept.kept
     norm = _normaliser(opts, kept)
     unit = 1.0 if opts.reduction == "none" else 1.0 / norm
     row_scale = None
@@ -234,9 +241,10 @@ class LogitsKD(torch.autograd.Function):
     def forward(ctx, zs, zt, labels, plan: Plan):
         out = logits_forward(zs, zt, labels, plan, ctx.needs_input_grad[0])
         ctx.save_for_backward(out.grad)  # released after backward: adopted as .grad, not cloned
-        ctx.mark_non_differentiable(out.kd, out.ce)
-        return out.loss, out.kd, out.ce
+        n_tokens = _kept_count(out.kept, zs.device)
+        ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
+        return out.loss, out.kd, out.ce, n_tokens
 
     @staticmethod
-    def backward(ctx, go, _gkd, _gce):
+    def backward(ctx, go, _gkd, _gce, _gn):
         return _scale(ctx.saved_tensors[0], go), None, None, None

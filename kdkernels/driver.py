@@ -1,7 +1,10 @@
 """The chunk driver: for each token chunk, logits GEMMs -> row ops -> gradient GEMMs.
 
-Written once for every backend. The workspace (the [C, V] buffers) is allocated once per
-call and reused by every chunk, so its size is bounded by the chunk rule below.
+Written once for every backend. The workspace (the [C, V] buffers, and staging for gathered
+hidden rows) is allocated once per call from the chunk plan (chunking.py) and reused by
+every chunk. Rows of ignored tokens are never copied as a whole: each chunk gathers its kept
+rows into the staging buffer, and their hidden gradients go straight into the full
+grad_hidden.
 """
 
 from __future__ import annotations
@@ -12,52 +15,71 @@ import torch
 
 from . import gemm
 from .backends.base import Backend, RowSpec
+from .chunking import ChunkPlan, plan_chunks
 from .divergences import row_kd_and_aux
+from .layouts import COEF
 from .options import KDOptions
-from .reducer import LocalReducer
+from .reducer import Reducer
 from .row_stats import finish, norms
 
 
 @dataclass
 class RowResult:
-    kd: torch.Tensor  # [K] divergence per row (unscaled), fp32
-    ce: torch.Tensor | None  # [K] hard-label CE per row, fp32
-    grad_h: torch.Tensor | None = None  # [K, Ds]
+    kd: torch.Tensor  # [K] divergence per kept row (unscaled), fp32
+    ce: torch.Tensor | None  # [K] hard-label CE per kept row, fp32
+    grad_h: torch.Tensor | None = None  # [N, Ds] in the compute dtype, 0 at ignored rows
     grad_w: torch.Tensor | None = None  # [V, Ds] fp32 accumulator
     grad_b: torch.Tensor | None = None  # [V] fp32 accumulator
 
 
-def choose_chunk_size(opts: KDOptions, n_rows: int, vocab: int, bytes_per_logit: int,
-                      device_type: str = "cpu") -> int:
-    """Rows per chunk: the explicit chunk_size, else the fewest chunks whose [C, V] buffers
-    fit in max_workspace_bytes, balanced so the last chunk is not a small remainder (at
-    least one row). Fewer chunks matter most: every chunk re-reads and re-writes the fp32
-    grad_weight accumulator (measured on an H200: 4 GEMMs at N=8192, V=128256 take 62 ms
-    in chunks of 209 rows, 37 ms in chunks of 836)."""
-    if opts.chunk_size is not None:
-        return max(1, min(opts.chunk_size, n_rows))
-    budget = opts.workspace_bytes_on(device_type)
-    most = max(1, min(n_rows, budget // max(1, vocab * bytes_per_logit)))
-    n_chunks = -(-n_rows // most)
-    return -(-n_rows // n_chunks) if n_rows else most
+class RowSource:
+    """Chunks of the kept rows of x [N, D] in ``dtype``: views of x where they can be, else
+    gathered (and cast) into one staging buffer of ``rows`` rows."""
+
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor | None, dtype: torch.dtype,
+                 rows: int) -> None:
+        self.x, self.idx, self.dtype = x, idx, dtype
+        self.direct = idx is None and x.dtype == dtype
+        self.stage = None if self.direct else torch.empty(rows, x.shape[1], dtype=dtype,
+                                                          device=x.device)
+
+    @staticmethod
+    def staged(idx: torch.Tensor | None, x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
+        return idx is not None or x_dtype != dtype
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        if self.direct:
+            return self.x[start:stop]
+        out = self.stage[: stop - start]
+        if self.idx is None:
+            return out.copy_(self.x[start:stop])
+        rows = self.idx[start:stop]
+        if self.x.dtype == self.dtype:
+            return torch.index_select(self.x, 0, rows, out=out)
+        return out.copy_(self.x.index_select(0, rows))  # a chunk-sized temporary
+
+    def release(self) -> None:
+        if self.stage is not None:
+            self.stage.untyped_storage().resize_(0)
 
 
-def _workspace_plan(opts: KDOptions, backend: Backend, rows: int, vocab: int,
-                    zs_dtype: torch.dtype, dz_dtype: torch.dtype, device: torch.device,
-                    need_grad: bool) -> tuple[int, str]:
-    """(rows per chunk, where dL/dz goes): "in_place" over the logits (same dtype), "packed"
-    (16-bit over the first half of each fp32 logit row, when the backend takes it and the
-    chunk has enough rows for it), or "own" (a [C, V] buffer of its own: dz_dtype's bytes
-    more per logit)."""
-    base = backend.workspace_bytes_per_logit(zs_dtype, device.type)
-    if not need_grad or zs_dtype == dz_dtype:
-        return choose_chunk_size(opts, rows, vocab, base, device.type), "in_place"
-    if zs_dtype == torch.float32 and dz_dtype.itemsize == 2:
-        least = backend.packed_grad_min_rows(device)
-        c = choose_chunk_size(opts, rows, vocab, base, device.type)
-        if least is not None and c >= least:
-            return c, "packed"
-    return choose_chunk_size(opts, rows, vocab, base + dz_dtype.itemsize, device.type), "own"
+def plan_fused(opts: KDOptions, backend: Backend, reducer: Reducer, *, n_rows: int,
+               vocab: int, ds: int, dt: int, h_dtype: torch.dtype, g_dtype: torch.dtype,
+               cd_s: torch.dtype, cd_t: torch.dtype, idx: torch.Tensor | None,
+               need_grad: bool, want_h: bool, device: torch.device) -> ChunkPlan:
+    """The chunk plan of one fused-linear loss call over ``n_rows`` kept rows."""
+    per_row = 0
+    if RowSource.staged(idx, h_dtype, cd_s):
+        per_row += ds * cd_s.itemsize
+    if RowSource.staged(idx, g_dtype, cd_t):
+        per_row += dt * cd_t.itemsize
+    if need_grad and want_h and idx is not None:
+        per_row += ds * cd_s.itemsize  # grad_hidden rows before they are scattered
+    return plan_chunks(n_rows=n_rows, width=reducer.chunk_width(vocab), backend=backend,
+                       logits_dtype=gemm.logits_dtype(cd_s, device),
+                       grad_dtype=cd_s if need_grad else None, device=device,
+                       budget=opts.workspace_budget, chunk_size=opts.chunk_size,
+                       bytes_per_row=per_row)
 
 
 def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,
@@ -68,11 +90,13 @@ def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width:
     return torch.where((local >= 0) & (local < width), local, torch.full_like(local, -1))
 
 
-def _row_coefficients(opts, spec, totals, aux, row_scale) -> torch.Tensor:
-    kd_coef = (opts.soft_scale / opts.temperature) * row_scale
-    ce_coef = opts.ce_weight * row_scale if spec.has_ce else torch.zeros_like(row_scale)
-    return torch.stack((totals.m_a, totals.log_s_a, totals.m_b, totals.log_s_b, totals.m_z,
-                        totals.log_s_z, aux, kd_coef.to(aux.dtype), ce_coef.to(aux.dtype)), 1)
+def _row_coefficients(opts: KDOptions, spec: RowSpec, totals, aux: torch.Tensor,
+                      row_scale: torch.Tensor) -> torch.Tensor:
+    named = dict(totals._asdict(), aux=aux)
+    named["kd"] = ((opts.soft_scale * spec.inv_t) * row_scale).to(aux.dtype)
+    named["ce"] = ((opts.ce_weight * row_scale) if spec.has_ce
+                   else torch.zeros_like(row_scale)).to(aux.dtype)
+    return torch.stack([named[name] for name in COEF], 1)
 
 
 def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, grad_out):
@@ -82,7 +106,7 @@ def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, g
     mix = None
     if spec.needs_mix:
         mix = reducer.sum_rows(backend.mix(zs, zt, norms(totals), spec))
-    kd, aux = row_kd_and_aux(opts, totals, mix)
+    kd, aux = row_kd_and_aux(spec.divergence_record, totals, mix, dict(spec.params))
     ce = ((totals.m_z - totals.z_label) + totals.log_s_z) if spec.has_ce else None
     if grad_out is not None:
         coef = _row_coefficients(opts, spec, totals, aux, row_scale)
@@ -99,32 +123,43 @@ def _scale_slice(row_scale, start, stop, like):
 def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
                g: torch.Tensor, u: torch.Tensor, bt: torch.Tensor | None,
                labels: torch.Tensor | None, opts: KDOptions, spec: RowSpec, backend: Backend,
-               *, row_scale: float | torch.Tensor | None, want_h: bool, want_w: bool,
-               want_b: bool, reducer: LocalReducer, acc_dtype: torch.dtype) -> RowResult:
-    """Row losses (and gradients unless row_scale is None) over kept rows h [K, Ds], g [K, Dt].
+               *, idx: torch.Tensor | None, n_kept: int, chunks: ChunkPlan,
+               cd_s: torch.dtype, cd_t: torch.dtype,
+               row_scale: float | torch.Tensor | None, want_h: bool, want_w: bool,
+               want_b: bool, reducer: Reducer, acc_dtype: torch.dtype) -> RowResult:
+    """Row losses (and gradients unless row_scale is None) over the kept rows of h [N, Ds],
+    g [N, Dt]: all rows if ``idx`` is None, else rows ``idx`` [n_kept] (labels [N] are global
+    ids). ``row_scale``: a float, or [n_kept] per kept row.
 
-    w [V, Ds], u [V, Dt] are the heads already cut to the shared vocabulary, in the compute
-    dtype; labels [K] are global ids of kept rows.
+    w [V, Ds] and u [V, Dt] are the heads already cut to the shared vocabulary in the
+    compute dtypes cd_s / cd_t; h and g are read (and cast) a chunk at a time.
     """
-    k, vocab = h.shape[0], w.shape[0]
+    n, k, vocab = h.shape[0], n_kept, w.shape[0]
     device = h.device
-    zs_dtype = gemm.logits_dtype(h.dtype, device)
-    zt_dtype = gemm.logits_dtype(g.dtype, device)
+    zs_dtype = gemm.logits_dtype(cd_s, device)
+    zt_dtype = gemm.logits_dtype(cd_t, device)
     need_grad = row_scale is not None and (want_h or want_w or want_b)
-    c, dz_layout = _workspace_plan(opts, backend, k, vocab, zs_dtype, h.dtype, device,
-                                   need_grad)
+    c = chunks.rows
+    src_h = RowSource(h, idx, cd_s, c)
+    src_g = RowSource(g, idx, cd_t, c)
     zs_buf = torch.empty(c, vocab, dtype=zs_dtype, device=device)
     zt_buf = torch.empty(c, vocab, dtype=zt_dtype, device=device)
-    if dz_layout == "own":
-        dz_buf = torch.empty(c, vocab, dtype=h.dtype, device=device)
-    elif dz_layout == "packed":  # 16-bit dL/dz over the first half of each fp32 logit row
-        dz_buf = zs_buf.view(h.dtype)[:, :vocab]
-    else:
-        dz_buf = zs_buf
+    dz_buf = zs_buf
+    if need_grad and chunks.dz_layout == "own":
+        dz_buf = torch.empty(c, vocab, dtype=cd_s, device=device)
+    elif need_grad and chunks.dz_layout == "packed":  # 16-bit dL/dz over fp32 logit rows
+        dz_buf = zs_buf.view(cd_s)[:, :vocab]
+    lab = None if labels is None else (labels if idx is None else labels.index_select(0, idx))
 
     kd = torch.empty(k, dtype=acc_dtype, device=device)
     ce = torch.empty(k, dtype=acc_dtype, device=device) if spec.has_ce else None
-    grad_h = torch.empty_like(h) if need_grad and want_h else None
+    grad_h = gh_stage = None
+    if need_grad and want_h:
+        if idx is None:
+            grad_h = torch.empty(n, h.shape[1], dtype=cd_s, device=device)
+        else:  # ignored rows stay 0; kept rows arrive a chunk at a time
+            grad_h = torch.zeros(n, h.shape[1], dtype=cd_s, device=device)
+            gh_stage = torch.empty(c, h.shape[1], dtype=cd_s, device=device)
     grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_grad and want_w else None
     grad_b = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad and want_b else None
     # fp16 cannot hold dL/dz already divided by N (it underflows at N ~ 1e4): the row ops
@@ -132,35 +167,41 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
     post_scale = 1.0
     if need_grad and dz_buf.dtype == torch.float16 and not isinstance(row_scale, torch.Tensor):
         post_scale, row_scale = float(row_scale), 1.0
-    for start in range(0, k, c):
+    for start in chunks.starts(k):
         stop = min(k, start + c)
-        zs = gemm.logits_into(h[start:stop], w, bs, zs_buf[: stop - start])
-        zt = gemm.logits_into(g[start:stop], u, bt, zt_buf[: stop - start])
-        lab = _local_labels(None if labels is None else labels[start:stop], spec,
-                            reducer.vocab_start, vocab, stop - start, device)
+        h_c = src_h.take(start, stop)
+        zs = gemm.logits_into(h_c, w, bs, zs_buf[: stop - start])
+        zt = gemm.logits_into(src_g.take(start, stop), u, bt, zt_buf[: stop - start])
+        lab_c = _local_labels(None if lab is None else lab[start:stop], spec,
+                              reducer.vocab_start, vocab, stop - start, device)
         dz = dz_buf[: stop - start] if need_grad else None
         scale = _scale_slice(row_scale, start, stop, kd) if need_grad else None
-        kd_c, ce_c = _chunk_rows(zs, zt, lab, opts, spec, backend, reducer, scale, dz)
+        kd_c, ce_c = _chunk_rows(zs, zt, lab_c, opts, spec, backend, reducer, scale, dz)
         kd[start:stop] = kd_c
         if ce is not None:
             ce[start:stop] = ce_c
         if not need_grad:
             continue
         if grad_h is not None:
-            torch.mm(dz, w, out=grad_h[start:stop])
-            if post_scale != 1.0:
-                grad_h[start:stop] *= post_scale
+            if gh_stage is None:
+                torch.mm(dz, w, out=grad_h[start:stop])
+            else:
+                grad_h.index_copy_(0, idx[start:stop],
+                                   torch.mm(dz, w, out=gh_stage[: stop - start]))
         if grad_w is not None:
-            gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
+            gemm.accumulate_matmul_(grad_w, dz.t(), h_c)
         if grad_b is not None:
             grad_b += dz.sum(0, dtype=acc_dtype)
     # Free the workspace before the callers cast the accumulators to the output dtype, even
     # if a view of it is still referenced somewhere: the two must never coexist at the peak.
-    for buf in (zs_buf, zt_buf, dz_buf):
-        buf.untyped_storage().resize_(0)
-    del zs_buf, zt_buf, dz_buf
+    for buf in (zs_buf, zt_buf, dz_buf, gh_stage):
+        if buf is not None:
+            buf.untyped_storage().resize_(0)
+    src_h.release()
+    src_g.release()
+    del zs_buf, zt_buf, dz_buf, gh_stage
     if post_scale != 1.0:
-        for acc in (grad_w, grad_b):
+        for acc in (grad_h, grad_w, grad_b):
             if acc is not None:
                 acc *= post_scale
     if grad_h is not None:
@@ -170,15 +211,16 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
 
 def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
                 opts: KDOptions, spec: RowSpec, backend: Backend, *,
-                row_scale: float | torch.Tensor | None, reducer: LocalReducer
+                row_scale: float | torch.Tensor | None, reducer: Reducer
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Row losses over materialised logits zs [N, Vs], zt [N, Vt] (shared vocab = min);
     returns (kd [N], ce [N] | None, grad [N, Vs] in zs's dtype | None). Rows whose
     row_scale is 0 get zero gradient."""
     n, vocab = zs.shape[0], min(zs.shape[1], zt.shape[1])
-    c = choose_chunk_size(opts, n, vocab,
-                          backend.workspace_bytes_per_logit(zs.dtype, zs.device.type),
-                          zs.device.type)
+    # dL/dz has a tensor of its own (the gradient returned to the caller): no dz layout.
+    c = plan_chunks(n_rows=n, width=reducer.chunk_width(vocab), backend=backend,
+                    logits_dtype=zs.dtype, grad_dtype=None, device=zs.device,
+                    budget=opts.workspace_budget, chunk_size=opts.chunk_size).rows
     row_dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
     kd = torch.empty(n, dtype=row_dtype, device=zs.device)
     ce = torch.empty(n, dtype=row_dtype, device=zs.device) if spec.has_ce else None

@@ -8,16 +8,15 @@ from typing import Any
 
 import torch
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from . import divergences as _table
+
+DIVERGENCES = _table.NAMES
 REDUCTIONS = ("mean", "sum", "none")
 # impl names are validated against the backend table at dispatch time (backends/registry.py).
 
-# Bigger chunks pay (fewer re-reads of the fp32 grad_weight accumulator, fuller GEMM
-# tiles). H200, N=8192, V=128256: 70 ms at 256 MiB, 42 ms at 1 GiB. 2-core EPYC, the same
-# N and V with Ds=512, Dt=1024 in fp32 (cpp): 49-56 s at 256 MiB, 46-48 s at 512 MiB,
-# 43 s at 1 GiB.
+# The same on every device: bigger chunks pay (fewer re-reads of the fp32 grad_weight
+# accumulator, fuller GEMM tiles); README "Memory" has the measurements.
 DEFAULT_MAX_WORKSPACE_BYTES = 2**30
-DEFAULT_MAX_WORKSPACE_BYTES_CUDA = DEFAULT_MAX_WORKSPACE_BYTES
 
 
 def _check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -57,6 +56,7 @@ class KDOptions:
     divergence: str = "forward_kl"
     beta: float = 0.5
     skew: float = 0.1
+    alpha: float = 0.5
     temperature: float = 1.0
     scale_by_t2: bool = True
     kd_weight: float = 1.0
@@ -87,6 +87,10 @@ class KDOptions:
         # A weight below fp64 resolution next to 1 (1 - skew == 1) cannot enter a mixture
         # weighted (1 - skew, skew) consistently in every backend: it is exactly 0.
         set_("skew", 0.0 if 1.0 - skew == 1.0 else skew)
+        alpha = _check_real("alpha", self.alpha)
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha}")
+        set_("alpha", alpha)
         set_("temperature", _check_real("temperature", self.temperature, low=0.0, low_open=True))
         set_("kd_weight", _check_real("kd_weight", self.kd_weight, low=0.0))
         set_("ce_weight", _check_real("ce_weight", self.ce_weight, low=0.0))
@@ -103,12 +107,13 @@ class KDOptions:
         for name in ("scale_by_t2", "return_components"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        eff = self.divergence
-        if eff == "jsd" and self.beta == 0.0:
-            eff = "forward_kl"
-        elif eff == "jsd" and self.beta == 1.0:
-            eff = "reverse_kl"
-        set_("effective_divergence", eff)
+        div = _table.get(self.divergence)
+        set_("effective_divergence", div.fold(self.divergence_params(div)) or div.name)
+
+    def divergence_params(self, div: _table.Divergence | None = None) -> dict[str, float]:
+        """The values of the options that parameterise ``div`` (default: the chosen one)."""
+        div = _table.get(self.divergence) if div is None else div
+        return {name: getattr(self, name) for name in div.params}
 
     @property
     def soft_scale(self) -> float:
@@ -117,15 +122,18 @@ class KDOptions:
         return self.kd_weight * t2
 
     @property
-    def workspace_bytes(self) -> int:
-        return self.workspace_bytes_on("cpu")
-
-    def workspace_bytes_on(self, device_type: str) -> int:
-        """max_workspace_bytes, or the documented default for this device type."""
+    def workspace_budget(self) -> int:
+        """max_workspace_bytes, or the documented default."""
         if self.max_workspace_bytes is not None:
             return self.max_workspace_bytes
-        return DEFAULT_MAX_WORKSPACE_BYTES_CUDA if device_type == "cuda" else (
-            DEFAULT_MAX_WORKSPACE_BYTES)
+        return DEFAULT_MAX_WORKSPACE_BYTES
+
+    def values(self) -> tuple:
+        """Every option the user gave, in field order (what ranks and the compile op agree
+        on); ``option_fields()`` names them."""
+        return tuple(getattr(self, f.name) for f in option_fields())
 
 
-OPTION_NAMES = tuple(f.name for f in fields(KDOptions) if f.init)
+def option_fields() -> tuple:
+    """The user-facing fields of KDOptions, in order: the one list of the options."""
+    return tuple(f for f in fields(KDOptions) if f.init)

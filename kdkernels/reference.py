@@ -1,7 +1,10 @@
 """The float64 oracle: a plain, materialising implementation of every option.
 
 It is deliberately naive (full [N, V] logits, log_softmax, autograd for gradients) so that
-it can be read in one sitting and trusted; every backend is tested against it.
+it can be read in one sitting and trusted; every backend is tested against it. It imports
+nothing from the package (no option handling is shared with the code it judges): plain
+keyword arguments, its own plain formulas, including the TRL convention that jsd at beta 0
+or 1 is forward or reverse KL.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import math
 
 import torch
 
-from .options import KDOptions
+# Options that choose how the loss is computed, not what it is: accepted and ignored.
+_EXECUTION_OPTIONS = frozenset({"chunk_size", "max_workspace_bytes", "impl",
+                                "return_components"})
 
 
 def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -32,8 +37,8 @@ def _log_mix(logq: torch.Tensor, logp: torch.Tensor, wq: float) -> torch.Tensor:
     return torch.logsumexp(torch.stack(parts), 0)
 
 
-def divergence(a: torch.Tensor, b: torch.Tensor, name: str, beta: float = 0.5,
-               skew: float = 0.1) -> torch.Tensor:
+def _divergence(a: torch.Tensor, b: torch.Tensor, name: str, beta: float = 0.5,
+               skew: float = 0.1, alpha: float = 0.5) -> torch.Tensor:
     """Per-row divergence between teacher q = softmax(b) and student p = softmax(a)."""
     logp, logq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
     p, q = logp.exp(), logq.exp()
@@ -54,40 +59,49 @@ def divergence(a: torch.Tensor, b: torch.Tensor, name: str, beta: float = 0.5,
         return _plogp_ratio(p, logp, _log_mix(logq, logp, 1 - skew))
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
+    if name == "alpha":  # Amari: (1 - sum q^alpha p^(1 - alpha)) / (alpha (1 - alpha))
+        return (1 - torch.exp(alpha * logq + (1 - alpha) * logp).sum(-1)) / (alpha * (1 - alpha))
     raise ValueError(f"unknown divergence {name!r}")
 
 
 def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       labels: torch.Tensor | None = None, *,
-                      compute_dtype: torch.dtype = torch.float64,
-                      **options) -> dict[str, torch.Tensor]:
+                      compute_dtype: torch.dtype = torch.float64, divergence: str = "forward_kl",
+                      beta: float = 0.5, skew: float = 0.1, alpha: float = 0.5,
+                      temperature: float = 1.0, scale_by_t2: bool = True,
+                      kd_weight: float = 1.0, ce_weight: float = 0.0,
+                      student_softcap: float | None = None,
+                      teacher_softcap: float | None = None, ignore_index: int = -100,
+                      reduction: str = "mean", num_items: float | None = None,
+                      **execution) -> dict[str, torch.Tensor]:
     """Loss on materialised logits, in float64 (or compute_dtype: the tests' naive
     same-dtype yardstick). Returns loss, kd_rows, ce_rows, kept."""
-    opts = KDOptions(**options)
+    unknown = set(execution) - _EXECUTION_OPTIONS
+    if unknown:
+        raise TypeError(f"reference_kd_loss: unknown options {sorted(unknown)}")
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    z = _softcap(student_logits[..., :vocab].to(compute_dtype), opts.student_softcap)
-    t = _softcap(teacher_logits[..., :vocab].to(compute_dtype), opts.teacher_softcap)
+    z = _softcap(student_logits[..., :vocab].to(compute_dtype), student_softcap)
+    t = _softcap(teacher_logits[..., :vocab].to(compute_dtype), teacher_softcap)
     z, t = z.reshape(-1, vocab), t.reshape(-1, vocab)
-    temp = opts.temperature
-    kd = divergence(z / temp, t / temp, opts.divergence, opts.beta, opts.skew)
+    kd = _divergence(z / temperature, t / temperature, divergence, beta, skew, alpha)
     keep = torch.ones_like(kd, dtype=torch.bool)
     ce = torch.zeros_like(kd)
     if labels is not None:
         labels = labels.reshape(-1)
-        keep = labels != opts.ignore_index
+        keep = labels != ignore_index
         safe = torch.where(keep, labels, torch.zeros_like(labels))
         ce = torch.logsumexp(z, -1) - z.gather(1, safe[:, None]).squeeze(1)
-    t2 = temp**2 if opts.scale_by_t2 else 1.0
-    rows = opts.kd_weight * t2 * kd + opts.ce_weight * ce
+    t2 = temperature**2 if scale_by_t2 else 1.0
+    rows = kd_weight * t2 * kd + ce_weight * ce
     zero = torch.zeros_like(rows)
     rows, kd, ce = (torch.where(keep, x, zero) for x in (rows, kd, ce))
     kept = int(keep.sum())
-    if opts.reduction == "none":
+    if reduction == "none":
         loss = rows
-    elif opts.reduction == "sum":
+    elif reduction == "sum":
         loss = rows.sum()
     else:
-        loss = rows.sum() / (opts.num_items if opts.num_items is not None else max(kept, 1))
+        loss = rows.sum() / (num_items if num_items is not None else max(kept, 1))
     return {"loss": loss, "kd_rows": kd, "ce_rows": ce, "kept": kept}
 
 
@@ -102,3 +116,6 @@ def reference_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidde
     zs = logits(student_hidden, student_weight, student_bias)
     zt = logits(teacher_hidden, teacher_weight, teacher_bias)
     return reference_kd_loss(zs, zt, labels, **options)
+
+
+divergence = _divergence  # the per-row formulas, public for the tests

@@ -1,20 +1,9 @@
-"""Per-row statistics of the row-op contract: their layout, merge rule and final form.
+"""Per-row statistics of the row-op contract: their merge rule and final form.
 
-A stats pass over a block of vocabulary columns returns, per row, fp32 partials that merge
-across vocab blocks or ranks with the online-softmax rescale (DESIGN.md):
-
-    col  name      meaning (a = z/T student, b = t/T teacher, z = student at T=1)
-    0    m_a       max of a
-    1    s_a       sum exp(a - m_a)
-    2    w_a       sum exp(a - m_a) * (a - b)      (reverse KL only, else 0)
-    3    m_b       max of b
-    4    s_b       sum exp(b - m_b)
-    5    w_b       sum exp(b - m_b) * (b - a)      (forward KL only, else 0)
-    6    m_z       max of z                         (hard-label CE only, else = m_a)
-    7    s_z       sum exp(z - m_z)                 (hard-label CE only, else = s_a)
-    8    z_label   z at the row's label if the label is in this block, else 0 (plain sum)
-
-The mix pass (JSD, skew KL, TVD) returns two plain sums per row, merged by addition.
+A stats pass over a block of vocabulary columns returns, per row, fp32 partials in the
+layout ``layouts.STATS`` that merge across vocab blocks or ranks with the online-softmax
+rescale (DESIGN.md): each max column rescales the sums that belong to it, ``z_label`` is a
+plain sum. The mix pass returns the plain sums of ``layouts.MIX``, merged by addition.
 """
 
 from __future__ import annotations
@@ -23,15 +12,17 @@ from typing import NamedTuple
 
 import torch
 
-N_STATS = 9
-N_MIX = 2
-# (max column, columns rescaled with it)
-_GROUPS = ((0, (1, 2)), (3, (4, 5)), (6, (7,)))
-_SUM_COLUMNS = (8,)
+from .layouts import NORMS, STATS
+
+# (max column, the sums rescaled with it), and the plain sums
+_GROUPS = ((STATS.m_a, (STATS.s_a, STATS.w_a)), (STATS.m_b, (STATS.s_b, STATS.w_b)),
+           (STATS.m_z, (STATS.s_z,)))
+_SUM_COLUMNS = (STATS.z_label,)
 
 
 def merge_partials(parts: torch.Tensor) -> torch.Tensor:
-    """Merge partial stats [P, C, 9] (P vocab blocks or ranks) into [C, 9], deterministically."""
+    """Merge partial stats [P, C, len(STATS)] (P vocab blocks or ranks) into [C, len(STATS)],
+    deterministically."""
     if parts.shape[0] == 1:
         return parts[0]
     out = torch.empty_like(parts[0])
@@ -69,7 +60,9 @@ class RowTotals(NamedTuple):
 
 
 def finish(stats: torch.Tensor) -> RowTotals:
-    m_a, s_a, w_a, m_b, s_b, w_b, m_z, s_z, z_label = stats.unbind(1)
+    col = {name: stats[:, i] for i, name in enumerate(STATS)}
+    m_a, s_a, w_a, m_b, s_b, w_b = (col[k] for k in ("m_a", "s_a", "w_a", "m_b", "s_b", "w_b"))
+    m_z, s_z, z_label = col["m_z"], col["s_z"], col["z_label"]
     log_s_a, log_s_b, log_s_z = torch.log(s_a), torch.log(s_b), torch.log(s_z)
     return RowTotals(
         m_a=m_a, log_s_a=log_s_a, m_b=m_b, log_s_b=log_s_b, m_z=m_z, log_s_z=log_s_z,
@@ -81,5 +74,5 @@ def finish(stats: torch.Tensor) -> RowTotals:
 
 
 def norms(totals: RowTotals) -> torch.Tensor:
-    """[C, 4] (m_a, log_s_a, m_b, log_s_b): what the mix pass needs."""
-    return torch.stack((totals.m_a, totals.log_s_a, totals.m_b, totals.log_s_b), 1)
+    """[C, len(NORMS)]: the split log-normalisers the mix pass needs."""
+    return torch.stack([getattr(totals, name) for name in NORMS], 1)

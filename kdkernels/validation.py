@@ -3,6 +3,8 @@ form and what was given, before any kernel runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .options import KDOptions
@@ -52,8 +54,10 @@ def check_pair_dtypes(hidden_name: str, hidden: torch.Tensor, weight_name: str,
                         f"torch.autocast; got {hidden.dtype} and {weight.dtype}")
 
 
-def check_labels(labels: object, lead_shape: torch.Size, lead_name: str, vocab: int,
-                 opts: KDOptions, *, check_range: bool = True) -> torch.Tensor | None:
+def check_labels(labels: object, lead_shape: torch.Size, lead_name: str,
+                 opts: KDOptions) -> torch.Tensor | None:
+    """Flat int64 labels of the right shape; their range is checked with the kept-row scan
+    (scan_labels), inside the loss, so that one host sync does both."""
     if labels is None:
         if opts.ce_weight > 0:
             raise ValueError(f"ce_weight={opts.ce_weight} > 0 needs labels (token ids), "
@@ -65,19 +69,32 @@ def check_labels(labels: object, lead_shape: torch.Size, lead_name: str, vocab: 
     if labels.shape != lead_shape:
         raise ValueError(f"labels must have the leading shape of {lead_name}, "
                          f"[{', '.join(map(str, lead_shape))}]; got {_shape(labels)}")
-    labels = labels.reshape(-1).long()
-    if check_range:
-        check_label_range(labels, vocab, opts.ignore_index)
-    return labels
+    return labels.reshape(-1).long()
 
 
-def check_label_range(labels: torch.Tensor | None, vocab: int, ignore_index: int) -> None:
-    """Flat labels must be token ids in [0, vocab) or ignore_index (one host sync)."""
-    if labels is None or not labels.numel():
-        return
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-    if bool(bad.any()):
+@dataclass(frozen=True)
+class KeptRows:
+    """The rows whose label is not ignore_index."""
+
+    kept: int
+    idx: torch.Tensor | None  # [kept] int64 row indices; None when every row is kept
+    mask: torch.Tensor | None  # [N] bool; None when there are no labels
+
+
+def scan_labels(labels: torch.Tensor | None, n_rows: int, vocab: int,
+                ignore_index: int) -> KeptRows:
+    """Check flat labels [n_rows] (token ids in [0, vocab) or ignore_index) and find the
+    kept rows, with one host sync for both (none without labels)."""
+    if labels is None or n_rows == 0:
+        return KeptRows(n_rows, None, None)
+    keep = labels != ignore_index
+    bad = keep & ((labels < 0) | (labels >= vocab))
+    n_bad, kept = torch.stack((bad.sum(), keep.sum())).tolist()
+    if n_bad:
         pos = int(torch.nonzero(bad)[0, 0])
         raise ValueError(f"labels must be in [0, {vocab}) (the shared vocabulary) or equal "
                          f"ignore_index={ignore_index}; got {int(labels[pos])} at flat "
                          f"position {pos}")
+    # nonzero_static: the count is known, so finding the rows needs no second sync
+    idx = None if kept == labels.numel() else torch.nonzero_static(keep, size=kept)[:, 0]
+    return KeptRows(int(kept), idx, keep)

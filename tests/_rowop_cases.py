@@ -15,17 +15,20 @@ import torch
 
 from kdkernels.backends import torch_rows
 from kdkernels.backends.base import Backend, RowSpec
+from kdkernels.layouts import COEF, MIX, STATS
 from kdkernels.row_stats import finish, norms
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from kdkernels.divergences import NAMES as DIVERGENCES  # noqa: E402  (every table row)
 # Relative error allowed on sums of n fp32 terms of one sign (stats s columns, mix sums).
 RTOL = 2e-5
 STORAGE_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
 def spec_of(div: str, temperature: float = 1.0, *, beta: float = 0.3, skew: float = 0.2,
-            scap: float | None = None, tcap: float | None = None, ce: bool = False) -> RowSpec:
-    return RowSpec(div, temperature, beta, skew, scap, tcap, ce)
+            alpha: float = 0.35, scap: float | None = None, tcap: float | None = None,
+            ce: bool = False) -> RowSpec:
+    return RowSpec.build(div, temperature=temperature, beta=beta, skew=skew, alpha=alpha,
+                         student_softcap=scap, teacher_softcap=tcap, has_ce=ce)
 
 
 def make_logits(rows: int, cols: int, dtype: torch.dtype, device, *, scale: float = 4.0,
@@ -64,40 +67,42 @@ def _close(name: str, got: torch.Tensor, ref: torch.Tensor, atol: torch.Tensor |
 def check_stats(backend: Backend, zs, zt, labels, spec: RowSpec) -> torch.Tensor:
     got = backend.stats(zs, zt, labels, spec)
     ref = torch_rows.stats(zs, zt, labels, spec)
-    assert got.shape == ref.shape == (zs.shape[0], 9) and got.dtype == torch.float32
+    assert got.shape == ref.shape == (zs.shape[0], len(STATS)) and got.dtype == torch.float32
     # With T == 1 and no softcap the max and label columns are exact (no rounding on either
     # side). Otherwise x / c, tanh, z / T round differently (the kernel multiplies by
     # reciprocals): a few ulp of a, which also moves each exp(a - m) by ~1e-6 * |a|.
-    t = spec.temperature
-    za = torch_rows._capped(zs, spec.student_softcap) / t
-    zb = torch_rows._capped(zt, spec.teacher_softcap) / t
-    plain = t == 1.0 and spec.student_softcap is None and spec.teacher_softcap is None
+    za = torch_rows._capped(zs, spec.student_softcap) * spec.inv_t
+    zb = torch_rows._capped(zt, spec.teacher_softcap) * spec.inv_t
+    plain = not spec.tempered and spec.student_softcap is None and spec.teacher_softcap is None
     big = torch.nan_to_num(torch.maximum(za.abs().amax(1), zb.abs().amax(1)), nan=0.0,
                            posinf=0.0)
     shift = 0.0 if plain else 1e-6
-    for col in (0, 3, 6):
-        _close(f"stats[:, {col}]", got[:, col], ref[:, col], 0.0, shift)
-    _close("stats[:, 8]", got[:, 8], ref[:, 8], 0.0, 0.0 if spec.student_softcap is None else 1e-6)
+    for name in ("m_a", "m_b", "m_z"):
+        col = getattr(STATS, name)
+        _close(f"stats {name}", got[:, col], ref[:, col], 0.0, shift)
+    _close("stats z_label", got[:, STATS.z_label], ref[:, STATS.z_label], 0.0,
+           0.0 if spec.student_softcap is None else 1e-6)
     # s columns: sums of positive terms; w columns: bounded by s * max|b - a| of the row.
-    for col in (1, 4, 7):
-        _close(f"stats[:, {col}]", got[:, col], ref[:, col], 1e-30,
+    for name in ("s_a", "s_b", "s_z"):
+        col = getattr(STATS, name)
+        _close(f"stats {name}", got[:, col], ref[:, col], 1e-30,
                RTOL + shift * float(big.max()))
     span = torch.nan_to_num((zb - za).abs().amax(1), nan=0.0, posinf=0.0)
-    for col, s_col in ((2, 1), (5, 4)):
+    for col, s_col in ((STATS.w_a, STATS.s_a), (STATS.w_b, STATS.s_b)):
         _close(f"stats[:, {col}]", got[:, col], ref[:, col],
                (RTOL + shift * big) * ref[:, s_col].abs() * (span + 1) + 1e-30, RTOL)
     return ref
 
 
 def norms_of(stats: torch.Tensor) -> torch.Tensor:
-    """[C, 4] (m_a, log_s_a, m_b, log_s_b) of merged stats: the mix pass's input."""
+    """[C, len(NORMS)] (m_a, log_s_a, m_b, log_s_b) of merged stats: the mix pass's input."""
     return norms(finish(stats))
 
 
 def check_mix(backend: Backend, zs, zt, row_norms, spec: RowSpec) -> None:
     got = backend.mix(zs, zt, row_norms, spec)
     ref = torch_rows.mix(zs, zt, row_norms, spec)
-    assert got.shape == ref.shape == (zs.shape[0], 2) and got.dtype == torch.float32
+    assert got.shape == ref.shape == (zs.shape[0], len(MIX)) and got.dtype == torch.float32
     # Sums of probability-weighted log ratios: |terms| sum to at most a few units at these
     # logit scales, so an absolute floor of 1e-5 sits ~10x above the fp32/exp rounding.
     _close("mix", got, ref, 1e-5, 1e-4)
@@ -111,7 +116,7 @@ def coefficients(stats: torch.Tensor, *, seed: int = 2, dead_rows=()) -> torch.T
                         torch.rand(c, generator=gen) * 0.5, torch.rand(c, generator=gen) + 0.1,
                         torch.rand(c, generator=gen) + 0.1), 1)
     for r in dead_rows:
-        coef[r, 7:] = 0.0
+        coef[r, COEF.kd] = coef[r, COEF.ce] = 0.0
     return coef.to(stats.device)
 
 

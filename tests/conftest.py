@@ -20,7 +20,7 @@ def cpu_impls() -> list[str]:
     """Backends that can serve fp32 CPU tensors in this environment."""
     from kdkernels.backends.base import RowSpec
 
-    spec = RowSpec("forward_kl", 1.0, 0.5, 0.1, None, None, False)
+    spec = RowSpec.build("forward_kl")
     return [name for name in ("torch", "cpp", "triton")
             if not registry.reasons(name, CPU, torch.float32, spec)]
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from kdkernels.backends import registry
+from kdkernels.divergences import TABLE
+from kdkernels.layouts import COEF, CONSTS, MIX, NORMS
 from tests._rowop_cases import (
     DIVERGENCES,
     check_all,
@@ -148,11 +150,19 @@ def test_hard_label_ce_only_term():
     spec = spec_of("forward_kl", 2.0, ce=True)
     stats = check_stats(CPP, zs, zt, labels, spec)
     coef = coefficients(stats)
-    coef[:, 7] = 0.0  # CE only: dz = ce * (softmax(z) - onehot)
+    coef[:, COEF.kd] = 0.0  # CE only: dz = ce * (softmax(z) - onehot)
     out = check_grad(CPP, zs, zt, labels, coef, spec)
     # Each row sums to ce * (1 - [label in this block]): softmax sums to 1, the one-hot to 1.
-    want = coef[:, 8] * (labels < 0)
+    want = coef[:, COEF.ce] * (labels < 0)
     assert torch.allclose(out.sum(1), want, atol=1e-5), (out.sum(1), want)
+
+
+def _consts(**named) -> list[float]:
+    """RowSpec.consts of a forward KL spec, with some constants replaced by name."""
+    consts = list(spec_of("forward_kl").consts)
+    for name, value in named.items():
+        consts[getattr(CONSTS, name)] = value
+    return consts
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -163,24 +173,149 @@ def test_hard_label_ce_only_term():
     (lambda a: dict(a, labels=torch.full_like(a["labels"], 64)), r"labels must hold -1 or"),
     (lambda a: dict(a, coef=a["coef"][:, :6].contiguous()), "coef must have shape"),
     (lambda a: dict(a, out=a["out"].double()), "out must be float32"),
-    (lambda a: dict(a, divergence="kl"), "divergence must be one of"),
-    (lambda a: dict(a, temperature=0.0), "temperature must be a finite number > 0"),
+    (lambda a: dict(a, div=len(TABLE)), r"div must be a divergence code in \[0, 7\)"),
+    (lambda a: dict(a, div=-1), "div must be a divergence code"),
+    (lambda a: dict(a, consts=a["consts"][:-1]), "consts must be a list of 10 floats in "
+     "kdkernels.layouts.CONSTS order"),
+    (lambda a: dict(a, consts=_consts(inv_t=0.0)), r"consts\[inv_t\] \(1 / temperature\) "
+     "must be > 0"),
+    (lambda a: dict(a, consts=_consts(inv_t=math.inf)), r"consts\[0\] must be finite"),
+    (lambda a: dict(a, consts=_consts(tempered=0.5)), r"consts\[tempered\] must be 0 or 1"),
+    (lambda a: dict(a, consts=_consts(cap_t=-1.0)), r"consts\[cap_s\] and consts\[cap_t\] "
+     "must be >= 0"),
+    (lambda a: dict(a, consts=_consts(w_q=1.5)), r"consts\[w_q\] must be in \[0, 1\]"),
+    (lambda a: dict(a, consts=_consts(mix_kind=3.0)), r"consts\[mix_kind\] must be a "
+     r"MIX_KINDS index in \[0, 3\)"),
+    (lambda a: dict(a, consts=_consts(mix_kind=0.5)), r"consts\[mix_kind\] must be a"),
+    (lambda a: dict(a, consts=_consts(stats_weight=-1.0)), r"consts\[stats_weight\] must be "
+     "a STATS_WEIGHTS index"),
 ])
 def test_bad_arguments_raise_naming_the_argument(bad, match):
     zs = make_logits(4, 64, torch.float32, CPU)
     args = dict(zs=zs, zt=zs.clone(), labels=make_labels(4, 64, CPU),
-                coef=torch.ones(4, 9), divergence="forward_kl", temperature=1.0, beta=0.5,
-                skew=0.1, student_softcap=None, teacher_softcap=None, has_ce=True,
+                coef=torch.ones(4, len(COEF)), div=0, consts=_consts(), has_ce=True,
                 out=torch.empty(4, 64))
     with pytest.raises(RuntimeError, match=match):
         torch.ops.kdkernels.row_grad_(**bad(args))
 
 
-def test_mix_rejects_divergences_without_a_mix_pass():
+@pytest.mark.parametrize("div", [d for d in TABLE if not d.needs_mix], ids=lambda d: d.name)
+def test_mix_rejects_divergences_without_a_mix_pass(div):
     zs = make_logits(2, 10, torch.float32, CPU)
-    with pytest.raises(RuntimeError, match="mix pass is only defined"):
-        torch.ops.kdkernels.row_mix(zs, zs, torch.zeros(2, 4), "forward_kl", 1.0, 0.5, 0.1,
-                                    None, None)
+    with pytest.raises(RuntimeError, match=f"divergence code {div.code} has no mix pass"):
+        torch.ops.kdkernels.row_mix(zs, zs, torch.zeros(2, len(NORMS)), div.code,
+                                    list(spec_of(div.name).consts))
+
+
+def test_the_ops_take_the_code_and_the_constants_of_the_spec():
+    # One spec, two calls: through the backend and through the op with spec.code / consts.
+    zs = make_logits(3, 200, torch.float32, CPU, seed=25)
+    zt = make_logits(3, 200, torch.float32, CPU, seed=26)
+    labels = make_labels(3, 200, CPU)
+    spec = spec_of("alpha", 1.5, alpha=0.3, tcap=12.0, ce=True)
+    stats = torch.ops.kdkernels.row_stats(zs, zt, labels, spec.code, list(spec.consts), True)
+    assert torch.equal(stats, CPP.stats(zs, zt, labels, spec))
+    mix = torch.ops.kdkernels.row_mix(zs, zt, norms_of(stats), spec.code, list(spec.consts))
+    assert torch.equal(mix, CPP.mix(zs, zt, norms_of(stats), spec))
+
+
+# The alpha divergence against float64 formulas of its own (divergences.py):
+# D = (1 - sum q^a p^(1-a)) / (a (1 - a)), mix = (sum p + a (q - p) - w, sum w).
+
+
+def _alpha64(zs, zt, spec):
+    a = (zs.double() * spec.inv_t).requires_grad_(True)
+    b = zt.double() * spec.inv_t
+    logp, logq = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
+    al = spec.param("alpha")
+    w = torch.exp(logp + al * (logq - logp))
+    p, q = logp.exp(), logq.exp()
+    c0 = (p + al * (q - p) - w).sum(1)
+    div = (1.0 - w.sum(1)) / (al * (1.0 - al))
+    return a, c0, w.sum(1), div
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.35, 0.5, 0.9])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_alpha_mix_sums_match_float64(alpha, temperature):
+    zs = make_logits(7, 1500, torch.float32, CPU, seed=27)
+    zt = make_logits(7, 1500, torch.float32, CPU, seed=28)
+    spec = spec_of("alpha", temperature, alpha=alpha)
+    mix = CPP.mix(zs, zt, norms_of(CPP.stats(zs, zt, make_labels(7, 1500, CPU), spec)), spec)
+    _, c0, c1, _ = _alpha64(zs, zt, spec)
+    torch.testing.assert_close(mix[:, MIX.c0].double(), c0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mix[:, MIX.c1].double(), c1, rtol=1e-5, atol=1e-6)
+    assert (mix[:, MIX.c0] >= 0).all()
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.35, 0.8])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_alpha_grad_matches_float64_autograd(alpha, temperature):
+    rows, cols = 6, 1100
+    zs = make_logits(rows, cols, torch.float32, CPU, seed=29)
+    zt = make_logits(rows, cols, torch.float32, CPU, seed=30)
+    labels = make_labels(rows, cols, CPU)
+    spec = spec_of("alpha", temperature, alpha=alpha)
+    stats = CPP.stats(zs, zt, labels, spec)
+    mix = CPP.mix(zs, zt, norms_of(stats), spec)
+    a, _, _, div = _alpha64(zs, zt, spec)
+    kd = torch.linspace(0.2, 1.3, rows, dtype=torch.float64)
+    (want,) = torch.autograd.grad((kd * div).sum(), a)  # d(kd * D)/da: what dz holds
+    coef = coefficients(stats)
+    coef[:, COEF.aux] = mix[:, MIX.c1]  # aux = sum w (divergences.py)
+    coef[:, COEF.kd] = kd.float()
+    coef[:, COEF.ce] = 0.0
+    out = torch.empty_like(zs)
+    CPP.grad(zs, zt, labels, coef, spec, out)
+    scale = want.abs().amax(1, keepdim=True)
+    assert ((out.double() - want).abs() <= 2e-5 * scale + 1e-4 * want.abs()).all(), (
+        (out.double() - want).abs().max())
+    # Each row of the divergence gradient sums to 0 (softmax Jacobian).
+    assert (out.double().sum(1).abs() <= 1e-5 * scale.squeeze(1) * cols ** 0.5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_alpha_is_exactly_zero_at_equal_logits(dtype):
+    zs = make_logits(5, 2049, dtype, CPU, seed=31)
+    for spec in (spec_of("alpha", 1.0, alpha=0.3), spec_of("alpha", 2.5, alpha=0.7, scap=20.0,
+                                                           tcap=20.0)):
+        mix = CPP.mix(zs, zs, norms_of(CPP.stats(zs, zs, make_labels(5, 2049, CPU), spec)), spec)
+        assert (mix[:, MIX.c0] == 0).all(), mix[:, MIX.c0]
+
+
+def test_alpha_with_minus_inf_logits_is_finite():
+    zs = make_logits(4, 700, torch.float32, CPU, seed=32).clone()
+    zt = make_logits(4, 700, torch.float32, CPU, seed=33).clone()
+    zs[:, :100] = -math.inf  # p = 0 where q > 0
+    zt[:, 100:200] = -math.inf  # q = 0 where p > 0
+    zs[:, 600:] = zt[:, 600:] = -math.inf  # both 0
+    labels = make_labels(4, 700, CPU)
+    spec = spec_of("alpha", 1.3, alpha=0.4, ce=True)
+    stats = CPP.stats(zs, zt, labels, spec)
+    mix = CPP.mix(zs, zt, norms_of(stats), spec)
+    assert torch.isfinite(stats).all()
+    assert torch.isfinite(mix).all(), mix
+    _, c0, c1, _ = _alpha64(zs, zt, spec)
+    torch.testing.assert_close(mix[:, MIX.c0].double(), c0, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mix[:, MIX.c1].double(), c1, rtol=1e-5, atol=1e-6)
+    coef = coefficients(stats)
+    coef[:, COEF.aux] = mix[:, MIX.c1]
+    out = torch.full_like(zs, math.nan)
+    CPP.grad(zs, zt, labels, coef, spec, out)
+    assert torch.isfinite(out).all()
+    # Where p = 0 the divergence part is exactly 0 (only CE's softmax, also 0 there).
+    assert (out[:, :100][labels.unsqueeze(1) != torch.arange(100)] == 0).all()
+
+
+def test_alpha_nan_logits_give_nan():
+    zs = make_logits(3, 300, torch.float32, CPU, seed=34).clone()
+    zt = make_logits(3, 300, torch.float32, CPU, seed=35).clone()
+    zt[1, 17] = math.nan
+    spec = spec_of("alpha", 1.0, alpha=0.5)
+    labels = make_labels(3, 300, CPU)
+    stats = CPP.stats(zs, zt, labels, spec)
+    mix = CPP.mix(zs, zt, norms_of(stats), spec)
+    assert torch.isnan(mix[1]).all() and torch.isfinite(mix[[0, 2]]).all()
 
 
 def test_backend_reasons():

@@ -4,6 +4,8 @@ present (CI, CPU-only), and on a GPU it matches the torch reference backend op b
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from tests._rowop_cases import (
 )
 
 OPS = ("row_stats", "row_mix", "row_grad_")
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 HAS_GPU = torch.cuda.is_available()
 gpu = pytest.mark.gpu
 
@@ -44,6 +47,104 @@ def test_cuda_ops_compile_and_register_when_a_toolkit_is_present():
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kdkernels::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"kdkernels::{op}", "CPU"), op
+
+
+def _code(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.S)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def _function_body(text: str, name: str) -> str | None:
+    m = re.search(rf"\b{name}\s*\([^;{{]*\)\s*\{{", text)
+    if not m:
+        return None
+    depth, i = 1, m.end()
+    while depth and i < len(text):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        i += 1
+    return text[m.end():i - 1]
+
+
+def launch_check_problems(cu_source: str) -> list[str]:
+    """What rows_cuda.cu gets wrong about launch and query errors (empty: nothing).
+
+    Every ``<<<`` launch must be followed, as its very next statement, by one that keeps the
+    result of cudaGetLastError() (returned or assigned, never discarded); and the SM-count
+    query of cuda_blocks_per_row must not fall back to a guessed count (an integer literal
+    of two or more digits, or any nonzero literal assigned to the queried variable)."""
+    text = _code(cu_source)
+    problems = []
+    for m in re.finditer(r"<<<", text):
+        end = text.index(";", text.index(">>>", m.end())) + 1
+        nxt = text[end:text.find(";", end) + 1]
+        line = text.count("\n", 0, m.start()) + 1
+        name = re.findall(r"(\w+)\s*$", text[:m.start()])
+        what = f"launch of {name[-1] if name else '?'} (line {line})"
+        if "<<<" in nxt or not re.search(r"(return|=)\s*cudaGetLastError\s*\(\s*\)", nxt):
+            problems.append(f"{what} is not followed by a kept cudaGetLastError(): "
+                            f"{' '.join(nxt.split())[:80]!r}")
+    body = _function_body(text, "cuda_blocks_per_row")
+    if body is None:
+        problems.append("no cuda_blocks_per_row")
+        return problems
+    query = re.search(r"cudaDeviceGetAttribute\s*\(\s*&\s*(\w+)", body)
+    if query is None:
+        problems.append("cuda_blocks_per_row does not query the SM count")
+    else:
+        var = query.group(1)
+        for assign in re.finditer(rf"\b{var}\s*=\s*(\d+)", body):
+            if int(assign.group(1)) != 0:
+                problems.append(f"cuda_blocks_per_row falls back to {var} = {assign.group(1)}")
+    for lit in re.findall(r"(?<![\w.])\d{2,}(?![\w.])", body):
+        problems.append(f"cuda_blocks_per_row holds the constant {lit} (a guessed SM count?)")
+    if not re.search(r"\bcudaError_t\s+cuda_blocks_per_row\s*\(", text):
+        problems.append("cuda_blocks_per_row must return the cudaError_t of its query")
+    return problems
+
+
+def test_every_launch_and_the_sm_query_are_checked():
+    assert launch_check_problems((CSRC / "rows_cuda.cu").read_text()) == []
+    # register.cpp raises what the entry points return.
+    reg = _code((CSRC / "register.cpp").read_text())
+    for fn in ("cuda_row_stats", "cuda_row_mix", "cuda_row_grad"):
+        calls = re.findall(rf"(\w+)\s*\(\s*{fn}\s*\(", reg)
+        assert calls and set(calls) == {"C10_CUDA_CHECK"}, (fn, calls)
+    assert re.search(r"cuda_blocks_per_row\([^;]*;\s*TORCH_CHECK\(\s*err\s*==\s*cudaSuccess",
+                     reg), "register.cpp must TORCH_CHECK the SM-count query"
+
+
+def test_launch_check_scan_finds_the_defects():
+    # The scan itself, on the shapes of the defects it exists for.
+    unchecked = """
+    void f(cudaStream_t s) {
+      k1<<<1, 32, 0, s>>>(x);
+      if (n > 1) k2<<<1, 32, 0, s>>>(x);
+    }
+    void g() { k3<<<1, 32>>>(y); (void)cudaGetLastError(); }
+    cudaError_t cuda_blocks_per_row(int64_t rows, int64_t cols, int device, int* nb) {
+      int sms = 0;
+      if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+        sms = 132;
+      return cudaSuccess;
+    }"""
+    found = launch_check_problems(unchecked)
+    assert sum("not followed" in p for p in found) == 3, found
+    assert any("sms = 132" in p for p in found) and any("constant 132" in p for p in found)
+    checked = """
+    cudaError_t f(cudaStream_t s) {
+      k1<<<1, 32, 0, s>>>(x);
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+      k2<<<1, 32, 0, s>>>(x);
+      return cudaGetLastError();
+    }
+    cudaError_t cuda_blocks_per_row(int64_t rows, int64_t cols, int device, int* nb) {
+      int sms = 0;
+      cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      if (err != cudaSuccess) return err;
+      *nb = rows >= 2 * sms ? 1 : 4;
+      return cudaSuccess;
+    }"""
+    assert launch_check_problems(checked) == []
 
 
 def test_cuda_backend_says_why_without_a_device():

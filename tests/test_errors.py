@@ -55,7 +55,14 @@ CASES = [
      r"ce_weight=0.5 > 0 needs labels \(token ids\), but labels is None"),
     (dict(divergence="kl"), ValueError,
      r"divergence must be one of forward_kl, reverse_kl, jsd, skew_forward_kl, "
-     r"skew_reverse_kl, tvd; got 'kl'"),
+     r"skew_reverse_kl, tvd, alpha; got 'kl'"),
+    (dict(alpha=0.0), ValueError, r"alpha must be in the open interval \(0, 1\), got 0.0"),
+    (dict(alpha=1.0), ValueError, r"alpha must be in the open interval \(0, 1\), got 1.0"),
+    (dict(alpha=1.5), ValueError, r"alpha must be in the open interval \(0, 1\), got 1.5"),
+    (dict(alpha=-0.2), ValueError, r"alpha must be in the open interval \(0, 1\), got -0.2"),
+    (dict(alpha=float("nan")), ValueError, r"alpha must be finite, got nan"),
+    (dict(alpha=float("inf")), ValueError, r"alpha must be finite, got inf"),
+    (dict(divergence="alpha", alpha="half"), TypeError, r"alpha must be a real number"),
     (dict(reduction="avg"), ValueError, r"reduction must be one of mean, sum, none; got 'avg'"),
     (dict(impl="fast"), ValueError, r"impl must be one of auto, torch, triton, cpp, cuda; got "
      r"'fast'"),
@@ -114,7 +121,7 @@ def test_unservable_impl_says_why():
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
 
-    spec = RowSpec("forward_kl", 1.0, 0.5, 0.1, None, None, False)
+    spec = RowSpec.build("forward_kl")
     checked = 0
     for impl in ("triton", "cpp", "cuda"):
         why = registry.reasons(impl, torch.device("cpu"), torch.float64, spec)

@@ -13,6 +13,8 @@ norm-wise error stays far below 2**-9.
 
 from __future__ import annotations
 
+import ast
+import inspect
 from dataclasses import dataclass
 
 import pytest
@@ -21,10 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kdkernels
+from kdkernels import divergences, layouts
 from kdkernels.backends import registry, torch_rows
 from kdkernels.backends.base import RowSpec
 from kdkernels.divergences import row_kd_and_aux
-from kdkernels.options import KDOptions
+from kdkernels.layouts import COEF, MIX, NORMS, STATS
 from kdkernels.reference import reference_kd_loss
 from kdkernels.row_stats import finish, norms
 
@@ -37,8 +40,7 @@ from kdkernels.backends import triton_rows  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-_why = triton_rows.not_supported_reasons(DEVICE, torch.float32, RowSpec(
-    "forward_kl", 1.0, 0.5, 0.1, None, None, False))
+_why = triton_rows.not_supported_reasons(DEVICE, torch.float32, RowSpec.build("forward_kl"))
 if _why:
     pytest.skip("; ".join(_why), allow_module_level=True)
 
@@ -67,6 +69,7 @@ class Case:
     temperature: float = 1.0
     beta: float = 0.4
     skew: float = 0.1
+    alpha: float = 0.35
     cap_s: float | None = None
     cap_t: float | None = None
     ce: bool = True
@@ -82,6 +85,7 @@ class Case:
                 str(self.zt_dtype)[6:], out, f"T{self.temperature}"]
         bits += [f"beta{self.beta}"] if self.div == "jsd" else []
         bits += [f"skew{self.skew}"] if self.div.startswith("skew") else []
+        bits += [f"alpha{self.alpha}"] if self.div == "alpha" else []
         bits += [f"cap{self.cap_s},{self.cap_t}"] if self.cap_s or self.cap_t else []
         bits += ["ce"] if self.ce else []
         bits += [f"pad{self.pad}"] if self.pad else []
@@ -119,6 +123,7 @@ CASES = (
     + [Case("skew_forward_kl", skew=s, temperature=1.5, seed=4) for s in (0.0, 1.0)]
     + [Case("skew_reverse_kl", skew=s, temperature=1.5, seed=5) for s in (0.0, 1.0)]
     + [Case("jsd", beta=b, seed=6) for b in (1e-3, 0.999)]
+    + [Case("alpha", alpha=a, temperature=1.5, seed=11) for a in (0.02, 0.98)]
     # labels at the edges of the vocabulary and of the splits, CE at T != 1
     + [Case("reverse_kl", rows=6, vocab=1500, temperature=2.0, labels=(0, 1499, 500, 499, -1,
                                                                          1000),
@@ -147,11 +152,14 @@ def _tensors(case: Case):
     return zs, zt, labels
 
 
-def _spec(case: Case) -> tuple[KDOptions, RowSpec]:
-    opts = KDOptions(divergence=case.div, beta=case.beta, skew=case.skew,
-                     temperature=case.temperature, student_softcap=case.cap_s,
-                     teacher_softcap=case.cap_t, ce_weight=0.5 if case.ce else 0.0)
-    return opts, RowSpec.from_options(opts, case.ce)
+def _spec(case: Case) -> RowSpec:
+    return RowSpec.build(case.div, beta=case.beta, skew=case.skew, alpha=case.alpha,
+                         temperature=case.temperature, student_softcap=case.cap_s,
+                         teacher_softcap=case.cap_t, has_ce=case.ce)
+
+
+def _kd_and_aux(spec: RowSpec, stats: torch.Tensor, mix: torch.Tensor | None):
+    return row_kd_and_aux(spec.divergence_record, finish(stats), mix, dict(spec.params))
 
 
 def _assert_columns_close(ours: torch.Tensor, ref: torch.Tensor, what: str,
@@ -164,24 +172,24 @@ def _assert_columns_close(ours: torch.Tensor, ref: torch.Tensor, what: str,
         assert err <= STAT_TOL * scale, f"{what} column {col}: {err:.3g} > {STAT_TOL} * {scale:.3g}"
 
 
-def _coef(opts, spec, stats, mix, case: Case) -> torch.Tensor:
+def _coef(spec, stats, mix, case: Case) -> torch.Tensor:
     totals = finish(stats)
-    _, aux = row_kd_and_aux(opts, totals, mix)
+    _, aux = _kd_and_aux(spec, stats, mix)
     c = case.rows
-    kd_coef = torch.linspace(0.3, 1.1, c, device=DEVICE) / case.temperature
-    ce_coef = torch.full((c,), 0.5 if case.ce else 0.0, device=DEVICE)
+    kd = torch.linspace(0.3, 1.1, c, device=DEVICE) / case.temperature
+    ce = torch.full((c,), 0.5 if case.ce else 0.0, device=DEVICE)
     dead = list(case.dead)
-    kd_coef[dead] = 0.0
-    ce_coef[dead] = 0.0
-    return torch.stack((totals.m_a, totals.log_s_a, totals.m_b, totals.log_s_b, totals.m_z,
-                        totals.log_s_z, aux, kd_coef, ce_coef), 1)
+    kd[dead] = 0.0
+    ce[dead] = 0.0
+    cols = dict(totals._asdict(), aux=aux, kd=kd, ce=ce)
+    return torch.stack([cols[name] for name in COEF], 1)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_row_ops_match_torch_backend(case: Case, monkeypatch):
     for key, value in case.override:
         monkeypatch.setitem(triton_rows.OVERRIDE, key, value)
-    opts, spec = _spec(case)
+    spec = _spec(case)
     zs, zt, labels = _tensors(case)
     live = [r for r in range(case.rows) if r not in case.dead]
 
@@ -198,7 +206,7 @@ def test_row_ops_match_torch_backend(case: Case, monkeypatch):
         _assert_columns_close(triton_rows.mix(zs, zt, nrm, spec)[live], mix[live], "mix",
                               floor=0.1)
 
-    coef = _coef(opts, spec, ref_stats, mix, case)
+    coef = _coef(spec, ref_stats, mix, case)
     ref = torch.empty(zs.shape, dtype=zs.dtype if case.out == "alias"
                       else getattr(torch, case.out.removeprefix("packed_")), device=DEVICE)
     torch_rows.grad(zs, zt, labels, coef, spec, ref)
@@ -244,11 +252,11 @@ def test_packed_grad_equals_own_buffer(rows, vocab, pad, div, out_dtype, block_v
     dead = (0,) if rows == 1 else (0, rows - 1)
     case = Case(div, rows=rows, vocab=vocab, zt_dtype=BF16, temperature=temperature,
                 cap_s=cap, ce=ce, pad=pad, dead=dead, seed=seed)
-    opts, spec = _spec(case)
+    spec = _spec(case)
     zs, zt, labels = _tensors(case)
     stats = torch_rows.stats(zs, zt, labels, spec)
     mix = torch_rows.mix(zs, zt, norms(finish(stats)), spec) if spec.needs_mix else None
-    coef = _coef(opts, spec, stats, mix, case)
+    coef = _coef(spec, stats, mix, case)
     own = torch.full(zs.shape, float("nan"), dtype=out_dtype, device=DEVICE)
     triton_rows.grad(zs, zt, labels, coef, spec, own)
     work = torch.empty(rows, vocab + pad, device=DEVICE)[:, :vocab]
@@ -259,15 +267,15 @@ def test_packed_grad_equals_own_buffer(rows, vocab, pad, div, out_dtype, block_v
     assert (packed[list(dead)] == 0).all()
 
 
-def test_nan_logit_gives_non_finite_stats_only_in_its_row():
-    case = Case("jsd", rows=4, vocab=700, temperature=2.0)
-    opts, spec = _spec(case)
+@pytest.mark.parametrize("div", ["jsd", "alpha"])
+def test_nan_logit_gives_non_finite_stats_only_in_its_row(div):
+    case = Case(div, rows=4, vocab=700, temperature=2.0)
+    spec = _spec(case)
     zs, zt, labels = _tensors(case)
     zs[1, 123] = float("nan")
     zt[2, 5] = float("nan")
     stats = triton_rows.stats(zs, zt, labels, spec)
-    totals = finish(stats)
-    kd, _ = row_kd_and_aux(opts, totals, triton_rows.mix(zs, zt, norms(totals), spec))
+    kd, _ = _kd_and_aux(spec, stats, triton_rows.mix(zs, zt, norms(finish(stats)), spec))
     assert not torch.isfinite(kd[1]) and not torch.isfinite(kd[2])
     assert torch.isfinite(kd[[0, 3]]).all()
 
@@ -276,22 +284,23 @@ def test_nan_logit_gives_non_finite_loss():
     zs = torch.randn(6, 300, device=DEVICE)
     zt = torch.randn(6, 300, device=DEVICE)
     zs[4, 17] = float("nan")
-    for div in ("forward_kl", "tvd"):
+    for div in ("forward_kl", "tvd", "alpha"):
         loss = kdkernels.kd_loss(zs, zt, divergence=div, impl="triton")
         assert not torch.isfinite(loss), div
 
 
 def test_empty_chunk():
-    _, spec = _spec(Case())
+    spec = _spec(Case())
     zs = torch.empty(0, 50, device=DEVICE)
     labels = torch.empty(0, dtype=torch.int64, device=DEVICE)
-    assert triton_rows.stats(zs, zs, labels, spec).shape == (0, 9)
-    assert triton_rows.mix(zs, zs, torch.empty(0, 4, device=DEVICE), spec).shape == (0, 2)
-    triton_rows.grad(zs, zs, labels, torch.empty(0, 9, device=DEVICE), spec, zs)
+    assert triton_rows.stats(zs, zs, labels, spec).shape == (0, len(STATS))
+    empty_norms = torch.empty(0, len(NORMS), device=DEVICE)
+    assert triton_rows.mix(zs, zs, empty_norms, spec).shape == (0, len(MIX))
+    triton_rows.grad(zs, zs, labels, torch.empty(0, len(COEF), device=DEVICE), spec, zs)
 
 
 def test_rejects_bad_layout():
-    _, spec = _spec(Case())
+    spec = _spec(Case())
     zs = torch.randn(4, 64, device=DEVICE)
     labels = torch.full((4,), -1, device=DEVICE)
     with pytest.raises(ValueError, match="unit column stride"):
@@ -299,14 +308,130 @@ def test_rejects_bad_layout():
     with pytest.raises(TypeError, match="float32/bfloat16/float16"):
         triton_rows.stats(zs.double(), zs, labels, spec)
     with pytest.raises(ValueError, match="out must be"):
-        triton_rows.grad(zs, zs, labels, torch.zeros(4, 9, device=DEVICE), spec, zs[:, :10])
-    coef = torch.zeros(4, 9, device=DEVICE)
+        triton_rows.grad(zs, zs, labels, torch.zeros(4, len(COEF), device=DEVICE), spec,
+                         zs[:, :10])
+    coef = torch.zeros(4, len(COEF), device=DEVICE)
     wide = torch.randn(4, 128, device=DEVICE)
     # overlaps that are neither in place nor packed would race: refused, naming both layouts
     for zs_view, out in ((wide[:, :64], wide[:, 64:]),  # shifted, same dtype
                          (wide[:, :64], wide.view(BF16)[:, 2:66])):  # packed but offset
         with pytest.raises(ValueError, match="neither zs itself nor 16-bit"):
             triton_rows.grad(zs_view, zs_view, labels, coef, spec, out)
+
+
+# ---- alpha against float64 formulas of its own ------------------------------------------
+
+def _alpha_case(alpha: float, temperature: float):
+    """fp32 logits with a masked vocabulary (-inf in both, columns 0-4), a column that only
+    the student masks (row 1) and one that only the teacher masks (row 2)."""
+    gen = torch.Generator().manual_seed(21)
+    zs = torch.randn(4, 301, generator=gen) * 3
+    zt = torch.randn(4, 301, generator=gen) * 3
+    zs[:, :5] = zt[:, :5] = float("-inf")
+    zs[1, 40] = float("-inf")
+    zt[2, 77] = float("-inf")
+    spec = RowSpec.build("alpha", alpha=alpha, temperature=temperature)
+    return zs.to(DEVICE), zt.to(DEVICE), torch.full((4,), -1, device=DEVICE), spec
+
+
+@pytest.mark.parametrize("alpha,temperature", [(0.35, 1.5), (0.9, 1.0)])
+def test_alpha_matches_float64_formulas(alpha, temperature):
+    """Mix sums and dL/dz of the alpha divergence against float64 autograd of
+    (1 - sum q^alpha p^(1-alpha)) / (alpha (1 - alpha)), with -inf logits in the rows."""
+    zs, zt, labels, spec = _alpha_case(alpha, temperature)
+    stats = triton_rows.stats(zs, zt, labels, spec)
+    mix = triton_rows.mix(zs, zt, norms(finish(stats)), spec)
+    z64 = zs.cpu().double().requires_grad_()
+    logp = torch.log_softmax(z64 / temperature, 1)
+    logq = torch.log_softmax(zt.cpu().double() / temperature, 1)
+    w = torch.exp(alpha * logq + (1 - alpha) * logp)
+    p, q = logp.exp(), logq.exp()
+    ref_mix = torch.stack(((p + alpha * (q - p) - w).sum(1), w.sum(1)), 1)
+    assert torch.isfinite(mix).all()
+    err = (mix.cpu().double() - ref_mix.detach()).abs().max().item()
+    assert err <= 1e-5 * max(1.0, ref_mix.abs().max().item()), err
+    kd, aux = _kd_and_aux(spec, stats, mix)
+    divergence = (1 - w.sum(1)) / (alpha * (1 - alpha))
+    assert rel_err(kd.cpu(), divergence.detach()) <= 1e-5
+    divergence.sum().backward()
+    ones = torch.ones(4, device=DEVICE)
+    cols = dict(finish(stats)._asdict(), aux=aux, kd=ones / temperature, ce=0 * ones)
+    coef = torch.stack([cols[name] for name in COEF], 1)
+    for out_dtype in (F32, BF16):
+        out = torch.full(zs.shape, float("nan"), dtype=out_dtype, device=DEVICE)
+        triton_rows.grad(zs, zt, labels, coef, spec, out)
+        assert torch.isfinite(out).all() and (out[:, :5] == 0).all() and out[1, 40] == 0
+        tol = 1e-5 if out_dtype == F32 else HALF_GRAD_TOL
+        assert rel_err(out.cpu(), z64.grad) <= tol, out_dtype
+
+
+def test_alpha_mix_is_exactly_zero_at_equal_logits():
+    """c0 = sum p + alpha (q - p) - q^alpha p^(1-alpha) has a zero term wherever q == p, so
+    the divergence of a student equal to its teacher is exactly 0 (not 1 - sum w)."""
+    zs, _, labels, _ = _alpha_case(0.35, 1.0)
+    for spec in (RowSpec.build("alpha", alpha=0.35, temperature=1.3),
+                 RowSpec.build("alpha", alpha=0.6, student_softcap=5.0, teacher_softcap=5.0)):
+        stats = triton_rows.stats(zs, zs.clone(), labels, spec)
+        mix = triton_rows.mix(zs, zs.clone(), norms(finish(stats)), spec)
+        assert (mix[:, MIX.c0] == 0).all(), mix
+        assert ((mix[:, MIX.c1] - 1).abs() <= 1e-5).all()
+        assert (_kd_and_aux(spec, stats, mix)[0] == 0).all()
+
+
+# ---- kernel constants from the Python tables ----------------------------------------------
+
+def test_kernel_codes_and_columns_come_from_the_tables():
+    from kdkernels.triton_kernels import common
+
+    assert common.DIVERGENCE_CODES == {d.name: d.code for d in divergences.TABLE}
+    for d in divergences.TABLE:  # every table row has its DIV constexpr, with its code
+        assert getattr(common, d.name.upper()).value == d.code, d.name
+    for prefix, layout in (("S", STATS), ("MIX", MIX), ("NORM", NORMS), ("C", COEF)):
+        for name in layout:
+            assert getattr(common, f"{prefix}_{name.upper()}").value == getattr(layout, name)
+    assert common.N_STATS.value == len(STATS) and common.N_MIX.value == len(MIX)
+    for prefix, table in (("MIX", layouts.MIX_KINDS), ("WEIGHT", layouts.STATS_WEIGHTS)):
+        for name in table:
+            assert getattr(common, f"{prefix}_{name.upper()}").value == getattr(table, name)
+
+
+def test_kernels_hold_no_integer_column_index_or_stride():
+    """No integer literal in the kernels' arithmetic (a column index, a row stride of a
+    layout): each comes from common.py's constexprs, i.e. from layouts.py."""
+    from kdkernels.triton_kernels import grad, mix, stats
+
+    for module in (stats, mix, grad):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.BinOp):
+                for side in (node.left, node.right):
+                    literal = isinstance(side, ast.Constant) and type(side.value) is int
+                    assert not literal, f"{module.__name__}:{node.lineno}: {ast.unparse(node)}"
+
+
+@pytest.mark.parametrize("div", DIVS)
+def test_kernel_arguments_come_from_the_spec(div):
+    """Each kernel takes its row constants from spec.consts by name and its flags from the
+    spec; the stats kernel is keyed by the stats weight, not by the divergence."""
+    from kdkernels.triton_kernels.grad import grad_kernel
+    from kdkernels.triton_kernels.mix import mix_kernel
+    from kdkernels.triton_kernels.stats import stats_kernel
+
+    spec = RowSpec.build(div, temperature=2.0, student_softcap=9.0, has_ce=True)
+    plain = RowSpec.build(div)
+    for kernel in (stats_kernel, mix_kernel, grad_kernel):
+        args = triton_rows._spec_args(kernel, spec)
+        for name in set(kernel.arg_names) & set(layouts.CONSTS):
+            assert args[name] == spec.const(name)
+        assert args["TEMPERED"] is True and triton_rows._spec_args(kernel, plain)["TEMPERED"] \
+            is False
+        assert args["HAS_CAP_S"] is True and args["HAS_CAP_T"] is False
+    stats_args = triton_rows._spec_args(stats_kernel, spec)
+    assert "DIV" not in stats_args and stats_args["SEPARATE_Z"] is True
+    assert stats_args["STATS_WEIGHT"] == getattr(layouts.STATS_WEIGHTS,
+                                                 divergences.get(div).stats_weight)
+    grad_args = triton_rows._spec_args(grad_kernel, spec)
+    assert grad_args["DIV"] == spec.code and grad_args["k_div"] == spec.const("k_div")
+    assert grad_args["MIX_KIND"] == spec.const("mix_kind")
 
 
 # ---- planning (pure Python) ----------------------------------------------------------------
@@ -338,7 +463,7 @@ def test_cpu_plan_uses_few_programs():
 # ---- the backend's entry in the table -----------------------------------------------------
 
 def test_not_supported_reasons(monkeypatch):
-    spec = _spec(Case())[1]
+    spec = _spec(Case())
     assert "float64" in " ".join(triton_rows.not_supported_reasons(DEVICE, torch.float64, spec))
     assert triton_rows.not_supported_reasons(torch.device("meta"), F32, spec)
     monkeypatch.setattr(triton_rows, "_INTERPRETED", False)
@@ -362,6 +487,7 @@ FUSED_CASES = [
          reduction="sum"),
     dict(divergence="tvd", temperature=1.5, kd_weight=0.7, chunk_size=5, reduction="none"),
     dict(divergence="skew_reverse_kl", skew=0.2, ce_weight=0.3, num_items=7.0),
+    dict(divergence="alpha", alpha=0.3, temperature=2.0, ce_weight=0.4, chunk_size=4),
 ]
 
 
@@ -444,7 +570,7 @@ def test_gpu_fused_linear_matches_oracle(div, dtype):
     inp = {k: (v.cuda().detach().requires_grad_(v.requires_grad) if v is not None else v)
            for k, v in inp.items()}
     opts = dict(divergence=div, temperature=2.0, ce_weight=0.3, beta=0.3, skew=0.2,
-                chunk_size=100)
+                alpha=0.3, chunk_size=100)
     ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **opts)
     ref = run_fused(reference_fused_linear_kd_loss, inp, **opts)
     # fp32: GEMMs in fp32 (TF32 off by default) and ex2.approx exponentials: ~1e-6; 1e-4
@@ -487,10 +613,10 @@ def test_gpu_packed_grad_is_race_free_and_matches_oracle(div):
     zs = torch.randn(rows, vocab, device="cuda", generator=gen) * 3
     zt = torch.randn(rows, vocab, device="cuda", generator=gen) * 3
     labels = torch.randint(0, vocab, (rows,), device="cuda", generator=gen)
-    opts, spec = _spec(Case(div))
+    spec = _spec(Case(div))
     stats = triton_rows.stats(zs, zt, labels, spec)
     mix = triton_rows.mix(zs, zt, norms(finish(stats)), spec) if spec.needs_mix else None
-    coef = _coef(opts, spec, stats, mix, Case(div, rows=rows))
+    coef = _coef(spec, stats, mix, Case(div, rows=rows))
     own = torch.full((rows, vocab), float("nan"), dtype=BF16, device="cuda")
     triton_rows.grad(zs, zt, labels, coef, spec, own)
     packed = zs.view(BF16)[:, :vocab]
@@ -517,15 +643,15 @@ def test_gpu_offsets_past_2_31_elements():
     zs = torch.randn(rows, vocab, device="cuda", dtype=BF16)
     zt = torch.randn(rows, vocab, device="cuda", dtype=BF16)
     labels = torch.randint(0, vocab, (rows,), device="cuda")
-    spec = RowSpec("forward_kl", 1.0, 0.5, 0.1, None, None, True)
+    spec = RowSpec.build("forward_kl", has_ce=True)
     tail = slice(rows - 3, rows)
     stats = triton_rows.stats(zs, zt, labels, spec)
     _assert_columns_close(stats[tail], torch_rows.stats(zs[tail], zt[tail], labels[tail], spec),
                           "stats past 2**31")
     totals = finish(stats)
     ones = torch.ones(rows, device="cuda")
-    coef = torch.stack((*norms(totals).unbind(1), totals.m_z, totals.log_s_z, 0 * ones, ones,
-                        ones), 1)
+    cols = dict(totals._asdict(), aux=0 * ones, kd=ones, ce=ones)
+    coef = torch.stack([cols[name] for name in COEF], 1)
     ref = torch.empty(3, vocab, dtype=BF16, device="cuda")
     torch_rows.grad(zs[tail], zt[tail], labels[tail], coef[tail], spec, ref)
     triton_rows.grad(zs, zt, labels, coef, spec, zs)  # in place

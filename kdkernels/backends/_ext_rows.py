@@ -1,4 +1,8 @@
-"""The row-op contract over the kdkernels::* torch.library ops (shared by cpp and cuda)."""
+"""The row-op contract over the kdkernels::* torch.library ops (shared by cpp and cuda).
+
+The ops take the divergence code and the row constants of RowSpec, never the options: every
+backend gets the decisions (T == 1, the mixture kind, ...) made once in Python.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +13,20 @@ from .base import Backend, RowSpec
 _OK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _params(spec: RowSpec) -> tuple:
-    return (spec.divergence, spec.temperature, spec.beta, spec.skew, spec.student_softcap,
-            spec.teacher_softcap)
-
-
 def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    return torch.ops.kdkernels.row_stats(zs, zt, labels, *_params(spec), spec.has_ce)
+    return torch.ops.kdkernels.row_stats(zs, zt, labels, spec.code, list(spec.consts),
+                                         spec.has_ce)
 
 
 def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    return torch.ops.kdkernels.row_mix(zs, zt, norms.float().contiguous(), *_params(spec))
+    return torch.ops.kdkernels.row_mix(zs, zt, norms.float().contiguous(), spec.code,
+                                       list(spec.consts))
 
 
 def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor,
          spec: RowSpec, out: torch.Tensor) -> None:
-    torch.ops.kdkernels.row_grad_(zs, zt, labels, coef.float().contiguous(), *_params(spec),
-                                  spec.has_ce, out)
+    torch.ops.kdkernels.row_grad_(zs, zt, labels, coef.float().contiguous(), spec.code,
+                                  list(spec.consts), spec.has_ce, out)
 
 
 def dtype_reasons(name: str, dtype: torch.dtype) -> list[str]:

@@ -3,14 +3,14 @@
 A backend works on one chunk: student logits ``zs`` and teacher logits ``zt``, each [C, V]
 with unit column stride (row stride may exceed V), any float dtype; all math in fp32.
 
-``stats(zs, zt, labels, spec) -> [C, 9] fp32``
-    Partial row statistics over these V columns (layout in row_stats.py). ``labels`` is
-    int64 [C]: the column of the row's hard label inside this block, or -1 if the label is
-    not in it (or there is no CE term).
-``mix(zs, zt, norms, spec) -> [C, 2] fp32``
+``stats(zs, zt, labels, spec) -> [C, len(STATS)] fp32``
+    Partial row statistics over these V columns (layouts.STATS; row_stats.py merges them).
+    ``labels`` is int64 [C]: the column of the row's hard label inside this block, or -1 if
+    the label is not in it (or there is no CE term).
+``mix(zs, zt, norms, spec) -> [C, len(MIX)] fp32``
     Only for spec.needs_mix: the two plain sums of divergences.py, given
-    ``norms`` [C, 4] = (m_a, log_s_a, m_b, log_s_b), the full-row log-normalisers split as
-    lse = m + log_s. Form log-probs as ``log p = (a - m_a) - log_s_a``, never as
+    ``norms`` [C, len(NORMS)] = (m_a, log_s_a, m_b, log_s_b), the full-row log-normalisers
+    split as lse = m + log_s. Form log-probs as ``log p = (a - m_a) - log_s_a``, never as
     ``a - (m_a + log_s_a)``: in fp32 the sum rounds to ulp(|m|) (5e-4 at |z| = 1e4, 2e-6
     at 30), an error that the large log-ratios of KL terms then multiply.
 ``grad(zs, zt, labels, coef, spec, out) -> None``
@@ -19,28 +19,35 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
     half of each fp32 ``zs`` row: ``zs.view(half)[:, :V]``, row stride 2 V. Its element j
     then overwrites zs column j / 2, so such a backend must read each row front to back
     before writing over it).
-    ``coef`` [C, 9] fp32 = (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef,
-    ce_coef), the same split log-normalisers for a, b and the untempered z (softmax(z) =
-    exp((z - m_z) - log_s_z)), kd_coef = d(loss)/d(divergence) / T and
-    ce_coef = d(loss)/d(CE). With p = softmax(a),
-    q = softmax(b), logm the log-mixture of the divergence (computed by logaddexp of
-    log-probs, never from underflowed probabilities), the gradient is
+    ``coef`` [C, len(COEF)] fp32 = (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd, ce),
+    the same split log-normalisers for a, b and the untempered z (softmax(z) =
+    exp((z - m_z) - log_s_z)), kd = d(loss)/d(divergence) / T and ce = d(loss)/d(CE).
 
-        dz = kd_coef * G + ce_coef * (softmax(z) - onehot(label))      then, with a student
+Every backend takes the row constants of ``spec.consts`` (layouts.CONSTS: 1 / T, whether
+T != 1, softcaps, the mixture weight w_q with its logs, the gradient constant k_div, ...)
+as computed once in RowSpec; none re-derives them from the options. a = z * inv_t and
+b = t * inv_t after the softcaps. With p = softmax(a), q = softmax(b), logm the log of the
+mixture w_q q + (1 - w_q) p (a logaddexp of log-probs, never from underflowed
+probabilities), the gradient is
+
+        dz = kd * G + ce * (softmax(z) - onehot(label))      then, with a student
         softcap c:  dz *= 1 - (c * tanh(z_raw / c) / c)**2
 
-    where G is
+where G is
         forward_kl       p - q
         reverse_kl       p * (log p - log q - aux)
-        jsd              (1 - beta) * p * (log p - logm - aux)
-        skew_forward_kl  -(1 - skew) * (exp(log p + log q - logm) - p * aux)
+        jsd              k_div * p * (log p - logm - aux)                 k_div = 1 - beta
+        skew_forward_kl  k_div * (exp(log p + log q - logm) - p * aux)    k_div = -(1 - skew)
                          (never p * (q / mix): q / mix overflows where p underflows)
-        skew_reverse_kl  p * (log p - logm - aux) - exp(log skew + 2 log p - logm)
-                         (skew p^2 / mix <= p; its mix-pass sum is sum skew p^2 / mix)
+        skew_reverse_kl  p * (log p - logm - aux) - exp(log_w_p + 2 log p - logm)
+                         (skew p^2 / mix <= p, log_w_p = log skew; absent at skew 0)
         tvd              p * (0.5 * sign(p - q) - aux)
+        alpha            k_div * (w - p * aux)                            k_div = -1 / alpha
+                         w = exp(log p + alpha (log q - log p)), log p itself where
+                         log q == log p (exact at q = p, and -inf, not NaN, for -inf logits)
 
-    Rows with kd_coef == 0 and ce_coef == 0 must get exact zeros whatever their logits hold
-    (ignored tokens may carry garbage).
+Rows with kd == 0 and ce == 0 must get exact zeros whatever their logits hold (ignored tokens
+may carry garbage).
 """
 
 from __future__ import annotations
@@ -50,37 +57,66 @@ from dataclasses import dataclass
 
 import torch
 
-from ..divergences import NEEDS_MIX
+from .. import divergences
+from ..layouts import CONSTS, STATS_WEIGHTS
 from ..options import KDOptions
 
 
 @dataclass(frozen=True)
 class RowSpec:
-    """What the row kernels need to know; hashable, so it can key kernel specialisations."""
+    """What the row kernels need to know; hashable, so it can key kernel specialisations.
+    Built only by ``from_options`` / ``build``, which decide T == 1 and compute the row
+    constants once for every backend."""
 
     divergence: str  # effective divergence (jsd with beta 0/1 already folded)
+    code: int  # divergences.TABLE code: DIV in Triton, enum Div in csrc/row_math.h
+    params: tuple[tuple[str, float], ...]  # the divergence's parameters, by name
     temperature: float
-    beta: float
-    skew: float
+    inv_t: float
+    tempered: bool  # T != 1: the one place that decides it
     student_softcap: float | None
     teacher_softcap: float | None
     has_ce: bool
+    needs_mix: bool
+    consts: tuple[float, ...]  # layouts.CONSTS
 
     @staticmethod
     def from_options(opts: KDOptions, has_labels: bool) -> RowSpec:
+        div = divergences.get(opts.effective_divergence)
+        params = opts.divergence_params(div)
+        t, scap, tcap = opts.temperature, opts.student_softcap, opts.teacher_softcap
+        w_q, k_div = div.mixture(params)
+        named = dict(inv_t=1.0 / t, tempered=float(t != 1.0), cap_s=scap or 0.0,
+                     cap_t=tcap or 0.0, k_div=k_div,
+                     stats_weight=float(getattr(STATS_WEIGHTS, div.stats_weight)),
+                     **divergences.mixture_constants(w_q))
         return RowSpec(
-            divergence=opts.effective_divergence,
-            temperature=opts.temperature,
-            beta=opts.beta,
-            skew=opts.skew,
-            student_softcap=opts.student_softcap,
-            teacher_softcap=opts.teacher_softcap,
-            has_ce=has_labels and opts.ce_weight > 0,
-        )
+            divergence=div.name, code=div.code, params=tuple(params.items()), temperature=t,
+            inv_t=1.0 / t, tempered=t != 1.0, student_softcap=scap, teacher_softcap=tcap,
+            has_ce=has_labels and opts.ce_weight > 0, needs_mix=div.needs_mix,
+            consts=tuple(float(named[name]) for name in CONSTS))
+
+    @staticmethod
+    def build(divergence: str = "forward_kl", *, has_ce: bool = False, **options) -> RowSpec:
+        """A spec from loss options (tests, benchmarks): ``has_ce`` says the rows carry a CE
+        term; the other keywords are KDOptions fields."""
+        return RowSpec.from_options(KDOptions(divergence=divergence, ce_weight=float(has_ce),
+                                              **options), has_ce)
+
+    def const(self, name: str) -> float:
+        return self.consts[getattr(CONSTS, name)]
+
+    def param(self, name: str) -> float:
+        return dict(self.params)[name]
 
     @property
-    def needs_mix(self) -> bool:
-        return self.divergence in NEEDS_MIX
+    def ce_separate(self) -> bool:
+        """CE needs softmax of the untempered z, its own stats and exp (T != 1)."""
+        return self.has_ce and self.tempered
+
+    @property
+    def divergence_record(self) -> divergences.Divergence:
+        return divergences.get(self.divergence)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..row_stats import N_MIX, N_STATS
+from ..layouts import COEF, MIX, MIX_KINDS, NORMS, STATS, STATS_WEIGHTS
 from .base import Backend, RowSpec
 
 # zs and zt in storage, plus at most this many scratch buffers in the accumulation dtype,
@@ -62,17 +62,23 @@ class _Blocks:
             yield slice(r0, r1), [buf[: r1 - r0] for buf in self.scratch]
 
 
-def _prepare(x: torch.Tensor, cap: float | None, t: float, buf: torch.Tensor) -> torch.Tensor:
+def _prepare(x: torch.Tensor, cap: float | None, inv_t: float | None,
+             buf: torch.Tensor) -> torch.Tensor:
     """tempered(capped(x)) in the accumulation dtype: x itself when nothing changes it (then it
-    must not be written to), else written into buf (the same values as ``_capped(x) / t``)."""
+    must not be written to), else written into buf (``_capped(x) * inv_t``, as every backend
+    forms it). ``inv_t`` None: untempered (RowSpec decides T == 1)."""
     src = x
     if x.dtype != buf.dtype:
         src = buf.copy_(x)
     if cap is not None:
         src = torch.div(src, cap, out=buf).tanh_().mul_(cap)
-    if t != 1.0:
-        src = torch.div(src, t, out=buf)
+    if inv_t is not None:
+        src = torch.mul(src, inv_t, out=buf)
     return src
+
+
+def _inv_t(spec: RowSpec) -> float | None:
+    return spec.inv_t if spec.tempered else None
 
 
 def _row_max_exp(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,53 +94,62 @@ def _label_logit(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    out = torch.zeros(zs.shape[0], N_STATS, dtype=_acc_dtype(zs), device=zs.device)
-    t, div = spec.temperature, spec.divergence
-    separate_z = spec.has_ce and t != 1.0
+    out = torch.zeros(zs.shape[0], len(STATS), dtype=_acc_dtype(zs), device=zs.device)
+    inv_t, weight = _inv_t(spec), int(spec.const("stats_weight"))
+    separate_z = spec.ce_separate
     for rows, (buf_a, buf_b, buf_e) in _Blocks(zs, 3):
         o = out[rows]
         # z: the untempered capped student; a = z / T.
-        z = _prepare(zs[rows], spec.student_softcap, 1.0 if separate_z else t, buf_a)
+        z = _prepare(zs[rows], spec.student_softcap, None if separate_z else inv_t, buf_a)
         if spec.has_ce:
-            o[:, 8] = _label_logit(z, labels[rows])
+            o[:, STATS.z_label] = _label_logit(z, labels[rows])
         if separate_z:
             m_z, e = _row_max_exp(z, buf_e)
-            o[:, 6], o[:, 7] = m_z, e.sum(1)
-            a = torch.div(z, t, out=buf_a)
+            o[:, STATS.m_z], o[:, STATS.s_z] = m_z, e.sum(1)
+            a = torch.mul(z, inv_t, out=buf_a)
         else:
             a = z
         m_a, e = _row_max_exp(a, buf_e)
-        o[:, 0], o[:, 1] = m_a, e.sum(1)
+        o[:, STATS.m_a], o[:, STATS.s_a] = m_a, e.sum(1)
         if not separate_z:
-            o[:, 6], o[:, 7] = o[:, 0], o[:, 1]
-        b = _prepare(zt[rows], spec.teacher_softcap, t, buf_b)
-        if div == "reverse_kl":  # a - b into a's buffer (a is no longer needed, or is zs)
-            o[:, 2] = torch.sub(a, b, out=buf_a).mul_(e).sum(1)
+            o[:, STATS.m_z], o[:, STATS.s_z] = o[:, STATS.m_a], o[:, STATS.s_a]
+        b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_b)
+        if weight == STATS_WEIGHTS.student:  # a - b into a's buffer (a is no longer needed)
+            o[:, STATS.w_a] = torch.sub(a, b, out=buf_a).mul_(e).sum(1)
         m_b, e = _row_max_exp(b, buf_e)
-        o[:, 3], o[:, 4] = m_b, e.sum(1)
-        if div == "forward_kl":
-            o[:, 5] = torch.sub(b, a, out=buf_b if b is buf_b else buf_a).mul_(e).sum(1)
+        o[:, STATS.m_b], o[:, STATS.s_b] = m_b, e.sum(1)
+        if weight == STATS_WEIGHTS.teacher:
+            o[:, STATS.w_b] = torch.sub(b, a, out=buf_b if b is buf_b else buf_a).mul_(e).sum(1)
     return out
 
 
-def _log_prob(x: torch.Tensor, cap: float | None, t: float, m: torch.Tensor,
+def _log_prob(x: torch.Tensor, cap: float | None, inv_t: float | None, m: torch.Tensor,
               log_s: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     """log-probs into buf as (x - m) - log_s: see base.py for why not x - lse."""
-    src = _prepare(x, cap, t, buf)
+    src = _prepare(x, cap, inv_t, buf)
     return torch.sub(src, m[:, None], out=buf).sub_(log_s[:, None])
 
 
-def _log_mix_into(logq: torch.Tensor, logp: torch.Tensor, wq: float,
+def _log_mix_into(logq: torch.Tensor, logp: torch.Tensor, spec: RowSpec,
                   buf: torch.Tensor) -> torch.Tensor:
-    """log(wq * q + (1 - wq) * p) into buf as a logaddexp of log-probs (exact when a weight is
-    0). The weight of q is added after the logaddexp, so no buffer holds log q + log wq."""
-    if wq == 0.0:
+    """log(w_q * q + (1 - w_q) * p) into buf as a logaddexp of log-probs (exact when a weight
+    is 0). The weight of q is added after the logaddexp, so no buffer holds log q + log w_q."""
+    kind = int(spec.const("mix_kind"))
+    if kind == MIX_KINDS.only_p:
         return buf.copy_(logp)
-    if wq == 1.0:
+    if kind == MIX_KINDS.only_q:
         return buf.copy_(logq)
-    lw_q, lw_p = math.log(wq), math.log1p(-wq)
+    lw_q, lw_p = spec.const("log_w_q"), spec.const("log_w_p")
     torch.add(logp, lw_p - lw_q, out=buf)
     return torch.logaddexp(logq, buf, out=buf).add_(lw_q)
+
+
+def _log_geometric_into(logq: torch.Tensor, logp: torch.Tensor, w_q: float,
+                        buf: torch.Tensor) -> torch.Tensor:
+    """log(q^w_q p^(1 - w_q)) into buf as log p + w_q (log q - log p): exactly log p where
+    q = p. Where p = 0 the term is 0 whatever q is (-inf + inf would be NaN); NaN stays."""
+    lw = torch.sub(logq, logp, out=buf).mul_(w_q).add_(logp)
+    return lw.masked_fill_(torch.isneginf(logp) & ~torch.isnan(logq), -math.inf)
 
 
 def _masked_row_sum(prod: torch.Tensor, w: torch.Tensor, logm: torch.Tensor) -> torch.Tensor:
@@ -154,42 +169,53 @@ def _masked_row_sum(prod: torch.Tensor, w: torch.Tensor, logm: torch.Tensor) -> 
 
 def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) -> torch.Tensor:
     div = spec.divergence
-    if div not in ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"):
+    if not spec.needs_mix:
         raise ValueError(f"mix pass is not defined for divergence {div!r}")
-    out = torch.empty(zs.shape[0], N_MIX, dtype=_acc_dtype(zs), device=zs.device)
-    t = spec.temperature
+    out = torch.empty(zs.shape[0], len(MIX), dtype=_acc_dtype(zs), device=zs.device)
+    inv_t, w_q = _inv_t(spec), spec.const("w_q")
+    c0, c1 = MIX.c0, MIX.c1
     for rows, (buf_p, buf_q, buf_m, buf_e) in _Blocks(zs, 4):
         nrm, o = norms[rows], out[rows]
-        logp = _log_prob(zs[rows], spec.student_softcap, t, nrm[:, 0], nrm[:, 1], buf_p)
-        logq = _log_prob(zt[rows], spec.teacher_softcap, t, nrm[:, 2], nrm[:, 3], buf_q)
+        logp = _log_prob(zs[rows], spec.student_softcap, inv_t, nrm[:, NORMS.m_a],
+                         nrm[:, NORMS.log_s_a], buf_p)
+        logq = _log_prob(zt[rows], spec.teacher_softcap, inv_t, nrm[:, NORMS.m_b],
+                         nrm[:, NORMS.log_s_b], buf_q)
         if div == "jsd":
-            logm = _log_mix_into(logq, logp, spec.beta, buf_m)
+            logm = _log_mix_into(logq, logp, spec, buf_m)
             q = torch.exp(logq, out=buf_e)
-            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q, logm)
+            o[:, c0] = _masked_row_sum(logq.sub_(logm).mul_(q), q, logm)
             p = torch.exp(logp, out=buf_e)
-            o[:, 1] = _masked_row_sum(logp.sub_(logm).mul_(p), p, logm)
+            o[:, c1] = _masked_row_sum(logp.sub_(logm).mul_(p), p, logm)
         elif div == "skew_forward_kl":
-            logm = _log_mix_into(logq, logp, spec.skew, buf_m)
+            logm = _log_mix_into(logq, logp, spec, buf_m)
             # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
-            o[:, 1] = torch.add(logq, logp, out=buf_e).sub_(logm).exp_().sum(1)
+            o[:, c1] = torch.add(logq, logp, out=buf_e).sub_(logm).exp_().sum(1)
             q = torch.exp(logq, out=buf_e)
-            o[:, 0] = _masked_row_sum(logq.sub_(logm).mul_(q), q, logm)
+            o[:, c0] = _masked_row_sum(logq.sub_(logm).mul_(q), q, logm)
         elif div == "skew_reverse_kl":
-            logm = _log_mix_into(logq, logp, 1.0 - spec.skew, buf_m)
+            logm = _log_mix_into(logq, logp, spec, buf_m)
             # skew p^2 / mix <= p as one exp; at skew 0 the term is absent (p / q may overflow).
-            if spec.skew > 0:
-                o[:, 1] = (torch.mul(logp, 2, out=buf_e).add_(math.log(spec.skew)).sub_(logm)
-                           .exp_().sum(1))
+            if int(spec.const("mix_kind")) != MIX_KINDS.only_q:
+                o[:, c1] = (torch.mul(logp, 2, out=buf_e).add_(spec.const("log_w_p"))
+                            .sub_(logm).exp_().sum(1))
             else:
-                o[:, 1] = 0.0
+                o[:, c1] = 0.0
             p = torch.exp(logp, out=buf_e)
-            o[:, 0] = _masked_row_sum(logp.sub_(logm).mul_(p), p, logm)
-        else:  # tvd: |d| as d * sign(d), so no buffer holds |d|
+            o[:, c0] = _masked_row_sum(logp.sub_(logm).mul_(p), p, logm)
+        elif div == "tvd":  # |d| as d * sign(d), so no buffer holds |d|
             p, q = logp.exp_(), logq.exp_()
             d = torch.sub(p, q, out=buf_m)
             sign = torch.sign(d, out=buf_e)
-            o[:, 0] = d.mul_(sign).sum(1).mul_(0.5)
-            o[:, 1] = p.mul_(sign).sum(1).mul_(0.5)
+            o[:, c0] = d.mul_(sign).sum(1).mul_(0.5)
+            o[:, c1] = p.mul_(sign).sum(1).mul_(0.5)
+        elif div == "alpha":
+            w = _log_geometric_into(logq, logp, w_q, buf_m).exp_()
+            o[:, c1] = w.sum(1)
+            p, q = logp.exp_(), logq.exp_()
+            # p + alpha (q - p) - w >= 0 term by term (weighted AM-GM), exactly 0 where q = p
+            o[:, c0] = torch.sub(q, p, out=buf_e).mul_(w_q).add_(p).sub_(w).sum(1)
+        else:
+            raise ValueError(f"the torch backend has no mix pass for divergence {div!r}")
     return out
 
 
@@ -199,24 +225,29 @@ def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
     p * s (D - aux) (+ a term free of p) for a log-ratio D, so kd, aux and the CE term are
     applied to D by cheap in-place row-constant ops before the one multiplication by p."""
     div = spec.divergence
-    kd, aux = c[:, 7, None], c[:, 6, None]
-    if div == "skew_forward_kl":
-        logm = _log_mix_into(logq, logp, spec.skew, work)
-        # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
-        pq_mix = logq.add_(logp).sub_(logm).exp_()
-        k = kd * -(1.0 - spec.skew)
-        return torch.mul(pq_mix, k, out=work).addcmul_(
+    kd, aux = c[:, COEF.kd, None], c[:, COEF.aux, None]
+    k_div = spec.const("k_div")
+    if div in ("skew_forward_kl", "alpha"):  # G = k_div * (x - p * aux)
+        if div == "skew_forward_kl":
+            logm = _log_mix_into(logq, logp, spec, work)
+            # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
+            x = logq.add_(logp).sub_(logm).exp_()
+        else:  # w = q^alpha p^(1 - alpha)
+            x = _log_geometric_into(logq, logp, spec.const("w_q"), work).exp_()
+        k = kd * k_div
+        return torch.mul(x, k, out=work).addcmul_(
             logp.exp_(), -k * aux if ce_p is None else ce_p - k * aux)
     second = None
     if div == "reverse_kl":
         d, k = torch.sub(logp, logq, out=logq).sub_(aux), kd
     elif div == "jsd":
-        logm = _log_mix_into(logq, logp, spec.beta, work)
-        d, k = torch.sub(logp, logm, out=work).sub_(aux), kd * (1.0 - spec.beta)
+        logm = _log_mix_into(logq, logp, spec, work)
+        d, k = torch.sub(logp, logm, out=work).sub_(aux), kd * k_div
     elif div == "skew_reverse_kl":
-        logm = _log_mix_into(logq, logp, 1.0 - spec.skew, work)
-        if spec.skew > 0:  # skew p^2 / mix <= p as one exp; at skew 0 the term is absent
-            second = (torch.mul(logp, 2, out=logq).add_(math.log(spec.skew)).sub_(logm)
+        logm = _log_mix_into(logq, logp, spec, work)
+        if int(spec.const("mix_kind")) != MIX_KINDS.only_q:
+            # skew p^2 / mix <= p as one exp; at skew 0 the term is absent
+            second = (torch.mul(logp, 2, out=logq).add_(spec.const("log_w_p")).sub_(logm)
                       .exp_())
         d, k = torch.sub(logp, logm, out=work).sub_(aux), kd
     elif div == "tvd":
@@ -225,7 +256,7 @@ def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
         d = torch.sub(p, logq.exp_(), out=logq).sign_().sub_(aux * 2.0)
         k = kd * 0.5
     else:
-        raise ValueError(f"unknown divergence {div!r}")
+        raise ValueError(f"the torch backend has no gradient for divergence {div!r}")
     d.mul_(k)
     if ce_p is not None:
         d.add_(ce_p)
@@ -234,45 +265,46 @@ def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
 
 
 def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
-    t, cap = spec.temperature, spec.student_softcap
+    inv_t, cap = _inv_t(spec), spec.student_softcap
     # At T = 1, z == a, so softmax(z) = p * exp((m_a - m_z) + (log_s_a - log_s_z)), a row
     # factor (exactly 1 when the stats agree): the CE term joins the p term instead of
     # costing a third exp, and no host sync decides it.
-    ce_is_p = spec.has_ce and t == 1.0
-    keep_z = cap is not None or (spec.has_ce and not ce_is_p)
+    ce_is_p = spec.has_ce and not spec.tempered
+    keep_z = cap is not None or spec.ce_separate
     # Rows of ignored tokens get exact zeros whatever their logits held.
-    dead = ((coef[:, 7] == 0) & (coef[:, 8] == 0))[:, None]
+    dead = ((coef[:, COEF.kd] == 0) & (coef[:, COEF.ce] == 0))[:, None]
     direct = out.dtype == _acc_dtype(zs)  # else dz is formed in scratch and cast into out
     for rows, (buf_z, buf_p, buf_q, buf_w) in _Blocks(zs, 4):
         c, o = coef[rows].to(buf_p.dtype), out[rows]
         z = None
         if keep_z:  # a copy even when zs needs no conversion: out may alias zs
-            z = _prepare(zs[rows], cap, 1.0, buf_z)
+            z = _prepare(zs[rows], cap, None, buf_z)
             z = z if z is buf_z else buf_z.copy_(z)
-        a = _prepare(zs[rows] if z is None else z, None if z is not None else cap, t, buf_p)
-        b = _prepare(zt[rows], spec.teacher_softcap, t, buf_q)
-        ce = c[:, 8, None]
+        a = _prepare(zs[rows] if z is None else z, None if z is not None else cap, inv_t, buf_p)
+        b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_q)
+        col = lambda name: c[:, getattr(COEF, name), None]  # noqa: E731
+        ce = col("ce")
         ce_p = None
         if ce_is_p:
-            ce_p = ce * torch.exp((c[:, 0, None] - c[:, 4, None]) + (c[:, 1, None] - c[:, 5, None]))
+            ce_p = ce * torch.exp((col("m_a") - col("m_z")) + (col("log_s_a") - col("log_s_z")))
         # From here on zs[rows] is not read, so dz may be written straight into out.
         if spec.divergence == "forward_kl":
             # p - q needs no log-probs: exp(x - m) times a row factor that also carries 1 / s,
             # kd and ce_p (more precise than exp((x - m) - log_s), and two passes fewer).
-            e_p = torch.sub(a, c[:, 0, None], out=buf_p).exp_()
-            e_q = torch.sub(b, c[:, 2, None], out=buf_q).exp_()
-            kd = c[:, 7, None]
+            e_p = torch.sub(a, col("m_a"), out=buf_p).exp_()
+            e_q = torch.sub(b, col("m_b"), out=buf_q).exp_()
+            kd = col("kd")
             kp = kd if ce_p is None else kd + ce_p
-            dz = torch.mul(e_p, kp * torch.exp(-c[:, 1, None]), out=o if direct else e_p)
-            dz.addcmul_(e_q, kd * torch.exp(-c[:, 3, None]), value=-1.0)
+            dz = torch.mul(e_p, kp * torch.exp(-col("log_s_a")), out=o if direct else e_p)
+            dz.addcmul_(e_q, kd * torch.exp(-col("log_s_b")), value=-1.0)
         else:
-            logp = torch.sub(a, c[:, 0, None], out=buf_p).sub_(c[:, 1, None])
-            logq = torch.sub(b, c[:, 2, None], out=buf_q).sub_(c[:, 3, None])
+            logp = torch.sub(a, col("m_a"), out=buf_p).sub_(col("log_s_a"))
+            logq = torch.sub(b, col("m_b"), out=buf_q).sub_(col("log_s_b"))
             dz = _soft_dz(logp, logq, c, ce_p, spec, o if direct else buf_w)
         if spec.has_ce:
             if not ce_is_p:  # softmax(z) as exp(z - m_z) / s_z, the 1 / s_z in the row factor
-                e_z = torch.sub(z, c[:, 4, None], out=buf_q).exp_()
-                dz.addcmul_(e_z, ce * torch.exp(-c[:, 5, None]))
+                e_z = torch.sub(z, col("m_z"), out=buf_q).exp_()
+                dz.addcmul_(e_z, ce * torch.exp(-col("log_s_z")))
             lab = labels[rows]
             # -ce at the label column; rows without one get -0.0 at column 0 (x + -0 == x).
             dz.scatter_add_(1, lab.clamp(min=0)[:, None],

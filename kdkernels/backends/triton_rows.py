@@ -1,7 +1,7 @@
 """The `triton` backend: the row-op contract as Triton kernels (kdkernels/triton_kernels).
 
-Passes over a [C, V] chunk: stats (one read of zs and zt), mix (one more read, JSD / skew KL /
-TVD only), grad (one read of each, one write of dL/dzs). All math in fp32 whatever the
+Passes over a [C, V] chunk: stats (one read of zs and zt), mix (one more read, divergences
+with needs_mix only), grad (one read of each, one write of dL/dzs). All math in fp32 whatever the
 storage; no [C, V] temporaries. Rows are split over several programs along the vocabulary
 when the chunk has too few rows to fill the GPU (see _plan).
 
@@ -12,7 +12,6 @@ was set before triton was imported (tests/conftest.py does it).
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -23,8 +22,7 @@ try:
 except ImportError as err:  # registry.load turns this into "not available: <reason>"
     raise ImportError(f"the triton backend needs the triton package ({err})") from err
 
-from ..row_stats import N_MIX, N_STATS
-from ..triton_kernels.common import DIVERGENCE_CODES
+from ..layouts import CONSTS, MIX, STATS
 from ..triton_kernels.grad import grad_kernel
 from ..triton_kernels.mix import mix_kernel
 from ..triton_kernels.stats import merge_kernel, stats_kernel
@@ -44,7 +42,7 @@ _GPU_BLOCK_V = {2: 4096, 4: 2048}
 _GPU_TILE = 2048  # small V: pack rows until a tile has this many elements
 _PROGRAMS_PER_SM = 8  # enough resident programs to hide load latency in the stats loop
 _MIN_BLOCKS_PER_SPLIT = 4  # a vocab split walks at least this many blocks
-_MERGE_TILE = 1024  # partials per merge program (9 loads each: keep registers modest)
+_MERGE_TILE = 1024  # partials per merge program (len(STATS) loads each: few registers)
 # Elements each thread loads per step and tensor. Measured on an H200 (stats pass, 820 x
 # 128256 fp32 logits): 16 per thread reach 86-88% of copy bandwidth (2048 x 4 warps,
 # 4096 x 8, 8192 x 16), 8 per thread only 65-74% (1024 x 4, 2048 x 8, 4096 x 16): a
@@ -109,28 +107,27 @@ def _check(name: str, x: torch.Tensor) -> None:
                          f"shape {tuple(x.shape)} strides {x.stride()}")
 
 
-def _spec_args(spec: RowSpec) -> dict:
-    """Runtime scalars shared by the kernels (0 means 'no softcap')."""
-    return dict(inv_t=1.0 / spec.temperature, cap_s=spec.student_softcap or 0.0,
-                cap_t=spec.teacher_softcap or 0.0)
+# The constexpr flags a RowSpec sets, by kernel argument name: each kernel takes those of
+# its arguments, so one compiled variant serves every spec with the same flags.
+SPEC_FLAGS = {
+    "DIV": lambda spec: spec.code,
+    "HAS_CE": lambda spec: spec.has_ce,
+    "HAS_CAP_S": lambda spec: spec.const("cap_s") > 0,
+    "HAS_CAP_T": lambda spec: spec.const("cap_t") > 0,
+    "TEMPERED": lambda spec: spec.tempered,
+    "SEPARATE_Z": lambda spec: spec.ce_separate,
+    "MIX_KIND": lambda spec: int(spec.const("mix_kind")),
+    "STATS_WEIGHT": lambda spec: int(spec.const("stats_weight")),
+}
 
 
-def _mix_weights(spec: RowSpec) -> dict:
-    """q-weight of the divergence's log-mixture, its logs, and the gradient's constant."""
-    div = spec.divergence
-    wq, k_div = {"jsd": (spec.beta, 1.0 - spec.beta),
-                 "skew_forward_kl": (spec.skew, 1.0 - spec.skew),
-                 "skew_reverse_kl": (1.0 - spec.skew, spec.skew)}.get(div, (0.5, 0.0))
-    lwq = math.log(wq) if wq > 0 else 0.0
-    lwp = math.log1p(-wq) if wq < 1 else 0.0
-    return dict(wq=wq, lwq=lwq, lwp=lwp, k_div=k_div)
-
-
-def _stats_div(divergence: str) -> int:
-    # The stats pass only needs to know which weighted sum (if any) to keep: one compiled
-    # variant serves the four mix divergences.
-    return DIVERGENCE_CODES[divergence] if divergence in ("forward_kl", "reverse_kl") else \
-        DIVERGENCE_CODES["jsd"]
+def _spec_args(kernel, spec: RowSpec) -> dict:
+    """The arguments of ``kernel`` that come from ``spec``: the row constants of
+    spec.consts it takes as runtime scalars (named as in layouts.CONSTS) and its SPEC_FLAGS."""
+    names = kernel.arg_names
+    args = {name: spec.const(name) for name in names if name in CONSTS}
+    args.update({name: SPEC_FLAGS[name](spec) for name in names if name in SPEC_FLAGS})
+    return args
 
 
 def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpec
@@ -138,16 +135,16 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
     _check("zs", zs)
     _check("zt", zt)
     n_rows, n_cols = zs.shape
-    out = torch.empty(n_rows, N_STATS, dtype=torch.float32, device=zs.device)
+    out = torch.empty(n_rows, len(STATS), dtype=torch.float32, device=zs.device)
     if n_rows == 0:
         return out
     plan = _plan(n_rows, n_cols, zs.device, max(zs.element_size(), zt.element_size()))
     part = out if plan.n_split == 1 else torch.empty(
-        plan.n_split, n_rows, N_STATS, dtype=torch.float32, device=zs.device)
+        plan.n_split, n_rows, len(STATS), dtype=torch.float32, device=zs.device)
     stats_kernel[(plan.row_blocks(n_rows), plan.n_split)](
         zs, zt, labels, part, n_rows, n_cols, zs.stride(0), zt.stride(0), plan.span,
-        **_spec_args(spec), DIV=_stats_div(spec.divergence), HAS_CE=spec.has_ce,
-        BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+        **_spec_args(stats_kernel, spec), BLOCK_R=plan.block_r, BLOCK_V=plan.block_v,
+        num_warps=plan.num_warps)
     if plan.n_split > 1:
         block_p = triton.next_power_of_2(plan.n_split)
         block_r = max(1, min(triton.next_power_of_2(n_rows), _MERGE_TILE // block_p))
@@ -163,15 +160,13 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec
     n_rows, n_cols = zs.shape
     norms = norms.to(torch.float32).contiguous()
     if n_rows == 0:
-        return torch.zeros(0, N_MIX, dtype=torch.float32, device=zs.device)
+        return torch.zeros(0, len(MIX), dtype=torch.float32, device=zs.device)
     plan = _plan(n_rows, n_cols, zs.device, max(zs.element_size(), zt.element_size()))
-    part = torch.empty(plan.n_split, n_rows, N_MIX, dtype=torch.float32, device=zs.device)
-    weights = _mix_weights(spec)
-    del weights["k_div"]
+    part = torch.empty(plan.n_split, n_rows, len(MIX), dtype=torch.float32, device=zs.device)
     mix_kernel[(plan.row_blocks(n_rows), plan.n_split)](
         zs, zt, norms, part, n_rows, n_cols, zs.stride(0), zt.stride(0), norms.stride(0),
-        plan.span, **_spec_args(spec), **weights, DIV=DIVERGENCE_CODES[spec.divergence],
-        BLOCK_R=plan.block_r, BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+        plan.span, **_spec_args(mix_kernel, spec), BLOCK_R=plan.block_r,
+        BLOCK_V=plan.block_v, num_warps=plan.num_warps)
     return part[0] if plan.n_split == 1 else part.sum(0)
 
 
@@ -191,8 +186,7 @@ def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.T
     grid = (plan.row_blocks(n_rows), 1 if packed else triton.cdiv(n_cols, plan.block_v))
     grad_kernel[grid](
         zs, zt, labels, coef, out, n_rows, n_cols, zs.stride(0), zt.stride(0), out.stride(0),
-        coef.stride(0), **_spec_args(spec), **_mix_weights(spec),
-        DIV=DIVERGENCE_CODES[spec.divergence], HAS_CE=spec.has_ce, BLOCK_R=plan.block_r,
+        coef.stride(0), **_spec_args(grad_kernel, spec), BLOCK_R=plan.block_r,
         BLOCK_V=plan.block_v, ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16,
         PACKED=packed, num_warps=plan.num_warps)
 
@@ -245,7 +239,7 @@ def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpe
 
 def workspace_bytes_per_logit(dtype: torch.dtype, device_type: str = "cuda") -> int:
     # The two [C, V] inputs only: the kernels keep no [C, V] temporaries (partials are
-    # [splits, C, 9] fp32, negligible).
+    # [splits, C, len(STATS)] fp32, negligible).
     return 2 * torch.empty((), dtype=dtype).element_size()
 
 

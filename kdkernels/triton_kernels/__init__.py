@@ -1,8 +1,9 @@
 """@triton.jit kernels of the Triton backend, one module per row-op stage.
 
-common.py  element-wise helpers (softcap, log-mixture) and the divergence codes
+common.py  element-wise helpers (softcap, log-mixtures) and the constexpr names: divergence
+           codes (divergences.TABLE), layout columns and flag values (layouts.py)
 stats.py   online (max, sum, weighted sum) partials per (row block, vocab split) + merge
-mix.py     the two plain sums of JSD / skew KL / TVD per (row block, vocab split)
+mix.py     the two plain sums of JSD / skew KL / TVD / alpha per (row block, vocab split)
 grad.py    dL/dz of the student, written over a [BLOCK_R, BLOCK_V] tile
 
 Every kernel works on [BLOCK_R, BLOCK_V] tiles: one row per program with long blocks for

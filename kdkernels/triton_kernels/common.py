@@ -1,4 +1,9 @@
-"""Element-wise helpers shared by the row kernels, and the divergence codes.
+"""Element-wise helpers shared by the row kernels, and the constexpr names they share: the
+divergence codes (divergences.TABLE), the column indices of the row-op layouts
+(layouts.py) and the flag values of the row constants (MIX_KINDS, STATS_WEIGHTS).
+
+Triton kernels can read only tl.constexpr globals, so each index is one here, taken from
+the Python tables at import: the kernels hold no integer column index or code of their own.
 
 Only tl core ops are used (no libdevice): the same code runs compiled and under the CPU
 interpreter, which does not patch libdevice.
@@ -11,38 +16,67 @@ import os
 import triton
 import triton.language as tl
 
+from ..divergences import BY_NAME, TABLE
+from ..layouts import COEF, MIX, MIX_KINDS, NORMS, STATS, STATS_WEIGHTS
+
 # Helpers called from kernels. Under the CPU interpreter each nested @triton.jit call
 # re-patches triton.language (~5 ms, most of a small launch), so there they are plain
 # Python functions run inside the caller's patched scope; compiled, they are @triton.jit.
 helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
 
-# Divergence codes (DIV constexpr); kdkernels.backends.triton_rows maps names to them.
-FORWARD_KL = tl.constexpr(0)
-REVERSE_KL = tl.constexpr(1)
-JSD = tl.constexpr(2)
-SKEW_FORWARD_KL = tl.constexpr(3)
-SKEW_REVERSE_KL = tl.constexpr(4)
-TVD = tl.constexpr(5)
-DIVERGENCE_CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "skew_forward_kl": 3,
-                    "skew_reverse_kl": 4, "tvd": 5}
+# DIV constexpr of the mix and gradient kernels.
+FORWARD_KL = tl.constexpr(BY_NAME["forward_kl"].code)
+REVERSE_KL = tl.constexpr(BY_NAME["reverse_kl"].code)
+JSD = tl.constexpr(BY_NAME["jsd"].code)
+SKEW_FORWARD_KL = tl.constexpr(BY_NAME["skew_forward_kl"].code)
+SKEW_REVERSE_KL = tl.constexpr(BY_NAME["skew_reverse_kl"].code)
+TVD = tl.constexpr(BY_NAME["tvd"].code)
+ALPHA = tl.constexpr(BY_NAME["alpha"].code)
+DIVERGENCE_CODES = {d.name: d.code for d in TABLE}
 
-# MIX_KIND constexpr: which terms the log-mixture log(wq q + (1 - wq) p) has.
-MIX_BOTH = tl.constexpr(0)
-MIX_ONLY_Q = tl.constexpr(1)  # wq == 1: log m = log q exactly
-MIX_ONLY_P = tl.constexpr(2)  # wq == 0: log m = log p exactly
+# MIX_KIND constexpr: which terms the log-mixture log(w_q q + (1 - w_q) p) has.
+MIX_BOTH = tl.constexpr(MIX_KINDS.both)
+MIX_ONLY_Q = tl.constexpr(MIX_KINDS.only_q)  # w_q == 1: log m = log q exactly
+MIX_ONLY_P = tl.constexpr(MIX_KINDS.only_p)  # w_q == 0: log m = log p exactly
 
+# STATS_WEIGHT constexpr of the stats kernel: which weighted sum it keeps.
+WEIGHT_NONE = tl.constexpr(STATS_WEIGHTS.none)
+WEIGHT_STUDENT = tl.constexpr(STATS_WEIGHTS.student)  # w_a
+WEIGHT_TEACHER = tl.constexpr(STATS_WEIGHTS.teacher)  # w_b
 
-def mix_kind(wq: float) -> int:
-    return 1 if wq == 1.0 else (2 if wq == 0.0 else 0)
+# Columns of the stats partials (layouts.STATS) and their count, the row stride.
+S_M_A = tl.constexpr(STATS.m_a)
+S_S_A = tl.constexpr(STATS.s_a)
+S_W_A = tl.constexpr(STATS.w_a)
+S_M_B = tl.constexpr(STATS.m_b)
+S_S_B = tl.constexpr(STATS.s_b)
+S_W_B = tl.constexpr(STATS.w_b)
+S_M_Z = tl.constexpr(STATS.m_z)
+S_S_Z = tl.constexpr(STATS.s_z)
+S_Z_LABEL = tl.constexpr(STATS.z_label)
+N_STATS = tl.constexpr(len(STATS))
 
+# The mix sums (layouts.MIX).
+MIX_C0 = tl.constexpr(MIX.c0)
+MIX_C1 = tl.constexpr(MIX.c1)
+N_MIX = tl.constexpr(len(MIX))
 
-# tl.constexpr flags shared by the mix and gradient kernels (stats adds SEPARATE_Z).
-SPEC_FLAGS = {
-    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
-    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
-    "TEMPERED": lambda a: a["inv_t"] != 1.0,
-    "MIX_KIND": lambda a: mix_kind(a["wq"]),
-}
+# The mix pass's full-row log-normalisers (layouts.NORMS).
+NORM_M_A = tl.constexpr(NORMS.m_a)
+NORM_LOG_S_A = tl.constexpr(NORMS.log_s_a)
+NORM_M_B = tl.constexpr(NORMS.m_b)
+NORM_LOG_S_B = tl.constexpr(NORMS.log_s_b)
+
+# The gradient pass's row coefficients (layouts.COEF).
+C_M_A = tl.constexpr(COEF.m_a)
+C_LOG_S_A = tl.constexpr(COEF.log_s_a)
+C_M_B = tl.constexpr(COEF.m_b)
+C_LOG_S_B = tl.constexpr(COEF.log_s_b)
+C_M_Z = tl.constexpr(COEF.m_z)
+C_LOG_S_Z = tl.constexpr(COEF.log_s_z)
+C_AUX = tl.constexpr(COEF.aux)
+C_KD = tl.constexpr(COEF.kd)
+C_CE = tl.constexpr(COEF.ce)
 
 
 @helper
@@ -60,16 +94,16 @@ def softcap(x, cap):
 
 
 @helper
-def log_mix(logq, logp, lwq, lwp, MIX_KIND: tl.constexpr):
-    """log(wq * q + (1 - wq) * p) as a logaddexp of the log-probs, lwq = log wq and
-    lwp = log(1 - wq); exact when a weight is 0, -inf (not NaN) when both terms are."""
+def log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND: tl.constexpr):
+    """log(w_q * q + (1 - w_q) * p) as a logaddexp of the log-probs, log_w_p = log(1 - w_q);
+    exact when a weight is 0, -inf (not NaN) when both terms are."""
     if MIX_KIND == MIX_ONLY_Q:
         return logq
     elif MIX_KIND == MIX_ONLY_P:
         return logp
     else:
-        x = logq + lwq
-        y = logp + lwp
+        x = logq + log_w_q
+        y = logp + log_w_p
         hi = tl.maximum(x, y)
         lo = tl.minimum(x, y)
         finite_hi = tl.where(hi == float("-inf"), 0.0, hi)
@@ -78,6 +112,14 @@ def log_mix(logq, logp, lwq, lwp, MIX_KIND: tl.constexpr):
         # max/min return the other operand for a NaN (IEEE maxNum, on GPUs and in the
         # interpreter): put the NaN back so that NaN logits give a NaN loss.
         return tl.where((x != x) | (y != y), x + y, out)
+
+
+@helper
+def log_geo(logq, logp, w_q):
+    """log(q^w_q p^(1 - w_q)) of the alpha divergence: log p itself where log q == log p
+    (exact at q = p), else the weighted sum, which is -inf (not NaN) when either log-prob
+    is -inf and NaN when either is NaN."""
+    return tl.where(logq == logp, logp, w_q * logq + (1.0 - w_q) * logp)
 
 
 @helper

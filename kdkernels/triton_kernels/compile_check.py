@@ -16,49 +16,78 @@ import re
 import sys
 from collections import Counter
 
-# (kernel, pointer dtypes, constexprs); runtime scalars are i32 / fp32.
+from ..divergences import BY_NAME
+from ..layouts import CONSTS, MIX_KINDS, STATS_WEIGHTS
+
+# (kernel, pointer dtypes, constexprs); runtime scalars are i32, or fp32 for the row
+# constants (kernel arguments named as in layouts.CONSTS).
 _PTRS = {
     "stats": ("zs_ptr", "zt_ptr", "labels_ptr", "part_ptr"),
     "merge": ("part_ptr", "out_ptr"),
     "mix": ("zs_ptr", "zt_ptr", "norms_ptr", "part_ptr"),
     "grad": ("zs_ptr", "zt_ptr", "labels_ptr", "coef_ptr", "out_ptr"),
 }
-_FLOATS = {"inv_t", "cap_s", "cap_t", "wq", "lwq", "lwp", "k_div"}
+_FLOATS = set(CONSTS)
 # Arguments the runtime specialises as multiples of 16 in the driver's buffers.
 _ALIGNED = {"zs_ptr", "zt_ptr", "out_ptr", "part_ptr", "labels_ptr", "coef_ptr", "norms_ptr",
             "stride_s", "stride_t", "stride_o", "span", "n_cols"}
 _FLAGS = dict(HAS_CAP_S=False, HAS_CAP_T=False, TEMPERED=False)
+_ALL_ON = dict(HAS_CAP_S=True, HAS_CAP_T=True, TEMPERED=True)
+
+
+def _div(name: str) -> int:
+    return BY_NAME[name].code
+
+
+def _weight(name: str) -> int:
+    return getattr(STATS_WEIGHTS, BY_NAME[name].stats_weight)
+
+
 CASES = [
     ("stats", ("fp32", "fp32", "i64", "fp32"),
-     dict(DIV=0, HAS_CE=False, BLOCK_R=1, BLOCK_V=2048, SEPARATE_Z=False, **_FLAGS)),
+     dict(STATS_WEIGHT=_weight("forward_kl"), HAS_CE=False, BLOCK_R=1, BLOCK_V=2048,
+          SEPARATE_Z=False, **_FLAGS)),
     ("stats", ("bf16", "bf16", "i64", "fp32"),
-     dict(DIV=1, HAS_CE=True, BLOCK_R=1, BLOCK_V=4096, HAS_CAP_S=True, HAS_CAP_T=True,
-          TEMPERED=True, SEPARATE_Z=True)),
+     dict(STATS_WEIGHT=_weight("reverse_kl"), HAS_CE=True, BLOCK_R=1, BLOCK_V=4096,
+          SEPARATE_Z=True, **_ALL_ON)),
     ("stats", ("fp16", "bf16", "i64", "fp32"),
-     dict(DIV=0, HAS_CE=True, BLOCK_R=8, BLOCK_V=256, SEPARATE_Z=False, **_FLAGS)),
+     dict(STATS_WEIGHT=_weight("forward_kl"), HAS_CE=True, BLOCK_R=8, BLOCK_V=256,
+          SEPARATE_Z=False, **_FLAGS)),
+    ("stats", ("bf16", "fp32", "i64", "fp32"),
+     dict(STATS_WEIGHT=_weight("alpha"), HAS_CE=False, BLOCK_R=1, BLOCK_V=4096,
+          SEPARATE_Z=False, **_FLAGS)),
     ("merge", ("fp32", "fp32"), dict(BLOCK_R=128, BLOCK_P=8)),
     ("mix", ("fp32", "fp32", "fp32", "fp32"),
-     dict(DIV=2, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, **_FLAGS)),
+     dict(DIV=_div("jsd"), BLOCK_R=1, BLOCK_V=2048, MIX_KIND=MIX_KINDS.both, **_FLAGS)),
     ("mix", ("bf16", "bf16", "fp32", "fp32"),
-     dict(DIV=4, BLOCK_R=1, BLOCK_V=4096, MIX_KIND=1, HAS_CAP_S=True, HAS_CAP_T=True,
-          TEMPERED=True)),
+     dict(DIV=_div("skew_reverse_kl"), BLOCK_R=1, BLOCK_V=4096, MIX_KIND=MIX_KINDS.only_q,
+          **_ALL_ON)),
     ("mix", ("fp32", "fp32", "fp32", "fp32"),
-     dict(DIV=5, BLOCK_R=2, BLOCK_V=1024, MIX_KIND=0, **_FLAGS)),
+     dict(DIV=_div("tvd"), BLOCK_R=2, BLOCK_V=1024, MIX_KIND=MIX_KINDS.both, **_FLAGS)),
+    ("mix", ("fp32", "fp32", "fp32", "fp32"),
+     dict(DIV=_div("alpha"), BLOCK_R=1, BLOCK_V=2048, MIX_KIND=MIX_KINDS.both, **_FLAGS)),
+    ("mix", ("bf16", "fp16", "fp32", "fp32"),
+     dict(DIV=_div("alpha"), BLOCK_R=4, BLOCK_V=512, MIX_KIND=MIX_KINDS.both, **_ALL_ON)),
     ("grad", ("fp32", "fp32", "i64", "fp32", "bf16"),
-     dict(DIV=0, HAS_CE=False, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, ROUND_BF16=False,
-          PACKED=False, **_FLAGS)),
+     dict(DIV=_div("forward_kl"), HAS_CE=False, BLOCK_R=1, BLOCK_V=2048,
+          MIX_KIND=MIX_KINDS.both, ROUND_BF16=False, PACKED=False, **_FLAGS)),
     ("grad", ("bf16", "bf16", "i64", "fp32", "bf16"),
-     dict(DIV=3, HAS_CE=True, BLOCK_R=1, BLOCK_V=4096, MIX_KIND=2, ROUND_BF16=True,
-          PACKED=False, HAS_CAP_S=True, HAS_CAP_T=True, TEMPERED=True)),
+     dict(DIV=_div("skew_forward_kl"), HAS_CE=True, BLOCK_R=1, BLOCK_V=4096,
+          MIX_KIND=MIX_KINDS.only_p, ROUND_BF16=True, PACKED=False, **_ALL_ON)),
     ("grad", ("fp32", "fp16", "i64", "fp32", "fp32"),
-     dict(DIV=4, HAS_CE=True, BLOCK_R=4, BLOCK_V=512, MIX_KIND=0, ROUND_BF16=False,
-          PACKED=False, **_FLAGS)),
+     dict(DIV=_div("skew_reverse_kl"), HAS_CE=True, BLOCK_R=4, BLOCK_V=512,
+          MIX_KIND=MIX_KINDS.both, ROUND_BF16=False, PACKED=False, **_FLAGS)),
+    ("grad", ("bf16", "bf16", "i64", "fp32", "bf16"),
+     dict(DIV=_div("alpha"), HAS_CE=True, BLOCK_R=1, BLOCK_V=4096, MIX_KIND=MIX_KINDS.both,
+          ROUND_BF16=False, PACKED=False, **_ALL_ON)),
     # the CUDA driver's big-chunk layout: bf16 dL/dz packed over the fp32 student logits
     ("grad", ("fp32", "fp32", "i64", "fp32", "bf16"),
-     dict(DIV=2, HAS_CE=True, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=0, ROUND_BF16=False,
-          PACKED=True, **_FLAGS)),
+     dict(DIV=_div("jsd"), HAS_CE=True, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=MIX_KINDS.both,
+          ROUND_BF16=False, PACKED=True, **_FLAGS)),
+    ("grad", ("fp32", "bf16", "i64", "fp32", "fp16"),
+     dict(DIV=_div("alpha"), HAS_CE=True, BLOCK_R=1, BLOCK_V=2048, MIX_KIND=MIX_KINDS.both,
+          ROUND_BF16=False, PACKED=True, HAS_CAP_S=True, HAS_CAP_T=False, TEMPERED=True)),
 ]
-
 
 def _kernels():
     from .grad import grad_kernel

@@ -8,16 +8,26 @@ import triton
 import triton.language as tl
 
 from .common import (
+    ALPHA,
+    C_AUX,
+    C_CE,
+    C_KD,
+    C_LOG_S_A,
+    C_LOG_S_B,
+    C_LOG_S_Z,
+    C_M_A,
+    C_M_B,
+    C_M_Z,
     FORWARD_KL,
     JSD,
     MIX_ONLY_Q,
     REVERSE_KL,
     SKEW_FORWARD_KL,
     SKEW_REVERSE_KL,
-    SPEC_FLAGS,
     TVD,
     helper,
     load_logits,
+    log_geo,
     log_mix,
     round_to_bf16,
 )
@@ -32,9 +42,10 @@ def _p_times(p, x):
 @helper
 def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride_s, stride_t,
                stride_o, m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z, label, inv_t,
-               cap_s, cap_t, lwq, lwp, k_div, DIV: tl.constexpr, HAS_CE: tl.constexpr,
-               HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, TEMPERED: tl.constexpr,
-               MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr, PACKED: tl.constexpr):
+               cap_s, cap_t, w_q, log_w_q, log_w_p, k_div, DIV: tl.constexpr,
+               HAS_CE: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
+               TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr,
+               PACKED: tl.constexpr):
     col_ok = cols < n_cols
     mask = live[:, None] & col_ok[None, :]
     z, a = load_logits(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
@@ -50,17 +61,19 @@ def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
         diff = p - tl.exp(logq)
         half_sign = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
         g = p * (half_sign - aux[:, None])
+    elif DIV == ALPHA:  # w_q = alpha, k_div = -1 / alpha
+        g = k_div * (tl.exp(log_geo(logq, logp, w_q)) - p * aux[:, None])
     else:
-        logm = log_mix(logq, logp, lwq, lwp, MIX_KIND)
+        logm = log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND)
         if DIV == JSD:
             g = k_div * _p_times(p, logp - logm - aux[:, None])
         elif DIV == SKEW_FORWARD_KL:
-            g = -k_div * (tl.exp(logp + logq - logm) - p * aux[:, None])
+            g = k_div * (tl.exp(logp + logq - logm) - p * aux[:, None])
         else:
             tl.static_assert(DIV == SKEW_REVERSE_KL)
             g = _p_times(p, logp - logm - aux[:, None])
             if MIX_KIND != MIX_ONLY_Q:  # skew > 0: p / m <= 1 / skew, no overflow
-                g -= tl.exp(lwp + 2.0 * logp - logm)  # skew p^2 / m <= p, lwp = log skew
+                g -= tl.exp(log_w_p + 2.0 * logp - logm)  # skew p^2 / m <= p, log skew
     dz = kd[:, None] * g
     if HAS_CE:
         if TEMPERED:
@@ -83,32 +96,30 @@ def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.heuristics(SPEC_FLAGS)
 @triton.jit
 def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
-                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, wq, lwq, lwp, k_div,
-                DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
+                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, w_q, log_w_q, log_w_p,
+                k_div, DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                 TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr,
                 PACKED: tl.constexpr):
-    """k_div: 1 - beta (jsd), 1 - skew (skew_forward_kl), skew (skew_reverse_kl).
+    """The row constants are RowSpec.consts by name (k_div the full constant factor of G).
     ROUND_BF16: round to nearest even by hand before a bf16 store (interpreter only).
     PACKED: ``out`` is 16-bit and overlays the first half of each fp32 zs row (its row
     stride is twice zs's in elements); one program per row block then walks the whole row
     front to back, else one program per [BLOCK_R, BLOCK_V] tile."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    # coef row: (m_a, log_s_a, m_b, log_s_b, m_z, log_s_z, aux, kd_coef, ce_coef)
     c = coef_ptr + rows * stride_c
-    m_a = tl.load(c + 0, mask=row_ok, other=0.0)
-    log_s_a = tl.load(c + 1, mask=row_ok, other=0.0)
-    m_b = tl.load(c + 2, mask=row_ok, other=0.0)
-    log_s_b = tl.load(c + 3, mask=row_ok, other=0.0)
-    m_z = tl.load(c + 4, mask=row_ok, other=0.0)
-    log_s_z = tl.load(c + 5, mask=row_ok, other=0.0)
-    aux = tl.load(c + 6, mask=row_ok, other=0.0)
-    kd = tl.load(c + 7, mask=row_ok, other=0.0)
-    ce = tl.load(c + 8, mask=row_ok, other=0.0)
+    m_a = tl.load(c + C_M_A, mask=row_ok, other=0.0)
+    log_s_a = tl.load(c + C_LOG_S_A, mask=row_ok, other=0.0)
+    m_b = tl.load(c + C_M_B, mask=row_ok, other=0.0)
+    log_s_b = tl.load(c + C_LOG_S_B, mask=row_ok, other=0.0)
+    m_z = tl.load(c + C_M_Z, mask=row_ok, other=0.0)
+    log_s_z = tl.load(c + C_LOG_S_Z, mask=row_ok, other=0.0)
+    aux = tl.load(c + C_AUX, mask=row_ok, other=0.0)
+    kd = tl.load(c + C_KD, mask=row_ok, other=0.0)
+    ce = tl.load(c + C_CE, mask=row_ok, other=0.0)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
     # Dead rows (ignored tokens) are not even read: their logits may be garbage.
     live = row_ok & ((kd != 0.0) | (ce != 0.0))
@@ -117,11 +128,11 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
             _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live,
                        start + tl.arange(0, BLOCK_V), n_cols, stride_s, stride_t, stride_o,
                        m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z, label, inv_t,
-                       cap_s, cap_t, lwq, lwp, k_div, DIV, HAS_CE, HAS_CAP_S, HAS_CAP_T,
-                       TEMPERED, MIX_KIND, ROUND_BF16, PACKED)
+                       cap_s, cap_t, w_q, log_w_q, log_w_p, k_div, DIV, HAS_CE, HAS_CAP_S,
+                       HAS_CAP_T, TEMPERED, MIX_KIND, ROUND_BF16, PACKED)
     else:
         _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live,
                    tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V), n_cols, stride_s,
                    stride_t, stride_o, m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z,
-                   label, inv_t, cap_s, cap_t, lwq, lwp, k_div, DIV, HAS_CE, HAS_CAP_S,
-                   HAS_CAP_T, TEMPERED, MIX_KIND, ROUND_BF16, PACKED)
+                   label, inv_t, cap_s, cap_t, w_q, log_w_q, log_w_p, k_div, DIV, HAS_CE,
+                   HAS_CAP_S, HAS_CAP_T, TEMPERED, MIX_KIND, ROUND_BF16, PACKED)

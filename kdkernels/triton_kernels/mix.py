@@ -1,5 +1,6 @@
-"""Mix pass of JSD, skew KL and TVD: two plain row sums per (row, vocab split), given the
-full-row log-normalisers split as (max, log sum) (divergences.py says what the sums are)."""
+"""Mix pass of JSD, skew KL, TVD and alpha: the two plain row sums (layouts.MIX) per (row,
+vocab split), given the full-row log-normalisers split as (max, log sum) (layouts.NORMS;
+divergences.py says what the sums are)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,22 @@ import triton
 import triton.language as tl
 
 from .common import (
+    ALPHA,
     JSD,
+    MIX_C0,
+    MIX_C1,
     MIX_ONLY_Q,
+    N_MIX,
+    NORM_LOG_S_A,
+    NORM_LOG_S_B,
+    NORM_M_A,
+    NORM_M_B,
     SKEW_FORWARD_KL,
     SKEW_REVERSE_KL,
-    SPEC_FLAGS,
     TVD,
     helper,
     load_logits,
+    log_geo,
     log_mix,
 )
 
@@ -25,10 +34,9 @@ def _xlogy_diff(w, logx, logm):
     return tl.where(w == 0.0, 0.0, w * (logx - logm))
 
 
-@triton.heuristics(SPEC_FLAGS)
 @triton.jit
 def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
-               stride_n, span, inv_t, cap_s, cap_t, wq, lwq, lwp,
+               stride_n, span, inv_t, cap_s, cap_t, w_q, log_w_q, log_w_p,
                DIV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, TEMPERED: tl.constexpr,
                MIX_KIND: tl.constexpr):
@@ -38,10 +46,10 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
     off_s = rows * stride_s
     off_t = rows * stride_t
     norms = norms_ptr + rows * stride_n
-    m_a = tl.load(norms + 0, mask=row_ok, other=0.0)[:, None]
-    log_s_a = tl.load(norms + 1, mask=row_ok, other=0.0)[:, None]
-    m_b = tl.load(norms + 2, mask=row_ok, other=0.0)[:, None]
-    log_s_b = tl.load(norms + 3, mask=row_ok, other=0.0)[:, None]
+    m_a = tl.load(norms + NORM_M_A, mask=row_ok, other=0.0)[:, None]
+    log_s_a = tl.load(norms + NORM_LOG_S_A, mask=row_ok, other=0.0)[:, None]
+    m_b = tl.load(norms + NORM_M_B, mask=row_ok, other=0.0)[:, None]
+    log_s_b = tl.load(norms + NORM_LOG_S_B, mask=row_ok, other=0.0)[:, None]
     lo = split * span
     hi = tl.minimum(lo + span, n_cols)
     acc0 = tl.zeros([BLOCK_R], tl.float32)
@@ -59,8 +67,12 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
             diff = p - q
             t0 = 0.5 * tl.abs(diff)
             t1 = tl.where(diff > 0, 0.5 * p, tl.where(diff < 0, -0.5 * p, 0.0))
+        elif DIV == ALPHA:
+            t1 = tl.exp(log_geo(logq, logp, w_q))  # q^alpha p^(1-alpha), w_q = alpha
+            # >= 0 (weighted AM-GM) and exactly 0 where q == p; 0 where p = q = 0
+            t0 = p + w_q * (q - p) - t1
         else:
-            logm = log_mix(logq, logp, lwq, lwp, MIX_KIND)
+            logm = log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND)
             if DIV == JSD:
                 t0 = _xlogy_diff(q, logq, logm)
                 t1 = _xlogy_diff(p, logp, logm)
@@ -73,9 +85,9 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
                 if MIX_KIND == MIX_ONLY_Q:  # skew 0: the term is absent (p / q may overflow)
                     t1 = tl.zeros_like(t0)
                 else:
-                    t1 = tl.exp(lwp + 2.0 * logp - logm)  # skew p^2 / m <= p
+                    t1 = tl.exp(log_w_p + 2.0 * logp - logm)  # skew p^2 / m <= p
         acc0 += tl.sum(tl.where(mask, t0, 0.0), axis=1)  # masked lanes: finite junk
         acc1 += tl.sum(tl.where(mask, t1, 0.0), axis=1)
-    out = part_ptr + (split.to(tl.int64) * n_rows + rows) * 2
-    tl.store(out, acc0, mask=row_ok)
-    tl.store(out + 1, acc1, mask=row_ok)
+    out = part_ptr + (split.to(tl.int64) * n_rows + rows) * N_MIX
+    tl.store(out + MIX_C0, acc0, mask=row_ok)
+    tl.store(out + MIX_C1, acc1, mask=row_ok)

@@ -1,8 +1,10 @@
-"""Stats pass: per-row partial statistics (row_stats.py layout) over one vocab split.
+"""Stats pass: per-row partial statistics (layouts.STATS) over one vocab split.
 
 Grid (row blocks, vocab splits). Each program walks its split in BLOCK_V steps keeping the
-online triples (max, sum exp, weighted sum exp) of DESIGN.md in fp32 and writes one [9]
-partial per row to part[split, row]; merge_kernel folds the splits with the same rescale.
+online triples (max, sum exp, weighted sum exp) of DESIGN.md in fp32 and writes one
+[N_STATS] partial per row to part[split, row]; merge_kernel folds the splits with the same
+rescale. The kernel knows no divergence: STATS_WEIGHT (the divergence's stats_weight) says
+which weighted sum it keeps, so one compiled variant serves every divergence of that kind.
 """
 
 from __future__ import annotations
@@ -10,7 +12,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import FORWARD_KL, REVERSE_KL, helper, load_logits, softcap
+from .common import (
+    N_STATS,
+    S_M_A,
+    S_M_B,
+    S_M_Z,
+    S_S_A,
+    S_S_B,
+    S_S_Z,
+    S_W_A,
+    S_W_B,
+    S_Z_LABEL,
+    WEIGHT_STUDENT,
+    WEIGHT_TEACHER,
+    helper,
+    load_logits,
+    softcap,
+)
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -32,19 +50,14 @@ def _weighted(e, d):
     return tl.sum(tl.where(e == 0.0, 0.0, e * d), axis=1)
 
 
-@triton.heuristics({
-    "HAS_CAP_S": lambda a: a["cap_s"] > 0,
-    "HAS_CAP_T": lambda a: a["cap_t"] > 0,
-    "TEMPERED": lambda a: a["inv_t"] != 1.0,
-    # The untempered student needs its own logsumexp only for CE at T != 1.
-    "SEPARATE_Z": lambda a: bool(a["HAS_CE"]) and a["inv_t"] != 1.0,
-})
 @triton.jit
 def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
                  span, inv_t, cap_s, cap_t,
-                 DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
+                 STATS_WEIGHT: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                  TEMPERED: tl.constexpr, SEPARATE_Z: tl.constexpr):
+    """SEPARATE_Z: the untempered student gets its own (max, sum) (CE at T != 1); else
+    m_z, s_z repeat m_a, s_a."""
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -70,11 +83,11 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
         # a, b, whose masked lanes get e = 0.
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(mask, a, _NEG_INF))
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
-        if DIV == REVERSE_KL:
+        if STATS_WEIGHT == WEIGHT_STUDENT:
             w_a = w_a * alpha_a + _weighted(e_a, a - b)
         m_b, alpha_b, e_b = _online_step(m_b, tl.where(mask, b, _NEG_INF))
         s_b = s_b * alpha_b + tl.sum(e_b, axis=1)
-        if DIV == FORWARD_KL:
+        if STATS_WEIGHT == WEIGHT_TEACHER:
             w_b = w_b * alpha_b + _weighted(e_b, b - a)
         if SEPARATE_Z:
             m_z, alpha_z, e_z = _online_step(m_z, tl.where(mask, z, _NEG_INF))
@@ -92,22 +105,22 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
             z_label = softcap(z_label, cap_s)
         z_label = tl.where(here, z_label, 0.0)
 
-    out = part_ptr + (split.to(tl.int64) * n_rows + rows) * 9
-    tl.store(out + 0, m_a, mask=row_ok)
-    tl.store(out + 1, s_a, mask=row_ok)
-    tl.store(out + 2, w_a, mask=row_ok)
-    tl.store(out + 3, m_b, mask=row_ok)
-    tl.store(out + 4, s_b, mask=row_ok)
-    tl.store(out + 5, w_b, mask=row_ok)
-    tl.store(out + 6, m_z, mask=row_ok)
-    tl.store(out + 7, s_z, mask=row_ok)
-    tl.store(out + 8, z_label, mask=row_ok)
+    out = part_ptr + (split.to(tl.int64) * n_rows + rows) * N_STATS
+    tl.store(out + S_M_A, m_a, mask=row_ok)
+    tl.store(out + S_S_A, s_a, mask=row_ok)
+    tl.store(out + S_W_A, w_a, mask=row_ok)
+    tl.store(out + S_M_B, m_b, mask=row_ok)
+    tl.store(out + S_S_B, s_b, mask=row_ok)
+    tl.store(out + S_W_B, w_b, mask=row_ok)
+    tl.store(out + S_M_Z, m_z, mask=row_ok)
+    tl.store(out + S_S_Z, s_z, mask=row_ok)
+    tl.store(out + S_Z_LABEL, z_label, mask=row_ok)
 
 
 @helper
 def _merge_group(base, mask, out, row_ok, M_COL: tl.constexpr, C1: tl.constexpr,
-                 C2: tl.constexpr):
-    """Fold the (max, sums...) group at M_COL over the split axis; C2 < 0 means none."""
+                 C2: tl.constexpr, HAS_C2: tl.constexpr):
+    """Fold the group (max M_COL, sums C1 and, if HAS_C2, C2) over the split axis."""
     m = tl.load(base + M_COL, mask=mask, other=_NEG_INF)
     m_new = tl.max(m, axis=1)
     finite = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -115,7 +128,7 @@ def _merge_group(base, mask, out, row_ok, M_COL: tl.constexpr, C1: tl.constexpr,
     tl.store(out + M_COL, m_new, mask=row_ok)
     s1 = tl.load(base + C1, mask=mask, other=0.0)
     tl.store(out + C1, tl.sum(s1 * factor, axis=1), mask=row_ok)
-    if C2 >= 0:
+    if HAS_C2:
         s2 = tl.load(base + C2, mask=mask, other=0.0)
         tl.store(out + C2, tl.sum(s2 * factor, axis=1), mask=row_ok)
 
@@ -128,10 +141,10 @@ def merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constexpr,
     parts = tl.arange(0, BLOCK_P).to(tl.int64)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
-    base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * 9
-    out = out_ptr + rows * 9
-    _merge_group(base, mask, out, row_ok, 0, 1, 2)
-    _merge_group(base, mask, out, row_ok, 3, 4, 5)
-    _merge_group(base, mask, out, row_ok, 6, 7, -1)
-    z_label = tl.load(base + 8, mask=mask, other=0.0)
-    tl.store(out + 8, tl.sum(z_label, axis=1), mask=row_ok)
+    base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_STATS
+    out = out_ptr + rows * N_STATS
+    _merge_group(base, mask, out, row_ok, S_M_A, S_S_A, S_W_A, True)
+    _merge_group(base, mask, out, row_ok, S_M_B, S_S_B, S_W_B, True)
+    _merge_group(base, mask, out, row_ok, S_M_Z, S_S_Z, S_S_Z, False)
+    z_label = tl.load(base + S_Z_LABEL, mask=mask, other=0.0)
+    tl.store(out + S_Z_LABEL, tl.sum(z_label, axis=1), mask=row_ok)

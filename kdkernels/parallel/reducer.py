@@ -1,0 +1,97 @@
+"""The chunk driver's reducer over a vocab-parallel group (a reducer.Reducer).
+
+Per chunk: one all-gather of the [C, len(STATS)] partial row stats plus one header row,
+then the deterministic local merge of row_stats.py (``merge_stats``); one all-gather of the
+[C, len(MIX)] mix sums, summed in rank order (``sum_rows``, divergences with a mix pass);
+at the end one SUM all-reduce of grad_student_hidden in fp32 (``finish_grad_hidden``).
+grad_weight needs no collective: each rank's head gradient is its slice of the full one.
+The header row carries a checksum of the call's settings, a chunk counter and the shard
+bounds, so ranks that disagree raise the same error together.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from ..row_stats import merge_partials
+from .collectives import all_gather
+
+if TYPE_CHECKING:
+    from .layout import Layout
+
+_HEADER_MAGIC = 4242.0  # marks a header row; exactly representable in fp32
+_ID_LIMIT = 2**24  # integers below this are exact in fp32 header rows
+
+
+class VocabParallelReducer:
+    """The chunk driver's reducer for one loss call over vocab shards (see reducer.py)."""
+
+    def __init__(self, group, layout: Layout, settings_crc: int) -> None:
+        self.group = group
+        self.layout = layout
+        self.size = len(layout.widths)
+        self.vocab_start = layout.start
+        self.vocab = layout.vocab
+        self._crc = settings_crc
+        self._chunk = 0
+        self.device_type = "cpu"
+
+    def chunk_width(self, local_width: int) -> int:
+        # Every rank cuts the same chunks: they are planned for the widest shard.
+        return self.layout.max_width
+
+    def _header(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        vals = [self._crc & 0xFFF, (self._crc >> 12) & 0xFFF, self._crc >> 24,
+                self._chunk % _ID_LIMIT, rows % _ID_LIMIT, self.vocab_start % _ID_LIMIT,
+                self.layout.widths[self.layout.rank] % _ID_LIMIT, float(self.size),
+                _HEADER_MAGIC]
+        return torch.tensor([vals], dtype=like.dtype, device=like.device)
+
+    def _verify(self, headers: torch.Tensor) -> None:
+        """Same decision on every rank: it only reads the gathered headers."""
+        h = headers.tolist()
+        if any(row[:5] != h[0][:5] or row[7:] != h[0][7:] for row in h):
+            raise RuntimeError(
+                f"vocab_parallel: ranks disagree on the loss call (settings checksum, chunk "
+                f"index or chunk rows differ: {[row[:5] for row in h]}); call the loss with "
+                f"the same options and replicated hidden states and labels on every rank")
+        check_tiling([int(row[5]) for row in h], [int(row[6]) for row in h])
+
+    def merge_stats(self, partial: torch.Tensor) -> torch.Tensor:
+        rows = partial.shape[0]
+        send = torch.cat((self._header(rows, partial), partial), 0)
+        got = all_gather(send, self.group, self.size)
+        self._verify(got[:, 0])
+        self._chunk += 1
+        return merge_partials(got[:, 1:])
+
+    def sum_rows(self, partial: torch.Tensor) -> torch.Tensor:
+        got = all_gather(partial, self.group, self.size)
+        out = got[0].clone()
+        for r in range(1, self.size):  # fixed order: bit-identical on every rank
+            out += got[r]
+        return out
+
+    def finish_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
+        # Summed in fp32 even for half inputs: each rank's part is rounded once, not the sum.
+        acc = grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
+        acc = acc.contiguous()
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM, group=self.group)
+        return acc if acc.dtype == grad.dtype else acc.to(grad.dtype)
+
+
+def check_tiling(starts: list[int], widths: list[int]) -> None:
+    order = sorted(range(len(starts)), key=lambda r: (starts[r], r))
+    expect = 0
+    for r in order:
+        if starts[r] != expect:
+            what = "overlaps" if starts[r] < expect else "leaves a gap before"
+            shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + widths[q]})"
+                               for q in range(len(starts)))
+            raise ValueError(f"vocab_parallel: the shards must tile [0, V) without overlaps or "
+                             f"gaps, but rank {r}'s shard starting at {starts[r]} {what} row "
+                             f"{expect}; shards: {shards}")
+        expect += widths[r]
