@@ -623,15 +623,10 @@ def main(argv: list[str] | None = None) -> int:
 def _driver_chunk(shape: common.Shape) -> tuple[int, str]:
     """(rows per chunk, dL/dz layout) the driver picks for kdk-triton at this shape (default
     workspace)."""
-    from kdkernels import gemm
-    from kdkernels.backends import triton_rows
-    from kdkernels.driver import _workspace_plan
-    from kdkernels.options import KDOptions
-
-    device = torch.device("cuda")
-    zs_dtype = gemm.logits_dtype(torch.bfloat16, device)
-    return _workspace_plan(KDOptions(**common.KD_OPTIONS), triton_rows.BACKEND, shape.n,
-                           shape.vocab, zs_dtype, torch.bfloat16, device, True)
+    inputs = common.make_inputs(common.Shape(shape.n, shape.vocab, shape.ds, shape.dt),
+                                torch.bfloat16, "cuda")
+    plan = common.floor_plan(inputs, impl="triton")
+    return plan.chunk, plan.dz_layout
 
 
 if __name__ == "__main__":

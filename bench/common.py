@@ -112,71 +112,58 @@ def naive_loss(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, u: torch.Tenso
 class FloorPlan:
     chunk: int  # token rows per chunk
     logits_dtype: torch.dtype
-    dz_layout: str  # where the driver puts dL/dz: in_place | packed | own (driver.py)
-    mirrors: str  # the kdkernels backend whose chunking this copies
+    dz_layout: str  # where the driver puts dL/dz: kdkernels.chunking.DZ_LAYOUTS
+    mirrors: str  # the kdkernels backend whose chunking the floor uses
 
 
-def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
-    """The chunking kdkernels' driver (kdkernels/driver.py fused_rows) would use for these
-    inputs with `impl` at the default workspace budget."""
+def _selected_backend(inputs: Inputs, impl: str):
     from kdkernels import gemm
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
-    from kdkernels.driver import _workspace_plan
     from kdkernels.options import KDOptions
 
-    h, w = inputs.student_hidden, inputs.student_weight
+    h = inputs.student_hidden
     opts = KDOptions(**KD_OPTIONS)
     cd = gemm.compute_dtype(h.dtype, h.device)  # fp32 on CPUs without native bf16 GEMMs
     zs_dtype = gemm.logits_dtype(cd, h.device)
-    spec = RowSpec.from_options(opts, True)
-    backend = registry.select(impl, h.device, zs_dtype, spec)
-    chunk, layout = _workspace_plan(opts, backend, h.shape[0], w.shape[0], zs_dtype, cd,
-                                    h.device, True)
-    return FloorPlan(chunk, zs_dtype, layout, backend.name)
+    backend = registry.select(impl, h.device, zs_dtype, RowSpec.from_options(opts, True))
+    return opts, backend, cd, zs_dtype
+
+
+def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
+    """The chunking kdkernels' driver uses for these inputs with ``impl`` (the planner the
+    driver itself calls, kdkernels.driver.plan_fused)."""
+    from kdkernels.driver import plan_fused
+    from kdkernels.reducer import LOCAL
+    from kdkernels.validation import scan_labels
+
+    opts, backend, cd, zs_dtype = _selected_backend(inputs, impl)
+    h, w, g = inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden
+    rows = scan_labels(inputs.labels, h.shape[0], w.shape[0], IGNORE_INDEX)
+    plan = plan_fused(opts, backend, LOCAL, n_rows=rows.kept, vocab=w.shape[0],
+                      ds=h.shape[1], dt=g.shape[1], h_dtype=h.dtype, g_dtype=g.dtype,
+                      cd_s=cd, cd_t=cd, idx=rows.idx, need_grad=True, want_h=True,
+                      device=h.device)
+    return FloorPlan(plan.rows, zs_dtype, plan.dz_layout, backend.name)
 
 
 def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
-    """The four GEMMs of the fused loss and nothing else, chunked as kdkernels chunks them:
-    per chunk Zs = h_c W^T, Zt = g_c U^T, grad_h_c = dZ W, grad_W += dZ^T h_c (fp32
-    accumulator), with dZ where the driver puts it (over the Zs buffer, packed in the first
-    half of its fp32 rows, or a buffer of its own: plan.dz_layout); then
-    grad_W cast to W's dtype. Same kdkernels.gemm calls as the driver; buffers allocated per
-    call as the driver does. Returns None (there is no loss)."""
-    from kdkernels import gemm
+    """The fused loss's GEMMs and nothing else: kdkernels' own driver and autograd path,
+    run with a null row backend (kdkernels.backends.null_rows) that plans chunks as the
+    ``impl`` backend does but does no row work. Per chunk Zs = h_c W^T, Zt = g_c U^T,
+    grad_h_c = dZ W, grad_W += dZ^T h_c (fp32 accumulator), dZ being whatever the driver's
+    dL/dz buffer holds; then grad_W cast to W's dtype. Returns None (there is no loss)."""
+    import kdkernels
+    from kdkernels.backends import registry
+    from kdkernels.backends.null_rows import null_like
 
-    plan = floor_plan(inputs, impl)
-    # When dZ needs its own buffer, fill it once with logit-scale values, outside any timer.
-    dz_fixed = (torch.randn(plan.chunk, inputs.student_weight.shape[0],
-                            dtype=gemm.compute_dtype(inputs.student_hidden.dtype,
-                                                     inputs.student_hidden.device),
-                            device=inputs.student_hidden.device)
-                if plan.dz_layout == "own" else None)
-
-    cd = gemm.compute_dtype(inputs.student_hidden.dtype, inputs.student_hidden.device)
+    _, backend, _, _ = _selected_backend(inputs, impl)
+    null = null_like(backend)
+    registry.register(null.name, backend=null)
 
     def run(inp: Inputs) -> None:
-        # The same casts as the driver (none unless the CPU lacks native half GEMMs).
-        h, w = inp.student_hidden.detach().to(cd), inp.student_weight.detach().to(cd)
-        g, u = inp.teacher_hidden.to(cd), inp.teacher_weight.to(cd)
-        n, vocab, c = h.shape[0], w.shape[0], plan.chunk
-        zs_buf = torch.empty(c, vocab, dtype=plan.logits_dtype, device=h.device)
-        zt_buf = torch.empty(c, vocab, dtype=plan.logits_dtype, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=h.device)
-        for start in range(0, n, c):
-            stop = min(n, start + c)
-            zs = gemm.logits_into(h[start:stop], w, None, zs_buf[: stop - start])
-            gemm.logits_into(g[start:stop], u, None, zt_buf[: stop - start])
-            if plan.dz_layout == "packed":  # the values do not matter to the GEMMs' time
-                dz = zs_buf.view(cd)[: stop - start, :vocab]
-            else:
-                dz = dz_fixed[: stop - start] if dz_fixed is not None else zs
-            torch.mm(dz, w, out=grad_h[start:stop])
-            gemm.accumulate_matmul_(grad_w, dz.t(), h[start:stop])
-        del zs_buf, zt_buf, zs, dz  # as the driver: no workspace while the grads are cast
-        inp.student_hidden.grad = grad_h.to(inp.student_hidden.dtype)
-        inp.student_weight.grad = grad_w.to(inp.student_weight.dtype)
+        kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=null.name,
+                                       ignore_index=IGNORE_INDEX, **KD_OPTIONS).backward()
         return None
 
     return run

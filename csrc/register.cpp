@@ -44,21 +44,23 @@ RowParams make_params(const std::string& op, int64_t div, at::ArrayRef<double> c
   const double cap_s = consts[kConstCapS], cap_t = consts[kConstCapT];
   const double w_q = consts[kConstWQ];
   const double mix_kind = consts[kConstMixKind], weight = consts[kConstStatsWeight];
-  TORCH_CHECK(inv_t > 0, op, ": consts[inv_t] (1 / temperature) must be > 0, got ", inv_t);
+  const float inv_t32 = static_cast<float>(inv_t);  // the kernels' value: fp32 math
+  TORCH_CHECK(inv_t32 > 0 && std::isfinite(inv_t32), op, ": consts[inv_t] (1 / temperature) "
+              "must be > 0 and finite in float32, got ", inv_t);
   TORCH_CHECK(tempered == 0 || tempered == 1, op, ": consts[tempered] must be 0 or 1, got ",
               tempered);
   TORCH_CHECK(cap_s >= 0 && cap_t >= 0, op, ": consts[cap_s] and consts[cap_t] must be >= 0 "
               "(0 = no softcap), got ", cap_s, " and ", cap_t);
   TORCH_CHECK(w_q >= 0 && w_q <= 1, op, ": consts[w_q] must be in [0, 1], got ", w_q);
-  TORCH_CHECK(mix_kind == std::floor(mix_kind) && mix_kind >= 0 && mix_kind < kMixKinds, op,
-              ": consts[mix_kind] must be a MIX_KINDS index in [0, ", kMixKinds, "), got ",
+  TORCH_CHECK(mix_kind == std::floor(mix_kind) && mix_kind >= 0 && mix_kind < int{kMixKinds},
+              op, ": consts[mix_kind] must be a MIX_KINDS index in [0, ", kMixKinds, "), got ",
               mix_kind);
-  TORCH_CHECK(weight == std::floor(weight) && weight >= 0 && weight < kWeights, op,
+  TORCH_CHECK(weight == std::floor(weight) && weight >= 0 && weight < int{kWeights}, op,
               ": consts[stats_weight] must be a STATS_WEIGHTS index in [0, ", kWeights,
               "), got ", weight);
   RowParams p{};
   p.div = static_cast<int>(div);
-  p.inv_t = static_cast<float>(inv_t);
+  p.inv_t = inv_t32;
   if (cap_s > 0) {
     p.scap = static_cast<float>(cap_s);
     p.inv_scap = 1.0f / p.scap;

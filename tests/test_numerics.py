@@ -3,6 +3,8 @@ frozen heads, padded vocabularies, components, gradient accumulation."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -164,10 +166,35 @@ def test_gradient_accumulation_with_num_items():
 
 
 def test_workspace_budget_bounds_chunk_rows():
-    from kdkernels.driver import choose_chunk_size
-    from kdkernels.options import KDOptions
+    """The planner takes the fewest chunks that fit the budget, balanced; each assertion
+    would fail for a planner that always answered 1 row, or always the budget's maximum."""
+    from kdkernels.backends import torch_rows
+    from kdkernels.chunking import balanced_rows, plan_chunks, rows_for_budget
 
-    opts = KDOptions(max_workspace_bytes=1 << 20)
-    assert choose_chunk_size(opts, 10_000, 32_000, 24) == (1 << 20) // (32_000 * 24)
-    assert choose_chunk_size(opts, 10_000, 10**9, 24) == 1
-    assert choose_chunk_size(KDOptions(chunk_size=7), 5, 100, 24) == 5
+    cpu = torch.device("cpu")
+    # 1 MiB at 32000 columns x 8 bytes holds 4 rows: 10 rows -> 3 chunks of 4, 4, 2
+    # -> balanced to chunks of 4 (the fewest chunks is 3: ceil(10 / 3) = 4).
+    assert rows_for_budget(1 << 20, 32_000, 8) == 4
+    assert balanced_rows(10, 4) == 4
+    # 11 rows at most 4 per chunk: 3 chunks, balanced to 4, 4, 3 (not 4, 4, 4 - 1).
+    assert balanced_rows(11, 4) == 4 and balanced_rows(9, 4) == 3 and balanced_rows(9, 100) == 9
+    plan = lambda **kw: plan_chunks(**{**dict(  # noqa: E731
+        n_rows=1000, width=1000, backend=torch_rows.BACKEND, logits_dtype=torch.float32,
+        grad_dtype=torch.float32, device=cpu, budget=8 * 1000 * 100), **kw})
+    # torch on CPU: 8 bytes per logit (two fp32 [C, V] inputs) -> 100 rows, 10 chunks.
+    assert plan().rows == 100 and plan().dz_layout == "in_place"
+    assert plan(n_rows=1001).rows == 91  # 11 chunks of <= 100, balanced: 1001 / 11
+    assert plan(chunk_size=7).rows == 7 and plan(chunk_size=5000).rows == 1000
+    # dL/dz of another dtype: a buffer of its own (2 more bytes per logit -> at most 80
+    # rows, 13 chunks balanced to 77), or packed over the fp32 logits when the backend
+    # accepts it (no extra bytes).
+    own = plan(grad_dtype=torch.bfloat16)
+    assert (own.rows, own.dz_layout) == (77, "own")
+    packing = dataclasses.replace(torch_rows.BACKEND, packed_grad_min_rows=lambda d: 50)
+    packed = plan(grad_dtype=torch.bfloat16, backend=packing)
+    assert (packed.rows, packed.dz_layout) == (100, "packed")
+    too_few = plan(grad_dtype=torch.bfloat16, backend=packing, budget=8 * 1000 * 40)
+    assert too_few.dz_layout == "own"  # 40 rows < 50: packing would idle the device
+    # staging per row counts against the budget too
+    assert plan(bytes_per_row=2000).rows == 77
+    assert plan(grad_dtype=None).dz_layout == "in_place"

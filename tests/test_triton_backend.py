@@ -506,7 +506,7 @@ def test_fused_linear_matches_oracle(opts):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="emulates on CPU what the GPU tests run for real")
-@pytest.mark.parametrize("div", ["forward_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("div", ["forward_kl", "jsd", "skew_reverse_kl", "alpha"])
 def test_driver_packs_half_grad_over_fp32_logits(div, monkeypatch):
     """The CUDA driver's layout for 16-bit inputs, on CPU: fp32 logits (fp32-output GEMMs
     emulated by upcasting), dL/dz packed by the triton backend over them; the same loss and
@@ -521,14 +521,14 @@ def test_driver_packs_half_grad_over_fp32_logits(div, monkeypatch):
     monkeypatch.setattr(gemm, "logits_dtype", lambda dtype, device: torch.float32)
     monkeypatch.setattr(gemm, "logits_into", logits_into)
     layouts = []
-    plan = driver._workspace_plan
-    monkeypatch.setattr(driver, "_workspace_plan",
-                        lambda *a: layouts.append(plan(*a)) or layouts[-1])
+    plan = driver.plan_chunks  # the driver's planner, as the driver imports it
+    monkeypatch.setattr(driver, "plan_chunks",
+                        lambda **kw: layouts.append(plan(**kw)) or layouts[-1])
     inp = make_fused(37, 211, 211, 16, 24, BF16, ignore_frac=0.2, seed=13)
     opts = dict(divergence=div, temperature=1.5, ce_weight=0.4, skew=0.3, chunk_size=16)
     ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="triton", **opts)
     ref = run_fused(kdkernels.fused_linear_kd_loss, inp, impl="torch", **opts)
-    assert [layout for _, layout in layouts] == ["packed", "own"]
+    assert [p.dz_layout for p in layouts] == ["packed", "own"]
     # same fp32 logits and math; dL/dz rounds to bf16 alike but at near-ties
     assert rel_err(ours[0], ref[0]) <= 1e-5
     for a, b in zip(ours[1:3], ref[1:3], strict=True):

@@ -19,15 +19,12 @@ _MODULES: dict[str, str] = {
     "cpp": "kdkernels.backends.cpp_rows",
     "cuda": "kdkernels.backends.cuda_rows",
 }
-# Fastest first; see README "Backends" for the measurements behind the order. On an H200
-# (bench/results/h200) triton was as fast as or faster than cuda at every vocabulary
-# (43.3 vs 43.8 ms at N=8192, V=128256), so it leads on CUDA.
+# Fastest first; README "Backends" has the measurements behind the order (on an H200 triton
+# was as fast as or faster than cuda at every vocabulary, so it leads on CUDA).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpp", "torch"),
 }
-IMPLS = ("auto", *_MODULES)
-
 _loaded: dict[str, Backend | str] = {}
 
 
@@ -42,10 +39,16 @@ def load(name: str) -> Backend | str:
     return _loaded[name]
 
 
-def register(name: str, module_path: str, *, auto_on: dict[str, int] | None = None) -> None:
-    """Add a backend module to the table (for out-of-tree backends)."""
-    _MODULES[name] = module_path
+def register(name: str, module_path: str | None = None, *, backend: Backend | None = None,
+             auto_on: dict[str, int] | None = None) -> None:
+    """Add a backend to the table (out-of-tree backends, the benchmarks' null backend):
+    a module path exposing ``BACKEND``, or the Backend itself."""
+    if (module_path is None) == (backend is None):
+        raise ValueError("register needs exactly one of module_path and backend")
+    _MODULES[name] = module_path or f"<registered {name}>"
     _loaded.pop(name, None)
+    if backend is not None:
+        _loaded[name] = backend
     for device_type, position in (auto_on or {}).items():
         order = list(AUTO_ORDER.get(device_type, ()))
         order.insert(position, name)

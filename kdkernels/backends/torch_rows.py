@@ -264,6 +264,11 @@ def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
     return dz if second is None else dz.addcmul_(second, kd, value=-1.0)
 
 
+def _columns(c: torch.Tensor):
+    """col(name): the [rows, 1] coefficient column ``name`` of layouts.COEF."""
+    return lambda name: c[:, getattr(COEF, name), None]
+
+
 def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
     inv_t, cap = _inv_t(spec), spec.student_softcap
     # At T = 1, z == a, so softmax(z) = p * exp((m_a - m_z) + (log_s_a - log_s_z)), a row
@@ -282,7 +287,7 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
             z = z if z is buf_z else buf_z.copy_(z)
         a = _prepare(zs[rows] if z is None else z, None if z is not None else cap, inv_t, buf_p)
         b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_q)
-        col = lambda name: c[:, getattr(COEF, name), None]  # noqa: E731
+        col = _columns(c)
         ce = col("ce")
         ce_p = None
         if ce_is_p:
