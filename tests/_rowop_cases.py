@@ -18,7 +18,6 @@ from kdkernels.backends.base import Backend, RowSpec
 from kdkernels.layouts import COEF, MIX, STATS
 from kdkernels.row_stats import finish, norms
 
-from kdkernels.divergences import NAMES as DIVERGENCES  # noqa: E402  (every table row)
 # Relative error allowed on sums of n fp32 terms of one sign (stats s columns, mix sums).
 RTOL = 2e-5
 STORAGE_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}

@@ -31,6 +31,7 @@ CASES: dict[str, dict[str, Any]] = {
     "skew_forward_kl": dict(divergence="skew_forward_kl", skew=0.2, **_LABELLED),
     "skew_reverse_kl": dict(divergence="skew_reverse_kl", skew=0.2, **_LABELLED),
     "tvd": dict(divergence="tvd", **_LABELLED),
+    "alpha": dict(divergence="alpha", alpha=0.3, **_LABELLED),
     "bias_auto_chunk": dict(divergence="forward_kl", bias=True),
     "softcap_sum_small_workspace": dict(divergence="jsd", student_softcap=3.0,
                                         teacher_softcap=4.0, reduction="sum", labels=True,
@@ -133,6 +134,20 @@ def _grad(t: Any) -> torch.Tensor | None:
         return None
     grad = t.grad
     return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
+def record_plans(log: list) -> None:
+    """Log (width, kept rows, rows per chunk, dz layout) of every chunk plan the driver makes."""
+    from kdkernels import driver
+
+    real = driver.plan_chunks
+
+    def spy(**kw):
+        plan = real(**kw)
+        log.append((kw["width"], kw["n_rows"], plan.rows, plan.dz_layout))
+        return plan
+
+    driver.plan_chunks = spy
 
 
 def run_case(case: dict, rank: int, parts: int, singles: list) -> dict[str, Any]:
@@ -240,10 +255,14 @@ def main(rank: int, parts: int, port: int, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=parts)
     singles = [dist.new_group([r]) for r in range(parts)]  # every rank makes every group
-    results: dict[str, Any] = {"cases": {}, "bad": {}}
+    results: dict[str, Any] = {"cases": {}, "bad": {}, "plans": {}}
+    plans: list = []
+    record_plans(plans)
     try:
         for name, case in CASES.items():
+            plans.clear()
             results["cases"][name] = [run_case(case, rank, parts, singles) for _ in range(2)]
+            results["plans"][name] = list(plans)
         for name in BAD:
             results["bad"][name] = run_bad(name, rank, parts)
     except Exception:

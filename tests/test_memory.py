@@ -161,3 +161,57 @@ def test_gpu_peak_is_the_model():
     model = vocab * ds * 4 + budget + n * ds * 2  # accumulator + workspace + grad_hidden
     slack = 64 * 2**20  # per-chunk rows/labels/stats vectors, allocator rounding
     assert extra <= model + slack, f"{extra / 2**20:.0f} MiB > {(model + slack) / 2**20:.0f}"
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns in fresh memory (not a view of,
+    or an out= into, one of its arguments)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        seen = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+@pytest.mark.parametrize("impl", cpu_impls())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ignored_labels_copy_no_hidden_states(impl, dtype):
+    """Prompt-masked distillation (ignored rows) walks the kept rows a chunk at a time: no
+    [kept, D] copy of either hidden state and no second hidden gradient, only chunk-sized
+    staging and the [N, Ds] gradient itself."""
+    n, chunk = 37, 8
+    h, w, g, u, labels = _inputs(4, n=n, dtype=dtype)
+    labels[::3] = -100
+    kept = int((labels != -100).sum())
+    with _Allocations() as seen:
+        loss = kdkernels.fused_linear_kd_loss(h, w, g, u, labels, impl=impl, chunk_size=chunk,
+                                              ce_weight=0.2)
+        loss.backward()
+    vocab = w.shape[0]
+    hidden = [s for s in seen.shapes if len(s) == 2 and s[0] != vocab]  # not head-shaped
+    for d in (h.shape[1], g.shape[1]):
+        assert (kept, d) not in hidden, f"a [kept, {d}] copy of a hidden state: {hidden}"
+        assert all(rows <= chunk for rows, cols in hidden if cols == d and rows != n), hidden
+    assert (n, g.shape[1]) not in hidden  # the teacher's hidden states are never copied
+    assert hidden.count((n, h.shape[1])) == 1, hidden  # grad_hidden, once
+    # and the result is the oracle's (the gathered rows are the right ones)
+    from kdkernels.reference import reference_fused_linear_kd_loss
+
+    h64 = h.detach().double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    ref = reference_fused_linear_kd_loss(h64, w64, g.double(), u.double(), labels,
+                                         ce_weight=0.2)["loss"]
+    ref.backward()
+    # fp32: 1e-5 covers the fp32 row math; bf16: GEMMs and gradients in bf16 (2^-8 per value)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(float(loss) - float(ref)) <= tol * abs(float(ref))
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=tol, atol=tol * 0.1)
+    assert not h.grad[labels == -100].any()

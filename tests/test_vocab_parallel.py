@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels.parallel import VocabParallel, _check_tiling
+from kdkernels.parallel import VocabParallel
+from kdkernels.parallel.reducer import check_tiling as _check_tiling
 from kdkernels.reference import reference_fused_linear_kd_loss, reference_kd_loss
 
 from ._helpers import rel_err
@@ -168,6 +169,30 @@ def test_identical_on_every_rank_and_run(parts, tmp_path_factory):
             vals = [runs[r][0].get(key) for r in range(parts)]
             if vals[0] is not None:
                 assert all(torch.equal(v, vals[0]) for v in vals), (name, key, "ranks differ")
+
+
+@pytest.mark.parametrize("parts", WORLDS)
+def test_chunks_match_a_single_process_of_the_widest_shard(parts, tmp_path_factory, monkeypatch):
+    """Every rank plans its chunks with the single-process planner for the widest shard:
+    balanced, charging dL/dz only where it has a buffer of its own."""
+    res = world(parts, tmp_path_factory)
+    name = "softcap_sum_small_workspace"  # sized by its workspace budget, not chunk_size
+    widest = max(W.widths(W.V, parts))
+    case = dict(W.CASES[name])
+    x = W.make_inputs(case, parts)
+    labels = x["labels"].clamp(max=widest - 1)
+    labels[list(W.IGNORED_ROWS)] = W.IGNORE
+    single: list = []
+    monkeypatch.setattr(kdkernels.driver, "plan_chunks", kdkernels.driver.plan_chunks)
+    W.record_plans(single)  # undone by monkeypatch
+    h = x["h"].clone().requires_grad_()
+    w = x["w"][:widest].clone().requires_grad_()
+    kdkernels.fused_linear_kd_loss(h, w, x["g"], x["u"][:widest], labels,
+                                   **W.options(case)).backward()
+    assert len(single) == 1
+    for r, rr in enumerate(res):
+        plans = rr["plans"][name]
+        assert plans and all(p == single[0] for p in plans), (r, plans, single)
 
 
 @pytest.mark.parametrize("bad", list(W.BAD))
