@@ -159,7 +159,7 @@ def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
 
     _, backend, _, _ = _selected_backend(inputs, impl)
     null = null_like(backend)
-    registry.register(null.name, backend=null)
+    registry.register(null.name, backend=null, listed=False)
 
     def run(inp: Inputs) -> None:
         kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=null.name,

@@ -222,7 +222,8 @@ def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome
     unit = 1.0 if opts.reduction == "none" else 1.0 / norm
     row_scale = None
     if want_grad:
-        row_scale = torch.full((n,), unit, dtype=torch.float32, device=zs.device)
+        acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
+        row_scale = torch.full((n,), unit, dtype=acc, device=zs.device)
         if keep is not None:
             row_scale = torch.where(keep, row_scale, torch.zeros_like(row_scale))
     kd, ce, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,

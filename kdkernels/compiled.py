@@ -137,8 +137,8 @@ def _fused_backward_fake(*args: Any) -> tuple[Tensor, ...]:
             torch.empty_like(bs) if want[2] and bs is not None else h.new_empty(0))
 
 
-def _define(schema: _Schema, impl, fake):
-    op = torch.library.custom_op(f"{_NAMESPACE}::{schema.name}", impl, mutates_args=(),
+def _define(schema: _Schema, body, fake):
+    op = torch.library.custom_op(f"{_NAMESPACE}::{schema.name}", body, mutates_args=(),
                                  schema=schema.text)
     op.register_fake(fake)
     return op

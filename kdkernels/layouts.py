@@ -4,7 +4,7 @@ Triton.
 ``csrc/row_math.h`` spells each layout as an enum (``enum Stat : int { kStatMA = 0, ... }``,
 last entry the count); ``tests/test_layouts.py`` parses the header and checks it against
 these tables. The Triton kernels take their column indices from here at import
-(``triton_kernels/common.py``), so they cannot drift.
+(``triton_kernels/common.py``, ``row_math.py``), so they cannot drift.
 """
 
 from __future__ import annotations

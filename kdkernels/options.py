@@ -131,9 +131,14 @@ class KDOptions:
     def values(self) -> tuple:
         """Every option the user gave, in field order (what ranks and the compile op agree
         on); ``option_fields()`` names them."""
-        return tuple(getattr(self, f.name) for f in option_fields())
+        return tuple(getattr(self, name) for name in _OPTION_NAMES)
+
+
+# Read once at import: torch.compile traces a tuple of names, not dataclasses.fields().
+_OPTION_FIELDS = tuple(f for f in fields(KDOptions) if f.init)
+_OPTION_NAMES = tuple(f.name for f in _OPTION_FIELDS)
 
 
 def option_fields() -> tuple:
     """The user-facing fields of KDOptions, in order: the one list of the options."""
-    return tuple(f for f in fields(KDOptions) if f.init)
+    return _OPTION_FIELDS

@@ -15,8 +15,11 @@ import torch
 
 from kdkernels.backends import torch_rows
 from kdkernels.backends.base import Backend, RowSpec
+from kdkernels.divergences import NAMES
 from kdkernels.layouts import COEF, MIX, STATS
 from kdkernels.row_stats import finish, norms
+
+DIVERGENCES = NAMES  # every row of the divergence table
 
 # Relative error allowed on sums of n fp32 terms of one sign (stats s columns, mix sums).
 RTOL = 2e-5

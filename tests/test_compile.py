@@ -24,8 +24,9 @@ def _no_autograd_cache():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_fullgraph_matches_eager(impl, reduction):
+@pytest.mark.parametrize(("reduction", "divergence"), [("mean", "jsd"), ("none", "jsd"),
+                                                       ("mean", "alpha")])
+def test_fullgraph_matches_eager(impl, reduction, divergence):
     torch._dynamo.reset()
     h = torch.randn(3, 5, 16, requires_grad=True)
     w = torch.randn(301, 16, requires_grad=True)
@@ -36,7 +37,8 @@ def test_fullgraph_matches_eager(impl, reduction):
 
     def loss_fn(h, w, b, g, u, labels):
         out = kdkernels.fused_linear_kd_loss(h, w, g, u, labels, student_bias=b,
-                                             divergence="jsd", temperature=2.0, ce_weight=0.3,
+                                             divergence=divergence, alpha=0.3,
+                                             temperature=2.0, ce_weight=0.3,
                                              reduction=reduction, impl=impl, chunk_size=4)
         return out.sum() * 1.5  # grad_output != 1 through the graph
 
@@ -110,7 +112,8 @@ def _compiled_and_eager(fn, zs, *args):
 # Same eager kernels inside the op: identical up to the graph's summation order.
 TIGHT = {"rtol": 1e-6, "atol": 1e-7}
 CASES = [(impl, red, div) for impl in IMPLS for red, div in
-         [("mean", "jsd"), ("sum", "forward_kl"), ("none", "jsd"), ("mean", "forward_kl")]]
+         [("mean", "jsd"), ("sum", "forward_kl"), ("none", "jsd"), ("mean", "forward_kl"),
+          ("none", "alpha")]]
 
 
 @pytest.mark.parametrize(("impl", "reduction", "divergence"), CASES)
@@ -208,8 +211,12 @@ def test_kd_loss_compiled_vocab_parallel_not_supported():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_kd_loss_opcheck(reduction):
     zs, zt, labels = _logits((7,), 23, 19, seed=5)
-    args = (zs.detach().requires_grad_(), zt, labels, True, "jsd", 0.4, 0.1, 1.5, True, 1.0,
-            0.2, None, 10.0, -100, reduction, None, 3, None, "torch", False)
+    from kdkernels.options import KDOptions
+
+    opts = KDOptions(divergence="jsd", beta=0.4, temperature=1.5, ce_weight=0.2,
+                     teacher_softcap=10.0, reduction=reduction, chunk_size=3, impl="torch")
+    # the op's options are KDOptions' fields in order: no hand-written list
+    args = (zs.detach().requires_grad_(), zt, labels, True, *opts.values())
     torch.library.opcheck(torch.ops.kdkernels.kd_loss.default, args)
 
 

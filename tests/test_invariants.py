@@ -189,7 +189,7 @@ def test_skew_matches_distillm(impl, reverse, lam):
     torch.testing.assert_close(z32.grad.double(), g_ref, rtol=1e-4, atol=1e-7)
 
 
-def test_reference_is_the_oracle_of_itself():
+def test_reference_jsd_matches_trls_formula():
     """The oracle's JSD at beta in (0,1) agrees with TRL's formula (independent code)."""
     zs, zt = torch.randn(7, 30, dtype=torch.float64), torch.randn(7, 30, dtype=torch.float64)
     labels = torch.arange(7)

@@ -54,6 +54,7 @@ def loss_options(draw, n):
         divergence=div,
         beta=draw(unit),
         skew=draw(unit),
+        alpha=draw(st.one_of(st.sampled_from([0.5, 0.05, 0.95]), st.floats(0.02, 0.98))),
         temperature=draw(st.one_of(st.sampled_from([0.25, 1.0, 8.0]), st.floats(0.25, 8.0))),
         scale_by_t2=draw(st.booleans()),
         kd_weight=draw(st.sampled_from([1.0, 0.5])),

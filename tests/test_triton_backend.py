@@ -381,18 +381,19 @@ def test_alpha_mix_is_exactly_zero_at_equal_logits():
 # ---- kernel constants from the Python tables ----------------------------------------------
 
 def test_kernel_codes_and_columns_come_from_the_tables():
-    from kdkernels.triton_kernels import common
+    from kdkernels.triton_kernels import common, row_math
 
-    assert common.DIVERGENCE_CODES == {d.name: d.code for d in divergences.TABLE}
+    assert row_math.DIVERGENCE_CODES == {d.name: d.code for d in divergences.TABLE}
     for d in divergences.TABLE:  # every table row has its DIV constexpr, with its code
-        assert getattr(common, d.name.upper()).value == d.code, d.name
+        assert getattr(row_math, d.name.upper()).value == d.code, d.name
     for prefix, layout in (("S", STATS), ("MIX", MIX), ("NORM", NORMS), ("C", COEF)):
         for name in layout:
             assert getattr(common, f"{prefix}_{name.upper()}").value == getattr(layout, name)
     assert common.N_STATS.value == len(STATS) and common.N_MIX.value == len(MIX)
-    for prefix, table in (("MIX", layouts.MIX_KINDS), ("WEIGHT", layouts.STATS_WEIGHTS)):
+    for module, prefix, table in ((row_math, "MIX", layouts.MIX_KINDS),
+                                  (common, "WEIGHT", layouts.STATS_WEIGHTS)):
         for name in table:
-            assert getattr(common, f"{prefix}_{name.upper()}").value == getattr(table, name)
+            assert getattr(module, f"{prefix}_{name.upper()}").value == getattr(table, name)
 
 
 def test_kernels_hold_no_integer_column_index_or_stride():
@@ -400,7 +401,7 @@ def test_kernels_hold_no_integer_column_index_or_stride():
     layout): each comes from common.py's constexprs, i.e. from layouts.py."""
     from kdkernels.triton_kernels import grad, mix, stats
 
-    for module in (stats, mix, grad):
+    for module in (stats, mix, grad):  # row_math.py holds element math, not layouts
         for node in ast.walk(ast.parse(inspect.getsource(module))):
             if isinstance(node, ast.BinOp):
                 for side in (node.left, node.right):

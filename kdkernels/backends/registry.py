@@ -26,6 +26,7 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpp", "torch"),
 }
 _loaded: dict[str, Backend | str] = {}
+_HIDDEN: set[str] = set()  # registered with listed=False
 
 
 def load(name: str) -> Backend | str:
@@ -40,15 +41,18 @@ def load(name: str) -> Backend | str:
 
 
 def register(name: str, module_path: str | None = None, *, backend: Backend | None = None,
-             auto_on: dict[str, int] | None = None) -> None:
+             auto_on: dict[str, int] | None = None, listed: bool = True) -> None:
     """Add a backend to the table (out-of-tree backends, the benchmarks' null backend):
-    a module path exposing ``BACKEND``, or the Backend itself."""
+    a module path exposing ``BACKEND``, or the Backend itself. ``listed=False`` keeps it out
+    of error messages and ``available()`` (a tool, not a choice for users)."""
     if (module_path is None) == (backend is None):
         raise ValueError("register needs exactly one of module_path and backend")
     _MODULES[name] = module_path or f"<registered {name}>"
     _loaded.pop(name, None)
     if backend is not None:
         _loaded[name] = backend
+    if not listed:
+        _HIDDEN.add(name)
     for device_type, position in (auto_on or {}).items():
         order = list(AUTO_ORDER.get(device_type, ()))
         order.insert(position, name)
@@ -64,7 +68,8 @@ def reasons(name: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) 
 
 def select(impl: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) -> Backend:
     if impl not in _MODULES and impl != "auto":
-        raise ValueError(f"impl must be one of {', '.join(('auto', *_MODULES))}; got {impl!r}")
+        listed = [name for name in _MODULES if name not in _HIDDEN]
+        raise ValueError(f"impl must be one of {', '.join(('auto', *listed))}; got {impl!r}")
     if impl != "auto":
         why = reasons(impl, device, dtype, spec)
         if why:
@@ -81,4 +86,5 @@ def select(impl: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) -
 
 def available() -> dict[str, str]:
     """Backend name -> 'ok' or the reason it cannot load."""
-    return {name: ("ok" if not isinstance(load(name), str) else load(name)) for name in _MODULES}
+    return {name: ("ok" if not isinstance(load(name), str) else load(name)) for name in _MODULES
+            if name not in _HIDDEN}

@@ -5,8 +5,8 @@ block's math runs in a few preallocated scratch buffers with in-place / ``out=``
 op allocates a [C, V] result. On CPUs a block's buffers are a few MiB: they stay in cache,
 every pass but the exps costs little, and no fresh pages are faulted in per op (a newly
 allocated 256 MiB temporary cost more than the exp written into it). Elsewhere a block is
-normally the whole chunk. Measured (bench/row_ops_cpu.py, 2 shared EPYC cores, S1 fp32,
-forward_kl): stats + grad 0.26-0.32 s, against 1.6-1.8 s with whole-chunk temporaries.
+normally the whole chunk (README "Backends" has the measurements, bench/row_ops_cpu.py
+takes them).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from .base import Backend, RowSpec
 # each [rows of a block, V] with a block no larger than the chunk (grad: z, log p, log q and
 # one work buffer; mix: log p, log q, log-mixture, probabilities; stats: a, b, exp).
 _TEMPS = 4
-# Elements per scratch buffer: on CPUs 2 MiB of fp32, or 256 KiB per thread if more (on 2
-# EPYC cores, 8 to 32 rows of V = 32000 ran each op 3-10x faster than whole-chunk buffers;
-# 2 rows, 2x slower again: per-op overhead); 256 MiB elsewhere, where per-op launch costs
-# favour big blocks and the caching allocator makes buffers cheap.
+# Elements per scratch buffer: on CPUs 2 MiB of fp32, or 256 KiB per thread if more (blocks
+# of a few rows stay in cache; a block of 1-2 rows pays per-op overhead instead); 256 MiB
+# elsewhere, where per-op launch costs favour big blocks and the caching allocator makes
+# buffers cheap.
 _CPU_BLOCK_ELEMS = 1 << 19
 _CPU_BLOCK_ELEMS_PER_THREAD = 1 << 16
 _DEVICE_BLOCK_ELEMS = 1 << 26

@@ -43,10 +43,9 @@ _GPU_TILE = 2048  # small V: pack rows until a tile has this many elements
 _PROGRAMS_PER_SM = 8  # enough resident programs to hide load latency in the stats loop
 _MIN_BLOCKS_PER_SPLIT = 4  # a vocab split walks at least this many blocks
 _MERGE_TILE = 1024  # partials per merge program (len(STATS) loads each: few registers)
-# Elements each thread loads per step and tensor. Measured on an H200 (stats pass, 820 x
-# 128256 fp32 logits): 16 per thread reach 86-88% of copy bandwidth (2048 x 4 warps,
-# 4096 x 8, 8192 x 16), 8 per thread only 65-74% (1024 x 4, 2048 x 8, 4096 x 16): a
-# reduction loop needs that many loads in flight. The grad pass is at 98% either way.
+# Elements each thread loads per step and tensor: a reduction loop needs that many loads in
+# flight to approach copy bandwidth (8 per thread fell well short on an H200; README
+# "Backends" has the figures).
 _ELEMS_PER_THREAD = 16
 # Interpreter: each program instance costs milliseconds of Python, so use big tiles.
 _CPU_BLOCK_V = 8192

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ..layouts import STATS, Columns
 from ..row_stats import merge_partials
 from .collectives import all_gather
 
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
 
 _HEADER_MAGIC = 4242.0  # marks a header row; exactly representable in fp32
 _ID_LIMIT = 2**24  # integers below this are exact in fp32 header rows
+# The header row prepended to each chunk's stats (as wide as a stats row): what every rank
+# must agree on (the settings checksum in three 12-bit parts, chunk index, chunk rows, the
+# group size, the magic) and the shard bounds that must tile the vocabulary.
+HEADER = Columns("Header", ("crc_lo", "crc_mid", "crc_hi", "chunk", "rows", "vocab_start",
+                            "width", "size", "magic"))
+_AGREED = ("crc_lo", "crc_mid", "crc_hi", "chunk", "rows", "size", "magic")
+assert len(HEADER) == len(STATS)
 
 
 class VocabParallelReducer:
@@ -44,21 +52,24 @@ class VocabParallelReducer:
         return self.layout.max_width
 
     def _header(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        vals = [self._crc & 0xFFF, (self._crc >> 12) & 0xFFF, self._crc >> 24,
-                self._chunk % _ID_LIMIT, rows % _ID_LIMIT, self.vocab_start % _ID_LIMIT,
-                self.layout.widths[self.layout.rank] % _ID_LIMIT, float(self.size),
-                _HEADER_MAGIC]
-        return torch.tensor([vals], dtype=like.dtype, device=like.device)
+        vals = dict(crc_lo=self._crc & 0xFFF, crc_mid=(self._crc >> 12) & 0xFFF,
+                    crc_hi=self._crc >> 24, chunk=self._chunk % _ID_LIMIT,
+                    rows=rows % _ID_LIMIT, vocab_start=self.vocab_start % _ID_LIMIT,
+                    width=self.layout.widths[self.layout.rank] % _ID_LIMIT,
+                    size=float(self.size), magic=_HEADER_MAGIC)
+        return torch.tensor([[vals[name] for name in HEADER]], dtype=like.dtype,
+                            device=like.device)
 
     def _verify(self, headers: torch.Tensor) -> None:
         """Same decision on every rank: it only reads the gathered headers."""
-        h = headers.tolist()
-        if any(row[:5] != h[0][:5] or row[7:] != h[0][7:] for row in h):
+        h = [dict(zip(HEADER, row, strict=True)) for row in headers.tolist()]
+        agreed = [tuple(row[k] for k in _AGREED) for row in h]
+        if any(a != agreed[0] for a in agreed):
             raise RuntimeError(
                 f"vocab_parallel: ranks disagree on the loss call (settings checksum, chunk "
-                f"index or chunk rows differ: {[row[:5] for row in h]}); call the loss with "
-                f"the same options and replicated hidden states and labels on every rank")
-        check_tiling([int(row[5]) for row in h], [int(row[6]) for row in h])
+                f"index or chunk rows differ: {agreed}); call the loss with the same options "
+                f"and replicated hidden states and labels on every rank")
+        check_tiling([int(row["vocab_start"]) for row in h], [int(row["width"]) for row in h])
 
     def merge_stats(self, partial: torch.Tensor) -> torch.Tensor:
         rows = partial.shape[0]

@@ -11,8 +11,6 @@ from .. import reference
 from ..api import KDComponents, fused_linear_kd_loss
 from . import models
 
-LOSS_KEYS = ("divergence", "beta", "temperature", "kd_weight", "ce_weight", "impl")
-
 
 class DistillObjective(nn.Module):
     """forward(input_ids, teacher_hidden, teacher_weight, num_items) -> KDComponents.

@@ -1,7 +1,8 @@
 """@triton.jit kernels of the Triton backend, one module per row-op stage.
 
-common.py  element-wise helpers (softcap, log-mixtures) and the constexpr names: divergence
-           codes (divergences.TABLE), layout columns and flag values (layouts.py)
+common.py    loading, softcap, rounding, and the layout columns and flag values (layouts.py)
+row_math.py  the divergences' element math (mix terms, gradient G) and their DIV codes
+             (divergences.TABLE): the one Triton file a new divergence touches
 stats.py   online (max, sum, weighted sum) partials per (row block, vocab split) + merge
 mix.py     the two plain sums of JSD / skew KL / TVD / alpha per (row block, vocab split)
 grad.py    dL/dz of the student, written over a [BLOCK_R, BLOCK_V] tile

@@ -1,6 +1,6 @@
-"""Element-wise helpers shared by the row kernels, and the constexpr names they share: the
-divergence codes (divergences.TABLE), the column indices of the row-op layouts
-(layouts.py) and the flag values of the row constants (MIX_KINDS, STATS_WEIGHTS).
+"""Helpers shared by the row kernels (loading, softcap, rounding) and the constexpr names
+they share: the column indices of the row-op layouts (layouts.py) and the stats-weight
+flags (STATS_WEIGHTS). The divergences' own element math and codes are in row_math.py.
 
 Triton kernels can read only tl.constexpr globals, so each index is one here, taken from
 the Python tables at import: the kernels hold no integer column index or code of their own.
@@ -16,28 +16,12 @@ import os
 import triton
 import triton.language as tl
 
-from ..divergences import BY_NAME, TABLE
-from ..layouts import COEF, MIX, MIX_KINDS, NORMS, STATS, STATS_WEIGHTS
+from ..layouts import COEF, MIX, NORMS, STATS, STATS_WEIGHTS
 
 # Helpers called from kernels. Under the CPU interpreter each nested @triton.jit call
 # re-patches triton.language (~5 ms, most of a small launch), so there they are plain
 # Python functions run inside the caller's patched scope; compiled, they are @triton.jit.
 helper = (lambda fn: fn) if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit
-
-# DIV constexpr of the mix and gradient kernels.
-FORWARD_KL = tl.constexpr(BY_NAME["forward_kl"].code)
-REVERSE_KL = tl.constexpr(BY_NAME["reverse_kl"].code)
-JSD = tl.constexpr(BY_NAME["jsd"].code)
-SKEW_FORWARD_KL = tl.constexpr(BY_NAME["skew_forward_kl"].code)
-SKEW_REVERSE_KL = tl.constexpr(BY_NAME["skew_reverse_kl"].code)
-TVD = tl.constexpr(BY_NAME["tvd"].code)
-ALPHA = tl.constexpr(BY_NAME["alpha"].code)
-DIVERGENCE_CODES = {d.name: d.code for d in TABLE}
-
-# MIX_KIND constexpr: which terms the log-mixture log(w_q q + (1 - w_q) p) has.
-MIX_BOTH = tl.constexpr(MIX_KINDS.both)
-MIX_ONLY_Q = tl.constexpr(MIX_KINDS.only_q)  # w_q == 1: log m = log q exactly
-MIX_ONLY_P = tl.constexpr(MIX_KINDS.only_p)  # w_q == 0: log m = log p exactly
 
 # STATS_WEIGHT constexpr of the stats kernel: which weighted sum it keeps.
 WEIGHT_NONE = tl.constexpr(STATS_WEIGHTS.none)
@@ -91,35 +75,6 @@ def softcap(x, cap):
     t_small = ay * (1.0 - y2 * (1.0 / 3.0 - y2 * (2.0 / 15.0)))
     t = tl.where(ay < 0.0625, t_small, t_big)
     return cap * tl.where(y < 0, -t, t)
-
-
-@helper
-def log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND: tl.constexpr):
-    """log(w_q * q + (1 - w_q) * p) as a logaddexp of the log-probs, log_w_p = log(1 - w_q);
-    exact when a weight is 0, -inf (not NaN) when both terms are."""
-    if MIX_KIND == MIX_ONLY_Q:
-        return logq
-    elif MIX_KIND == MIX_ONLY_P:
-        return logp
-    else:
-        x = logq + log_w_q
-        y = logp + log_w_p
-        hi = tl.maximum(x, y)
-        lo = tl.minimum(x, y)
-        finite_hi = tl.where(hi == float("-inf"), 0.0, hi)
-        out = finite_hi + tl.log(1.0 + tl.exp(lo - finite_hi))
-        out = tl.where(hi == float("-inf"), float("-inf"), out)
-        # max/min return the other operand for a NaN (IEEE maxNum, on GPUs and in the
-        # interpreter): put the NaN back so that NaN logits give a NaN loss.
-        return tl.where((x != x) | (y != y), x + y, out)
-
-
-@helper
-def log_geo(logq, logp, w_q):
-    """log(q^w_q p^(1 - w_q)) of the alpha divergence: log p itself where log q == log p
-    (exact at q = p), else the weighted sum, which is -inf (not NaN) when either log-prob
-    is -inf and NaN when either is NaN."""
-    return tl.where(logq == logp, logp, w_q * logq + (1.0 - w_q) * logp)
 
 
 @helper

@@ -8,7 +8,6 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ALPHA,
     C_AUX,
     C_CE,
     C_KD,
@@ -18,25 +17,11 @@ from .common import (
     C_M_A,
     C_M_B,
     C_M_Z,
-    FORWARD_KL,
-    JSD,
-    MIX_ONLY_Q,
-    REVERSE_KL,
-    SKEW_FORWARD_KL,
-    SKEW_REVERSE_KL,
-    TVD,
     helper,
     load_logits,
-    log_geo,
-    log_mix,
     round_to_bf16,
 )
-
-
-@helper
-def _p_times(p, x):
-    # p * x with 0 where p == 0 (underflow or -inf logit: x may be infinite there).
-    return tl.where(p == 0.0, 0.0, p * x)
+from .row_math import soft_grad
 
 
 @helper
@@ -53,27 +38,7 @@ def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
     logp = (a - m_a[:, None]) - log_s_a[:, None]  # not a - lse: see backends/base.py
     logq = (b - m_b[:, None]) - log_s_b[:, None]
     p = tl.exp(logp)
-    if DIV == FORWARD_KL:
-        g = p - tl.exp(logq)
-    elif DIV == REVERSE_KL:
-        g = _p_times(p, logp - logq - aux[:, None])
-    elif DIV == TVD:
-        diff = p - tl.exp(logq)
-        half_sign = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
-        g = p * (half_sign - aux[:, None])
-    elif DIV == ALPHA:  # w_q = alpha, k_div = -1 / alpha
-        g = k_div * (tl.exp(log_geo(logq, logp, w_q)) - p * aux[:, None])
-    else:
-        logm = log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND)
-        if DIV == JSD:
-            g = k_div * _p_times(p, logp - logm - aux[:, None])
-        elif DIV == SKEW_FORWARD_KL:
-            g = k_div * (tl.exp(logp + logq - logm) - p * aux[:, None])
-        else:
-            tl.static_assert(DIV == SKEW_REVERSE_KL)
-            g = _p_times(p, logp - logm - aux[:, None])
-            if MIX_KIND != MIX_ONLY_Q:  # skew > 0: p / m <= 1 / skew, no overflow
-                g -= tl.exp(log_w_p + 2.0 * logp - logm)  # skew p^2 / m <= p, log skew
+    g = soft_grad(logp, logq, p, aux[:, None], w_q, log_w_q, log_w_p, k_div, DIV, MIX_KIND)
     dz = kd[:, None] * g
     if HAS_CE:
         if TEMPERED:

@@ -8,30 +8,16 @@ import triton
 import triton.language as tl
 
 from .common import (
-    ALPHA,
-    JSD,
     MIX_C0,
     MIX_C1,
-    MIX_ONLY_Q,
     N_MIX,
     NORM_LOG_S_A,
     NORM_LOG_S_B,
     NORM_M_A,
     NORM_M_B,
-    SKEW_FORWARD_KL,
-    SKEW_REVERSE_KL,
-    TVD,
-    helper,
     load_logits,
-    log_geo,
-    log_mix,
 )
-
-
-@helper
-def _xlogy_diff(w, logx, logm):
-    # w * (log x - log m) with 0 where w == 0 (masked lanes, underflow); NaN stays NaN.
-    return tl.where(w == 0.0, 0.0, w * (logx - logm))
+from .row_math import mix_terms
 
 
 @triton.jit
@@ -61,31 +47,7 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
         _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
         logp = (a - m_a) - log_s_a  # not a - lse: see backends/base.py
         logq = (b - m_b) - log_s_b
-        p = tl.exp(logp)
-        q = tl.exp(logq)
-        if DIV == TVD:
-            diff = p - q
-            t0 = 0.5 * tl.abs(diff)
-            t1 = tl.where(diff > 0, 0.5 * p, tl.where(diff < 0, -0.5 * p, 0.0))
-        elif DIV == ALPHA:
-            t1 = tl.exp(log_geo(logq, logp, w_q))  # q^alpha p^(1-alpha), w_q = alpha
-            # >= 0 (weighted AM-GM) and exactly 0 where q == p; 0 where p = q = 0
-            t0 = p + w_q * (q - p) - t1
-        else:
-            logm = log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND)
-            if DIV == JSD:
-                t0 = _xlogy_diff(q, logq, logm)
-                t1 = _xlogy_diff(p, logp, logm)
-            elif DIV == SKEW_FORWARD_KL:
-                t0 = _xlogy_diff(q, logq, logm)
-                t1 = tl.exp(logq + logp - logm)  # q p / m without dividing underflowed probs
-            else:
-                tl.static_assert(DIV == SKEW_REVERSE_KL)
-                t0 = _xlogy_diff(p, logp, logm)
-                if MIX_KIND == MIX_ONLY_Q:  # skew 0: the term is absent (p / q may overflow)
-                    t1 = tl.zeros_like(t0)
-                else:
-                    t1 = tl.exp(log_w_p + 2.0 * logp - logm)  # skew p^2 / m <= p
+        t0, t1 = mix_terms(logp, logq, w_q, log_w_q, log_w_p, DIV, MIX_KIND)
         acc0 += tl.sum(tl.where(mask, t0, 0.0), axis=1)  # masked lanes: finite junk
         acc1 += tl.sum(tl.where(mask, t1, 0.0), axis=1)
     out = part_ptr + (split.to(tl.int64) * n_rows + rows) * N_MIX

@@ -1,0 +1,133 @@
+"""The structure that makes a divergence or an option cheap to add: one divergence table,
+options as one object (the compile schema, the vocab-parallel checksum derive from it), an
+oracle that shares no code with what it judges."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import compiled, divergences
+from kdkernels.backends.base import RowSpec
+from kdkernels.layouts import CONSTS, MIX_KINDS, STATS_WEIGHTS
+from kdkernels.options import KDOptions, option_fields
+from kdkernels.parallel.layout import _checksum, settings_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_table_is_the_list_of_divergences():
+    assert kdkernels.DIVERGENCES == tuple(d.name for d in divergences.TABLE)
+    assert [d.code for d in divergences.TABLE] == list(range(len(divergences.TABLE)))
+    names = {f.name for f in option_fields()}
+    for d in divergences.TABLE:
+        assert set(d.params) <= names, (d.name, d.params)
+        assert d.stats_weight in STATS_WEIGHTS
+        # a divergence computed from the stats alone keeps one weighted sum; a mix one none
+        assert (d.stats_weight == "none") == d.needs_mix, d.name
+
+
+@pytest.mark.parametrize("name", kdkernels.DIVERGENCES)
+def test_row_constants_come_from_the_table(name):
+    opts = KDOptions(divergence=name, beta=0.3, skew=0.2, alpha=0.7, temperature=2.0,
+                     student_softcap=5.0)
+    spec = RowSpec.from_options(opts, True)
+    div = divergences.get(spec.divergence)
+    w_q, k_div = div.mixture(opts.divergence_params(div))
+    assert len(spec.consts) == len(CONSTS)
+    assert spec.const("inv_t") == 0.5 and spec.tempered and spec.const("tempered") == 1.0
+    assert spec.const("cap_s") == 5.0 and spec.const("cap_t") == 0.0
+    assert spec.const("w_q") == w_q and spec.const("k_div") == k_div
+    assert spec.const("stats_weight") == getattr(STATS_WEIGHTS, div.stats_weight)
+    assert spec.needs_mix == div.needs_mix and spec.code == div.code
+
+
+def test_exact_mixture_weights_are_flagged():
+    for skew, kind in ((0.0, "only_q"), (1.0, "only_p"), (0.4, "both")):
+        spec = RowSpec.build("skew_reverse_kl", skew=skew)  # w_q = 1 - skew
+        assert spec.const("mix_kind") == getattr(MIX_KINDS, kind)
+    assert not RowSpec.build("forward_kl", temperature=1.0).tempered
+
+
+def test_jsd_folds_at_the_ends_of_beta():
+    assert RowSpec.build("jsd", beta=0.0).divergence == "forward_kl"
+    assert RowSpec.build("jsd", beta=1.0).divergence == "reverse_kl"
+    assert RowSpec.build("jsd", beta=0.5).divergence == "jsd"
+
+
+def test_compile_schema_is_derived_from_the_options():
+    names = [f.name for f in option_fields()]
+    for op in (torch.ops.kdkernels.fused_linear_kd, torch.ops.kdkernels.kd_loss,
+               torch.ops.kdkernels.fused_linear_kd_backward):
+        args = [a.name for a in op.default._schema.arguments]
+        assert args[-len(names):] == names, (op, args)
+    assert compiled.OPTION_NAMES == tuple(names)
+
+
+def test_compile_module_lists_no_option_by_hand():
+    """Nothing in compiled.py names an option except through the dataclass."""
+    tree = ast.parse((ROOT / "kdkernels" / "compiled.py").read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+               and isinstance(n.value, str)}
+    idents = {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
+    # "reduction" and "return_components" are read by name where the op must know them
+    allowed = {"reduction", "return_components"}
+    listed = ({f.name for f in option_fields()} - allowed) & (strings | idents)
+    assert not listed, f"compiled.py lists options by hand: {sorted(listed)}"
+
+
+def test_vocab_parallel_settings_cover_every_option():
+    base = KDOptions()
+    key = _checksum(settings_key(base))
+    changed = dict(divergence="tvd", beta=0.4, skew=0.3, alpha=0.25, temperature=2.0,
+                   scale_by_t2=False, kd_weight=0.5, ce_weight=0.1, student_softcap=3.0,
+                   teacher_softcap=4.0, ignore_index=-1, reduction="sum", num_items=7.0,
+                   chunk_size=3, max_workspace_bytes=1 << 20, impl="torch",
+                   return_components=True)
+    assert set(changed) == {f.name for f in option_fields()}, "a new option needs a case here"
+    for name, value in changed.items():
+        other = dataclasses.replace(base, **{name: value})
+        assert _checksum(settings_key(other)) != key, name
+
+
+def test_the_oracle_imports_nothing_from_the_package():
+    tree = ast.parse((ROOT / "kdkernels" / "reference.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("kdkernels"), (
+                ast.dump(node))
+        elif isinstance(node, ast.Import):
+            assert all(not a.name.startswith("kdkernels") for a in node.names)
+
+
+def test_public_signatures_take_alpha_after_skew():
+    import inspect
+
+    for fn in (kdkernels.fused_linear_kd_loss, kdkernels.kd_loss):
+        params = list(inspect.signature(fn).parameters)
+        assert params[params.index("skew") + 1] == "alpha", fn.__name__
+        p = inspect.signature(fn).parameters["alpha"]
+        assert p.kind is p.KEYWORD_ONLY and p.default == 0.5
+    fields = [f.name for f in option_fields()]
+    assert fields[fields.index("skew") + 1] == "alpha"
+    assert kdkernels.FusedLinearKDLoss(divergence="alpha", alpha=0.3).options["alpha"] == 0.3
+    with pytest.raises(ValueError, match="alpha must be in the open interval"):
+        kdkernels.FusedLinearKDLoss(alpha=1.0)
+
+
+def test_no_stats_column_literals_in_the_driver_and_reducers():
+    """Stats and coefficient columns are named (layouts.py), not integer literals."""
+    for rel in ("driver.py", "row_stats.py", "divergences.py", "parallel/reducer.py"):
+        tree = ast.parse((ROOT / "kdkernels" / rel).read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Subscript):
+                for sub in ast.walk(node.slice):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, int) and \
+                            sub.value > 1:
+                        raise AssertionError(f"{rel}:{node.lineno}: column literal "
+                                             f"{sub.value}")
