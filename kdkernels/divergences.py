@@ -9,7 +9,7 @@ statistics to (divergence, aux) per row.
 
 With p = softmax(a) the student and q = softmax(b) the teacher (both at temperature T),
 the row scalar ``aux`` is what the element-wise gradient needs besides the log-normalisers
-(backends/base.py has the gradient formulas):
+(the gradients G are listed below):
 
     forward_kl       KL(q||p) = E_q[b-a] - (lse_b - lse_a)          aux = 0
     reverse_kl       KL(p||q) = E_p[a-b] + (lse_b - lse_a)          aux = KL(p||q)
@@ -26,9 +26,25 @@ the row scalar ``aux`` is what the element-wise gradient needs besides the log-n
                      (the first sum has non-negative terms by weighted AM-GM and is exactly 0
                      when q = p, unlike 1 - sum w)
 
+The gradient with respect to the student logits (backends/base.py has the rest of the
+formula: dz = kd * G + the CE term, times the softcap derivative; logm is the log of the
+divergence's mixture w_q q + (1 - w_q) p) uses, for each divergence, G =
+
+        forward_kl       p - q
+        reverse_kl       p * (log p - log q - aux)
+        jsd              k_div * p * (log p - logm - aux)                 k_div = 1 - beta
+        skew_forward_kl  k_div * (exp(log p + log q - logm) - p * aux)    k_div = -(1 - skew)
+                         (never p * (q / mix): q / mix overflows where p underflows)
+        skew_reverse_kl  p * (log p - logm - aux) - exp(log_w_p + 2 log p - logm)
+                         (skew p^2 / mix <= p, log_w_p = log skew; absent at skew 0)
+        tvd              p * (0.5 * sign(p - q) - aux)
+        alpha            k_div * (w - p * aux)                            k_div = -1 / alpha
+                         w = exp(log p + alpha (log q - log p)), log p itself where
+                         log q == log p (exact at q = p, and -inf, not NaN, for -inf logits)
+
 Adding a divergence: a row here, its element math in backends/torch_rows.py,
-triton_kernels/ (mix.py, grad.py) and csrc/row_math.h, and the float64 oracle
-(reference.py). A new parameter adds a KDOptions field and the public signatures in api.py.
+triton_kernels/row_math.py and csrc/row_math.h, and the float64 oracle (reference.py). A
+new parameter adds a KDOptions field and the public signatures in api.py.
 """
 
 from __future__ import annotations

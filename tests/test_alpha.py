@@ -117,3 +117,26 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(
         lambda z: kdkernels.kd_loss(z, zt, divergence="alpha", alpha=0.7, temperature=1.5,
                                     impl="torch"), (zs,))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_backends_match_oracle(impl, dtype):
+    """alpha on the GPU backends (fp32-output GEMMs for bf16, packed dL/dz where taken)."""
+    inp = make_fused(300, 4099, 4099, 64, 96, dtype, bias=True, ignore_frac=0.2, seed=11)
+    inp = {k: None if v is None else v.detach().cuda().requires_grad_(v.requires_grad)
+           for k, v in inp.items()}
+    opts = dict(divergence="alpha", alpha=0.3, temperature=1.4, ce_weight=0.2)
+    ours = run_fused(kdkernels.fused_linear_kd_loss, inp, impl=impl, **opts)
+    ref = run_fused(reference_fused_linear_kd_loss, inp, **opts)
+    # fp32: fp32 GEMMs and row math, 1e-4 norm-wise (TF32 is off by default); bf16: inputs
+    # and gradients rounded to bf16 (2^-8 per value), a few of them compounding
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for what, a, b in zip(("loss", "grad_h", "grad_w", "grad_bias"), ours, ref, strict=True):
+        assert rel_err(a, b) <= tol, f"{what}: {rel_err(a, b):.3g}"
+    same = kdkernels.kd_loss(inp["h"].detach() @ inp["w"].detach().t(),
+                             inp["h"].detach() @ inp["w"].detach().t(), divergence="alpha",
+                             reduction="none", impl=impl)
+    assert (same == 0).all()

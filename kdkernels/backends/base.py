@@ -33,18 +33,7 @@ probabilities), the gradient is
         dz = kd * G + ce * (softmax(z) - onehot(label))      then, with a student
         softcap c:  dz *= 1 - (c * tanh(z_raw / c) / c)**2
 
-where G is
-        forward_kl       p - q
-        reverse_kl       p * (log p - log q - aux)
-        jsd              k_div * p * (log p - logm - aux)                 k_div = 1 - beta
-        skew_forward_kl  k_div * (exp(log p + log q - logm) - p * aux)    k_div = -(1 - skew)
-                         (never p * (q / mix): q / mix overflows where p underflows)
-        skew_reverse_kl  p * (log p - logm - aux) - exp(log_w_p + 2 log p - logm)
-                         (skew p^2 / mix <= p, log_w_p = log skew; absent at skew 0)
-        tvd              p * (0.5 * sign(p - q) - aux)
-        alpha            k_div * (w - p * aux)                            k_div = -1 / alpha
-                         w = exp(log p + alpha (log q - log p)), log p itself where
-                         log q == log p (exact at q = p, and -inf, not NaN, for -inf logits)
+where G, the divergence's own gradient, is given for each divergence in divergences.py.
 
 Rows with kd == 0 and ce == 0 must get exact zeros whatever their logits hold (ignored tokens
 may carry garbage).

@@ -1,4 +1,4 @@
-"""Mix pass of JSD, skew KL, TVD and alpha: the two plain row sums (layouts.MIX) per (row,
+"""Mix pass of the divergences that need one: the two plain row sums (layouts.MIX) per (row,
 vocab split), given the full-row log-normalisers split as (max, log sum) (layouts.NORMS;
 divergences.py says what the sums are)."""
 
