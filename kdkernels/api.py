@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -10,7 +11,7 @@ from . import compiled, gemm, parallel
 from .autograd import FusedLinearKD, LogitsKD, Plan
 from .autograd import row_spec as _spec
 from .backends import registry
-from .options import KDOptions
+from .options import KDOptions, option_fields
 from .parallel import VocabParallel
 from .reducer import LOCAL, Reducer
 from .validation import (
@@ -32,6 +33,35 @@ class KDComponents(NamedTuple):
     kd: torch.Tensor
     ce: torch.Tensor
     n_tokens: torch.Tensor
+
+
+def _options(arguments: dict[str, Any]) -> KDOptions:
+    """KDOptions from a public function's arguments (its ``locals()`` on entry): the
+    signatures are the one place besides KDOptions that spell the options out."""
+    return KDOptions(**{f.name: arguments[f.name] for f in option_fields()})
+
+
+def _check_fused_inputs(h, w, g, u, bs, bt, autocast: bool) -> None:
+    if h.dim() < 1 or g.dim() < 1:
+        raise ValueError("student_hidden and teacher_hidden must be [..., D]; got a 0-d tensor")
+    if h.shape[:-1] != g.shape[:-1]:
+        raise ValueError(f"teacher_hidden must have the leading shape of student_hidden, "
+                         f"{list(h.shape[:-1])}; got {list(g.shape[:-1])}")
+    check_head("student_weight", w, "student_hidden", h)
+    check_head("teacher_weight", u, "teacher_hidden", g)
+    check_bias("student_bias", bs, w.shape[0])
+    check_bias("teacher_bias", bt, u.shape[0])
+    check_pair_dtypes("student_hidden", h, "student_weight", w, autocast)
+    check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast)
+
+
+def _check_logits_inputs(zs, zt) -> None:
+    if zs.dim() < 1 or zt.dim() < 1 or zs.shape[-1] < 1 or zt.shape[-1] < 1:
+        raise ValueError(f"student_logits and teacher_logits must be [..., V] with V >= 1; "
+                         f"got {list(zs.shape)} and {list(zt.shape)}")
+    if zs.shape[:-1] != zt.shape[:-1]:
+        raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
+                         f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
 
 
 def _failure(check) -> Exception | None:
@@ -87,13 +117,7 @@ def fused_linear_kd_loss(
 ) -> torch.Tensor | KDComponents:
     """Distillation loss of a student LM head against a teacher's, without materialising
     the [tokens x vocab] logits. See README "API" for every option."""
-    opts = KDOptions(divergence=divergence, beta=beta, skew=skew, alpha=alpha,
-                     temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
-                     ce_weight=ce_weight, student_softcap=student_softcap,
-                     teacher_softcap=teacher_softcap, ignore_index=ignore_index,
-                     reduction=reduction, num_items=num_items, chunk_size=chunk_size,
-                     max_workspace_bytes=max_workspace_bytes, impl=impl,
-                     return_components=return_components)
+    opts = _options(locals())
     vocab_parallel, heads = parallel.unwrap(vocab_parallel, {
         "student_weight": student_weight, "teacher_weight": teacher_weight,
         "student_bias": student_bias, "teacher_bias": teacher_bias}, 0)
@@ -107,20 +131,8 @@ def fused_linear_kd_loss(
                                 "student_bias": student_bias, "teacher_bias": teacher_bias})
     autocast = _autocast_dtype(device)
 
-    def check_inputs() -> None:
-        if h.dim() < 1 or g.dim() < 1:
-            raise ValueError("student_hidden and teacher_hidden must be [..., D]; got a 0-d "
-                             "tensor")
-        if h.shape[:-1] != g.shape[:-1]:
-            raise ValueError(f"teacher_hidden must have the leading shape of student_hidden, "
-                             f"{list(h.shape[:-1])}; got {list(g.shape[:-1])}")
-        check_head("student_weight", w, "student_hidden", h)
-        check_head("teacher_weight", u, "teacher_hidden", g)
-        check_bias("student_bias", student_bias, w.shape[0])
-        check_bias("teacher_bias", teacher_bias, u.shape[0])
-        check_pair_dtypes("student_hidden", h, "student_weight", w, autocast is not None)
-        check_pair_dtypes("teacher_hidden", g, "teacher_weight", u, autocast is not None)
-
+    check_inputs = partial(_check_fused_inputs, h, w, g, u, student_bias, teacher_bias,
+                           autocast is not None)
     reducer: Reducer = LOCAL
     if vocab_parallel is None:
         check_inputs()
@@ -176,13 +188,7 @@ def kd_loss(
 ) -> torch.Tensor | KDComponents:
     """The same loss on logits already materialised ([..., Vs] and [..., Vt]); gradient
     w.r.t. student_logits, computed chunk by chunk without fp32 copies of either tensor."""
-    opts = KDOptions(divergence=divergence, beta=beta, skew=skew, alpha=alpha,
-                     temperature=temperature, scale_by_t2=scale_by_t2, kd_weight=kd_weight,
-                     ce_weight=ce_weight, student_softcap=student_softcap,
-                     teacher_softcap=teacher_softcap, ignore_index=ignore_index,
-                     reduction=reduction, num_items=num_items, chunk_size=chunk_size,
-                     max_workspace_bytes=max_workspace_bytes, impl=impl,
-                     return_components=return_components)
+    opts = _options(locals())
     vocab_parallel, logits = parallel.unwrap(vocab_parallel, {
         "student_logits": student_logits, "teacher_logits": teacher_logits}, -1)
     student_logits, teacher_logits = logits.values()
@@ -190,14 +196,7 @@ def kd_loss(
     zt = check_tensor("teacher_logits", teacher_logits)
     device = check_same_device({"student_logits": zs, "teacher_logits": zt, "labels": labels})
 
-    def check_inputs() -> None:
-        if zs.dim() < 1 or zt.dim() < 1 or zs.shape[-1] < 1 or zt.shape[-1] < 1:
-            raise ValueError(f"student_logits and teacher_logits must be [..., V] with V >= 1; "
-                             f"got {list(zs.shape)} and {list(zt.shape)}")
-        if zs.shape[:-1] != zt.shape[:-1]:
-            raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
-                             f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
-
+    check_inputs = partial(_check_logits_inputs, zs, zt)
     compiling = torch.compiler.is_compiling()
     if compiling and vocab_parallel is not None:
         raise NotImplementedError("vocab_parallel is not supported under torch.compile; "

@@ -89,52 +89,50 @@ LOGITS = _Schema("kd_loss", "Tensor zs, Tensor zt, Tensor? labels, bool want_gra
                  "(Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
-def _fused_plan(a: dict[str, Any], opts: KDOptions) -> Plan:
+def _run_fused(a: dict[str, Any], opts: KDOptions):
     vocab = min(a["w"].shape[0], a["u"].shape[0])
-    return _plan(a["h"], a["labels"], opts, a["cd_s"], a["cd_t"], vocab)
+    plan = _plan(a["h"], a["labels"], opts, a["cd_s"], a["cd_t"], vocab)
+    return fused_forward(*(a[n] for n in ("h", "w", "bs", "g", "u", "bt", "labels")), plan,
+                         *a["want"])
+
+
+def _fake_grads(a: dict[str, Any], computed: bool) -> tuple[Tensor, ...]:
+    h, w, bs, want = a["h"], a["w"], a["bs"], a["want"]
+    return (torch.empty_like(h) if computed and want[0] else h.new_empty(0),
+            torch.empty_like(w) if computed and want[1] else h.new_empty(0),
+            torch.empty_like(bs) if computed and want[2] and bs is not None
+            else h.new_empty(0))
 
 
 def _fused_impl(*args: Any) -> tuple[Tensor, ...]:
     """(loss, kd, ce, n_tokens, grad_h, grad_w, grad_b); a gradient not computed in forward
     (not wanted, or reduction='none') is an empty tensor."""
     a = FUSED.bind(args)
-    opts = _options(a)
-    h = a["h"]
-    out = fused_forward(h, a["w"], a["bs"], a["g"], a["u"], a["bt"], a["labels"],
-                        _fused_plan(a, opts), *a["want"])
-    return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=h.device),
-            *_empty_for_missing(h, out.grads or (None, None, None)))
+    out = _run_fused(a, _options(a))
+    return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=a["h"].device),
+            *_empty_for_missing(a["h"], out.grads or (None, None, None)))
 
 
 def _fused_fake(*args: Any) -> tuple[Tensor, ...]:
     a = FUSED.bind(args)
-    h, w, bs, want = a["h"], a["w"], a["bs"], a["want"]
+    h = a["h"]
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     eager = a["reduction"] != "none"
     shape = (h.shape[0],) if not eager else ()
     return (h.new_empty(shape, dtype=acc), h.new_empty(shape, dtype=acc),
             h.new_empty(shape, dtype=acc), h.new_empty((), dtype=torch.int64),
-            torch.empty_like(h) if eager and want[0] else h.new_empty(0),
-            torch.empty_like(w) if eager and want[1] else h.new_empty(0),
-            torch.empty_like(bs) if eager and want[2] and bs is not None else h.new_empty(0))
+            *_fake_grads(a, eager))
 
 
 def _fused_backward_impl(*args: Any) -> tuple[Tensor, ...]:
     """Gradients of reduction='none' for per-row grad_output ``grad_rows`` (recomputed)."""
     a = FUSED_BACKWARD.bind(args)
-    opts = _options(a, reduction="none", return_components=False)
-    h = a["h"]
-    out = fused_forward(h, a["w"], a["bs"], a["g"], a["u"], a["bt"], a["labels"],
-                        _fused_plan(a, opts), *a["want"])
-    return _empty_for_missing(h, out.recompute(a["grad_rows"]))
+    out = _run_fused(a, _options(a, reduction="none", return_components=False))
+    return _empty_for_missing(a["h"], out.recompute(a["grad_rows"]))
 
 
 def _fused_backward_fake(*args: Any) -> tuple[Tensor, ...]:
-    a = FUSED_BACKWARD.bind(args)
-    h, w, bs, want = a["h"], a["w"], a["bs"], a["want"]
-    return (torch.empty_like(h) if want[0] else h.new_empty(0),
-            torch.empty_like(w) if want[1] else h.new_empty(0),
-            torch.empty_like(bs) if want[2] and bs is not None else h.new_empty(0))
+    return _fake_grads(FUSED_BACKWARD.bind(args), True)
 
 
 def _define(schema: _Schema, body, fake):
