@@ -60,8 +60,7 @@ class RowSpec:
     divergence: str  # effective divergence (jsd with beta 0/1 already folded)
     code: int  # divergences.TABLE code: DIV in Triton, enum Div in csrc/row_math.h
     params: tuple[tuple[str, float], ...]  # the divergence's parameters, by name
-    temperature: float
-    inv_t: float
+    inv_t: float  # 1 / temperature
     tempered: bool  # T != 1: the one place that decides it
     student_softcap: float | None
     teacher_softcap: float | None
@@ -80,8 +79,8 @@ class RowSpec:
                      stats_weight=float(getattr(STATS_WEIGHTS, div.stats_weight)),
                      **divergences.mixture_constants(w_q))
         return RowSpec(
-            divergence=div.name, code=div.code, params=tuple(params.items()), temperature=t,
-            inv_t=1.0 / t, tempered=t != 1.0, student_softcap=scap, teacher_softcap=tcap,
+            divergence=div.name, code=div.code, params=tuple(params.items()), inv_t=1.0 / t,
+            tempered=t != 1.0, student_softcap=scap, teacher_softcap=tcap,
             has_ce=has_labels and opts.ce_weight > 0, needs_mix=div.needs_mix,
             consts=tuple(float(named[name]) for name in CONSTS))
 

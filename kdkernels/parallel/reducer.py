@@ -45,7 +45,6 @@ class VocabParallelReducer:
         self.vocab = layout.vocab
         self._crc = settings_crc
         self._chunk = 0
-        self.device_type = "cpu"
 
     def chunk_width(self, local_width: int) -> int:
         # Every rank cuts the same chunks: they are planned for the widest shard.
