@@ -84,6 +84,18 @@ enum Const : int {
   kConsts = 10,
 };
 
+// Student-only row ops of the sparse (top-k) teacher losses (layouts.SSTATS, SCOEF).
+enum SStat : int { kSStatMA = 0, kSStatSA = 1, kSStatMZ = 2, kSStatSZ = 3, kSStats = 4 };
+enum SCoef : int {
+  kSCoefMA = 0,
+  kSCoefLogSA = 1,
+  kSCoefMZ = 2,
+  kSCoefLogSZ = 3,
+  kSCoefKd = 4,
+  kSCoefCe = 5,
+  kSCoefs = 6,
+};
+
 // Which terms the log-mixture logm = log(w_q q + (1 - w_q) p) has: exact at weights 0 and 1.
 enum MixKind : int { kMixKindBoth = 0, kMixKindOnlyQ = 1, kMixKindOnlyP = 2, kMixKinds = 3 };
 

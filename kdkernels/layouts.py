@@ -70,8 +70,15 @@ COEF = Columns("Coef", ("m_a", "log_s_a", "m_b", "log_s_b", "m_z", "log_s_z", "a
 CONSTS = Columns("Const", ("inv_t", "tempered", "cap_s", "cap_t", "w_q", "log_w_q", "log_w_p",
                            "k_div", "mix_kind", "stats_weight"))
 
+# Student-only row ops of the sparse (top-k) teacher losses: partial stats over the columns
+# whose raw logit is not -inf (the driver masks the teacher's ids), merged like STATS.
+SSTATS = Columns("SStat", ("m_a", "s_a", "m_z", "s_z"))
+# Their gradient coefficients: the a-normaliser carries log|row coefficient| (see
+# backends/base.py), kd and ce the signs and weights.
+SCOEF = Columns("SCoef", ("m_a", "log_s_a", "m_z", "log_s_z", "kd", "ce"))
+
 MIX_KINDS = Columns("MixKind", ("both", "only_q", "only_p"))
 STATS_WEIGHTS = Columns("Weight", ("none", "student", "teacher"))
 
 # Every layout the C++ header mirrors, by its enum name.
-MIRRORED = (STATS, MIX, NORMS, COEF, CONSTS, MIX_KINDS, STATS_WEIGHTS)
+MIRRORED = (STATS, MIX, NORMS, COEF, CONSTS, MIX_KINDS, STATS_WEIGHTS, SSTATS, SCOEF)

@@ -37,6 +37,27 @@ where G, the divergence's own gradient, is given for each divergence in divergen
 
 Rows with kd == 0 and ce == 0 must get exact zeros whatever their logits hold (ignored tokens
 may carry garbage).
+
+Student-only row ops (the sparse-teacher losses, kdkernels/sparse/); optional, None where a
+backend lacks them. A column whose raw logit is -inf is *masked*: it stays -inf through the
+softcap, adds nothing to the sums and gets exactly 0 in ``out`` (the driver masks the
+teacher's ids this way and handles those columns itself).
+
+``student_stats(zs, spec) -> [C, len(SSTATS)] fp32``
+    (m_a, s_a, m_z, s_z): max and sum exp(x - max) of a = z * inv_t and, when
+    spec.ce_separate, of the untempered z (else m_z, s_z repeat m_a, s_a), over the unmasked
+    columns; a row with none has m = -inf, s = 0. Merged like STATS.
+``student_grad(zs, labels, coef, spec, out) -> None``
+    ``coef`` [C, len(SCOEF)] fp32 = (m_a, log_s_a, m_z, log_s_z, kd, ce). Writes
+
+        out = kd * exp((a - m_a) - log_s_a)
+              + [spec.ce_separate] ce * exp((z - m_z) - log_s_z) - ce * onehot(label)
+
+    times the softcap derivative, 0 at masked columns. The kd term is skipped where kd == 0
+    and the ce terms where ce == 0 (no exp is evaluated: its normaliser may be infinite).
+    The driver folds the magnitude of the row's coefficient into log_s_a (and, at T = 1, the
+    CE softmax term into the kd term), so one exp per element serves both. ``labels``, ``out``
+    and the packed layout are as for ``grad``; a label column is never masked.
 """
 
 from __future__ import annotations
@@ -123,3 +144,6 @@ class Backend:
     # Rows per chunk from which grad() accepts a 16-bit ``out`` packed over fp32 ``zs`` (see
     # the module docstring); None: never, the driver gives dL/dz a buffer of its own.
     packed_grad_min_rows: Callable[[torch.device], int | None] = lambda device: None
+    # The student-only row ops of the sparse-teacher losses (module docstring); None: absent.
+    student_stats: Callable[..., torch.Tensor] | None = None
+    student_grad: Callable[..., None] | None = None

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..layouts import COEF, MIX, MIX_KINDS, NORMS, STATS, STATS_WEIGHTS
+from ..layouts import COEF, MIX, MIX_KINDS, NORMS, SCOEF, SSTATS, STATS, STATS_WEIGHTS
 from .base import Backend, RowSpec
 
 # zs and zt in storage, plus at most this many scratch buffers in the accumulation dtype,
@@ -321,6 +321,65 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
             o.copy_(dz)
 
 
+def _masked_student(x: torch.Tensor, cap: float | None, buf: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(capped z in buf, mask of the masked columns): a raw -inf stays -inf (base.py)."""
+    masked = torch.isneginf(x)
+    z = buf.copy_(x)
+    if cap is not None:
+        torch.div(z, cap, out=z).tanh_().mul_(cap).masked_fill_(masked, -math.inf)
+    return z, masked
+
+
+def _max_sum(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row max and sum exp(x - max); a row of -inf gives (-inf, 0)."""
+    m = x.amax(1)
+    safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    return m, torch.sub(x, safe[:, None], out=buf).exp_().sum(1)
+
+
+def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    out = torch.empty(zs.shape[0], len(SSTATS), dtype=_acc_dtype(zs), device=zs.device)
+    for rows, (buf_z, buf_e) in _Blocks(zs, 2):
+        o = out[rows]
+        z, _ = _masked_student(zs[rows], spec.student_softcap, buf_z)
+        if spec.ce_separate:
+            o[:, SSTATS.m_z], o[:, SSTATS.s_z] = _max_sum(z, buf_e)
+        a = z.mul_(spec.inv_t) if spec.tempered else z
+        o[:, SSTATS.m_a], o[:, SSTATS.s_a] = _max_sum(a, buf_e)
+        if not spec.ce_separate:
+            o[:, SSTATS.m_z], o[:, SSTATS.s_z] = o[:, SSTATS.m_a], o[:, SSTATS.s_a]
+    return out
+
+
+def _scaled_softmax(x: torch.Tensor, m: torch.Tensor, log_s: torch.Tensor, k: torch.Tensor,
+                    buf: torch.Tensor) -> torch.Tensor:
+    """k * exp((x - m) - log_s) into buf, exactly 0 in rows with k == 0."""
+    t = torch.sub(x, m, out=buf).sub_(log_s).exp_().mul_(k)
+    return t.masked_fill_(k == 0, 0.0)
+
+
+def student_grad(zs, labels, coef, spec: RowSpec, out) -> None:
+    cap = spec.student_softcap
+    for rows, (buf_z, buf_a, buf_w) in _Blocks(zs, 3):
+        c = coef[rows].to(buf_z.dtype)
+        col = lambda name, c=c: c[:, getattr(SCOEF, name), None]  # noqa: E731
+        z, masked = _masked_student(zs[rows], cap, buf_z)
+        # zs[rows] is not read from here on: out may alias it.
+        a = torch.mul(z, spec.inv_t, out=buf_a) if spec.tempered else z
+        dz = _scaled_softmax(a, col("m_a"), col("log_s_a"), col("kd"), buf_w)
+        if spec.has_ce:
+            ce = col("ce")
+            if spec.ce_separate:
+                dz.add_(_scaled_softmax(z, col("m_z"), col("log_s_z"), ce, buf_a))
+            lab = labels[rows]
+            dz.scatter_add_(1, lab.clamp(min=0)[:, None],
+                            torch.where(lab[:, None] >= 0, -ce, torch.full_like(ce, -0.0)))
+        if cap is not None:
+            dz.mul_(z.div_(cap).square_().neg_().add_(1.0))
+        out[rows] = dz.masked_fill_(masked, 0.0)
+
+
 def not_supported_reasons(device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
     if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return [f"torch backend needs float32/float64/bfloat16/float16 logits, got {dtype}"]
@@ -341,4 +400,6 @@ BACKEND = Backend(
     grad=grad,
     not_supported_reasons=not_supported_reasons,
     workspace_bytes_per_logit=workspace_bytes_per_logit,
+    student_stats=student_stats,
+    student_grad=student_grad,
 )
