@@ -91,6 +91,48 @@ def _distill(args: argparse.Namespace) -> int:
     return 130 if any(r.get("interrupted") for r in results.values()) else 0
 
 
+def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "cache-teacher", help="write a teacher's top-K or sampled log-probs as a cache",
+        description="Run a causal-LM teacher over text and store, per position, its top-K "
+        "(or sampled) token ids and log-probs in verified safetensors shards with a "
+        "manifest. Resumable: rerun the same command after an interruption.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--teacher", required=True,
+      help="local Hugging Face causal-LM directory, or 'default' for the embedded teacher")
+    a("--data", help="text file or folder of them (optional with --teacher default: its corpus)")
+    a("--output", "-o", required=True, help="cache directory")
+    a("--top-k", type=int, default=64, help="K slots per position")
+    a("--mode", choices=["topk", "sample"], default="topk",
+      help="topk: the K most likely ids; sample: distinct ids of --samples seeded draws")
+    a("--samples", type=int, default=64, help="draws per position in sample mode")
+    a("--seq-len", type=int, default=512, help="tokens per sequence")
+    a("--shard-size", type=int, default=1024, help="sequences per shard")
+    a("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="log-prob dtype")
+    a("--batch-size", type=int, default=8, help="sequences per teacher forward")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    a("--seed", type=int, default=0, help="sampling seed (sample mode)")
+    a("--no-progress", action="store_true", help="no tqdm bar")
+    return p
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from .cache.build import CacheOptions, cache_teacher
+
+    opts = CacheOptions(teacher=args.teacher, output=args.output, data=args.data,
+                        top_k=args.top_k, mode=args.mode, samples=args.samples,
+                        seq_len=args.seq_len, shard_size=args.shard_size, dtype=args.dtype,
+                        batch_size=args.batch_size, device=args.device, seed=args.seed,
+                        progress=not args.no_progress)
+    try:
+        cache_teacher(opts)
+    except ValueError as err:
+        print(f"kdk cache-teacher: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _bench(argv: list[str]) -> int:
     path = _REPO / "bench" / "bench_cpu.py"
     if not path.exists():
@@ -120,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="kdk", description="kdkernels: knowledge distillation without the logits.")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,cache-teacher,bench,info}")
     _distill_parser(sub)
+    _cache_teacher_parser(sub)
     sub.add_parser("bench", add_help=False, help="run the CPU benchmarks in bench/ "
                    "(kdk bench --help for their options)")
     sub.add_parser("info", add_help=False, help="list backends and builds")
@@ -131,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "cache-teacher":
+        return _cache_teacher(args)
     try:
         return _distill(args)
     except ValueError as err:

@@ -1,0 +1,72 @@
+"""Where a cache's inputs come from: a Hugging Face teacher directory and text, or the
+embedded default (the `kdk distill` teacher, tokenizer and corpus, trained if not cached)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+DEFAULT = "default"
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """A text file, or every non-hidden file under a folder (sorted by relative path)."""
+    root = Path(path)
+    if root.is_file():
+        files = [root]
+    elif root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    else:
+        raise ValueError(f"--data {str(path)!r} does not exist; pass a text file or a folder")
+    texts = []
+    for p in files:
+        try:
+            texts.append(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--data: {p} is not UTF-8 text ({err})") from None
+    if not texts:
+        raise ValueError(f"--data {str(path)!r} holds no files")
+    return texts
+
+
+def encode_texts(tokenizer, texts: list[str]) -> torch.Tensor:
+    """One token stream: each text tokenised without added special tokens, the tokenizer's
+    EOS (if it has one) between consecutive texts."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if i and eos is not None:
+            ids.append(int(eos))
+        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_teacher(path: str, device: torch.device):
+    """A local Hugging Face causal LM and its tokenizer, the model in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ValueError(f"--teacher {path!r} is not a directory; pass a local Hugging Face "
+                         f"causal-LM directory or '{DEFAULT}'")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    return model, tok
+
+
+def default_teacher(device: torch.device | str = "cpu", preset: str = "default"):
+    """(teacher model, tokenizer, training-corpus token ids) of the embedded `kdk distill`
+    default, from ~/.cache/kdkernels; the teacher is trained (and cached) if it is not."""
+    from ..train import corpus, distributed, pipeline
+    from ..train.config import preset as make_preset
+
+    cfg = make_preset(preset, device=str(device), progress=False)
+    world = distributed.init(str(device))
+    tok, train_ids, held_ids, data_key, _ = pipeline._data(cfg, None, None, world)
+    held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    with tempfile.TemporaryDirectory(prefix="kdk-teacher-") as out:  # training checkpoints
+        teacher, _ = pipeline._teacher(cfg, tok, train_ids, held, data_key, Path(out), world,
+                                       "ddp")
+    return teacher.eval(), tok, train_ids
