@@ -128,6 +128,7 @@ class CacheWriter:
         final = self.directory / name
         tmp = final.with_name(f"{name}{fmt.TMP_MARK}{os.getpid()}")
         save_file(tensors, str(tmp))
+        os.chmod(tmp, 0o644)  # shards are data to share, not private temporaries
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         pause = float(os.environ.get("KDKERNELS_CACHE_TEST_PAUSE", "0") or 0)
@@ -162,8 +163,8 @@ def settings_from_meta(meta: Mapping[str, Any], *, seq_len: int, top_k: int,
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the tensors have {actual}")
     settings = {**META_DEFAULTS, **dict(meta), "seq_len": seq_len, "top_k": top_k,
                 "shard_size": shard_size}
-    if settings["mode"] not in ("topk", "sample", "external"):
-        raise ValueError(f"meta['mode'] must be 'topk', 'sample' or 'external'; got "
+    if settings["mode"] not in ("topk", "sample"):
+        raise ValueError(f"meta['mode'] must be 'topk' or 'sample'; got "
                          f"{settings['mode']!r}")
     return settings
 
