@@ -210,7 +210,7 @@ def test_rerun_of_a_complete_cache_is_a_no_op(tiny, fp32_cache, capsys):
     (("--top-k", "16", "--mode", "sample"), "--mode"),
 ])
 def test_changed_options_are_refused(tiny, fp32_cache, capsys, extra, option):
-    args = [a for a in _args(tiny, fp32_cache) if True]
+    args = _args(tiny, fp32_cache)
     if "--seq-len" in extra:  # replace the default --seq-len of _args
         i = args.index("--seq-len")
         del args[i:i + 2]
@@ -359,3 +359,19 @@ def test_jsonl_converter_round_trip(tiny, tmp_path):
                                             "top_logprobs": [{}]}}) + "\n")
     with pytest.raises(ValueError, match="never-a-token.*not known to the tokenizer"):
         cfl.convert(src, tok)
+
+
+def test_default_teacher_and_its_corpus(tmp_path, monkeypatch):
+    """--teacher default: the embedded teacher (smoke preset here), trained then cached."""
+    from kdkernels.cache.build import CacheOptions, cache_teacher
+    from kdkernels.cache.sources import default_teacher
+
+    monkeypatch.setenv("KDKERNELS_CACHE", str(tmp_path / "kdk"))
+    model, tok, ids = default_teacher("cpu", "smoke")
+    assert ids.dim() == 1 and ids.max() < model.config.vocab_size == len(tok)
+    m = cache_teacher(CacheOptions(teacher="default", output=str(tmp_path / "c"), seq_len=32,
+                                   shard_size=4096, top_k=4, batch_size=64, progress=False,
+                                   default_preset="smoke"))
+    assert m["teacher"] == "default" and m["num_sequences"] == ids.numel() // 32
+    assert m["tokenizer_hash"] == tokenizer_hash(tok) and m["complete"]
+    assert torch.equal(TeacherCache(tmp_path / "c")[1]["input_ids"], ids[32:64].int())

@@ -38,6 +38,7 @@ class CacheOptions:
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
+    default_preset: str = "default"  # the `kdk distill` preset behind --teacher default
 
     def check(self) -> None:
         for name in ("top_k", "samples", "seq_len", "shard_size", "batch_size"):
@@ -55,7 +56,7 @@ class CacheOptions:
 
 def _inputs(opts: CacheOptions, device: torch.device):
     if opts.teacher == sources.DEFAULT:
-        model, tok, corpus_ids = sources.default_teacher(device)
+        model, tok, corpus_ids = sources.default_teacher(device, opts.default_preset)
         name = sources.DEFAULT
     else:
         model, tok = sources.load_teacher(opts.teacher, device)
