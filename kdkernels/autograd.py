@@ -89,14 +89,9 @@ def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: 
                   want_b: bool) -> FusedOutcome:
     """The fused loss on flat inputs h [N, Ds], g [N, Dt], labels [N] (plain tensors)."""
     opts, spec = plan.opts, plan.spec
-    n = h.shape[0]
     vocab = min(w.shape[0], u.shape[0])
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    rows_kept = scan_labels(labels, n, plan.label_vocab, opts.ignore_index)
+    rows_kept = scan_labels(labels, h.shape[0], plan.label_vocab, opts.ignore_index)
     idx, kept = rows_kept.idx, rows_kept.kept
-    norm = _normaliser(opts, kept)
-    shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
-    want_b = want_b and bs is not None
     cd_s, cd_t = plan.compute_dtype_s, plan.compute_dtype_t
 
     def rows(row_scale) -> RowResult:
@@ -111,7 +106,27 @@ def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: 
                           opts, spec, plan.backend,
                           idx=idx, n_kept=kept, chunks=chunks, cd_s=cd_s, cd_t=cd_t,
                           row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
-                          reducer=plan.reducer, acc_dtype=acc)
+                          reducer=plan.reducer, acc_dtype=_acc(h))
+
+    return run_fused(rows, h, w, bs, rows_kept, vocab, opts, spec.has_ce, want_h, want_w,
+                     want_b)
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def run_fused(rows: Callable[[float | torch.Tensor | None], RowResult], h, w, bs,
+              rows_kept, vocab: int, opts: KDOptions, has_ce: bool, want_h: bool,
+              want_w: bool, want_b: bool) -> FusedOutcome:
+    """Reductions and gradients of a fused loss whose kept rows ``rows(row_scale)`` computes
+    (the dense and the sparse teacher alike)."""
+    n = h.shape[0]
+    idx, kept = rows_kept.idx, rows_kept.kept
+    norm = _normaliser(opts, kept)
+    shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
+    want_b = want_b and bs is not None
+    acc = _acc(h)
 
     def grads_for(go):
         if not kept:
@@ -126,7 +141,7 @@ def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: 
     else:
         res = None
         kd = torch.zeros(0, dtype=acc, device=h.device)
-        ce = torch.zeros(0, dtype=acc, device=h.device) if spec.has_ce else None
+        ce = torch.zeros(0, dtype=acc, device=h.device) if has_ce else None
 
     def reduce(x):
         return _reduce(_scatter(x, idx, n) if opts.reduction == "none" else x, opts, norm)

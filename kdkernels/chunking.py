@@ -45,16 +45,20 @@ def rows_for_budget(budget: int, width: int, bytes_per_logit: int,
 
 def plan_chunks(*, n_rows: int, width: int, backend: Backend, logits_dtype: torch.dtype,
                 grad_dtype: torch.dtype | None, device: torch.device, budget: int,
-                chunk_size: int | None = None, bytes_per_row: int = 0) -> ChunkPlan:
+                chunk_size: int | None = None, bytes_per_row: int = 0,
+                student_only: bool = False) -> ChunkPlan:
     """The chunking of one loss call.
 
     ``width``: logit columns per row that every participant plans for (a vocab-parallel
     group passes its widest shard, so all ranks cut the same chunks). ``grad_dtype``: the
     dtype of dL/dz (the student's compute dtype), None when no gradient is computed.
-    ``bytes_per_row``: staging per row besides the [C, V] buffers. An explicit
-    ``chunk_size`` wins over the budget.
+    ``bytes_per_row``: staging per row besides the [C, V] buffers. ``student_only``: no
+    teacher logits (sparse teachers), one [C, V] input fewer. An explicit ``chunk_size``
+    wins over the budget.
     """
     base = backend.workspace_bytes_per_logit(logits_dtype, device.type)
+    if student_only:
+        base -= logits_dtype.itemsize
 
     def rows(extra_per_logit: int = 0) -> int:
         if chunk_size is not None:

@@ -10,6 +10,7 @@ grad_hidden.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -120,6 +121,41 @@ def _scale_slice(row_scale, start, stop, like):
     return torch.full((stop - start,), float(row_scale), dtype=like.dtype, device=like.device)
 
 
+class ChunkRows(Protocol):
+    """The row work of one chunk of kept rows [start, stop) over its student logits ``zs``:
+    returns (kd, ce | None) and writes dL/dzs into ``dz`` when it is given."""
+
+    def __call__(self, start: int, stop: int, zs: torch.Tensor, dz: torch.Tensor | None,
+                 scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def release(self) -> None:
+        """Free this object's workspace (before the accumulators are finished)."""
+        ...
+
+
+class DenseChunks:
+    """The dense teacher's side of a chunk: its logits GEMM, then the row ops."""
+
+    def __init__(self, g, u, bt, lab, opts, spec, backend, reducer, *, idx, rows, cd_t):
+        self.u, self.bt, self.lab = u, bt, lab
+        self.opts, self.spec, self.backend, self.reducer = opts, spec, backend, reducer
+        self.src_g = RowSource(g, idx, cd_t, rows)
+        self.zt_buf = torch.empty(rows, u.shape[0], dtype=gemm.logits_dtype(cd_t, g.device),
+                                  device=g.device)
+
+    def __call__(self, start, stop, zs, dz, scale):
+        zt = gemm.logits_into(self.src_g.take(start, stop), self.u, self.bt,
+                              self.zt_buf[: stop - start])
+        lab_c = _local_labels(None if self.lab is None else self.lab[start:stop], self.spec,
+                              self.reducer.vocab_start, zs.shape[1], stop - start, zs.device)
+        return _chunk_rows(zs, zt, lab_c, self.opts, self.spec, self.backend, self.reducer,
+                           scale, dz)
+
+    def release(self) -> None:
+        self.zt_buf.untyped_storage().resize_(0)
+        self.src_g.release()
+
+
 def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
                g: torch.Tensor, u: torch.Tensor, bt: torch.Tensor | None,
                labels: torch.Tensor | None, opts: KDOptions, spec: RowSpec, backend: Backend,
@@ -134,25 +170,37 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
     w [V, Ds] and u [V, Dt] are the heads already cut to the shared vocabulary in the
     compute dtypes cd_s / cd_t; h and g are read (and cast) a chunk at a time.
     """
+    lab = None if labels is None else (labels if idx is None else labels.index_select(0, idx))
+    rows = DenseChunks(g, u, bt, lab, opts, spec, backend, reducer, idx=idx, rows=chunks.rows,
+                       cd_t=cd_t)
+    return student_chunks(h, w, bs, rows, idx=idx, n_kept=n_kept, chunks=chunks, cd_s=cd_s,
+                          row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
+                          reducer=reducer, acc_dtype=acc_dtype, has_ce=spec.has_ce)
+
+
+def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
+                   chunk_rows: ChunkRows, *, idx: torch.Tensor | None, n_kept: int,
+                   chunks: ChunkPlan, cd_s: torch.dtype,
+                   row_scale: float | torch.Tensor | None, want_h: bool, want_w: bool,
+                   want_b: bool, reducer: Reducer, acc_dtype: torch.dtype,
+                   has_ce: bool) -> RowResult:
+    """The chunk loop over the kept rows of h [N, Ds] (see fused_rows): the student's logits
+    GEMM, ``chunk_rows`` (the teacher's side and the row ops), the gradient GEMMs."""
     n, k, vocab = h.shape[0], n_kept, w.shape[0]
     device = h.device
     zs_dtype = gemm.logits_dtype(cd_s, device)
-    zt_dtype = gemm.logits_dtype(cd_t, device)
     need_grad = row_scale is not None and (want_h or want_w or want_b)
     c = chunks.rows
     src_h = RowSource(h, idx, cd_s, c)
-    src_g = RowSource(g, idx, cd_t, c)
     zs_buf = torch.empty(c, vocab, dtype=zs_dtype, device=device)
-    zt_buf = torch.empty(c, vocab, dtype=zt_dtype, device=device)
     dz_buf = zs_buf
     if need_grad and chunks.dz_layout == "own":
         dz_buf = torch.empty(c, vocab, dtype=cd_s, device=device)
     elif need_grad and chunks.dz_layout == "packed":  # 16-bit dL/dz over fp32 logit rows
         dz_buf = zs_buf.view(cd_s)[:, :vocab]
-    lab = None if labels is None else (labels if idx is None else labels.index_select(0, idx))
 
     kd = torch.empty(k, dtype=acc_dtype, device=device)
-    ce = torch.empty(k, dtype=acc_dtype, device=device) if spec.has_ce else None
+    ce = torch.empty(k, dtype=acc_dtype, device=device) if has_ce else None
     grad_h = gh_stage = None
     if need_grad and want_h:
         if idx is None:
@@ -171,12 +219,9 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
         stop = min(k, start + c)
         h_c = src_h.take(start, stop)
         zs = gemm.logits_into(h_c, w, bs, zs_buf[: stop - start])
-        zt = gemm.logits_into(src_g.take(start, stop), u, bt, zt_buf[: stop - start])
-        lab_c = _local_labels(None if lab is None else lab[start:stop], spec,
-                              reducer.vocab_start, vocab, stop - start, device)
         dz = dz_buf[: stop - start] if need_grad else None
         scale = _scale_slice(row_scale, start, stop, kd) if need_grad else None
-        kd_c, ce_c = _chunk_rows(zs, zt, lab_c, opts, spec, backend, reducer, scale, dz)
+        kd_c, ce_c = chunk_rows(start, stop, zs, dz, scale)
         kd[start:stop] = kd_c
         if ce is not None:
             ce[start:stop] = ce_c
@@ -194,12 +239,12 @@ def fused_rows(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
             grad_b += dz.sum(0, dtype=acc_dtype)
     # Free the workspace before the callers cast the accumulators to the output dtype, even
     # if a view of it is still referenced somewhere: the two must never coexist at the peak.
-    for buf in (zs_buf, zt_buf, dz_buf, gh_stage):
+    for buf in (zs_buf, dz_buf, gh_stage):
         if buf is not None:
             buf.untyped_storage().resize_(0)
     src_h.release()
-    src_g.release()
-    del zs_buf, zt_buf, dz_buf, gh_stage
+    chunk_rows.release()
+    del zs_buf, dz_buf, gh_stage
     if post_scale != 1.0:
         for acc in (grad_h, grad_w, grad_b):
             if acc is not None:

@@ -28,6 +28,11 @@ class Reducer(Protocol):
         """[C, len(MIX)] plain sums of the local columns -> the full-row sums."""
         ...
 
+    def merge_student(self, partial: torch.Tensor) -> torch.Tensor:
+        """[C, len(SSTATS) + extra] student-only partials plus plain-sum columns (sparse
+        teachers: the gathered logits) -> merged, in one collective."""
+        ...
+
     def finish_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
         """The local contribution to grad_hidden -> the full gradient."""
         ...
@@ -45,6 +50,9 @@ class LocalReducer:
         return partial
 
     def sum_rows(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial
+
+    def merge_student(self, partial: torch.Tensor) -> torch.Tensor:
         return partial
 
     def finish_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from .layouts import NORMS, STATS
+from .layouts import NORMS, SSTATS, STATS
 
 # (max column, the sums rescaled with it), and the plain sums
 _GROUPS = ((STATS.m_a, (STATS.s_a, STATS.w_a)), (STATS.m_b, (STATS.s_b, STATS.w_b)),
@@ -20,13 +20,28 @@ _GROUPS = ((STATS.m_a, (STATS.s_a, STATS.w_a)), (STATS.m_b, (STATS.s_b, STATS.w_
 _SUM_COLUMNS = (STATS.z_label,)
 
 
+# Student-only stats (sparse teachers); every column after them is a plain sum (the
+# student logits gathered at the teacher's ids, 0 on ranks that do not hold an id).
+_STUDENT_GROUPS = ((SSTATS.m_a, (SSTATS.s_a,)), (SSTATS.m_z, (SSTATS.s_z,)))
+
+
 def merge_partials(parts: torch.Tensor) -> torch.Tensor:
     """Merge partial stats [P, C, len(STATS)] (P vocab blocks or ranks) into [C, len(STATS)],
     deterministically."""
+    return _merge(parts, _GROUPS, _SUM_COLUMNS)
+
+
+def merge_student_partials(parts: torch.Tensor) -> torch.Tensor:
+    """Merge [P, C, len(SSTATS) + extra] student-only partials, the extra columns summed in
+    order (each is nonzero on one part at most, so the sum is exact)."""
+    return _merge(parts, _STUDENT_GROUPS, range(len(SSTATS), parts.shape[-1]))
+
+
+def _merge(parts: torch.Tensor, groups, sum_columns) -> torch.Tensor:
     if parts.shape[0] == 1:
         return parts[0]
     out = torch.empty_like(parts[0])
-    for m_col, cols in _GROUPS:
+    for m_col, cols in groups:
         m = parts[:, :, m_col]
         m_new = m.amax(0)
         # A block with no columns has m = -inf and s = 0; keep its weight at 0, not NaN.
@@ -35,7 +50,7 @@ def merge_partials(parts: torch.Tensor) -> torch.Tensor:
         out[:, m_col] = m_new
         for c in cols:
             out[:, c] = (parts[:, :, c] * factor).sum(0)
-    for c in _SUM_COLUMNS:
+    for c in sum_columns:
         out[:, c] = parts[:, :, c].sum(0)
     return out
 

@@ -59,25 +59,32 @@ def register(name: str, module_path: str | None = None, *, backend: Backend | No
         AUTO_ORDER[device_type] = tuple(order)
 
 
-def reasons(name: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) -> list[str]:
+def reasons(name: str, device: torch.device, dtype: torch.dtype, spec: RowSpec,
+            student_only: bool = False) -> list[str]:
+    """Why backend ``name`` cannot serve this input (empty: it can). ``student_only``: the
+    sparse-teacher losses, which need the student-only row ops."""
     backend = load(name)
     if isinstance(backend, str):
         return [backend]
-    return backend.not_supported_reasons(device, dtype, spec)
+    why = backend.not_supported_reasons(device, dtype, spec)
+    if student_only and (backend.student_stats is None or backend.student_grad is None):
+        why.append(f"backend {name!r} has no student-only row ops (sparse teachers)")
+    return why
 
 
-def select(impl: str, device: torch.device, dtype: torch.dtype, spec: RowSpec) -> Backend:
+def select(impl: str, device: torch.device, dtype: torch.dtype, spec: RowSpec,
+           student_only: bool = False) -> Backend:
     if impl not in _MODULES and impl != "auto":
         listed = [name for name in _MODULES if name not in _HIDDEN]
         raise ValueError(f"impl must be one of {', '.join(('auto', *listed))}; got {impl!r}")
     if impl != "auto":
-        why = reasons(impl, device, dtype, spec)
+        why = reasons(impl, device, dtype, spec, student_only)
         if why:
             raise ValueError(f"impl={impl!r} cannot serve this input: {'; '.join(why)}")
         return load(impl)  # type: ignore[return-value]
     tried = []
     for name in AUTO_ORDER.get(device.type, ("torch",)):
-        why = reasons(name, device, dtype, spec)
+        why = reasons(name, device, dtype, spec, student_only)
         if not why:
             return load(name)  # type: ignore[return-value]
         tried.append(f"{name}: {'; '.join(why)}")

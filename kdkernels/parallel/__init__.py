@@ -9,6 +9,8 @@ reducer at three points:
                   row, see below), then the deterministic local merge of row_stats.py
     sum_rows      one all-gather per chunk of the [C, len(MIX)] mix sums (divergences with a mix
                   pass only), summed locally in rank order
+    merge_student  sparse teachers: one all-gather per chunk of the student-only stats and the
+                  logits gathered at the teacher's (global) ids, merged the same way
     finish_grad_hidden  one SUM all-reduce of grad_student_hidden (fp32), at the end
 
 grad_weight needs no collective: each rank's head gradient is its slice of the full one.
@@ -29,9 +31,9 @@ per-call agreement of every rank), ``reducer`` (the chunk driver's reducer over 
 """
 
 from .dtensor import unwrap
-from .layout import Layout, fused_setup, logits_setup
+from .layout import Layout, fused_setup, logits_setup, sparse_setup
 from .reducer import VocabParallelReducer
 from .vocab_parallel import VocabParallel
 
 __all__ = ["Layout", "VocabParallel", "VocabParallelReducer", "fused_setup", "logits_setup",
-           "unwrap"]
+           "sparse_setup", "unwrap"]

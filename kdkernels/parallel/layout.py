@@ -158,3 +158,14 @@ def logits_setup(vp: VocabParallel, zs: torch.Tensor, zt: torch.Tensor,
 def _autocast(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else None
+
+
+def sparse_setup(vp: VocabParallel, what: str, lead: tuple, width: int, ok: bool,
+                 dtypes: tuple, labels: torch.Tensor | None, grad_flags: tuple, opts,
+                 device: torch.device, local_error: Exception | None = None
+                 ) -> VocabParallelReducer:
+    """Reducer for the sparse-teacher losses on a student shard of ``width`` vocabulary rows
+    (head rows or logit columns); teacher ids are global, so only the student is sharded."""
+    settings = settings_key(opts, what, lead, *dtypes, labels is None, grad_flags,
+                            str(_autocast(device)))
+    return setup(vp, width if ok else 0, width if ok else 0, device, settings, ok, local_error)

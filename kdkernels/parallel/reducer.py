@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from ..layouts import STATS, Columns
-from ..row_stats import merge_partials
+from ..layouts import Columns
+from ..row_stats import merge_partials, merge_student_partials
 from .collectives import all_gather
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ _ID_LIMIT = 2**24  # integers below this are exact in fp32 header rows
 HEADER = Columns("Header", ("crc_lo", "crc_mid", "crc_hi", "chunk", "rows", "vocab_start",
                             "width", "size", "magic"))
 _AGREED = ("crc_lo", "crc_mid", "crc_hi", "chunk", "rows", "size", "magic")
-assert len(HEADER) == len(STATS)
 
 
 class VocabParallelReducer:
@@ -70,13 +69,24 @@ class VocabParallelReducer:
                 f"and replicated hidden states and labels on every rank")
         check_tiling([int(row["vocab_start"]) for row in h], [int(row["width"]) for row in h])
 
-    def merge_stats(self, partial: torch.Tensor) -> torch.Tensor:
-        rows = partial.shape[0]
-        send = torch.cat((self._header(rows, partial), partial), 0)
-        got = all_gather(send, self.group, self.size)
-        self._verify(got[:, 0])
+    def _gather_checked(self, partial: torch.Tensor) -> torch.Tensor:
+        """[size, C, W] of every rank's partial, after the header check (one all-gather)."""
+        rows, width = partial.shape
+        header = self._header(rows, partial)
+        if width < len(HEADER):  # narrow partials travel padded to the header's width
+            partial = torch.nn.functional.pad(partial, (0, len(HEADER) - width))
+        elif width > len(HEADER):
+            header = torch.nn.functional.pad(header, (0, width - len(HEADER)))
+        got = all_gather(torch.cat((header, partial), 0), self.group, self.size)
+        self._verify(got[:, 0, : len(HEADER)])
         self._chunk += 1
-        return merge_partials(got[:, 1:])
+        return got[:, 1:, :width]
+
+    def merge_stats(self, partial: torch.Tensor) -> torch.Tensor:
+        return merge_partials(self._gather_checked(partial))
+
+    def merge_student(self, partial: torch.Tensor) -> torch.Tensor:
+        return merge_student_partials(self._gather_checked(partial))
 
     def sum_rows(self, partial: torch.Tensor) -> torch.Tensor:
         got = all_gather(partial, self.group, self.size)

@@ -1,0 +1,170 @@
+"""The sparse teacher's side of a chunk: gather, mask, student-only row ops, tail math.
+
+Per chunk of C kept rows with student logits ``zs`` [C, V_local] (a writable workspace):
+
+1. gather the raw student logits at the row's teacher ids held here (and at its label);
+2. mask those columns to -inf in ``zs``, so that the student-only stats pass sums the
+   columns *outside* S: the student's mass outside S, log(1 - P), is then formed from its
+   own sum, never as 1 - P (which cancels to noise for a confident student);
+3. one reducer merge (one collective when vocab-parallel) of the stats and gathered values;
+4. the tail's math on [C, K] in float64 (tails.py);
+5. the student-only gradient pass writes alpha * p (and the CE terms) outside S, 0 at S;
+   the values at S, computed in step 4 from the gathered logits, are added at the ids.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..backends.base import Backend, RowSpec
+from ..layouts import SCOEF, SSTATS
+from ..reducer import Reducer
+from .options import TopKOptions
+from .tails import TailInputs, get, log_diff
+from .teacher import SparseTeacher
+
+
+def _signed_add(log_x, sign_x, log_y):
+    """(log|x + y|, sign) for x = sign_x * exp(log_x) and y = exp(log_y) >= 0."""
+    pos = torch.logaddexp(log_x, log_y)
+    neg, neg_sign = log_diff(log_y, log_x)
+    return torch.where(sign_x > 0, pos, neg), torch.where(sign_x > 0, 1.0, neg_sign)
+
+
+def _neg_inf_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, x, torch.full_like(x, -math.inf))
+
+
+class SparseChunks:
+    """ChunkRows (driver.py) of the sparse-teacher loss over kept rows."""
+
+    def __init__(self, teacher: SparseTeacher, lab: torch.Tensor | None, opts: TopKOptions,
+                 spec: RowSpec, backend: Backend, reducer: Reducer) -> None:
+        self.t, self.lab, self.opts, self.spec = teacher, lab, opts, spec
+        self.backend, self.reducer = backend, reducer
+
+    def release(self) -> None:
+        pass
+
+    def __call__(self, start: int, stop: int, zs: torch.Tensor, dz: torch.Tensor | None,
+                 scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        spec, opts = self.spec, self.opts
+        width, k = zs.shape[1], self.t.ids.shape[1]
+        ids, valid = self.t.ids[start:stop], self.t.valid[start:stop]
+        local = ids - self.reducer.vocab_start
+        here = valid & (local >= 0) & (local < width)
+        col = torch.where(here, local, torch.zeros_like(local))
+        acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
+        gathered = torch.where(here, zs.gather(1, col).to(acc), 0.0)
+        lab = None if self.lab is None or not spec.has_ce else self.lab[start:stop]
+        parts = [None, gathered]
+        lab_col = None
+        if lab is not None:
+            lab_local = lab - self.reducer.vocab_start
+            lab_here = (lab_local >= 0) & (lab_local < width)
+            lab_col = torch.where(lab_here, lab_local, torch.zeros_like(lab_local))
+            parts.append(torch.where(lab_here, zs.gather(1, lab_col[:, None])[:, 0].to(acc),
+                                     0.0)[:, None])
+        zs.scatter_add_(1, col, torch.where(here, -math.inf, 0.0).to(zs.dtype))
+        parts[0] = self.backend.student_stats(zs, spec).to(acc)
+        merged = self.reducer.merge_student(torch.cat(parts, 1)).double()
+        s = {name: merged[:, i] for i, name in enumerate(SSTATS)}
+        z_s = merged[:, len(SSTATS): len(SSTATS) + k]
+        cap = spec.student_softcap
+        zc_s = z_s if cap is None else cap * torch.tanh(z_s / cap)
+        a_s = _neg_inf_where(valid, zc_s * spec.inv_t)
+        lse_out = s["m_a"] + torch.log(s["s_a"])
+        lse_in = torch.logsumexp(a_s, 1)
+        lse = torch.logaddexp(lse_out, lse_in)
+        lp = _neg_inf_where(valid, a_s - lse[:, None])
+        res = get(opts.tail).rules[opts.divergence](TailInputs(
+            lp, self.t.lq[start:stop], valid, lse_out - lse, self.t.log_r[start:stop],
+            self.t.outside[start:stop]))
+        ce = lse1 = zc_lab = None
+        if lab is not None:
+            z_lab = merged[:, -1]
+            zc_lab = z_lab if cap is None else cap * torch.tanh(z_lab / cap)
+            lse1 = lse
+            if spec.ce_separate:
+                lse1 = torch.logaddexp(s["m_z"] + torch.log(s["s_z"]),
+                                       torch.logsumexp(_neg_inf_where(valid, zc_s), 1))
+            ce = lse1 - zc_lab
+        if dz is not None:
+            self._gradient(zs, dz, scale.double(), res, a_s, zc_s, z_s, valid, here, col, lab,
+                           lab_col, ids, s, lse, lse1)
+        return res.div, ce
+
+    def _gradient(self, zs, dz, scale, res, a_s, zc_s, z_s, valid, here, col, lab, lab_col,
+                  ids, s, lse, lse1) -> None:
+        spec, opts = self.spec, self.opts
+        kd_row = (opts.dense.soft_scale * spec.inv_t) * scale  # dL/dz = dL/da / T
+        ce_row = opts.ce_weight * scale if spec.has_ce else torch.zeros_like(scale)
+        # Outside S: dL/dz_j = kd_row * alpha * p_j (+ ce_row * p_j at T = 1), folded into
+        # the normaliser as log|coefficient| with its sign.
+        log_c = torch.log(kd_row) + res.log_alpha
+        sign = res.sign_alpha
+        if spec.has_ce and not spec.ce_separate:
+            log_c, sign = _signed_add(log_c, sign, torch.log(ce_row))
+        m_a = torch.maximum(s["m_a"], a_s.amax(1))
+        kd_col = torch.where(torch.isneginf(log_c), 0.0, sign)
+        named = dict(m_a=m_a, log_s_a=(lse - m_a) - log_c, kd=kd_col, ce=ce_row,
+                     m_z=m_a, log_s_z=lse - m_a)
+        if spec.ce_separate:
+            m_z = torch.maximum(s["m_z"], _neg_inf_where(valid, zc_s).amax(1))
+            named.update(m_z=m_z, log_s_z=lse1 - m_z)
+        coef = torch.stack([named[name] for name in SCOEF], 1).float()
+        labels = torch.full((zs.shape[0],), -1, dtype=torch.int64, device=zs.device)
+        in_s = None
+        if lab is not None:
+            in_s = valid & (ids == lab[:, None])
+            lab_here = (lab - self.reducer.vocab_start >= 0) & (
+                lab - self.reducer.vocab_start < zs.shape[1])
+            labels = torch.where(lab_here & ~in_s.any(1), lab_col, labels)
+        self.backend.student_grad(zs, labels, coef, spec, dz)
+        # At S: kd_row * g + ce_row * (softmax(z) - onehot), times the softcap derivative.
+        vals = kd_row[:, None] * res.g
+        if lab is not None:
+            e_z = torch.where(valid, torch.exp(zc_s - lse1[:, None]), 0.0)
+            vals = vals + ce_row[:, None] * (e_z - in_s.double())
+        if spec.student_softcap is not None:
+            vals = vals * (1.0 - torch.tanh(z_s / spec.student_softcap) ** 2)
+        dz.scatter_add_(1, col, torch.where(here, vals, 0.0).to(dz.dtype))
+
+
+def logits_rows(zs: torch.Tensor, teacher: SparseTeacher, idx: torch.Tensor | None,
+                lab: torch.Tensor | None, chunk: int, rows: SparseChunks,
+                row_scale: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The sparse loss over materialised student logits zs [N, V] at the kept rows (``idx``
+    [kept], None: all): (kd [kept], ce [kept] | None, grad [N, V] | None). Each chunk is
+    copied into one workspace (the masking writes to it), its gradient written in place."""
+    n, vocab = zs.shape
+    kept = teacher.ids.shape[0]
+    acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
+    kd = torch.empty(kept, dtype=acc, device=zs.device)
+    ce = torch.empty(kept, dtype=acc, device=zs.device) if rows.spec.has_ce else None
+    grad = None
+    if row_scale is not None:
+        grad = (torch.empty_like(zs, memory_format=torch.contiguous_format) if idx is None
+                else torch.zeros(n, vocab, dtype=zs.dtype, device=zs.device))
+    buf = torch.empty(min(chunk, max(kept, 1)), vocab, dtype=zs.dtype, device=zs.device)
+    for start in range(0, kept, chunk):
+        stop = min(kept, start + chunk)
+        work = buf[: stop - start]
+        if idx is None:
+            work.copy_(zs[start:stop])
+        else:
+            torch.index_select(zs, 0, idx[start:stop], out=work)
+        out = None if grad is None else work
+        scale = None if row_scale is None else row_scale[start:stop]
+        kd[start:stop], ce_c = rows(start, stop, work, out, scale)
+        if ce is not None:
+            ce[start:stop] = ce_c
+        if grad is not None:
+            if idx is None:
+                grad[start:stop] = work
+            else:
+                grad.index_copy_(0, idx[start:stop], work)
+    return kd, ce, grad
