@@ -22,10 +22,15 @@ try:
 except ImportError as err:  # registry.load turns this into "not available: <reason>"
     raise ImportError(f"the triton backend needs the triton package ({err})") from err
 
-from ..layouts import CONSTS, MIX, STATS
+from ..layouts import CONSTS, MIX, SSTATS, STATS
 from ..triton_kernels.grad import grad_kernel
 from ..triton_kernels.mix import mix_kernel
 from ..triton_kernels.stats import merge_kernel, stats_kernel
+from ..triton_kernels.student import (
+    student_grad_kernel,
+    student_merge_kernel,
+    student_stats_kernel,
+)
 from .base import Backend, RowSpec
 
 # @triton.jit reads TRITON_INTERPRET when the kernels are defined, i.e. at this import.
@@ -190,6 +195,55 @@ def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.T
         PACKED=packed, num_warps=plan.num_warps)
 
 
+def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    """(m_a, s_a, m_z, s_z) of the student alone over its unmasked (not -inf) columns
+    (backends/base.py), on the stats pass's grid and merge."""
+    _check("zs", zs)
+    n_rows, n_cols = zs.shape
+    out = torch.empty(n_rows, len(SSTATS), dtype=torch.float32, device=zs.device)
+    if n_rows == 0:
+        return out
+    if n_cols == 0:  # no unmasked column: m = -inf, s = 0
+        for m, s in ((SSTATS.m_a, SSTATS.s_a), (SSTATS.m_z, SSTATS.s_z)):
+            out[:, m], out[:, s] = float("-inf"), 0.0
+        return out
+    plan = _plan(n_rows, n_cols, zs.device, zs.element_size())
+    part = out if plan.n_split == 1 else torch.empty(
+        plan.n_split, n_rows, len(SSTATS), dtype=torch.float32, device=zs.device)
+    student_stats_kernel[(plan.row_blocks(n_rows), plan.n_split)](
+        zs, part, n_rows, n_cols, zs.stride(0), plan.span,
+        **_spec_args(student_stats_kernel, spec), BLOCK_R=plan.block_r,
+        BLOCK_V=plan.block_v, num_warps=plan.num_warps)
+    if plan.n_split > 1:
+        block_p = triton.next_power_of_2(plan.n_split)
+        block_r = max(1, min(triton.next_power_of_2(n_rows), _MERGE_TILE // block_p))
+        student_merge_kernel[(triton.cdiv(n_rows, block_r),)](
+            part, out, n_rows, plan.n_split, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
+    return out
+
+
+def student_grad(zs: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, spec: RowSpec,
+                 out: torch.Tensor) -> None:
+    """dL/dzs of the student-only losses (backends/base.py) into ``out``: a buffer of its
+    own, zs itself, or 16-bit values packed over the fp32 zs rows, as for grad()."""
+    _check("zs", zs)
+    _check("out", out)
+    n_rows, n_cols = zs.shape
+    if tuple(out.shape) != (n_rows, n_cols):
+        raise ValueError(f"triton backend: out must be {[n_rows, n_cols]}, got {list(out.shape)}")
+    if n_rows == 0 or n_cols == 0:
+        return
+    packed = _packed(zs, out)
+    coef = coef.to(torch.float32).contiguous()
+    plan = _plan(n_rows, n_cols, zs.device, zs.element_size())
+    grid = (plan.row_blocks(n_rows), 1 if packed else triton.cdiv(n_cols, plan.block_v))
+    student_grad_kernel[grid](
+        zs, labels, coef, out, n_rows, n_cols, zs.stride(0), out.stride(0), coef.stride(0),
+        **_spec_args(student_grad_kernel, spec), BLOCK_R=plan.block_r,
+        BLOCK_V=plan.block_v, ROUND_BF16=_INTERPRETED and out.dtype == torch.bfloat16,
+        PACKED=packed, num_warps=plan.num_warps)
+
+
 def _packed(zs: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether ``out`` packs 16-bit values over the first half of each fp32 ``zs`` row (the
     only cross-dtype aliasing the kernel handles); False when it is its own buffer or zs
@@ -250,4 +304,6 @@ BACKEND = Backend(
     not_supported_reasons=not_supported_reasons,
     workspace_bytes_per_logit=workspace_bytes_per_logit,
     packed_grad_min_rows=packed_grad_min_rows,
+    student_stats=student_stats,
+    student_grad=student_grad,
 )
