@@ -59,13 +59,13 @@ def reference_topk_loss(student_logits, teacher_ids, teacher_logprobs, labels=No
     for i in range(z.shape[0]):
         kept = flat_labels is None or int(flat_labels[i]) != ignore_index
         keep.append(kept)
-        if not kept:
-            kd_rows.append(z.new_zeros(()))
-            ce_rows.append(z.new_zeros(()))
+        if not kept:  # 0 with a (zero) gradient path to the logits
+            kd_rows.append(z[i].sum() * 0.0)
+            ce_rows.append(z[i].sum() * 0.0)
             continue
         valid = ids[i] >= 0
         if not bool(valid.any()):
-            kd_rows.append(z.new_zeros(()))
+            kd_rows.append(z[i].sum() * 0.0)
         else:
             kd_rows.append(_row_div(logp[i], ids[i][valid], lps[i][valid], tail, divergence,
                                     temperature, vocab))
