@@ -27,6 +27,13 @@ META_DEFAULTS: dict[str, Any] = {"teacher_config_hash": None, "vocab_size": None
 META_REQUIRED = ("tokenizer_hash", "teacher")
 # settings that describe the run but may change between a run and its resume
 INFORMATIONAL = ("data",)
+# settings that follow from others: named only when nothing else explains the difference
+DERIVED = ("data_hash", "expected_sequences")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "...'"
 
 
 def _is_ours(name: str) -> bool:
@@ -78,9 +85,13 @@ class CacheWriter:
     def _check_same(self, manifest: dict[str, Any]) -> None:
         diff = [k for k in self.settings
                 if k not in INFORMATIONAL and manifest.get(k) != self.settings[k]]
+        if any(k not in DERIVED for k in diff):  # e.g. a new --seq-len changes the data hash
+            diff = [k for k in diff if k not in DERIVED]
+        named = {self._names.get(k, k): k for k in reversed(diff)}  # one line per option
+        diff = [k for k in diff if named[self._names.get(k, k)] == k]
         if diff:
-            detail = "; ".join(f"{self._names.get(k, k)}: cache has {manifest.get(k)!r}, "
-                               f"now {self.settings[k]!r}" for k in diff)
+            detail = "; ".join(f"{self._names.get(k, k)}: cache has {_short(manifest.get(k))}, "
+                               f"now {_short(self.settings[k])}" for k in diff)
             raise ValueError(f"{self.directory} holds a cache written with different options "
                              f"({detail}); rerun with the same options or choose another "
                              "output directory")
