@@ -7,8 +7,10 @@ autograd formula that scales the gradients computed during forward (the fused lo
 recomputes them for reduction='none').
 
 The loss options cross the op boundary as one object: each schema ends with the fields of
-KDOptions, derived from ``dataclasses.fields``, and every function here reads its arguments
-by name. A new option needs nothing in this module.
+the options dataclass (KDOptions; TopKOptions for the sparse ops, kdkernels/sparse/
+compiled.py), derived from ``dataclasses.fields``, and every function here reads its
+arguments by name. A new option needs nothing in this module. ``FusedOp`` and ``LogitsOp``
+build an op, its fake, its backward and its autograd registration from an eager run.
 """
 
 from __future__ import annotations
@@ -31,37 +33,40 @@ _SCHEMA_TYPES = {"str": "str", "float": "float", "bool": "bool", "int": "int",
                  "float | None": "float?", "int | None": "int?"}
 
 
-def _option_schema() -> tuple[tuple[str, ...], str]:
+def _option_schema(fields: tuple) -> tuple[tuple[str, ...], str]:
     parts = []
-    for f in option_fields():
+    for f in fields:
         if f.type not in _SCHEMA_TYPES:
-            raise TypeError(f"KDOptions.{f.name}: no torch.library schema type for {f.type!r}; "
+            raise TypeError(f"option {f.name}: no torch.library schema type for {f.type!r}; "
                             f"add one to compiled._SCHEMA_TYPES")
         parts.append(f"{_SCHEMA_TYPES[f.type]} {f.name}")
-    return tuple(f.name for f in option_fields()), ", ".join(parts)
+    return tuple(f.name for f in fields), ", ".join(parts)
 
 
-OPTION_NAMES, _OPTIONS = _option_schema()
+OPTION_NAMES, _OPTIONS = _option_schema(option_fields())
 
 
 class _Schema:
-    """One op's arguments: the leading ones spelled here, then every option."""
+    """One op's arguments: the leading ones spelled here, then every option of the options
+    dataclass ``kind`` (KDOptions unless given) in field order."""
 
-    def __init__(self, name: str, leading: str, returns: str) -> None:
-        self.name = name
+    def __init__(self, name: str, leading: str, returns: str, kind: type = KDOptions,
+                 fields: tuple | None = None) -> None:
+        option_names, options = ((OPTION_NAMES, _OPTIONS) if fields is None
+                                 else _option_schema(fields))
+        self.name, self.kind, self.option_names = name, kind, option_names
         self.leading = tuple(arg.split()[-1] for arg in leading.split(", "))
-        self.names = (*self.leading, *OPTION_NAMES)
-        self.text = f"({leading}, {_OPTIONS}) -> {returns}"
+        self.names = (*self.leading, *option_names)
+        self.text = f"({leading}, {options}) -> {returns}"
 
     def bind(self, args: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.names, args, strict=True))
 
-    def call(self, op, lead: dict[str, Any], opts: KDOptions) -> Any:
+    def call(self, op, lead: dict[str, Any], opts) -> Any:
         return op(*(lead[n] for n in self.leading), *opts.values())
 
-
-def _options(bound: dict[str, Any], **override: Any) -> KDOptions:
-    return KDOptions(**{**{n: bound[n] for n in OPTION_NAMES}, **override})
+    def options(self, bound: dict[str, Any], **override: Any):
+        return self.kind(**{**{n: bound[n] for n in self.option_names}, **override})
 
 
 def _plan(h: Tensor, labels: Tensor | None, opts: KDOptions, cd_s, cd_t, label_vocab: int,
@@ -79,14 +84,145 @@ def _empty_for_missing(like: Tensor, grads) -> tuple[Tensor, ...]:
     return tuple(like.new_empty(0) if t is None else t for t in grads)
 
 
-_HEADS = ("Tensor h, Tensor w, Tensor? bs, Tensor g, Tensor u, Tensor? bt, Tensor? labels, "
-          "bool[] want, ScalarType cd_s, ScalarType cd_t")
-FUSED = _Schema("fused_linear_kd", _HEADS, "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
-                "Tensor)")
-FUSED_BACKWARD = _Schema("fused_linear_kd_backward", _HEADS + ", Tensor grad_rows",
-                         "(Tensor, Tensor, Tensor)")
-LOGITS = _Schema("kd_loss", "Tensor zs, Tensor zt, Tensor? labels, bool want_grad",
-                 "(Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _define(schema: _Schema, body, fake):
+    op = torch.library.custom_op(f"{_NAMESPACE}::{schema.name}", body, mutates_args=(),
+                                 schema=schema.text)
+    op.register_fake(fake)
+    return op
+
+
+_FUSED_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
+class FusedOp:
+    """A fused-linear loss as a custom op: (loss, kd, ce, n_tokens, grad_h, grad_w, grad_b)
+    with its fake, and a backward op that recomputes the gradients for reduction='none'.
+    ``run(bound_args, opts) -> autograd.FusedOutcome`` is the eager loss; the leading
+    arguments start with ``Tensor h, Tensor w, Tensor? bs`` and hold ``bool[] want``."""
+
+    def __init__(self, name: str, heads: str, run, kind: type = KDOptions,
+                 fields: tuple | None = None) -> None:
+        self.schema = _Schema(name, heads, _FUSED_RETURNS, kind, fields)
+        self.backward_schema = _Schema(f"{name}_backward", heads + ", Tensor grad_rows",
+                                       "(Tensor, Tensor, Tensor)", kind, fields)
+        self.run = run
+        self.op = _define(self.schema, self._impl, self._fake)
+        self.backward_op = _define(self.backward_schema, self._backward_impl,
+                                   self._backward_fake)
+        self.op.register_autograd(self._backward, setup_context=self._setup)
+
+    def _impl(self, *args: Any) -> tuple[Tensor, ...]:
+        """A gradient not computed in forward (not wanted, or reduction='none') is an empty
+        tensor."""
+        a = self.schema.bind(args)
+        out = self.run(a, self.schema.options(a))
+        return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=a["h"].device),
+                *_empty_for_missing(a["h"], out.grads or (None, None, None)))
+
+    @staticmethod
+    def _fake_grads(a: dict[str, Any], computed: bool) -> tuple[Tensor, ...]:
+        h, w, bs, want = a["h"], a["w"], a["bs"], a["want"]
+        return (torch.empty_like(h) if computed and want[0] else h.new_empty(0),
+                torch.empty_like(w) if computed and want[1] else h.new_empty(0),
+                torch.empty_like(bs) if computed and want[2] and bs is not None
+                else h.new_empty(0))
+
+    def _fake(self, *args: Any) -> tuple[Tensor, ...]:
+        a = self.schema.bind(args)
+        h = a["h"]
+        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        eager = a["reduction"] != "none"
+        shape = (h.shape[0],) if not eager else ()
+        return (h.new_empty(shape, dtype=acc), h.new_empty(shape, dtype=acc),
+                h.new_empty(shape, dtype=acc), h.new_empty((), dtype=torch.int64),
+                *self._fake_grads(a, eager))
+
+    def _backward_impl(self, *args: Any) -> tuple[Tensor, ...]:
+        """Gradients of reduction='none' for per-row grad_output ``grad_rows``."""
+        a = self.backward_schema.bind(args)
+        out = self.run(a, self.backward_schema.options(a, reduction="none",
+                                                        return_components=False))
+        return _empty_for_missing(a["h"], out.recompute(a["grad_rows"]))
+
+    def _backward_fake(self, *args: Any) -> tuple[Tensor, ...]:
+        return self._fake_grads(self.backward_schema.bind(args), True)
+
+    def _setup(self, ctx, inputs, output):
+        ctx.args = self.schema.bind(inputs)
+        ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, the grads: as eager
+        # Saved, not kept on ctx, so that autograd frees them as soon as backward has run.
+        ctx.save_for_backward(*output[4:])
+
+    def _backward(self, ctx, g_loss, _g_kd, _g_ce, _g_n, _g_h, _g_w, _g_b):
+        a = ctx.args
+        want = a["want"]
+        if a["reduction"] != "none":
+            grads = [t * g_loss.to(t.dtype) if w else None
+                     for t, w in zip(ctx.saved_tensors, want, strict=True)]
+        else:
+            grads = list(self.backward_schema.call(self.backward_op,
+                                                   {**a, "grad_rows": g_loss},
+                                                   self.schema.options(a)))
+            grads = [t if w else None for t, w in zip(grads, want, strict=True)]
+        if a["bs"] is None:
+            grads[2] = None
+        return (*grads, *([None] * (len(self.schema.names) - 3)))
+
+    def __call__(self, lead: dict[str, Any], opts) -> Any:
+        """Call the op from a public function (under torch.compile)."""
+        h, w, bs = lead["h"], lead["w"], lead["bs"]
+        want = [h.requires_grad, w.requires_grad, bs is not None and bs.requires_grad]
+        return self.schema.call(self.op, {**lead, "want": want}, opts)
+
+
+_LOGITS_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
+class LogitsOp:
+    """A loss on materialised student logits ``zs`` as a custom op: (loss, kd, ce, n_tokens,
+    grad), grad w.r.t. zs for grad_output = 1 (per row for reduction='none') or an empty
+    tensor when not wanted. ``run(bound_args, opts) -> autograd.LogitsOutcome``; the
+    leading arguments start with ``Tensor zs`` and end with ``bool want_grad``."""
+
+    def __init__(self, name: str, leading: str, run, kind: type = KDOptions,
+                 fields: tuple | None = None) -> None:
+        self.schema = _Schema(name, leading, _LOGITS_RETURNS, kind, fields)
+        self.run = run
+        self.op = _define(self.schema, self._impl, self._fake)
+        self.op.register_autograd(self._backward, setup_context=self._setup)
+
+    def _impl(self, *args: Any) -> tuple[Tensor, ...]:
+        a = self.schema.bind(args)
+        zs = a["zs"]
+        out = self.run(a, self.schema.options(a))
+        return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=zs.device),
+                zs.new_empty(0) if out.grad is None else out.grad)
+
+    def _fake(self, *args: Any) -> tuple[Tensor, ...]:
+        a = self.schema.bind(args)
+        zs = a["zs"]
+        acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
+        shape = (zs.shape[0],) if a["reduction"] == "none" else ()
+        return (zs.new_empty(shape, dtype=acc), zs.new_empty(shape, dtype=acc),
+                zs.new_empty(shape, dtype=acc), zs.new_empty((), dtype=torch.int64),
+                torch.empty_like(zs, memory_format=torch.contiguous_format)
+                if a["want_grad"] else zs.new_empty(0))
+
+    def _setup(self, ctx, inputs, output):
+        ctx.want_grad = self.schema.bind(inputs)["want_grad"]
+        ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, grad: as eager
+        ctx.save_for_backward(output[4])  # freed by autograd right after backward
+
+    def _backward(self, ctx, g_loss, _g_kd, _g_ce, _g_n, _g_grad):
+        (grad,) = ctx.saved_tensors
+        gz = None
+        if ctx.want_grad:  # per-row grad_output for reduction='none', else a scalar
+            go = g_loss.to(grad.dtype)
+            gz = grad * (go[:, None] if go.dim() else go)
+        return (gz, *([None] * (len(self.schema.names) - 1)))
+
+    def __call__(self, lead: dict[str, Any], opts) -> Any:
+        return self.schema.call(self.op, lead, opts)
 
 
 def _run_fused(a: dict[str, Any], opts: KDOptions):
@@ -96,139 +232,29 @@ def _run_fused(a: dict[str, Any], opts: KDOptions):
                          *a["want"])
 
 
-def _fake_grads(a: dict[str, Any], computed: bool) -> tuple[Tensor, ...]:
-    h, w, bs, want = a["h"], a["w"], a["bs"], a["want"]
-    return (torch.empty_like(h) if computed and want[0] else h.new_empty(0),
-            torch.empty_like(w) if computed and want[1] else h.new_empty(0),
-            torch.empty_like(bs) if computed and want[2] and bs is not None
-            else h.new_empty(0))
+def _run_logits(a: dict[str, Any], opts: KDOptions):
+    zs, zt, labels = a["zs"], a["zt"], a["labels"]
+    plan = _plan(zs, labels, opts, zs.dtype, zt.dtype, min(zs.shape[1], zt.shape[1]),
+                 rows_dtype=zs.dtype)
+    return logits_forward(zs, zt, labels, plan, a["want_grad"])
 
 
-def _fused_impl(*args: Any) -> tuple[Tensor, ...]:
-    """(loss, kd, ce, n_tokens, grad_h, grad_w, grad_b); a gradient not computed in forward
-    (not wanted, or reduction='none') is an empty tensor."""
-    a = FUSED.bind(args)
-    out = _run_fused(a, _options(a))
-    return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=a["h"].device),
-            *_empty_for_missing(a["h"], out.grads or (None, None, None)))
-
-
-def _fused_fake(*args: Any) -> tuple[Tensor, ...]:
-    a = FUSED.bind(args)
-    h = a["h"]
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    eager = a["reduction"] != "none"
-    shape = (h.shape[0],) if not eager else ()
-    return (h.new_empty(shape, dtype=acc), h.new_empty(shape, dtype=acc),
-            h.new_empty(shape, dtype=acc), h.new_empty((), dtype=torch.int64),
-            *_fake_grads(a, eager))
-
-
-def _fused_backward_impl(*args: Any) -> tuple[Tensor, ...]:
-    """Gradients of reduction='none' for per-row grad_output ``grad_rows`` (recomputed)."""
-    a = FUSED_BACKWARD.bind(args)
-    out = _run_fused(a, _options(a, reduction="none", return_components=False))
-    return _empty_for_missing(a["h"], out.recompute(a["grad_rows"]))
-
-
-def _fused_backward_fake(*args: Any) -> tuple[Tensor, ...]:
-    return _fake_grads(FUSED_BACKWARD.bind(args), True)
-
-
-def _define(schema: _Schema, body, fake):
-    op = torch.library.custom_op(f"{_NAMESPACE}::{schema.name}", body, mutates_args=(),
-                                 schema=schema.text)
-    op.register_fake(fake)
-    return op
-
-
-fused_linear_kd_op = _define(FUSED, _fused_impl, _fused_fake)
-fused_linear_kd_backward_op = _define(FUSED_BACKWARD, _fused_backward_impl,
-                                      _fused_backward_fake)
-
-
-def _setup_fused(ctx, inputs, output):
-    ctx.args = FUSED.bind(inputs)
-    ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, the grads: as eager
-    # Saved, not kept on ctx, so that autograd frees them as soon as backward has run.
-    ctx.save_for_backward(*output[4:])
-
-
-def _backward_fused(ctx, g_loss, _g_kd, _g_ce, _g_n, _g_h, _g_w, _g_b):
-    a = ctx.args
-    want = a["want"]
-    if a["reduction"] != "none":
-        grads = [t * g_loss.to(t.dtype) if w else None
-                 for t, w in zip(ctx.saved_tensors, want, strict=True)]
-    else:
-        grads = list(FUSED_BACKWARD.call(fused_linear_kd_backward_op,
-                                         {**a, "grad_rows": g_loss}, _options(a)))
-        grads = [t if w else None for t, w in zip(grads, want, strict=True)]
-    if a["bs"] is None:
-        grads[2] = None
-    return (*grads, *([None] * (len(FUSED.names) - 3)))
-
-
-fused_linear_kd_op.register_autograd(_backward_fused, setup_context=_setup_fused)
+FUSED_OP = FusedOp("fused_linear_kd", "Tensor h, Tensor w, Tensor? bs, Tensor g, Tensor u, "
+                   "Tensor? bt, Tensor? labels, bool[] want, ScalarType cd_s, "
+                   "ScalarType cd_t", _run_fused)
+LOGITS_OP = LogitsOp("kd_loss", "Tensor zs, Tensor zt, Tensor? labels, bool want_grad",
+                     _run_logits)
+FUSED, FUSED_BACKWARD, LOGITS = FUSED_OP.schema, FUSED_OP.backward_schema, LOGITS_OP.schema
+fused_linear_kd_op, fused_linear_kd_backward_op = FUSED_OP.op, FUSED_OP.backward_op
+kd_loss_op = LOGITS_OP.op
 
 
 def fused(h, w, bs, g, u, bt, labels, opts: KDOptions, cd_s, cd_t):
     """Call the op from the public API (under torch.compile)."""
-    want = [h.requires_grad, w.requires_grad, bs is not None and bs.requires_grad]
-    lead = dict(h=h, w=w, bs=bs, g=g, u=u, bt=bt, labels=labels, want=want, cd_s=cd_s,
-                cd_t=cd_t)
-    return FUSED.call(fused_linear_kd_op, lead, opts)
-
-
-def _logits_impl(*args: Any) -> tuple[Tensor, ...]:
-    """(loss, kd, ce, n_tokens, grad) on flat logits zs [N, Vs], zt [N, Vt]; grad is the
-    gradient w.r.t. zs for grad_output = 1 (per row for reduction='none'), or an empty
-    tensor when not wanted."""
-    a = LOGITS.bind(args)
-    zs, zt, labels = a["zs"], a["zt"], a["labels"]
-    opts = _options(a)
-    plan = _plan(zs, labels, opts, zs.dtype, zt.dtype, min(zs.shape[1], zt.shape[1]),
-                 rows_dtype=zs.dtype)
-    out = logits_forward(zs, zt, labels, plan, a["want_grad"])
-    return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=zs.device),
-            zs.new_empty(0) if out.grad is None else out.grad)
-
-
-def _logits_fake(*args: Any) -> tuple[Tensor, ...]:
-    a = LOGITS.bind(args)
-    zs = a["zs"]
-    acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
-    shape = (zs.shape[0],) if a["reduction"] == "none" else ()
-    return (zs.new_empty(shape, dtype=acc), zs.new_empty(shape, dtype=acc),
-            zs.new_empty(shape, dtype=acc), zs.new_empty((), dtype=torch.int64),
-            torch.empty_like(zs, memory_format=torch.contiguous_format) if a["want_grad"]
-            else zs.new_empty(0))
-
-
-kd_loss_op = _define(LOGITS, _logits_impl, _logits_fake)
-
-
-def _setup_logits(ctx, inputs, output):
-    ctx.want_grad = LOGITS.bind(inputs)["want_grad"]
-    ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, grad: as eager
-    # Saved, not kept on ctx, so that autograd frees it as soon as backward has run.
-    ctx.save_for_backward(output[4])
-
-
-def _backward_logits(ctx, g_loss, _g_kd, _g_ce, _g_n, _g_grad):
-    (grad,) = ctx.saved_tensors
-    gz = None
-    if ctx.want_grad:  # per-row grad_output for reduction='none', else a scalar
-        go = g_loss.to(grad.dtype)
-        gz = grad * (go[:, None] if go.dim() else go)
-    return (gz, *([None] * (len(LOGITS.names) - 1)))
-
-
-kd_loss_op.register_autograd(_backward_logits, setup_context=_setup_logits)
+    return FUSED_OP(dict(h=h, w=w, bs=bs, g=g, u=u, bt=bt, labels=labels, cd_s=cd_s,
+                         cd_t=cd_t), opts)
 
 
 def logits(zs: Tensor, zt: Tensor, labels: Tensor | None, opts: KDOptions, want_grad: bool):
     """Call the logits op from the public API (under torch.compile)."""
-    return LOGITS.call(kd_loss_op, dict(zs=zs, zt=zt, labels=labels, want_grad=want_grad),
-                       opts)
-
+    return LOGITS_OP(dict(zs=zs, zt=zt, labels=labels, want_grad=want_grad), opts)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .. import compiled, gemm, parallel
+from .. import gemm, parallel
 from ..api import KDComponents, _autocast_dtype, _failure, _finish
 from ..autograd import row_spec
 from ..backends import registry
@@ -23,6 +23,7 @@ from ..validation import (
     check_same_device,
     check_tensor,
 )
+from . import compiled
 from .autograd import SparsePlan, TopKFusedLinear, TopKLogits
 from .options import TopKOptions, topk_option_fields
 from .teacher import check_teacher_tensors
