@@ -37,6 +37,11 @@ class Reducer(Protocol):
         """The local contribution to grad_hidden -> the full gradient."""
         ...
 
+    def raise_together(self, error: Exception | None) -> None:
+        """Raise ``error`` (an input check that failed here, or None) on every participant
+        together if any of them failed, so that none waits in a collective."""
+        ...
+
 
 class LocalReducer:
     """The whole (shared) vocabulary lives in this process: every merge is the identity."""
@@ -57,6 +62,10 @@ class LocalReducer:
 
     def finish_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
         return grad
+
+    def raise_together(self, error: Exception | None) -> None:
+        if error is not None:
+            raise error
 
 
 LOCAL: Reducer = LocalReducer()

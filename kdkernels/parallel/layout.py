@@ -124,7 +124,7 @@ def setup(vp: VocabParallel, width_s: int, width_t: int, device: torch.device,
     status = _BAD_SHARD if not shard_ok else (_OK if local_error is None else _INPUT_ERROR)
     layout = layout_for(vp, width_s, width_t, device, settings, status, local_error)
     group = vp.group if vp.group is not None else dist.group.WORLD
-    return VocabParallelReducer(group, layout, _checksum(settings))
+    return VocabParallelReducer(group, layout, _checksum(settings), device)
 
 
 def _grad_flags(*ts: torch.Tensor | None) -> tuple:

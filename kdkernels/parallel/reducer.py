@@ -36,7 +36,8 @@ _AGREED = ("crc_lo", "crc_mid", "crc_hi", "chunk", "rows", "size", "magic")
 class VocabParallelReducer:
     """The chunk driver's reducer for one loss call over vocab shards (see reducer.py)."""
 
-    def __init__(self, group, layout: Layout, settings_crc: int) -> None:
+    def __init__(self, group, layout: Layout, settings_crc: int,
+                 device: torch.device | None = None) -> None:
         self.group = group
         self.layout = layout
         self.size = len(layout.widths)
@@ -44,6 +45,7 @@ class VocabParallelReducer:
         self.vocab = layout.vocab
         self._crc = settings_crc
         self._chunk = 0
+        self._device = device
 
     def chunk_width(self, local_width: int) -> int:
         # Every rank cuts the same chunks: they are planned for the widest shard.
@@ -94,6 +96,20 @@ class VocabParallelReducer:
         for r in range(1, self.size):  # fixed order: bit-identical on every rank
             out += got[r]
         return out
+
+    def raise_together(self, error: Exception | None) -> None:
+        """One all-gather of a flag per rank: an input check that failed on some ranks
+        (e.g. a teacher id out of range on one rank's copy) raises on all of them."""
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self._device)
+        flags = all_gather(flag, self.group, self.size)[:, 0].tolist()
+        failed = [r for r, f in enumerate(flags) if f]
+        if not failed:
+            return
+        what = f"vocab_parallel: rank(s) {failed} rejected their inputs"
+        if error is not None:
+            raise type(error)(f"{what}; here: {error}") from error
+        raise ValueError(f"{what} (the error raised there says why); no rank computed the "
+                         f"loss")
 
     def finish_grad_hidden(self, grad: torch.Tensor) -> torch.Tensor:
         # Summed in fp32 even for half inputs: each rank's part is rounded once, not the sum.

@@ -48,8 +48,13 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 def _kept(labels, ids, logprobs, n: int, plan: SparsePlan):
     opts = plan.opts
-    rows_kept = scan_labels(labels, n, plan.vocab, opts.ignore_index)
-    teacher = prepare_teacher(ids, logprobs, rows_kept.idx, plan.vocab, opts.temperature)
+    error = teacher = None
+    try:
+        rows_kept = scan_labels(labels, n, plan.vocab, opts.ignore_index)
+        teacher = prepare_teacher(ids, logprobs, rows_kept.idx, plan.vocab, opts.temperature)
+    except ValueError as err:  # vocab-parallel: every rank raises, none waits in a chunk
+        error = err
+    plan.reducer.raise_together(error)
     lab = None
     if labels is not None:
         lab = labels if rows_kept.idx is None else labels.index_select(0, rows_kept.idx)
