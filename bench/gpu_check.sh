@@ -35,6 +35,9 @@ export PYTHONPATH=$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 
+# The Triton backend's test files (step c1, all their tests; step c2 skips them).
+TRITON_TESTS=(tests/test_triton_backend.py tests/test_student_rows_triton.py)
+
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-345}))
 STATUS=0
@@ -57,7 +60,7 @@ if (( DRY )); then
     log "would install into $SITE: ${wheels[*]:-(no .whl/*.whl here: fetch liger-kernel first)}"
     log "would build: $PY -m kdkernels.info ($( [[ -f kdkernels/info.py ]] && echo present \
         || echo 'missing: would fall back to registry.available()'))"
-    log "would test: pytest tests/test_triton_backend.py; pytest -m gpu tests"
+    log "would test: pytest ${TRITON_TESTS[*]}; pytest -m gpu tests"
     KDKERNELS_NO_BUILD=1 timeout 120 "$PY" bench/bench_gpu.py --out "$OUT" --dry-run \
         > "$OUT/bench.log" 2>&1 || fail $?
     cat "$OUT/bench.log"
@@ -112,9 +115,9 @@ BUILD_PID=$!
 
 # (c1) the Triton backend's tests, compiled on the GPU. They need no extension: an empty
 # extension cache keeps them away from the one being built.
-log "tests: tests/test_triton_backend.py"
+log "tests: ${TRITON_TESTS[*]}"
 KDKERNELS_NO_BUILD=1 KDKERNELS_CACHE_DIR=$(mktemp -d) timeout "$(cap 150 190)" "$PY" -m pytest -q -p no:cacheprovider \
-    -o addopts="" tests/test_triton_backend.py 2>&1 | tee "$OUT/test_triton.log" | tail -25
+    -o addopts="" "${TRITON_TESTS[@]}" 2>&1 | tee "$OUT/test_triton.log" | tail -25
 rc=${PIPESTATUS[0]}; log "triton tests: status $rc"; (( rc )) && fail 4
 
 wait "$BUILD_PID"
@@ -133,7 +136,7 @@ rc=$?; log "bench: status $rc"; (( rc )) && { tail -30 "$OUT/bench.log"; fail 6;
 log "tests: pytest -m gpu tests (others)"
 KDKERNELS_NO_BUILD=1 timeout "$(cap 120 8)" "$PY" -m pytest -q -p no:cacheprovider \
     -o addopts="" -m gpu --continue-on-collection-errors \
-    --ignore=tests/test_triton_backend.py tests 2>&1 | tee "$OUT/test_gpu.log" | tail -25
+    "${TRITON_TESTS[@]/#/--ignore=}" tests 2>&1 | tee "$OUT/test_gpu.log" | tail -25
 rc=${PIPESTATUS[0]}; log "gpu tests: status $rc"; (( rc && rc != 5 )) && fail 7
 
 log "done in $(( $(date +%s) - START )) s, status $STATUS"

@@ -27,11 +27,11 @@ from kdkernels.layouts import SCOEF, SSTATS
 from .test_student_rows import (
     OUT_ULP,
     _check,
+    _spec,
     coefficients,
     make_rows,
     oracle_grad,
     oracle_stats,
-    run_case,
 )
 
 _loaded = registry.load("triton")
@@ -53,10 +53,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 
 
-def _spec(temperature: float = 1.0, cap: float | None = None, ce: bool = False) -> RowSpec:
-    return RowSpec.build("forward_kl", temperature=temperature, student_softcap=cap, has_ce=ce)
-
-
 def _override(monkeypatch, **values: int) -> None:
     for key, value in values.items():
         monkeypatch.setitem(triton_rows.OVERRIDE, key, value)
@@ -64,6 +60,23 @@ def _override(monkeypatch, **values: int) -> None:
 
 def _on_device(*xs: torch.Tensor):
     return [x.to(DEVICE) for x in xs]
+
+
+def run_case(rows, cols, dtype, temperature, cap, ce, mask_frac, seed, out_dtype=F32,
+             stride_pad=0):
+    """tests/test_student_rows.run_case on DEVICE (compiled kernels on a GPU): stats and a
+    poisoned dL/dz against the float64 formulas; row 0 dead, row 1 masked everywhere."""
+    spec = _spec(temperature, cap, ce)
+    zs, labels, mask = make_rows(rows, cols, dtype, mask_frac=mask_frac, seed=seed,
+                                 stride_pad=stride_pad, all_masked_row=True)
+    stats = triton_rows.student_stats(zs.to(DEVICE), spec).cpu()
+    _check("stats", stats, oracle_stats(zs, spec), 2e-5, 0.0)
+    coef = coefficients(stats, spec, seed + 1)
+    out = torch.full((rows, cols), math.nan, dtype=out_dtype, device=DEVICE)
+    triton_rows.student_grad(zs.to(DEVICE), labels.to(DEVICE), coef.to(DEVICE), spec, out)
+    out = out.cpu()
+    assert (out[0] == 0).all() and (out[mask] == 0).all()
+    _check("grad", out, oracle_grad(zs, labels, coef, spec), 1e-5 + OUT_ULP[out_dtype], 1e-7)
 
 
 # ---- the vocab split: several programs per row, several tiles per program, merged --------
@@ -82,7 +95,7 @@ def test_vocab_split_matches_float64(case, monkeypatch):
     _override(monkeypatch, n_split=n_split, block_v=block_v, block_r=2)
     plan = triton_rows._plan(rows, cols, DEVICE, dtype.itemsize)
     assert plan.n_split == n_split and plan.span > block_v and plan.row_blocks(rows) > 1
-    run_case("triton", rows, cols, dtype, temperature, cap, ce, mask_frac, 11, F32, 3)
+    run_case(rows, cols, dtype, temperature, cap, ce, mask_frac, 11, F32, 3)
 
 
 def test_split_with_every_column_masked_merges_to_minus_inf_and_zero(monkeypatch):
@@ -112,7 +125,7 @@ def test_split_with_every_column_masked_merges_to_minus_inf_and_zero(monkeypatch
 def test_long_rows_default_plan():
     """Rows longer than a CPU tile (several BLOCK_V steps per program) with the default plan."""
     cols = 3 * triton_rows._CPU_BLOCK_V + 123
-    run_case("triton", 2, cols, BF16, 1.5, 30.0, True, 0.05, 21, F32)
+    run_case(2, cols, BF16, 1.5, 30.0, True, 0.05, 21, F32)
 
 
 # ---- the packed layout ----------------------------------------------------------------------
@@ -149,7 +162,8 @@ def test_packed_grad_matches_float64(rows, cols, block_v, out_dtype, monkeypatch
            1e-5 + OUT_ULP[out_dtype], 1e-7)
 
 
-@settings(max_examples=10 if HAS_CUDA else 20, deadline=None, derandomize=True,
+# On a GPU each new specialisation compiles (~1 s): fewer examples keep gpu_check.sh's cap.
+@settings(max_examples=6 if HAS_CUDA else 20, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 6), cols=st.integers(1, 700), pad=st.integers(0, 5),
        out_dtype=st.sampled_from([BF16, F16]), block_v=st.sampled_from([32, 128, 1024]),
@@ -224,7 +238,7 @@ def test_empty_chunks():
 
 
 def test_rejects_bad_layout():
-    spec = _spec()
+    spec = _spec(1.0, None, False)
     zs = torch.randn(4, 64, device=DEVICE)
     labels = torch.full((4,), -1, device=DEVICE)
     coef = torch.zeros(4, len(SCOEF), device=DEVICE)
@@ -283,6 +297,68 @@ def test_backend_entry_has_the_student_ops():
     backend = registry.load("triton")
     assert backend.student_stats is triton_rows.student_stats
     assert backend.student_grad is triton_rows.student_grad
+
+
+# ---- GPU only: shapes the interpreter cannot afford ---------------------------------------
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def _gpu_rows(rows, cols, dtype, seed, mask_frac=0.05):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    zs = (torch.randn(rows, cols, device="cuda", generator=gen) * 4).to(dtype)
+    zs[torch.rand(rows, cols, device="cuda", generator=gen) < mask_frac] = -math.inf
+    zs[1] = -math.inf
+    labels = torch.randint(0, cols, (rows,), device="cuda", generator=gen)
+    labels[::3] = -1
+    hit_masked = torch.isneginf(zs.gather(1, labels.clamp(min=0)[:, None]))[:, 0]
+    return zs, torch.where(hit_masked, -1, labels)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_few_rows_at_large_vocab_use_the_split_and_match():
+    rows, cols = 64, 262144
+    assert triton_rows._plan(rows, cols, torch.device("cuda"), 2).n_split > 1
+    spec = _spec(1.5, 30.0, True)
+    zs, labels = _gpu_rows(rows, cols, BF16, 31)
+    stats = triton_rows.student_stats(zs, spec)
+    _check("stats", stats, oracle_stats(zs, spec), 2e-5, 0.0)
+    coef = coefficients(stats.cpu(), spec, 32).cuda()
+    out = torch.full(zs.shape, math.nan, dtype=BF16, device="cuda")
+    triton_rows.student_grad(zs, labels, coef, spec, out)
+    _check("grad", out, oracle_grad(zs, labels, coef, spec), 1e-5 + OUT_ULP[BF16], 1e-7)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_packed_grad_is_race_free():
+    """One program per row and a barrier per tile: bit-identical to a buffer of its own on a
+    1024 x 128256 chunk (a race would read bf16 bits as fp32 logits and garble tiles)."""
+    rows, cols = 1024, 128256
+    spec = _spec(2.0, None, True)
+    zs, labels = _gpu_rows(rows, cols, F32, 33)
+    coef = coefficients(triton_rows.student_stats(zs, spec).cpu(), spec, 34).cuda()
+    own = torch.full(zs.shape, math.nan, dtype=BF16, device="cuda")
+    triton_rows.student_grad(zs, labels, coef, spec, own)
+    packed = zs.view(BF16)[:, :cols]
+    triton_rows.student_grad(zs, labels, coef, spec, packed)
+    torch.testing.assert_close(packed, own, rtol=2.0**-7, atol=0.0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_31_elements():
+    rows, cols = 8200, 262144  # row 8199 starts at element 2.149e9 > 2**31
+    spec = _spec(1.0, None, True)
+    zs, labels = _gpu_rows(rows, cols, BF16, 35, mask_frac=0.0)
+    tail = slice(rows - 3, rows)
+    stats = triton_rows.student_stats(zs, spec)
+    _check("stats past 2**31", stats[tail], oracle_stats(zs[tail], spec), 2e-5, 0.0)
+    coef = coefficients(stats.cpu(), spec, 36).cuda()
+    ref = oracle_grad(zs[tail], labels[tail], coef[tail], spec)
+    triton_rows.student_grad(zs, labels, coef, spec, zs)  # in place
+    _check("grad past 2**31", zs[tail], ref, 1e-5 + OUT_ULP[BF16], 1e-7)
 
 
 # ---- what only compilation checks ----------------------------------------------------------
