@@ -2,8 +2,10 @@
 
 Passes over a [C, V] chunk: stats (one read of zs and zt), mix (one more read, divergences
 with needs_mix only), grad (one read of each, one write of dL/dzs). All math in fp32 whatever the
-storage; no [C, V] temporaries. Rows are split over several programs along the vocabulary
-when the chunk has too few rows to fill the GPU (see _plan).
+storage; no [C, V] temporaries. The student-only ops of the sparse-teacher losses
+(student_stats, student_grad: triton_kernels/student.py) run on the same grids. Rows are
+split over several programs along the vocabulary when the chunk has too few rows to fill the
+GPU (see _plan).
 
 On CPU tensors the kernels run through Triton's interpreter, only when TRITON_INTERPRET=1
 was set before triton was imported (tests/conftest.py does it).
