@@ -11,7 +11,7 @@
 # Builds: `python -m kdkernels.info` compiles the C++/CUDA extensions (MAX_JOBS=16) in the
 # background while the Triton tests run; later steps only load the cache (KDKERNELS_NO_BUILD).
 # Output in OUTDIR: gpu_check.log, build.log, test_triton.log, test_gpu.log, bench.log,
-# gpu_bench.csv, gpu_rowops.csv, gpu_env.json, summary.txt. Exit status: 0 when every step
+# gpu_bench.csv, gpu_rowops.csv, gpu_topk.csv, gpu_env.json, summary.txt. Exit status: 0 when every step
 # passed, else the first failing step's status (the table is printed either way).
 # Env: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 345).
 set -uo pipefail
@@ -61,6 +61,9 @@ if (( DRY )); then
     log "would build: $PY -m kdkernels.info ($( [[ -f kdkernels/info.py ]] && echo present \
         || echo 'missing: would fall back to registry.available()'))"
     log "would test: pytest ${TRITON_TESTS[*]}; pytest -m gpu tests"
+    KDKERNELS_NO_BUILD=1 timeout 60 "$PY" bench/topk_gpu.py --out "$OUT" --dry-run \
+        > "$OUT/bench_topk.log" 2>&1 || fail $?
+    log "would bench top-k: bench/topk_gpu.py ($(wc -l < "$OUT/bench_topk.log") rows)"
     KDKERNELS_NO_BUILD=1 timeout 120 "$PY" bench/bench_gpu.py --out "$OUT" --dry-run \
         > "$OUT/bench.log" 2>&1 || fail $?
     cat "$OUT/bench.log"
@@ -131,6 +134,12 @@ log "bench: cap $bench_cap s"
 KDKERNELS_NO_BUILD=1 timeout "$bench_cap" "$PY" bench/bench_gpu.py --out "$OUT" \
     --budget-s $(( bench_cap - 25 )) > "$OUT/bench.log" 2>&1
 rc=$?; log "bench: status $rc"; (( rc )) && { tail -30 "$OUT/bench.log"; fail 6; }
+
+# (d2) the sparse-teacher (top-k) loss vs its floor and the naive top-k loss: gpu_topk.csv
+log "bench: top-k"
+KDKERNELS_NO_BUILD=1 timeout "$(cap 60 40)" "$PY" bench/topk_gpu.py --out "$OUT" \
+    > "$OUT/bench_topk.log" 2>&1
+rc=$?; log "bench top-k: status $rc"; (( rc )) && { tail -20 "$OUT/bench_topk.log"; fail 6; }
 
 # (c2) every other GPU-marked test
 log "tests: pytest -m gpu tests (others)"
