@@ -117,19 +117,22 @@ void check_rows(const std::string& op, const char* arg, const Tensor& x, int64_t
               " but zs is on ", like.device());
 }
 
-RowArgs make_args(const std::string& op, const Tensor& zs, const Tensor& zt,
+// zt null: a student-only op (g.zt stays null).
+RowArgs make_args(const std::string& op, const Tensor& zs, const Tensor* zt,
                   const Tensor* labels, const RowParams& p) {
   TORCH_CHECK(zs.dim() == 2, op, ": zs must be a 2-D [C, V] tensor, got shape ", zs.sizes());
   const int64_t rows = zs.size(0), cols = zs.size(1);
   check_logits(op, "zs", zs, rows, cols, zs);
-  check_logits(op, "zt", zt, rows, cols, zs);
   RowArgs g{};
   g.zs = zs.data_ptr();
-  g.zt = zt.data_ptr();
   g.zs_dtype = dtype_code(op, "zs", zs);
-  g.zt_dtype = dtype_code(op, "zt", zt);
   g.zs_stride = zs.stride(0);
-  g.zt_stride = zt.stride(0);
+  if (zt) {
+    check_logits(op, "zt", *zt, rows, cols, zs);
+    g.zt = zt->data_ptr();
+    g.zt_dtype = dtype_code(op, "zt", *zt);
+    g.zt_stride = zt->stride(0);
+  }
   g.rows = rows;
   g.cols = cols;
   g.p = p;
@@ -162,7 +165,7 @@ Tensor workspace(const RowArgs& g, int nb, const Tensor& zs) {
 Tensor row_stats(const Tensor& zs, const Tensor& zt, const Tensor& labels, int64_t div,
                  at::ArrayRef<double> consts, bool has_ce) {
   const std::string op = "kdkernels::row_stats";
-  RowArgs g = make_args(op, zs, zt, &labels, make_params(op, div, consts, has_ce));
+  RowArgs g = make_args(op, zs, &zt, &labels, make_params(op, div, consts, has_ce));
   Tensor out = at::empty({g.rows, kStats}, zs.options().dtype(at::kFloat));
   if (g.rows == 0) return out;
 #ifdef KDKERNELS_CUDA_BUILD
@@ -183,7 +186,7 @@ Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms, int64_t 
   RowParams p = make_params(op, div, consts, false);
   TORCH_CHECK(has_mix_terms(p.div), op, ": divergence code ", div, " has no mix pass (only "
               "the divergences with needs_mix in kdkernels.divergences.TABLE have one)");
-  RowArgs g = make_args(op, zs, zt, nullptr, p);
+  RowArgs g = make_args(op, zs, &zt, nullptr, p);
   check_rows(op, "norms", norms, g.rows, kNormCols, at::kFloat, zs);
   g.norms = norms.data_ptr<float>();
   Tensor out = at::empty({g.rows, kMixSums}, zs.options().dtype(at::kFloat));
@@ -203,7 +206,7 @@ Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms, int64_t 
 void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const Tensor& coef,
                int64_t div, at::ArrayRef<double> consts, bool has_ce, const Tensor& out) {
   const std::string op = "kdkernels::row_grad_";
-  RowArgs g = make_args(op, zs, zt, &labels, make_params(op, div, consts, has_ce));
+  RowArgs g = make_args(op, zs, &zt, &labels, make_params(op, div, consts, has_ce));
   check_rows(op, "coef", coef, g.rows, kCoefs, at::kFloat, zs);
   check_logits(op, "out", out, g.rows, g.cols, zs);
   g.coef = coef.data_ptr<float>();
@@ -219,6 +222,43 @@ void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const T
 #endif
 }
 
+// The student-only ops take no divergence: the consts are checked as for the others.
+Tensor student_stats(const Tensor& zs, at::ArrayRef<double> consts, bool has_ce) {
+  const std::string op = "kdkernels::student_stats";
+  RowArgs g = make_args(op, zs, nullptr, nullptr, make_params(op, kForwardKL, consts, has_ce));
+  Tensor out = at::empty({g.rows, kSStats}, zs.options().dtype(at::kFloat));
+  if (g.rows == 0) return out;
+#ifdef KDKERNELS_CUDA_BUILD
+  c10::cuda::CUDAGuard guard(zs.device());
+  const int nb = blocks(op, g, zs);
+  Tensor work = workspace(g, nb, zs);
+  C10_CUDA_CHECK(cuda_student_stats(g, out.data_ptr<float>(), work.data_ptr<float>(), nb,
+                                    c10::cuda::getCurrentCUDAStream()));
+#else
+  cpu_student_stats(g, out.data_ptr<float>(), at::get_num_threads());
+#endif
+  return out;
+}
+
+void student_grad_(const Tensor& zs, const Tensor& labels, const Tensor& coef,
+                   at::ArrayRef<double> consts, bool has_ce, const Tensor& out) {
+  const std::string op = "kdkernels::student_grad_";
+  RowArgs g = make_args(op, zs, nullptr, &labels, make_params(op, kForwardKL, consts, has_ce));
+  check_rows(op, "coef", coef, g.rows, kSCoefs, at::kFloat, zs);
+  check_logits(op, "out", out, g.rows, g.cols, zs);
+  g.coef = coef.data_ptr<float>();
+  g.out = out.data_ptr();
+  g.out_dtype = dtype_code(op, "out", out);
+  g.out_stride = out.stride(0);
+  if (g.rows == 0 || g.cols == 0) return;
+#ifdef KDKERNELS_CUDA_BUILD
+  c10::cuda::CUDAGuard guard(zs.device());
+  C10_CUDA_CHECK(cuda_student_grad(g, blocks(op, g, zs), c10::cuda::getCurrentCUDAStream()));
+#else
+  cpu_student_grad(g, at::get_num_threads());
+#endif
+}
+
 }  // namespace
 }  // namespace kdk
 
@@ -230,6 +270,10 @@ TORCH_LIBRARY(kdkernels, m) {
   m.def("row_mix(Tensor zs, Tensor zt, Tensor norms, int div, float[] consts) -> Tensor");
   m.def("row_grad_(Tensor zs, Tensor zt, Tensor labels, Tensor coef, int div, float[] consts, "
         "bool has_ce, Tensor(a!) out) -> ()");
+  // The student-only ops of the sparse-teacher losses (backends/base.py).
+  m.def("student_stats(Tensor zs, float[] consts, bool has_ce) -> Tensor");
+  m.def("student_grad_(Tensor zs, Tensor labels, Tensor coef, float[] consts, bool has_ce, "
+        "Tensor(a!) out) -> ()");
 }
 #define KDK_DEVICE CPU
 #else
@@ -240,4 +284,6 @@ TORCH_LIBRARY_IMPL(kdkernels, KDK_DEVICE, m) {
   m.impl("row_stats", &kdk::row_stats);
   m.impl("row_mix", &kdk::row_mix);
   m.impl("row_grad_", &kdk::row_grad_);
+  m.impl("student_stats", &kdk::student_stats);
+  m.impl("student_grad_", &kdk::student_grad_);
 }

@@ -141,14 +141,14 @@ struct RowParams {
 // Pointers and strides of one call; rows and columns are elements, strides in elements.
 struct RowArgs {
   const void* zs;
-  const void* zt;
+  const void* zt;  // null for the student-only ops
   void* out;
   int zs_dtype, zt_dtype, out_dtype;
   int64_t zs_stride, zt_stride, out_stride;
   int64_t rows, cols;
   const int64_t* labels;  // [rows]: column of the hard label in this block, or -1
   const float* norms;     // [rows, kNormCols] (mix); lse = m + log_s
-  const float* coef;      // [rows, kCoefs] (grad)
+  const float* coef;      // [rows, kCoefs] (grad) or [rows, kSCoefs] (student_grad)
   RowParams p;
 };
 
@@ -383,6 +383,87 @@ KDK_HD void merge_stats(const float* parts, int n, int stride, float* out) {
     label += q[kStatZLabel];
   }
   put_stats(out, a, b, z, label);
+}
+
+
+// ---- Student-only row ops (backends/base.py "Student-only row ops") ----
+
+// The capped student logit of the student ops: c * tanh(x / c), but a masked column (raw
+// -inf) stays -inf (the softcap alone would make it -c).
+template <class M>
+KDK_HD typename M::V masked_softcap(typename M::V x, float cap, float inv_cap) {
+  using V = typename M::V;
+  if (inv_cap == 0.0f) return x;
+  return M::select(M::eq(x, V(-INFINITY)), x, softcap<M>(x, cap, inv_cap));
+}
+
+// Per-row coefficients of student_grad ([kSCoefs]), broadcast once per row. A term whose
+// coefficient is 0 is skipped (its normaliser may be infinite: no exp of it is evaluated).
+template <class M>
+struct StudentRow {
+  Norm<M> na, nz;
+  typename M::V kd, ce;
+  bool use_kd, use_ce;
+};
+
+template <class M>
+KDK_HD StudentRow<M> student_row(const RowParams& p, const float* k) {
+  using V = typename M::V;
+  StudentRow<M> r{{V(k[kSCoefMA]), V(k[kSCoefLogSA])},
+                  {V(k[kSCoefMZ]), V(k[kSCoefLogSZ])},
+                  V(k[kSCoefKd]),
+                  V(k[kSCoefCe]),
+                  k[kSCoefKd] != 0.0f,
+                  p.has_ce && k[kSCoefCe] != 0.0f};
+  return r;
+}
+
+// A row whose every term is skipped: exact zeros (ignored tokens may hold garbage).
+template <class M>
+KDK_HD bool student_dead(const StudentRow<M>& r) { return !r.use_kd && !r.use_ce; }
+
+// dL/dz at one element: kd * exp((a - m_a) - log_s_a) + [ce_separate] ce * softmax(z)
+// - onehot_ce, times the softcap derivative; 0 at a masked column. z is masked_softcap of
+// the raw logit (-inf exactly where masked), a = z / T; `onehot_ce` is ce at the label column
+// and 0 elsewhere.
+template <class M>
+KDK_HD typename M::V student_grad_elem(const RowParams& p, const StudentRow<M>& r,
+                                       typename M::V z, typename M::V a,
+                                       typename M::V onehot_ce) {
+  using V = typename M::V;
+  V dz = V(0.0f);
+  if (r.use_kd) dz = r.kd * M::exp(r.na.log_prob(a));
+  if (r.use_ce) {
+    if (p.ce_separate) dz = dz + r.ce * M::exp(r.nz.log_prob(z));
+    dz = dz - onehot_ce;
+  }
+  if (p.inv_scap != 0.0f) {
+    V u = z * V(p.inv_scap);
+    dz = dz * (V(1.0f) - u * u);
+  }
+  // Masked: exp gave 0, but the derivative (-inf squared) or a row with no unmasked column
+  // (-inf - -inf) may have made it NaN.
+  return M::select(M::eq(z, V(-INFINITY)), V(0.0f), dz);
+}
+
+// A student stats row [kSStats] from the accumulators of a and z.
+KDK_HD void put_student_stats(float* out, MaxSum a, MaxSum z) {
+  out[kSStatMA] = a.m;
+  out[kSStatSA] = a.s;
+  out[kSStatMZ] = z.m;
+  out[kSStatSZ] = z.s;
+}
+
+// Merge student stats partials [n, kSStats] (rows of `stride` floats) into one [kSStats] row.
+KDK_HD void merge_student_stats(const float* parts, int n, int stride, float* out) {
+  MaxSum a{parts[kSStatMA], parts[kSStatSA], 0.0f};
+  MaxSum z{parts[kSStatMZ], parts[kSStatSZ], 0.0f};
+  for (int i = 1; i < n; ++i) {
+    const float* q = parts + static_cast<int64_t>(i) * stride;
+    a = merge_max_sum(a, MaxSum{q[kSStatMA], q[kSStatSA], 0.0f});
+    z = merge_max_sum(z, MaxSum{q[kSStatMZ], q[kSStatSZ], 0.0f});
+  }
+  put_student_stats(out, a, z);
 }
 
 }  // namespace kdk

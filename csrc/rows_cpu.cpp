@@ -314,6 +314,88 @@ void grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) 
   }
 }
 
+// Student-only ops: fill t.a = z / T (and t.z = z when `need_z`) with columns [c0, c0 + n) of
+// the student row alone, z = masked_softcap(raw) (a masked column stays -inf in both).
+void load_student_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, bool need_z,
+                       Tile& t) {
+  const RowParams& p = g.p;
+  float* zbuf = need_z ? t.z : t.a;
+  load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, c0), g.zs_dtype, n, zbuf);
+  if (!need_z && p.inv_scap == 0.0f && p.inv_t == 1.0f) return;  // a is the raw logit
+  const Vec it(p.inv_t);
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    Vec z = masked_softcap<VecMath>(Vec::loadu(zbuf + i), p.scap, p.inv_scap);
+    if (need_z) z.store(t.z + i);
+    (z * it).store(t.a + i);
+  }
+  for (; i < n; ++i) {
+    float z = masked_softcap<LaneMath>(zbuf[i], p.scap, p.inv_scap);
+    if (need_z) t.z[i] = z;
+    t.a[i] = z * p.inv_t;
+  }
+}
+
+// Partial student stats [kSStats] of columns [c0, c1) of `row`: online at tile granularity,
+// one read of the logits, one exp per distribution per element.
+void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
+                         float* out) {
+  const bool cez = g.p.ce_separate;
+  Online A, Z;
+  for (int64_t col = c0; col < c1; col += kTile) {
+    const int64_t n = std::min(kTile, c1 - col);
+    load_student_tile(g, row, col, n, cez, t);
+    const bool la = A.raise(tile_max(t.a, n));
+    const bool lz = cez && Z.raise(tile_max(t.z, n));
+    const Vec ma(A.m), mz(Z.m);
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      if (la) A.s = A.s + VecMath::exp(Vec::loadu(t.a + i) - ma);
+      if (lz) Z.s = Z.s + VecMath::exp(Vec::loadu(t.z + i) - mz);
+    }
+    for (; i < n; ++i) {
+      if (la) A.s_tail += LaneMath::exp(t.a[i] - A.m);
+      if (lz) Z.s_tail += LaneMath::exp(t.z[i] - Z.m);
+    }
+  }
+  const MaxSum ra = A.result();
+  put_student_stats(out, ra, cez ? Z.result() : ra);
+}
+
+void student_grad_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t) {
+  const RowParams& p = g.p;
+  const float* k = g.coef + row * kSCoefs;
+  void* out_row = static_cast<char*>(g.out) + row * g.out_stride * elem_size(g.out_dtype);
+  const StudentRow<VecMath> rv = student_row<VecMath>(p, k);
+  const StudentRow<LaneMath> rs = student_row<LaneMath>(p, k);
+  if (student_dead(rs)) {
+    zero_store(g.out_dtype, c1 - c0, static_cast<char*>(out_row) + c0 * elem_size(g.out_dtype));
+    return;
+  }
+  const int64_t label = rs.use_ce && g.labels ? g.labels[row] : -1;
+  // z itself is only read for the CE softmax and the softcap derivative; otherwise z stands
+  // in as a, which is -inf exactly where z is.
+  const bool need_z = p.ce_separate || p.inv_scap != 0.0f;
+  const Vec zero(0.0f);
+  for (int64_t col = c0; col < c1; col += kTile) {
+    const int64_t n = std::min(kTile, c1 - col);
+    load_student_tile(g, row, col, n, need_z, t);
+    const float* z = need_z ? t.z : t.a;
+    int64_t i = 0;
+    for (; i + kW <= n; i += kW) {
+      student_grad_elem<VecMath>(p, rv, Vec::loadu(z + i), Vec::loadu(t.a + i), zero)
+          .store(t.d + i);
+    }
+    for (; i < n; ++i) t.d[i] = student_grad_elem<LaneMath>(p, rs, z[i], t.a[i], 0.0f);
+    if (label >= col && label < col + n) {
+      const int64_t j = label - col;
+      t.d[j] = student_grad_elem<LaneMath>(p, rs, z[j], t.a[j], rs.ce);
+    }
+    store_from_f32(t.d, g.out_dtype, n,
+                   static_cast<char*>(out_row) + col * elem_size(g.out_dtype));
+  }
+}
+
 // Blocks per row: one when rows keep every thread busy, else enough vocab blocks (of at least
 // 4096 columns) to give each thread several work items.
 int64_t blocks_per_row(int64_t rows, int64_t cols, int threads) {
@@ -386,6 +468,39 @@ void cpu_row_grad(const RowArgs& g, int threads) {
   for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
                                               Tile& t) {
     if (c0 < c1) grad_block(g, r, c0, c1, t);
+  });
+}
+
+void cpu_student_stats(const RowArgs& g, float* out, int threads) {
+  const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  if (nb == 1) {
+    for_blocks(g.rows, g.cols, threads, 1, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
+                                                Tile& t) {
+      student_stats_block(g, r, c0, c1, t, out + r * kSStats);
+    });
+    return;
+  }
+  std::vector<float> parts(g.rows * nb * kSStats);
+  for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t it,
+                                              Tile& t) {
+    float* q = parts.data() + it * kSStats;
+    if (c0 < c1) {
+      student_stats_block(g, r, c0, c1, t, q);
+    } else {  // an empty block: the empty-sum partial
+      const MaxSum empty{-INFINITY, 0.0f, 0.0f};
+      put_student_stats(q, empty, empty);
+    }
+  });
+  for (int64_t r = 0; r < g.rows; ++r)
+    merge_student_stats(parts.data() + r * nb * kSStats, static_cast<int>(nb), kSStats,
+                        out + r * kSStats);
+}
+
+void cpu_student_grad(const RowArgs& g, int threads) {
+  const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  for_blocks(g.rows, g.cols, threads, nb, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
+                                              Tile& t) {
+    if (c0 < c1) student_grad_block(g, r, c0, c1, t);
   });
 }
 

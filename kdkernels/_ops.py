@@ -11,9 +11,29 @@ from __future__ import annotations
 import torch
 
 from .divergences import TABLE
-from .layouts import COEF, CONSTS, MIX, NORMS, STATS
+from .layouts import COEF, CONSTS, MIX, NORMS, SCOEF, SSTATS, STATS
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_student(op: str, zs, consts) -> None:
+    torch._check(zs.dim() == 2, lambda: f"{op}: zs must be a 2-D [C, V] tensor, got shape "
+                 f"{tuple(zs.shape)}")
+    torch._check(zs.dtype in _LOGIT_DTYPES, lambda: f"{op}: zs must be float32, bfloat16 or "
+                 f"float16, got {zs.dtype}")
+    torch._check(len(consts) == len(CONSTS), lambda: f"{op}: consts must be a list of "
+                 f"{len(CONSTS)} floats in kdkernels.layouts.CONSTS order (RowSpec.consts), "
+                 f"got {len(consts)}")
+
+
+def _check_out(op: str, out, zs) -> None:
+    torch._check(out.dim() == 2, lambda: f"{op}: out must have shape {tuple(zs.shape)} (as "
+                 f"zs), got {tuple(out.shape)}")
+    for d in range(2):
+        torch._check(out.shape[d] == zs.shape[d], lambda: f"{op}: out must have shape "
+                     f"{tuple(zs.shape)} (as zs), got {tuple(out.shape)}")
+    torch._check(out.dtype in _LOGIT_DTYPES, lambda: f"{op}: out must be float32, bfloat16 "
+                 f"or float16, got {out.dtype}")
 
 
 def _check_call(op: str, zs, zt, div, consts) -> None:
@@ -74,4 +94,20 @@ def _row_grad_fake(zs, zt, labels, coef, div, consts, has_ce, out):
                      f"{tuple(zs.shape)} (as zs), got {tuple(out.shape)}")
     torch._check(out.dtype in _LOGIT_DTYPES, lambda: f"{op}: out must be float32, bfloat16 "
                  f"or float16, got {out.dtype}")
+    return None
+
+
+@torch.library.register_fake("kdkernels::student_stats")
+def _student_stats_fake(zs, consts, has_ce):
+    _check_student("kdkernels::student_stats", zs, consts)
+    return zs.new_empty((zs.shape[0], len(SSTATS)), dtype=torch.float32)
+
+
+@torch.library.register_fake("kdkernels::student_grad_")
+def _student_grad_fake(zs, labels, coef, consts, has_ce, out):
+    op = "kdkernels::student_grad_"
+    _check_student(op, zs, consts)
+    _check_rows(op, "labels", labels, zs, None, torch.int64)
+    _check_rows(op, "coef", coef, zs, len(SCOEF), torch.float32)
+    _check_out(op, out, zs)
     return None

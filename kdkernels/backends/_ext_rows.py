@@ -29,6 +29,16 @@ def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.T
                                   list(spec.consts), spec.has_ce, out)
 
 
+def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
+    return torch.ops.kdkernels.student_stats(zs, list(spec.consts), spec.has_ce)
+
+
+def student_grad(zs: torch.Tensor, labels: torch.Tensor, coef: torch.Tensor, spec: RowSpec,
+                 out: torch.Tensor) -> None:
+    torch.ops.kdkernels.student_grad_(zs, labels, coef.float().contiguous(), list(spec.consts),
+                                      spec.has_ce, out)
+
+
 def dtype_reasons(name: str, dtype: torch.dtype) -> list[str]:
     if dtype not in _OK_DTYPES:
         return [f"{name} backend needs float32/bfloat16/float16 logits, got {dtype}"]
@@ -52,4 +62,5 @@ def backend(name: str, device_type: str) -> Backend:
 
     return Backend(name=name, stats=stats, mix=mix, grad=grad,
                    not_supported_reasons=not_supported_reasons,
-                   workspace_bytes_per_logit=workspace_bytes_per_logit)
+                   workspace_bytes_per_logit=workspace_bytes_per_logit,
+                   student_stats=student_stats, student_grad=student_grad)
