@@ -308,6 +308,87 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(RowArgs g, int nb) {
       });
 }
 
+// Student-only ops: visit columns [c0, c1) of the block's student row, fn1(col, z_raw) per
+// element or fn8(col, z_raw[8]) per 8-column chunk when the pointers are 16-byte aligned.
+template <class F1, class F8>
+__device__ __forceinline__ void walk_student(const RowArgs& g, const Span& s, bool out_aligned,
+                                             F1 fn1, F8 fn8) {
+  const char* zs = row_ptr(g.zs, g.zs_dtype, g.zs_stride, s.row);
+  int64_t col = s.c0;
+  if (out_aligned && aligned16(zs + s.c0 * elem_bytes(g.zs_dtype))) {
+    const int64_t nchunks = (s.c1 - s.c0) / kChunk;
+    for (int64_t k = threadIdx.x; k < nchunks; k += blockDim.x) {
+      const int64_t c = s.c0 + k * kChunk;
+      float zv[kChunk];
+      load8(zs + c * elem_bytes(g.zs_dtype), g.zs_dtype, zv);
+      fn8(c, zv);
+    }
+    col = s.c0 + nchunks * kChunk;
+  }
+  for (int64_t c = col + threadIdx.x; c < s.c1; c += blockDim.x)
+    fn1(c, load1(zs, g.zs_dtype, c));
+}
+
+__global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, float* out,
+                                                                 float* work, int nb) {
+  const Span s = block_span(g, nb);
+  const RowParams& p = g.p;
+  const bool cez = p.ce_separate;
+  MaxSum acc[2] = {{-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}};
+  auto add = [&](const float* zr, int n) {
+    float z[kChunk], a[kChunk];
+    float ma = -INFINITY, mz = -INFINITY;
+    for (int i = 0; i < n; ++i) {
+      z[i] = masked_softcap<ScalarMath>(zr[i], p.scap, p.inv_scap);
+      a[i] = z[i] * p.inv_t;
+      ma = ScalarMath::max(ma, a[i]);
+      if (cez) mz = ScalarMath::max(mz, z[i]);
+    }
+    const bool la = raise(acc[0], ma), lz = cez && raise(acc[1], mz);
+    for (int i = 0; i < n; ++i) {
+      if (la) acc[0].s += __expf(a[i] - acc[0].m);
+      if (lz) acc[1].s += __expf(z[i] - acc[1].m);
+    }
+  };
+  walk_student(
+      g, s, true, [&](int64_t, float zr) { add(&zr, 1); },
+      [&](int64_t, const float* zr) { add(zr, kChunk); });
+  float none = 0.0f;
+  block_reduce<2>(acc, none);
+  if (threadIdx.x != 0) return;
+  put_student_stats(nb == 1 ? out + s.row * kSStats : work + blockIdx.x * kSStats, acc[0],
+                    cez ? acc[1] : acc[0]);
+}
+
+__global__ void merge_student_stats_kernel(const float* work, float* out, int64_t rows,
+                                           int nb) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r < rows) merge_student_stats(work + r * nb * kSStats, nb, kSStats, out + r * kSStats);
+}
+
+__global__ void __launch_bounds__(kThreads) student_grad_kernel(RowArgs g, int nb) {
+  const Span s = block_span(g, nb);
+  const RowParams& p = g.p;
+  const StudentRow<ScalarMath> r = student_row<ScalarMath>(p, g.coef + s.row * kSCoefs);
+  char* out = static_cast<char*>(g.out) + s.row * g.out_stride * elem_bytes(g.out_dtype);
+  const bool dead = student_dead(r);  // exact zeros, whatever the logits hold
+  const int64_t label = r.use_ce && g.labels ? g.labels[s.row] : -1;
+  auto one = [&](int64_t col, float zr) {
+    if (dead) return 0.0f;
+    const float z = masked_softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+    return student_grad_elem<ScalarMath>(p, r, z, z * p.inv_t, col == label ? r.ce : 0.0f);
+  };
+  walk_student(
+      g, s, aligned16(out + s.c0 * elem_bytes(g.out_dtype)),
+      [&](int64_t col, float zr) { store1(out, g.out_dtype, col, one(col, zr)); },
+      [&](int64_t col, const float* zr) {
+        float d[kChunk];
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) d[i] = one(col + i, zr[i]);
+        store8(out + col * elem_bytes(g.out_dtype), g.out_dtype, d);
+      });
+}
+
 int64_t grid_of(const RowArgs& g, int nb) { return g.rows * nb; }
 
 // gridDim.x is at most 2^31 - 1; a larger grid would be silently truncated by dim3.
@@ -359,6 +440,22 @@ cudaError_t cuda_row_mix(const RowArgs& g, float* out, float* work, int nb,
 cudaError_t cuda_row_grad(const RowArgs& g, int nb, cudaStream_t stream) {
   if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
   grad_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, nb);
+  return cudaGetLastError();
+}
+
+cudaError_t cuda_student_stats(const RowArgs& g, float* out, float* work, int nb,
+                               cudaStream_t stream) {
+  if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
+  student_stats_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
+  merge_student_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows,
+                                                                          nb);
+  return cudaGetLastError();
+}
+
+cudaError_t cuda_student_grad(const RowArgs& g, int nb, cudaStream_t stream) {
+  if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
+  student_grad_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, nb);
   return cudaGetLastError();
 }
 

@@ -19,5 +19,9 @@ cudaError_t cuda_row_stats(const RowArgs& g, float* out, float* work, int nb,
 cudaError_t cuda_row_mix(const RowArgs& g, float* out, float* work, int nb,
                          cudaStream_t stream);
 cudaError_t cuda_row_grad(const RowArgs& g, int nb, cudaStream_t stream);
+// Student-only ops (g.zt unused); the same workspace as cuda_row_stats.
+cudaError_t cuda_student_stats(const RowArgs& g, float* out, float* work, int nb,
+                               cudaStream_t stream);
+cudaError_t cuda_student_grad(const RowArgs& g, int nb, cudaStream_t stream);
 
 }  // namespace kdk
