@@ -94,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = cpu_model()
+    isa = torch.backends.cpu.get_cpu_capability()
     c, v = SHAPE
-    print(f"{model}; threads {args.threads}; {args.impl}; [{c} x {v}]; median (best) of "
+    print(f"{model} ({isa}); threads {args.threads}; {args.impl}; [{c} x {v}]; median (best) of "
           f"{args.rounds} interleaved rounds, ms")
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -122,12 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{n} {med[n]:.1f} ({min(times[n]):.1f})" for n in ops)
                 + f"  | student/dense {student / dense:.2f}")
             for n, t in times.items():
-                rows.append(dict(cpu=model, threads=args.threads, impl=args.impl,
+                rows.append(dict(cpu=model, isa=isa, threads=args.threads, impl=args.impl,
                                  rows=c, vocab=v, dtype=dname, config=config, op=n,
                                  ms_median=f"{med[n]:.2f}", ms_best=f"{min(t):.2f}",
                                  rounds=args.rounds))
-            rows.append(dict(cpu=model, threads=args.threads, impl=args.impl, rows=c, vocab=v,
-                             dtype=dname, config=config, op="student/dense (stats+grad)",
+            rows.append(dict(cpu=model, isa=isa, threads=args.threads, impl=args.impl, rows=c,
+                             vocab=v, dtype=dname, config=config, op="student/dense (stats+grad)",
                              ms_median=f"{student / dense:.3f}", ms_best="",
                              rounds=args.rounds))
     if args.csv:
