@@ -20,18 +20,33 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
         description="Distil a causal-LM teacher into a student with kdkernels' fused loss. "
         "With no --teacher, runs the embedded offline default: Python-stdlib corpus, local "
         "BPE, a small Llama teacher (cached under ~/.cache/kdkernels), then a student trained "
-        "with KD and one with CE only; the report goes to OUTPUT/report.md and report.png.",
+        "with dense KD, one from a top-K cache of the teacher, and one with CE only; the "
+        "report goes to OUTPUT/report.md and report.png. With --teacher-cache, trains from a "
+        "teacher-logit cache (kdk cache-teacher) with no teacher model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--preset", default="default", choices=["default", "smoke"],
       help="option set for the embedded run; smoke finishes in under a minute")
     a("--teacher", help="Hugging Face teacher (hub id or directory); default: embedded")
-    a("--student", help="Hugging Face student to train (needs --teacher)")
+    a("--student", help="Hugging Face student to train (needs --teacher or --teacher-cache)")
     a("--data", help="directory of text files (split train/held-out by file); "
                      "default: the Python standard library's sources")
+    a("--teacher-cache", metavar="DIR",
+      help="train from this teacher-logit cache (kdk cache-teacher or write_cache) instead of "
+           "a teacher: its sequences are the training tokens, its top-K log-probs the targets. "
+           "The student is --student (its tokenizer must match the cache's tokenizer_hash) or, "
+           "without it, the embedded default student. Held-out CE: --data's held-out files "
+           "if given; else the embedded corpus's held-out files (embedded student); else the "
+           "last 10%% of the cache's sequences (at least one), never trained on. --seq-len "
+           "defaults to the cache's")
     g = p.add_argument_group("loss")
     g.add_argument("--divergence", choices=DIVERGENCES, help="KD divergence [forward_kl]")
     g.add_argument("--beta", type=float, help="JSD mixing weight [0.5]")
+    g.add_argument("--tail", choices=["bucket", "renormalize", "zero"],
+                   help="top-k students: the teacher's mass outside its K ids as one extra "
+                        "outcome (bucket), dropped with both sides renormalised over the K "
+                        "(renormalize), or the K values as given (zero: for --mode sample "
+                        "caches) [bucket]")
     g.add_argument("--temperature", type=float, help="softmax temperature T [preset]")
     g.add_argument("--kd-weight", type=float, help="weight of T^2 * divergence [preset]")
     g.add_argument("--ce-weight", type=float, help="weight of the hard-label CE [preset]")
@@ -58,6 +73,9 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
     g = p.add_argument_group("embedded models")
     g.add_argument("--teacher-steps", type=int, help="teacher training steps [preset]")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size [preset]")
+    g.add_argument("--cache-top-k", type=int,
+                   help="K of the embedded default's teacher cache and top-k student; 0 = no "
+                        "top-k student [preset: 64 default, 0 smoke]")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", default="kdk-run", help="output directory")
     g.add_argument("--overwrite", action="store_true", help="replace a previous run in OUTPUT")
@@ -84,8 +102,11 @@ def _distill(args: argparse.Namespace) -> int:
     from .train import pipeline
 
     cfg = _config(args)
+    if args.teacher_cache and args.seq_len is None:  # the cache's windows, whole
+        cfg.seq_len = pipeline.cache_seq_len(args.teacher_cache)
     results = pipeline.run(cfg, teacher_path=args.teacher, student_path=args.student,
-                           data=args.data, overwrite=args.overwrite, resume=args.resume,
+                           data=args.data, teacher_cache=args.teacher_cache,
+                           overwrite=args.overwrite, resume=args.resume,
                            parallel=args.parallel,
                            compare_ce=False if args.no_compare_ce else None, preset=args.preset)
     return 130 if any(r.get("interrupted") for r in results.values()) else 0

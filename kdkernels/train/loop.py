@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, corpus, distributed, metrics, objective
+from .cache_data import CacheData
 from .config import TrainConfig
 from .memory import PeakMemory
 
@@ -23,7 +24,7 @@ class Stage:
     """One model being trained: a teacher on CE, or a student with or without KD."""
 
     name: str
-    objective: objective.DistillObjective
+    objective: nn.Module  # DistillObjective or TopKObjective: targets() + forward()
     teacher: nn.Module | None
     steps: int
     lr: float
@@ -88,9 +89,24 @@ def _sync_replicated_grads(params: list[nn.Parameter], world: distributed.World)
             p.grad.div_(world.size)
 
 
-def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor, heldout: list[torch.Tensor],
-          world: distributed.World, parallel: str = "ddp") -> dict[str, Any]:
-    """Train stage.objective's student; returns a summary (held-out CE, time, memory...)."""
+def _batch(data: torch.Tensor | CacheData, cfg: TrainConfig, seed: int, step: int, micro: int,
+           world: distributed.World) -> dict[str, torch.Tensor]:
+    """One micro-batch on the device: windows of a token stream, or of a teacher cache (with
+    the cached teacher tensors); a pure function of (seed, step, micro, rank)."""
+    if isinstance(data, CacheData):
+        b = data.train_batch(cfg.batch_size, cfg.seq_len, seed=seed, step=step, micro=micro,
+                             rank=world.rank, grad_accum=cfg.grad_accum, world_size=world.size)
+    else:
+        b = {"input_ids": corpus.train_batch(data, cfg.batch_size, cfg.seq_len, seed=seed,
+                                             step=step, micro=micro, rank=world.rank)}
+    return {k: v.to(world.device) for k, v in b.items()}
+
+
+def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor | CacheData,
+          heldout: list[torch.Tensor], world: distributed.World,
+          parallel: str = "ddp") -> dict[str, Any]:
+    """Train stage.objective's student on a token stream or a teacher cache; returns a
+    summary (held-out CE, time, memory...)."""
     device = world.device
     obj = stage.objective.to(device)
     student = obj.student
@@ -142,21 +158,19 @@ def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor, heldout: list[to
     with PeakMemory(device) as mem, _StopOnSigint() as stop:
         for step in range(start_step, stage.steps):
             t0 = time.perf_counter()
-            micro = [corpus.train_batch(tokens, cfg.batch_size, cfg.seq_len, seed=stage.seed,
-                                        step=step, micro=m, rank=world.rank).to(device)
-                     for m in range(cfg.grad_accum)]
+            micro = [_batch(tokens, cfg, stage.seed, step, m, world) for m in range(cfg.grad_accum)]
             # Every kept token of the whole step (all micro-batches, all ranks) counts once;
             # DDP averages gradients over ranks, hence the division by world size.
-            kept = world.sum(float(sum((ids[:, 1:] >= 0).sum() for ids in micro)))
+            kept = world.sum(float(sum((b["input_ids"][:, 1:] >= 0).sum() for b in micro)))
             num_items = kept / world.size
             loss_sum = kd_sum = ce_sum = 0.0
-            for m, ids in enumerate(micro):
+            for m, b in enumerate(micro):
                 last = m == len(micro) - 1
                 sync = model.no_sync() if hasattr(model, "no_sync") and not last else \
                     contextlib.nullcontext()
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    th, tw = (objective.teacher_outputs(teacher, ids) if teacher is not None
-                              else (None, None))
+                    ids = b["input_ids"]
+                    th, tw = obj.targets(teacher, b)
                     out = model(ids, th, tw, num_items)
                     out.loss.backward()
                 loss_sum += float(out.loss.detach())

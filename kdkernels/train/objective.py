@@ -35,6 +35,14 @@ class DistillObjective(nn.Module):
                             teacher_softcap=teacher_softcap)
         self.impl = impl
 
+    @staticmethod
+    def targets(teacher: nn.Module | None, batch: dict[str, torch.Tensor]):
+        """What forward takes after input_ids: the teacher's hidden states and head, or
+        (None, None) for the CE student (cached teacher tensors in a batch are unused)."""
+        if teacher is None:
+            return None, None
+        return teacher_outputs(teacher, batch["input_ids"])
+
     def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None,
                 teacher_weight: torch.Tensor | None, num_items: float) -> KDComponents:
         hidden = models.hidden_states(self.student, input_ids)[:, :-1]

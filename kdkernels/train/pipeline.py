@@ -2,9 +2,10 @@
 
 Without --teacher this is the embedded default: the Python standard library as corpus, a
 locally trained byte-level BPE, a small Llama teacher trained once and cached under
-~/.cache/kdkernels, then a smaller student trained with KD and, from the same initial
-weights on the same batches, with CE only. With --teacher/--student it distils Hugging
-Face checkpoints instead.
+~/.cache/kdkernels, then a smaller student trained with dense KD, one from a top-K cache of
+the teacher (written into the run directory), and one with CE only, all from the same
+initial weights on the same batches. With --teacher/--student it distils Hugging Face
+checkpoints instead; with --teacher-cache it trains from a teacher-logit cache, no teacher.
 """
 
 from __future__ import annotations
@@ -21,10 +22,22 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, corpus, distributed, metrics, models, report, threads, tokenizer
+from . import (
+    checkpoint,
+    corpus,
+    distributed,
+    embedded_cache,
+    metrics,
+    models,
+    report,
+    threads,
+    tokenizer,
+)
+from .cache_data import CacheData, cache_identity, check_student
 from .config import TrainConfig
 from .loop import Stage, train
 from .objective import DistillObjective, heldout_ce
+from .topk_objective import TopKObjective, check_options
 
 RUN_MARKER = "run.json"
 
@@ -140,24 +153,119 @@ def _teacher(cfg: TrainConfig, tok, train_ids, held, data_key: str, out: Path,
     return teacher.eval(), summary
 
 
+def _stage_objective(cfg: TrainConfig, kind: str, student, teacher) -> torch.nn.Module:
+    if kind == "topk":
+        return TopKObjective(student, tail=cfg.tail, divergence=cfg.divergence,
+                             temperature=cfg.temperature, kd_weight=cfg.kd_weight,
+                             ce_weight=cfg.ce_weight, impl=cfg.impl)
+    return _objective(cfg, student, teacher, kind)
+
+
+def _topk_refusal(cfg: TrainConfig) -> str | None:
+    """Why the top-k loss cannot run this configuration (e.g. JSD has no top-k form)."""
+    try:
+        check_options(tail=cfg.tail, divergence=cfg.divergence, temperature=cfg.temperature,
+                      kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, impl=cfg.impl)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def cache_seq_len(path: str) -> int:
+    """The sequence length of the cache at path (the default --seq-len with a cache)."""
+    from ..cache import read_manifest
+
+    return int(read_manifest(Path(path))["seq_len"])
+
+
+def _cache_inputs(cfg: TrainConfig, cache_path: str, student_path: str | None,
+                  data: str | None, world: distributed.World):
+    """--teacher-cache: the student (--student, or the embedded one on the embedded
+    tokenizer), its tokenizer, the cache's batches, held-out windows and their source.
+    Held-out text: --data's held-out files; else the embedded corpus's held-out files for
+    the embedded student; else the cache's last heldout_fraction of sequences."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = None
+    if student_path is None:
+        tok, _, held_ids, _, texts = _data(cfg, None, None, world)
+        torch.manual_seed(cfg.seed)
+        student0 = models.build_llama(cfg.student_size, len(tok), cfg.seq_len,
+                                      eos_id=tok.eos_token_id)
+        name = "the embedded default student (no --student)"
+    else:
+        torch.manual_seed(cfg.seed)
+        student0 = AutoModelForCausalLM.from_pretrained(student_path)
+        try:
+            tok = AutoTokenizer.from_pretrained(student_path)
+        except (OSError, ValueError):
+            tok = None  # refused by check_student: a cache is only paired through tokenizers
+        name = f"--student {student_path}"
+    own_heldout = student_path is not None and data is None
+    cache = CacheData.open(cache_path, heldout_fraction=cfg.heldout_fraction if own_heldout
+                           else 0.0)
+    check_student(cache.cache, student0, tok, name)
+    cache.check_seq_len(cfg.seq_len)
+    if data is not None:
+        _, _, held_ids, _, texts = _data(cfg, data, tok, world)
+    if texts is not None:
+        held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        source = (f"{texts.source} held-out ({len(texts.heldout)} files); training tokens "
+                  f"from the teacher cache")
+    else:
+        held = cache.heldout_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        source = (f"teacher cache {cache_path}: {len(cache.train)} training / "
+                  f"{len(cache.held)} held-out sequences (the last ones)")
+    return student0, tok, cache, held, source
+
+
+def _cache_facts(data: CacheData) -> dict[str, Any]:
+    m = data.cache.manifest
+    size = embedded_cache.disk_bytes(Path(data.cache.path))
+    tokens = int(m["num_tokens"])
+    return {"top_k": int(m["top_k"]), "dtype": m["dtype"], "sequences": int(m["num_sequences"]),
+            "tokens": tokens, "bytes": size, "bytes_per_token": size / max(tokens, 1),
+            "write_s": None, "dir": str(data.cache.path), "teacher": m.get("teacher")}
+
+
 def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str | None = None,
-        data: str | None = None, overwrite: bool = False, resume: bool = False,
-        parallel: str = "ddp", compare_ce: bool | None = None, preset: str = "default") -> dict:
+        data: str | None = None, teacher_cache: str | None = None, overwrite: bool = False,
+        resume: bool = False, parallel: str = "ddp", compare_ce: bool | None = None,
+        preset: str = "default") -> dict:
     """The whole `kdk distill`; returns the per-model summaries (rank 0 writes the report)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
+    if teacher_cache is not None and teacher_path is not None:
+        raise ValueError("--teacher-cache replaces --teacher (the cache holds the teacher's "
+                         "top-K log-probs); pass one of them")
     world = distributed.init(cfg.device)
     if world.device.type == "cpu":
         torch.set_num_threads(threads.choose(cfg.threads, world.size))
     out = Path(cfg.output)
     fingerprint = {**cfg.fingerprint(), "teacher": teacher_path, "student": student_path,
                    "data": data, "world": world.size, "parallel": parallel}
+    if teacher_cache is not None:
+        from ..cache import read_manifest
+
+        fingerprint["teacher_cache"] = cache_identity(teacher_cache,
+                                                      read_manifest(Path(teacher_cache)))
     prepare_output(out, overwrite=overwrite, resume=resume, world=world, fingerprint=fingerprint)
     results: dict[str, dict] = {}
-    if teacher_path is None:
+    notes: dict[str, str] = {}
+    topk_data = teacher = None
+    if teacher_cache is not None:
+        refusal = _topk_refusal(cfg)
+        if refusal:
+            raise ValueError(refusal)
+        student0, tok, topk_data, held, source = _cache_inputs(cfg, teacher_cache,
+                                                               student_path, data, world)
+        train_ids = topk_data  # the CE student (if any) reads the same cached sequences
+        compare_ce = (student_path is None) if compare_ce is None else compare_ce
+    elif teacher_path is None:
         if student_path is not None:
-            raise ValueError("--student needs --teacher (the embedded default builds both)")
+            raise ValueError("--student needs --teacher or --teacher-cache (the embedded "
+                             "default builds both)")
         tok, train_ids, held_ids, data_key, texts = _data(cfg, data, None, world)
         held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         teacher, results["teacher"] = _teacher(cfg, tok, train_ids, held, data_key, out, world,
@@ -166,6 +274,7 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         student0 = models.build_llama(cfg.student_size, len(tok), cfg.seq_len,
                                       eos_id=tok.eos_token_id)
         compare_ce = True if compare_ce is None else compare_ce
+        source = _source(texts)
     else:
         if student_path is None:
             raise ValueError("--teacher needs --student (a Hugging Face checkpoint to train)")
@@ -184,29 +293,55 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
                               "params": sum(p.numel() for p in teacher.parameters()),
                               "steps": 0, "cached": False}
         compare_ce = False if compare_ce is None else compare_ce
-    models.check_seq_len(teacher, cfg.seq_len, "teacher")
+        source = _source(texts)
     models.check_seq_len(student0, cfg.seq_len, "student")
-    models.check_pair(student0, teacher)
-    stages = [("kd", teacher, "fused")]
+    if teacher is not None:
+        models.check_seq_len(teacher, cfg.seq_len, "teacher")
+        models.check_pair(student0, teacher)
+    # (name, teacher model, objective kind, training data)
+    stages: list[tuple[str, Any, str, Any]] = []
+    if topk_data is not None:
+        stages.append(("topk", None, "topk", topk_data))
+    else:
+        stages.append(("kd", teacher, "fused", train_ids))
+        embedded = teacher_path is None and cfg.cache_top_k > 0
+        refusal = _topk_refusal(cfg) if embedded else None
+        if refusal:
+            notes["top-k student"] = f"skipped: {refusal}"
+        elif embedded:
+            stages.append(("topk", teacher, "topk", None))  # cache written just before it
     if compare_ce:
-        stages.append(("ce", None, "fused"))
-    if cfg.baseline == "naive":
-        stages.append(("naive", teacher, "naive"))
-    for name, t, baseline in stages:
+        stages.append(("ce", None, "fused", train_ids))
+    if cfg.baseline == "naive" and teacher is not None:
+        stages.append(("naive", teacher, "naive", train_ids))
+    for name, t, kind, stage_data in stages:
+        info = None
+        if kind == "topk":
+            if stage_data is None:
+                stage_data, info = embedded_cache.build(cfg, t, tok, train_ids, out, world)
+            else:
+                info = _cache_facts(stage_data)
+            t = None  # a top-k student never runs a teacher
         student = copy.deepcopy(student0)  # identical initial weights for every student
-        stage = Stage(name, _objective(cfg, student, t, baseline), t, cfg.max_steps, cfg.lr,
+        stage = Stage(name, _stage_objective(cfg, kind, student, t), t, cfg.max_steps, cfg.lr,
                       cfg.seed, out / name, tok,
                       resume=checkpoint.latest(out / name) if resume else None,
                       fingerprint={**fingerprint, "stage": name})
-        results[name] = train(stage, cfg, train_ids, held, world, parallel)
+        results[name] = train(stage, cfg, stage_data, held, world, parallel)
         results[name]["dir"] = str(out / name)
+        if info is not None:
+            results[name]["cache"] = info
         if results[name]["interrupted"]:
             print(f"\ninterrupted: checkpoint saved under {out / name / 'checkpoints'}; "
                   f"continue with the same command plus --resume", file=sys.stderr)
             break
     if world.is_main:
-        _finish(out, cfg, results, texts, t0, preset, world)
+        _finish(out, cfg, results, source, t0, preset, world, notes)
     return results
+
+
+def _source(texts) -> str:
+    return f"{texts.source} ({len(texts.train)} train / {len(texts.heldout)} held-out files)"
 
 
 def _loss_agreement(out: Path) -> dict[str, float]:
@@ -222,12 +357,11 @@ def _loss_agreement(out: Path) -> dict[str, float]:
             "max relative training-loss difference over all steps": f"{max(diffs):.2e}"}
 
 
-def _finish(out: Path, cfg: TrainConfig, results: dict, texts, t0: float, preset: str,
-            world: distributed.World) -> None:
-    context = {"preset": preset, "corpus": f"{texts.source} ({len(texts.train)} train / "
-               f"{len(texts.heldout)} held-out files)", "seed": cfg.seed,
+def _finish(out: Path, cfg: TrainConfig, results: dict, source: str, t0: float, preset: str,
+            world: distributed.World, notes: dict[str, str]) -> None:
+    context = {"preset": preset, "corpus": source, "seed": cfg.seed,
                "world size": world.size, "device": str(world.device),
-               "total wall time (s)": f"{time.perf_counter() - t0:.1f}"}
+               "total wall time (s)": f"{time.perf_counter() - t0:.1f}", **notes}
     if "naive" in results:
         context.update(_loss_agreement(out))
     if any(r.get("interrupted") for r in results.values()):
@@ -235,5 +369,6 @@ def _finish(out: Path, cfg: TrainConfig, results: dict, texts, t0: float, preset
     md = report.write(out, results, cfg.to_dict(), context)
     summary = {k: {kk: vv for kk, vv in v.items() if kk != "evals"} for k, v in results.items()}
     checkpoint.write_json(out / "results.json", {"results": summary,
-                                                 "kd_benefit": report.kd_benefit(results)})
+                                                 "kd_benefit": report.kd_benefit(results),
+                                                 "topk": report.topk_benefit(results)})
     print(md.read_text())

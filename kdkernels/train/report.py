@@ -1,5 +1,6 @@
-"""The run report: report.md (held-out CE of teacher and students, the KD benefit, time,
-throughput, memory) and report.png (loss curves and the held-out comparison)."""
+"""The run report: report.md (held-out CE of teacher and students, the KD benefit, the top-k
+student's share of it and its cache's size and write time, time, throughput, memory) and
+report.png (loss curves, the held-out comparison, the cache line)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,14 @@ import torch
 from . import metrics
 
 
+def _evaluated(results: dict[str, dict[str, Any]], *names: str) -> bool:
+    return all(results.get(n, {}).get("heldout_ce") is not None for n in names)
+
+
 def kd_benefit(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     """CE student minus KD student held-out CE (nats/token; > 0 means KD helped), and the
     share of the CE student's gap to the teacher that KD closed."""
-    if "kd" not in results or "ce" not in results:
+    if not _evaluated(results, "kd", "ce"):
         return None
     kd, ce = results["kd"]["heldout_ce"], results["ce"]["heldout_ce"]
     out = {"nats": ce - kd, "relative": (ce - kd) / ce}
@@ -25,8 +30,37 @@ def kd_benefit(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
+def topk_benefit(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    """The top-k (cache) student against the CE student: nats gained, and the share of the
+    dense KD benefit it keeps, (CE_only - CE_topk) / (CE_only - CE_dense)."""
+    if not _evaluated(results, "topk", "ce"):
+        return None
+    tk, ce = results["topk"]["heldout_ce"], results["ce"]["heldout_ce"]
+    out = {"nats": ce - tk}
+    if _evaluated(results, "kd"):
+        dense = ce - results["kd"]["heldout_ce"]
+        out["kept"] = (ce - tk) / dense if dense > 0 else float("nan")
+    return out
+
+
 _LABELS = {"teacher": "teacher", "kd": "student, KD (fused)", "ce": "student, CE only",
-           "naive": "student, KD (naive baseline)"}
+           "naive": "student, KD (naive baseline)", "topk": "student, top-k KD (cache)"}
+_COLORS = {"teacher": "#555", "kd": "#1f77b4", "ce": "#ff7f0e", "naive": "#2ca02c",
+           "topk": "#9467bd"}
+
+
+def _label(key: str, r: dict[str, Any]) -> str:
+    cache = r.get("cache")
+    return f"student, top-{cache['top_k']} KD (cache)" if cache else _LABELS.get(key, key)
+
+
+def cache_line(info: dict[str, Any]) -> str:
+    """The cache's K, dtype, size on disk, bytes per token and write time, in one line."""
+    written = (f", written in {info['write_s']:.1f} s" if info.get("write_s") is not None
+               else "")
+    return (f"K = {info['top_k']} {info['dtype']}, {info['tokens']:,} tokens, "
+            f"{info['bytes'] / 2**20:.1f} MiB on disk, {info['bytes_per_token']:.1f} bytes per "
+            f"token{written}")
 
 
 def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str, Any],
@@ -39,9 +73,10 @@ def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str,
               "| tokens/s | peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
         source = " (cached)" if r.get("cached") else ""
-        ce = r["heldout_ce"]
-        lines.append(f"| {_LABELS.get(key, key)}{source} | {r['params'] / 1e6:.2f}M | "
-                     f"{r['steps']} | {ce:.4f} | {2.718281828 ** ce:.1f} | "
+        ce = r["heldout_ce"]  # None: interrupted before its first evaluation
+        ce_txt = "— | —" if ce is None else f"{ce:.4f} | {2.718281828 ** ce:.1f}"
+        lines.append(f"| {_label(key, r)}{source} | {r['params'] / 1e6:.2f}M | "
+                     f"{r['steps']} | {ce_txt} | "
                      f"{r.get('wall_s', 0):.1f} | {r.get('tokens_per_s', 0):,.0f} | "
                      f"{r.get('peak_mem_mib', 0):,.0f} |")
     benefit = kd_benefit(results)
@@ -51,6 +86,15 @@ def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str,
         gap_txt = f", closing {gap:.0%} of the CE student's gap to the teacher" if gap else ""
         lines += ["", f"**KD benefit: {benefit['nats']:+.4f} nats/token held-out CE "
                       f"({benefit['relative']:+.2%}) — {verdict}{gap_txt}.**"]
+    topk = topk_benefit(results)
+    if topk is not None:
+        kept = (f", keeping {topk['kept']:.0%} of the dense KD benefit "
+                "((CE_only - CE_topk) / (CE_only - CE_dense))" if "kept" in topk else "")
+        lines += ["", f"**Top-k KD benefit: {topk['nats']:+.4f} nats/token held-out CE over "
+                      f"the CE student{kept}.**"]
+    if "topk" in results and results["topk"].get("cache"):
+        info = results["topk"]["cache"]
+        lines += ["", f"Teacher cache ({info['dir']}): {cache_line(info)}."]
     if "naive" in results and "kd" in results:
         f, n = results["kd"], results["naive"]
         lines += ["", "Fused vs naive (materialised logits), same steps and data: held-out CE "
@@ -77,23 +121,29 @@ def _plot(out_dir: Path, results: dict[str, dict[str, Any]]) -> None:
         recs = metrics.read(Path(r["dir"]) / "metrics.jsonl") if r.get("dir") else []
         train = [(x["step"], x["ce"]) for x in recs if "ce" in x]
         if train:
-            ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.5, label=f"{_LABELS[key]} train")
+            ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.5, color=_COLORS.get(key),
+                    label=f"{_label(key, r)} train")
         if r.get("evals"):
-            ax.plot(*zip(*r["evals"], strict=True), "o-", label=f"{_LABELS[key]} held-out")
+            ax.plot(*zip(*r["evals"], strict=True), "o-", color=_COLORS.get(key),
+                    label=f"{_label(key, r)} held-out")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("loss curves (train CE on hard labels; held-out CE)")
     ax.legend(fontsize=7)
-    names = list(results)
+    names = [k for k in results if results[k]["heldout_ce"] is not None]
     vals = [results[k]["heldout_ce"] for k in names]
-    bx.bar([_LABELS[k].replace(", ", "\n") for k in names], vals,
-           color=["#555", "#1f77b4", "#ff7f0e", "#2ca02c"][:len(names)])
-    low = min(vals)
-    bx.set_ylim(low - 0.3, max(vals) + 0.1)
+    bx.bar([_label(k, results[k]).replace(", ", "\n") for k in names], vals,
+           color=[_COLORS.get(k, "#8c564b") for k in names])
+    if vals:
+        bx.set_ylim(min(vals) - 0.3, max(vals) + 0.1)
     for i, v in enumerate(vals):
         bx.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
     bx.set_title("held-out CE (lower is better)")
     bx.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
+    cache = results.get("topk", {}).get("cache")
+    fig.tight_layout(rect=(0, 0.05, 1, 1) if cache else None)
+    if cache:
+        fig.text(0.99, 0.01, "top-k cache: " + cache_line(cache), ha="right", va="bottom",
+                 fontsize=8)
     fig.savefig(out_dir / "report.png", dpi=110)
     plt.close(fig)

@@ -1,0 +1,55 @@
+"""The objective of a student trained from cached teacher top-K log-probs: student hidden
+states + head through fused_linear_topk_kd_loss. Position t of a cached sequence holds the
+teacher's distribution of the token after input_ids[t], so it pairs with the label
+input_ids[t + 1]; the last position has no label and is dropped, as in DistillObjective."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..api import KDComponents
+from ..sparse.api import fused_linear_topk_kd_loss
+from ..sparse.options import TopKOptions
+from . import models
+
+
+def check_options(*, tail: str, divergence: str, temperature: float, kd_weight: float,
+                  ce_weight: float, impl: str) -> None:
+    """Refuse options the top-k loss cannot take (e.g. --divergence jsd: no top-k form)
+    before any model work, naming the tail's rule."""
+    try:
+        TopKOptions(tail=tail, divergence=divergence, temperature=temperature,
+                    kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
+    except ValueError as err:
+        raise ValueError(f"a top-k student (--tail {tail}): {err}") from None
+
+
+class TopKObjective(nn.Module):
+    """forward(input_ids, teacher_ids, teacher_logprobs, num_items) -> KDComponents."""
+
+    def __init__(self, student: nn.Module, *, tail: str = "bucket",
+                 divergence: str = "forward_kl", temperature: float = 1.0,
+                 kd_weight: float = 0.5, ce_weight: float = 0.5, impl: str = "auto") -> None:
+        super().__init__()
+        self.student = student
+        self.options = dict(tail=tail, divergence=divergence, temperature=temperature,
+                            kd_weight=kd_weight, ce_weight=ce_weight,
+                            student_softcap=models.softcap(student))
+        self.impl = impl
+        check_options(tail=tail, divergence=divergence, temperature=temperature,
+                      kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
+
+    @staticmethod
+    def targets(teacher: nn.Module | None, batch: dict[str, torch.Tensor]):
+        """The cached teacher tensors of a batch (there is no teacher model)."""
+        return batch["teacher_ids"], batch["teacher_logprobs"]
+
+    def forward(self, input_ids: torch.Tensor, teacher_ids: torch.Tensor,
+                teacher_logprobs: torch.Tensor, num_items: float) -> KDComponents:
+        hidden = models.hidden_states(self.student, input_ids)[:, :-1]
+        weight, bias = models.head(self.student)
+        return fused_linear_topk_kd_loss(
+            hidden, weight, teacher_ids[:, :-1], teacher_logprobs[:, :-1], input_ids[:, 1:],
+            student_bias=bias, impl=self.impl, return_components=True, reduction="mean",
+            num_items=num_items, **self.options)
