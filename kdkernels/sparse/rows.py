@@ -33,6 +33,17 @@ def _signed_add(log_x, sign_x, log_y):
     return torch.where(sign_x > 0, pos, neg), torch.where(sign_x > 0, 1.0, neg_sign)
 
 
+def _add_at(x: torch.Tensor, col: torch.Tensor, vals: torch.Tensor) -> None:
+    """x[i, col[i, k]] += vals[i, k]. On CPUs scatter_add_ copies x in and out whole when it
+    is 16-bit or not contiguous (the packed dL/dz layout): 30x slower than index_put_,
+    which writes through the strides, at [2048, 32000] bf16."""
+    if x.is_contiguous() and x.dtype in (torch.float32, torch.float64):
+        x.scatter_add_(1, col, vals)
+        return
+    rows = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(col)
+    x.index_put_((rows, col), vals, accumulate=True)
+
+
 def _neg_inf_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.full_like(x, -math.inf))
 
@@ -67,7 +78,7 @@ class SparseChunks:
             lab_col = torch.where(lab_here, lab_local, torch.zeros_like(lab_local))
             parts.append(torch.where(lab_here, zs.gather(1, lab_col[:, None])[:, 0].to(acc),
                                      0.0)[:, None])
-        zs.scatter_add_(1, col, torch.where(here, -math.inf, 0.0).to(zs.dtype))
+        _add_at(zs, col, torch.where(here, -math.inf, 0.0).to(zs.dtype))
         parts[0] = self.backend.student_stats(zs, spec).to(acc)
         merged = self.reducer.merge_student(torch.cat(parts, 1)).double()
         s = {name: merged[:, i] for i, name in enumerate(SSTATS)}
@@ -130,7 +141,7 @@ class SparseChunks:
             vals = vals + ce_row[:, None] * (e_z - in_s.double())
         if spec.student_softcap is not None:
             vals = vals * (1.0 - torch.tanh(z_s / spec.student_softcap) ** 2)
-        dz.scatter_add_(1, col, torch.where(here, vals, 0.0).to(dz.dtype))
+        _add_at(dz, col, torch.where(here, vals, 0.0).to(dz.dtype))
 
 
 def logits_rows(zs: torch.Tensor, teacher: SparseTeacher, idx: torch.Tensor | None,
