@@ -312,3 +312,27 @@ def test_autocast_fp32_master_weights():
     # bf16 GEMM inputs: 2^-8 relative on the logits (the reference sees the same rounding)
     assert rel_err(loss, rl) <= 1e-2
     assert rel_err(h.grad, rh) <= 3e-2 and rel_err(w.grad, rw) <= 3e-2
+
+
+@needs_backend
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_bucket_with_a_confident_student(impl, divergence):
+    """The student puts all but ~e^-40 of its mass on S while the teacher leaves a real
+    rest: 1 - P is far below fp32 resolution next to 1, alpha ~ r / (1 - P) ~ 1e16."""
+    gen = torch.Generator().manual_seed(21)
+    n, vocab, k = 6, 50, 5
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(n)])
+    zs = torch.randn(n, vocab, generator=gen)
+    zs.scatter_(1, ids, 40.0 + torch.randn(n, k, generator=gen))
+    lps = torch.log(torch.softmax(torch.randn(n, k, generator=gen), -1) * 0.7)
+    a = zs.clone().requires_grad_()
+    loss = kdkernels.topk_kd_loss(a, ids, lps, tail="bucket", divergence=divergence,
+                                  impl=impl)
+    loss.backward()
+    z64 = zs.double().requires_grad_()
+    ref, _, _ = reference_topk_loss(z64, ids, lps, tail="bucket", divergence=divergence)
+    ref.backward()
+    # exp((a - m) - log_s) at a - m ~ -40: fp32 rounds a - m by ~40 * 2^-24, so 1e-5
+    assert rel_err(loss, ref) <= 1e-5
+    assert rel_err(a.grad, z64.grad) <= 1e-5
