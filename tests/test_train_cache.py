@@ -301,3 +301,8 @@ def test_embedded_smoke_run_adds_a_topk_student_on_the_dense_batches(tmp_path, m
     summary = json.loads((out / "results.json").read_text())
     assert "kept" in summary["topk"]
     assert (out / "report.png").stat().st_size > 1000
+    # that cache into the embedded student (no --student): top-k and CE-only on its sequences
+    again = tmp_path / "again"
+    cfg = preset("smoke", output=str(again), progress=False, threads=1)
+    res = pipeline.run(cfg, teacher_cache=str(out / "topk-cache"), preset="smoke")
+    assert list(res) == ["topk", "ce"] and res["topk"]["heldout_ce"] < 10

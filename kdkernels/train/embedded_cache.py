@@ -50,7 +50,9 @@ def _settings(cfg: TrainConfig, teacher, tok, seqs: torch.Tensor, world_size: in
 
 
 def _write(directory: Path, settings: dict, teacher, seqs: torch.Tensor, k: int,
-           device: torch.device) -> None:
+           device: torch.device) -> float | None:
+    """Write (or finish) the cache; returns the mean teacher mass its K ids cover over the
+    rows written now (None when nothing was left to write)."""
     from ..cache import teacher as scoring
     from ..cache.writer import CacheWriter
 
@@ -62,14 +64,18 @@ def _write(directory: Path, settings: dict, teacher, seqs: torch.Tensor, k: int,
     writer = CacheWriter(directory, settings)
     head = scoring.Head.of(teacher)
     n, shard = seqs.shape[0], settings["shard_size"]
+    mass, rows = 0.0, 0
     for start in range(writer.done_sequences, n, shard):  # resumable shard by shard
         stop = min(start + shard, n)
         parts = [scoring.score(teacher, head, seqs[b:min(b + SCORE_BATCH, stop)], mode="topk",
                                k=k, samples=1, seed=0, first_index=b, device=device)
                  for b in range(start, stop, SCORE_BATCH)]
-        writer.add_shard(seqs[start:stop], torch.cat([p[0] for p in parts]),
-                         torch.cat([p[1] for p in parts]), checked=True)
+        lps = torch.cat([p[1] for p in parts])
+        mass += float(lps.double().exp().sum())
+        rows += lps.shape[0] * lps.shape[1]
+        writer.add_shard(seqs[start:stop], torch.cat([p[0] for p in parts]), lps, checked=True)
     writer.finish()
+    return mass / rows if rows else None
 
 
 def disk_bytes(directory: Path) -> int:
@@ -89,12 +95,13 @@ def build(cfg: TrainConfig, teacher, tok, train_ids: torch.Tensor, out: Path,
             json.loads((directory / "manifest.json").read_text()).get(key) == value
             for key, value in {**settings, "complete": True}.items())
         if not done:
-            _write(directory, settings, teacher, seqs, cfg.cache_top_k, world.device)
+            covered = _write(directory, settings, teacher, seqs, cfg.cache_top_k, world.device)
             tokens = int(seqs.numel())
             size = disk_bytes(directory)
             info = {"top_k": cfg.cache_top_k, "dtype": DTYPE, "sequences": int(seqs.shape[0]),
                     "tokens": tokens, "bytes": size, "bytes_per_token": size / tokens,
-                    "write_s": time.perf_counter() - t0, "dir": str(directory)}
+                    "write_s": time.perf_counter() - t0, "covered_mass": covered,
+                    "dir": str(directory)}
             info_path.write_text(json.dumps(info, indent=2))
     world.barrier()
     info = json.loads(info_path.read_text())

@@ -258,6 +258,9 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         refusal = _topk_refusal(cfg)
         if refusal:
             raise ValueError(refusal)
+        if cfg.baseline == "naive":
+            raise ValueError("--baseline naive compares the fused dense loss with materialised "
+                             "teacher logits; a --teacher-cache run has no teacher model")
         student0, tok, topk_data, held, source = _cache_inputs(cfg, teacher_cache,
                                                                student_path, data, world)
         train_ids = topk_data  # the CE student (if any) reads the same cached sequences

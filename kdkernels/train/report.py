@@ -58,9 +58,11 @@ def cache_line(info: dict[str, Any]) -> str:
     """The cache's K, dtype, size on disk, bytes per token and write time, in one line."""
     written = (f", written in {info['write_s']:.1f} s" if info.get("write_s") is not None
                else "")
+    covered = (f", covering {info['covered_mass']:.0%} of the teacher's mass"
+               if info.get("covered_mass") is not None else "")
     return (f"K = {info['top_k']} {info['dtype']}, {info['tokens']:,} tokens, "
             f"{info['bytes'] / 2**20:.1f} MiB on disk, {info['bytes_per_token']:.1f} bytes per "
-            f"token{written}")
+            f"token{written}{covered}")
 
 
 def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str, Any],
