@@ -224,14 +224,24 @@ def kd_loss(
     return _finish(opts, LogitsKD.apply(zs2, zt2, flat_labels, plan), zs.shape[:-1])
 
 
-class FusedLinearKDLoss(torch.nn.Module):
-    """nn.Module form of fused_linear_kd_loss; options are checked at construction."""
+class LossModule(torch.nn.Module):
+    """The nn.Module form of a loss function: options checked at construction (by the
+    options dataclass ``options_class``), kept as keywords for every call."""
+
+    options_class: type = KDOptions
 
     def __init__(self, *, vocab_parallel: VocabParallel | None = None, **options: Any) -> None:
         super().__init__()
-        KDOptions(**options)  # reject bad options now, not at the first batch
+        self.options_class(**options)  # reject bad options now, not at the first batch
         self.options = dict(options)
         self.vocab_parallel = vocab_parallel
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearKDLoss(LossModule):
+    """nn.Module form of fused_linear_kd_loss; options are checked at construction."""
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
@@ -241,6 +251,3 @@ class FusedLinearKDLoss(torch.nn.Module):
                                     teacher_weight, labels, student_bias=student_bias,
                                     teacher_bias=teacher_bias,
                                     vocab_parallel=self.vocab_parallel, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

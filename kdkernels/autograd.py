@@ -159,27 +159,35 @@ def _kept_count(kept: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(kept, dtype=torch.int64, device=device)
 
 
+def save_fused(ctx, out: FusedOutcome, device: torch.device) -> tuple:
+    """A fused Function's forward outputs (loss, kd, ce, n_tokens), saving what its backward
+    needs (``fused_backward``)."""
+    ctx.recompute = out.recompute
+    # Saved (not kept on ctx) so that autograd releases them right after backward and
+    # AccumulateGrad adopts them as .grad instead of cloning (a ctx attribute would keep
+    # a second reference alive: one more [V, D] copy at the peak).
+    ctx.save_for_backward(*(out.grads or (None, None, None)))
+    n_tokens = _kept_count(out.kept, device)
+    ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
+    return out.loss, out.kd, out.ce, n_tokens
+
+
+def fused_backward(ctx, go) -> tuple:
+    """(grad_h, grad_w, grad_b) of a fused Function for grad_output ``go``."""
+    if ctx.recompute is None:
+        return tuple(_scale(t, go) for t in ctx.saved_tensors)
+    return tuple(ctx.recompute(go))
+
+
 class FusedLinearKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, bs, g, u, bt, labels, plan: Plan):
-        out = fused_forward(h, w, bs, g, u, bt, labels, plan, ctx.needs_input_grad[0],
-                            ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        ctx.recompute = out.recompute
-        # Saved (not kept on ctx) so that autograd releases them right after backward and
-        # AccumulateGrad adopts them as .grad instead of cloning (a ctx attribute would keep
-        # a second reference alive: one more [V, D] copy at the peak).
-        ctx.save_for_backward(*(out.grads or (None, None, None)))
-        n_tokens = _kept_count(out.kept, h.device)
-        ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
-        return out.loss, out.kd, out.ce, n_tokens
+        out = fused_forward(h, w, bs, g, u, bt, labels, plan, *ctx.needs_input_grad[:3])
+        return save_fused(ctx, out, h.device)
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce, _gn):
-        if ctx.recompute is None:
-            gh, gw, gb = (_scale(t, go) for t in ctx.saved_tensors)
-        else:
-            gh, gw, gb = ctx.recompute(go)
-        return gh, gw, gb, None, None, None, None, None
+        return (*fused_backward(ctx, go), None, None, None, None, None)
 
 
 def _full_grads(res: RowResult | None, n, shapes, vocab, device, want_b=True):
@@ -252,14 +260,19 @@ def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome
     return LogitsOutcome(loss, kd_red, ce_red, kept, grad)
 
 
+def save_logits(ctx, out: LogitsOutcome, device: torch.device) -> tuple:
+    """A logits Function's forward outputs, saving the gradient for ``_scale`` in backward."""
+    ctx.save_for_backward(out.grad)  # released after backward: adopted as .grad, not cloned
+    n_tokens = _kept_count(out.kept, device)
+    ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
+    return out.loss, out.kd, out.ce, n_tokens
+
+
 class LogitsKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, zt, labels, plan: Plan):
-        out = logits_forward(zs, zt, labels, plan, ctx.needs_input_grad[0])
-        ctx.save_for_backward(out.grad)  # released after backward: adopted as .grad, not cloned
-        n_tokens = _kept_count(out.kept, zs.device)
-        ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
-        return out.loss, out.kd, out.ce, n_tokens
+        return save_logits(ctx, logits_forward(zs, zt, labels, plan, ctx.needs_input_grad[0]),
+                           zs.device)
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce, _gn):

@@ -4,10 +4,6 @@ run, and a bad id on one rank raises on every rank."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -15,36 +11,11 @@ import kdkernels
 
 from . import _topk_tp_worker as worker
 from ._helpers import rel_err
-from .test_vocab_parallel import ROOT, WORLD_TIMEOUT_S, _free_port
-
-_RESULTS: dict[int, list[dict]] = {}
+from .test_vocab_parallel import world as vp_world
 
 
 def world(parts: int, tmp_path_factory) -> list[dict]:
-    if parts in _RESULTS:
-        return _RESULTS[parts]
-    out = tmp_path_factory.mktemp(f"topk_tp{parts}")
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._topk_tp_worker", str(r),
-                               str(parts), str(port), str(out / f"rank{r}.pt")], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for r in range(parts)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=WORLD_TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"the {parts}-rank world did not finish in {WORLD_TIMEOUT_S} s (a hang)")
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r][-3000:]}"
-    res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(parts)]
-    for r, rr in enumerate(res):
-        assert "crash" not in rr, f"rank {r} crashed:\n{rr['crash']}"
-    _RESULTS[parts] = res
-    return res
+    return vp_world(parts, tmp_path_factory, "tests._topk_tp_worker")
 
 
 def single(name: str) -> dict[str, torch.Tensor]:

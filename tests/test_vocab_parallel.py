@@ -50,17 +50,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_RESULTS: dict[int, list[dict]] = {}
+_RESULTS: dict[tuple[str, int], list[dict]] = {}
 
 
-def world(parts: int, tmp_path_factory) -> list[dict]:
-    """Run (once per session) a gloo world of `parts` ranks; its per-rank results."""
-    if parts in _RESULTS:
-        return _RESULTS[parts]
-    out = tmp_path_factory.mktemp(f"tp{parts}")
+def world(parts: int, tmp_path_factory, worker: str = "tests._tp_worker") -> list[dict]:
+    """Run (once per session) a gloo world of `parts` ranks of the module ``worker``
+    (``python -m worker RANK WORLD PORT OUT``); its per-rank results."""
+    if (worker, parts) in _RESULTS:
+        return _RESULTS[worker, parts]
+    out = tmp_path_factory.mktemp(f"{worker.rsplit('.', 1)[-1]}{parts}")
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._tp_worker", str(r), str(parts),
+    procs = [subprocess.Popen([sys.executable, "-m", worker, str(r), str(parts),
                                str(port), str(out / f"rank{r}.pt")], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(parts)]
@@ -77,7 +78,7 @@ def world(parts: int, tmp_path_factory) -> list[dict]:
     res = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(parts)]
     for r, rr in enumerate(res):
         assert "crash" not in rr, f"rank {r} crashed:\n{rr['crash']}"
-    _RESULTS[parts] = res
+    _RESULTS[worker, parts] = res
     return res
 
 

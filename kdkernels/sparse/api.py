@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import gemm, parallel
-from ..api import KDComponents, _autocast_dtype, _failure, _finish
+from ..api import KDComponents, LossModule, _autocast_dtype, _failure, _finish
 from ..autograd import row_spec
 from ..backends import registry
 from ..backends.base import RowSpec
@@ -203,14 +203,10 @@ def topk_kd_loss(
                    zs.shape[:-1])
 
 
-class FusedLinearTopKKDLoss(torch.nn.Module):
+class FusedLinearTopKKDLoss(LossModule):
     """nn.Module form of fused_linear_topk_kd_loss; options are checked at construction."""
 
-    def __init__(self, *, vocab_parallel: VocabParallel | None = None, **options: Any) -> None:
-        super().__init__()
-        TopKOptions(**options)  # reject bad options now, not at the first batch
-        self.options = dict(options)
-        self.vocab_parallel = vocab_parallel
+    options_class = TopKOptions
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
@@ -219,6 +215,3 @@ class FusedLinearTopKKDLoss(torch.nn.Module):
         return fused_linear_topk_kd_loss(student_hidden, student_weight, teacher_ids,
                                          teacher_logprobs, labels, student_bias=student_bias,
                                          vocab_parallel=self.vocab_parallel, **self.options)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

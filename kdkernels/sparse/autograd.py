@@ -12,12 +12,14 @@ from ..autograd import (
     FusedOutcome,
     LogitsOutcome,
     _combine,
-    _kept_count,
     _normaliser,
     _reduce,
     _scale,
     _scatter,
+    fused_backward,
     run_fused,
+    save_fused,
+    save_logits,
 )
 from ..backends.base import Backend, RowSpec
 from ..chunking import ChunkPlan, plan_chunks
@@ -111,7 +113,7 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
         row_scale = torch.full((kept,), unit, dtype=_acc(zs), device=zs.device)
     chunk = _plan(plan, kept, zs.shape[1], zs.dtype, None, zs.device).rows
     rows = SparseChunks(teacher, lab, plan.opts, plan.spec, plan.backend, plan.reducer)
-    kd, ce, grad = logits_rows(zs, teacher, idx, lab, chunk, rows, row_scale)
+    kd, ce, grad = logits_rows(zs, idx, chunk, rows, row_scale)
     if grad is None and want_grad:
         grad = torch.zeros_like(zs)
 
@@ -126,31 +128,20 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
 class TopKFusedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, bs, ids, logprobs, labels, plan: SparsePlan):
-        out = topk_fused_forward(h, w, bs, ids, logprobs, labels, plan, ctx.needs_input_grad[0],
-                                 ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        ctx.recompute = out.recompute
-        ctx.save_for_backward(*(out.grads or (None, None, None)))
-        n_tokens = _kept_count(out.kept, h.device)
-        ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
-        return out.loss, out.kd, out.ce, n_tokens
+        out = topk_fused_forward(h, w, bs, ids, logprobs, labels, plan,
+                                 *ctx.needs_input_grad[:3])
+        return save_fused(ctx, out, h.device)
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce, _gn):
-        if ctx.recompute is None:
-            gh, gw, gb = (_scale(t, go) for t in ctx.saved_tensors)
-        else:
-            gh, gw, gb = ctx.recompute(go)
-        return gh, gw, gb, None, None, None, None
+        return (*fused_backward(ctx, go), None, None, None, None)
 
 
 class TopKLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, ids, logprobs, labels, plan: SparsePlan):
-        out = topk_logits_forward(zs, ids, logprobs, labels, plan, ctx.needs_input_grad[0])
-        ctx.save_for_backward(out.grad)
-        n_tokens = _kept_count(out.kept, zs.device)
-        ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
-        return out.loss, out.kd, out.ce, n_tokens
+        return save_logits(ctx, topk_logits_forward(zs, ids, logprobs, labels, plan,
+                                                    ctx.needs_input_grad[0]), zs.device)
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce, _gn):

@@ -71,13 +71,18 @@ class SparseChunks:
         gathered = torch.where(here, zs.gather(1, col).to(acc), 0.0)
         lab = None if self.lab is None or not spec.has_ce else self.lab[start:stop]
         parts = [None, gathered]
-        lab_col = None
+        # The gradient pass's label columns: -1 where the label is elsewhere or in S (the
+        # values at S carry its onehot term).
+        kernel_labels = torch.full((zs.shape[0],), -1, dtype=torch.int64, device=zs.device)
+        in_s = None
         if lab is not None:
             lab_local = lab - self.reducer.vocab_start
             lab_here = (lab_local >= 0) & (lab_local < width)
             lab_col = torch.where(lab_here, lab_local, torch.zeros_like(lab_local))
             parts.append(torch.where(lab_here, zs.gather(1, lab_col[:, None])[:, 0].to(acc),
                                      0.0)[:, None])
+            in_s = valid & (ids == lab[:, None])
+            kernel_labels = torch.where(lab_here & ~in_s.any(1), lab_col, kernel_labels)
         _add_at(zs, col, torch.where(here, -math.inf, 0.0).to(zs.dtype))
         parts[0] = self.backend.student_stats(zs, spec).to(acc)
         merged = self.reducer.merge_student(torch.cat(parts, 1)).double()
@@ -103,12 +108,12 @@ class SparseChunks:
                                        torch.logsumexp(_neg_inf_where(valid, zc_s), 1))
             ce = lse1 - zc_lab
         if dz is not None:
-            self._gradient(zs, dz, scale.double(), res, a_s, zc_s, z_s, valid, here, col, lab,
-                           lab_col, ids, s, lse, lse1)
+            self._gradient(zs, dz, scale.double(), res, a_s, zc_s, z_s, valid, here, col,
+                           kernel_labels, in_s, s, lse, lse1)
         return res.div, ce
 
-    def _gradient(self, zs, dz, scale, res, a_s, zc_s, z_s, valid, here, col, lab, lab_col,
-                  ids, s, lse, lse1) -> None:
+    def _gradient(self, zs, dz, scale, res, a_s, zc_s, z_s, valid, here, col, kernel_labels,
+                  in_s, s, lse, lse1) -> None:
         spec, opts = self.spec, self.opts
         kd_row = (opts.dense.soft_scale * spec.inv_t) * scale  # dL/dz = dL/da / T
         ce_row = opts.ce_weight * scale if spec.has_ce else torch.zeros_like(scale)
@@ -126,17 +131,10 @@ class SparseChunks:
             m_z = torch.maximum(s["m_z"], _neg_inf_where(valid, zc_s).amax(1))
             named.update(m_z=m_z, log_s_z=lse1 - m_z)
         coef = torch.stack([named[name] for name in SCOEF], 1).float()
-        labels = torch.full((zs.shape[0],), -1, dtype=torch.int64, device=zs.device)
-        in_s = None
-        if lab is not None:
-            in_s = valid & (ids == lab[:, None])
-            lab_here = (lab - self.reducer.vocab_start >= 0) & (
-                lab - self.reducer.vocab_start < zs.shape[1])
-            labels = torch.where(lab_here & ~in_s.any(1), lab_col, labels)
-        self.backend.student_grad(zs, labels, coef, spec, dz)
+        self.backend.student_grad(zs, kernel_labels, coef, spec, dz)
         # At S: kd_row * g + ce_row * (softmax(z) - onehot), times the softcap derivative.
         vals = kd_row[:, None] * res.g
-        if lab is not None:
+        if in_s is not None:
             e_z = torch.where(valid, torch.exp(zc_s - lse1[:, None]), 0.0)
             vals = vals + ce_row[:, None] * (e_z - in_s.double())
         if spec.student_softcap is not None:
@@ -144,15 +142,14 @@ class SparseChunks:
         _add_at(dz, col, torch.where(here, vals, 0.0).to(dz.dtype))
 
 
-def logits_rows(zs: torch.Tensor, teacher: SparseTeacher, idx: torch.Tensor | None,
-                lab: torch.Tensor | None, chunk: int, rows: SparseChunks,
+def logits_rows(zs: torch.Tensor, idx: torch.Tensor | None, chunk: int, rows: SparseChunks,
                 row_scale: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The sparse loss over materialised student logits zs [N, V] at the kept rows (``idx``
     [kept], None: all): (kd [kept], ce [kept] | None, grad [N, V] | None). Each chunk is
     copied into one workspace (the masking writes to it), its gradient written in place."""
     n, vocab = zs.shape
-    kept = teacher.ids.shape[0]
+    kept = rows.t.ids.shape[0]
     acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
     kd = torch.empty(kept, dtype=acc, device=zs.device)
     ce = torch.empty(kept, dtype=acc, device=zs.device) if rows.spec.has_ce else None

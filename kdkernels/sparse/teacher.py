@@ -67,7 +67,7 @@ class SparseTeacher:
     ids: torch.Tensor  # [kept, K] int64 global ids, 0 at empty slots
     valid: torch.Tensor  # [kept, K] bool
     lq: torch.Tensor  # [kept, K] tempered log q (keeps the covered mass), -inf at empty slots
-    log_r: torch.Tensor  # [kept, K] -> [kept] log of the rest 1 - Q, clamped at REST_EPS
+    log_r: torch.Tensor  # [kept] log of the rest 1 - Q, clamped below at REST_EPS
     outside: torch.Tensor  # [kept] bool: the valid ids do not cover the whole vocabulary
 
 
