@@ -16,7 +16,7 @@ import os
 import triton
 import triton.language as tl
 
-from ..layouts import COEF, MIX, NORMS, STATS, STATS_WEIGHTS
+from ..layouts import COEF, MIX, NORMS, SCOEF, SSTATS, STATS, STATS_WEIGHTS
 
 # Helpers called from kernels. Under the CPU interpreter each nested @triton.jit call
 # re-patches triton.language (~5 ms, most of a small launch), so there they are plain
@@ -62,6 +62,21 @@ C_AUX = tl.constexpr(COEF.aux)
 C_KD = tl.constexpr(COEF.kd)
 C_CE = tl.constexpr(COEF.ce)
 
+# Columns of the student partials (layouts.SSTATS) and their count, the row stride.
+SS_M_A = tl.constexpr(SSTATS.m_a)
+SS_S_A = tl.constexpr(SSTATS.s_a)
+SS_M_Z = tl.constexpr(SSTATS.m_z)
+SS_S_Z = tl.constexpr(SSTATS.s_z)
+N_SSTATS = tl.constexpr(len(SSTATS))
+
+# The student gradient's row coefficients (layouts.SCOEF).
+SC_M_A = tl.constexpr(SCOEF.m_a)
+SC_LOG_S_A = tl.constexpr(SCOEF.log_s_a)
+SC_M_Z = tl.constexpr(SCOEF.m_z)
+SC_LOG_S_Z = tl.constexpr(SCOEF.log_s_z)
+SC_KD = tl.constexpr(SCOEF.kd)
+SC_CE = tl.constexpr(SCOEF.ce)
+
 
 @helper
 def softcap(x, cap):
@@ -98,3 +113,22 @@ def round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits += 0x7FFF + ((bits >> 16) & 1)
     return (bits & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@helper
+def store_grad(dz, z, keep, cap_s, out_ptr, rows, cols, stride_o, row_ok, col_ok,
+               HAS_CAP_S: tl.constexpr, ROUND_BF16: tl.constexpr, PACKED: tl.constexpr):
+    """Store a gradient tile: dz times the softcap derivative at the capped logits z, 0
+    outside ``keep``, in out's dtype."""
+    if HAS_CAP_S:
+        r = z / cap_s
+        dz *= 1.0 - r * r
+    dz = tl.where(keep, dz, 0.0)
+    if ROUND_BF16:
+        dz = round_to_bf16(dz)
+    if PACKED:
+        # These stores land on zs columns below (tile end) / 2, which every thread of the
+        # program has loaded by now, in this tile or an earlier one: wait for all of them.
+        tl.debug_barrier()
+    out = out_ptr + rows[:, None] * stride_o + cols[None, :]
+    tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])

@@ -19,7 +19,7 @@ from .common import (
     C_M_Z,
     helper,
     load_logits,
-    round_to_bf16,
+    store_grad,
 )
 from .row_math import soft_grad
 
@@ -47,18 +47,8 @@ def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
             p_z = p * tl.exp((m_a - m_z) + (log_s_a - log_s_z))[:, None]
         hit = cols[None, :] == label[:, None]
         dz += ce[:, None] * (p_z - tl.where(hit, 1.0, 0.0))
-    if HAS_CAP_S:
-        r = z / cap_s
-        dz *= 1.0 - r * r
-    dz = tl.where(mask, dz, 0.0)
-    if ROUND_BF16:
-        dz = round_to_bf16(dz)
-    if PACKED:
-        # These stores land on zs columns below (tile end) / 2, which every thread of the
-        # program has loaded by now, in this tile or an earlier one: wait for all of them.
-        tl.debug_barrier()
-    out = out_ptr + rows[:, None] * stride_o + cols[None, :]
-    tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    store_grad(dz, z, mask, cap_s, out_ptr, rows, cols, stride_o, row_ok, col_ok, HAS_CAP_S,
+               ROUND_BF16, PACKED)
 
 
 @triton.jit

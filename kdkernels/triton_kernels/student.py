@@ -14,26 +14,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..layouts import SCOEF, SSTATS
-from .common import helper, round_to_bf16, softcap
+from .common import (
+    N_SSTATS,
+    SC_CE,
+    SC_KD,
+    SC_LOG_S_A,
+    SC_LOG_S_Z,
+    SC_M_A,
+    SC_M_Z,
+    SS_M_A,
+    SS_M_Z,
+    SS_S_A,
+    SS_S_Z,
+    helper,
+    softcap,
+    store_grad,
+)
 from .stats import _merge_group, _online_step
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
-# Columns of the student partials (layouts.SSTATS) and their count, the row stride.
-SS_M_A = tl.constexpr(SSTATS.m_a)
-SS_S_A = tl.constexpr(SSTATS.s_a)
-SS_M_Z = tl.constexpr(SSTATS.m_z)
-SS_S_Z = tl.constexpr(SSTATS.s_z)
-N_SSTATS = tl.constexpr(len(SSTATS))
-
-# The student gradient's row coefficients (layouts.SCOEF).
-SC_M_A = tl.constexpr(SCOEF.m_a)
-SC_LOG_S_A = tl.constexpr(SCOEF.log_s_a)
-SC_M_Z = tl.constexpr(SCOEF.m_z)
-SC_LOG_S_Z = tl.constexpr(SCOEF.log_s_z)
-SC_KD = tl.constexpr(SCOEF.kd)
-SC_CE = tl.constexpr(SCOEF.ce)
 
 
 @helper
@@ -129,18 +129,9 @@ def _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
             dz += tl.where(ce_on, ce[:, None] * p_z, 0.0)
         hit = cols[None, :] == label[:, None]
         dz -= tl.where(hit & ce_on, ce[:, None], 0.0)
-    if HAS_CAP_S:
-        r = z / cap_s
-        dz *= 1.0 - r * r
-    dz = tl.where(valid, dz, 0.0)  # masked columns, dead rows and padding: exactly 0
-    if ROUND_BF16:
-        dz = round_to_bf16(dz)
-    if PACKED:
-        # These stores land on zs columns below (tile end) / 2, which every thread of the
-        # program has loaded by now, in this tile or an earlier one: wait for all of them.
-        tl.debug_barrier()
-    out = out_ptr + rows[:, None] * stride_o + cols[None, :]
-    tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    # masked columns, dead rows and padding: exactly 0
+    store_grad(dz, z, valid, cap_s, out_ptr, rows, cols, stride_o, row_ok, col_ok, HAS_CAP_S,
+               ROUND_BF16, PACKED)
 
 
 @triton.jit
