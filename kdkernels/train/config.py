@@ -48,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     baseline: str = "fused"  # "fused" or "naive" (materialised logits)
     impl: str = "auto"
-    threads: int = 0  # CPU threads per rank; 0 = the cores the load average leaves free
+    threads: int = 0  # CPU threads per rank; 0 = all available cores not busy now
     # bookkeeping (not part of the fingerprint)
     eval_every: int = 50
     eval_batches: int = 8

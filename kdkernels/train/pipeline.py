@@ -240,8 +240,13 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         raise ValueError("--teacher-cache replaces --teacher (the cache holds the teacher's "
                          "top-K log-probs); pass one of them")
     world = distributed.init(cfg.device)
+    notes: dict[str, str] = {}
     if world.device.type == "cpu":
-        torch.set_num_threads(threads.choose(cfg.threads, world.size))
+        choice = threads.choose(cfg.threads, world.size)
+        torch.set_num_threads(choice.threads)
+        notes["torch threads"] = choice.reason
+        if world.is_main:
+            print(f"kdk distill: torch threads {choice.reason}", file=sys.stderr)
     out = Path(cfg.output)
     fingerprint = {**cfg.fingerprint(), "teacher": teacher_path, "student": student_path,
                    "data": data, "world": world.size, "parallel": parallel}
@@ -252,7 +257,6 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
                                                       read_manifest(Path(teacher_cache)))
     prepare_output(out, overwrite=overwrite, resume=resume, world=world, fingerprint=fingerprint)
     results: dict[str, dict] = {}
-    notes: dict[str, str] = {}
     topk_data = teacher = None
     if teacher_cache is not None:
         refusal = _topk_refusal(cfg)
