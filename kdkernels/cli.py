@@ -65,8 +65,8 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... [cpu]")
     g.add_argument("--threads", type=int,
-                   help="CPU threads per rank; 0 = every available core, less those other processes "
-                        "keep busy over 1.5 s at start [0]. "
+                   help="CPU threads per rank; 0 = every available core, less those other "
+                        "processes keep busy over 1.5 s at start [0]. "
                         "Fix it for bit-for-bit resumes: CPU sums depend on the thread count")
     g.add_argument("--seed", type=int, help="student seed (init and batches) [0]")
     g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
