@@ -29,8 +29,19 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
       help="option set for the embedded run; smoke finishes in under a minute")
     a("--teacher", help="Hugging Face teacher (hub id or directory); default: embedded")
     a("--student", help="Hugging Face student to train (needs --teacher or --teacher-cache)")
-    a("--data", help="directory of text files (split train/held-out by file); "
-                     "default: the Python standard library's sources")
+    a("--data", help="a text file, a folder of text files, a .jsonl file of {'text': ...} "
+                     "or {'prompt': ..., 'completion': ...} records (completions trained on "
+                     "only), a parquet file or a datasets save_to_disk folder (parquet and "
+                     "datasets need pip install 'kdkernels[data]'); default: the Python "
+                     "standard library's sources")
+    a("--text-field", help="the JSONL/parquet/datasets field holding the text [text]")
+    a("--heldout-fraction", type=float,
+      help="share of --data's documents held out (at least one; a single document's last "
+           "part) [0.1]")
+    a("--corpus-max-mb", type=float,
+      help="read at most this many million characters of --data, in file order [preset: 6]")
+    a("--teacher-dtype", choices=["fp32", "bf16", "fp16"],
+      help="dtype the --teacher is loaded in; the student trains in fp32 [fp32]")
     a("--teacher-cache", metavar="DIR",
       help="train from this teacher-logit cache (kdk cache-teacher or write_cache) instead of "
            "a teacher: its sequences are the training tokens, its top-K log-probs the targets. "

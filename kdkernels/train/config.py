@@ -59,6 +59,10 @@ class TrainConfig:
     vocab_size: int = 8192
     corpus_max_mb: float = 6.0
     heldout_fraction: float = 0.1
+    # --data (kdkernels/train/documents.py): the JSONL/table field with the text to train on
+    text_field: str = "text"
+    # --teacher: the dtype it is loaded in (fp32, bf16, fp16); the student stays fp32
+    teacher_dtype: str = "fp32"
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(192, 4, 4, 512))
     student_size: ModelSize = field(default_factory=lambda: ModelSize(96, 2, 4, 256))
     teacher_steps: int = 300

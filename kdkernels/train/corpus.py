@@ -1,4 +1,5 @@
-"""Text corpora split by file, and deterministic token windows drawn from them.
+"""The embedded corpus split by file, and deterministic token windows drawn from token
+streams (--data goes through documents.py, split.py and user_data.py).
 
 The embedded corpus is the Python standard library's own source, found through sysconfig,
 so that every machine has the same real text offline. Batches are a pure function of
@@ -60,8 +61,7 @@ def _split(root: Path, files: list[Path], heldout_fraction: float, max_mb: float
     if not train or not heldout:
         raise ValueError(f"the corpus {source} is empty or too small to split: found "
                          f"{len(train)} training and {len(heldout)} held-out non-empty text "
-                         f"files (suffixes {', '.join(TEXT_SUFFIXES)}); pass --data with a "
-                         "directory holding several text files")
+                         f"files (suffixes {', '.join(TEXT_SUFFIXES)})")
     return Corpus(train, heldout, source)
 
 
@@ -70,17 +70,6 @@ def stdlib_corpus(max_mb: float = 6.0, heldout_fraction: float = 0.1) -> Corpus:
     root = Path(sysconfig.get_paths()["stdlib"])
     return _split(root, _files_under(root, (".py",)), heldout_fraction, max_mb,
                   f"python-stdlib:{root}")
-
-
-def text_corpus(path: str | Path, max_mb: float = 0.0, heldout_fraction: float = 0.1) -> Corpus:
-    """Text files under a directory (or one file per line of a .list file), split by file."""
-    root = Path(path)
-    if not root.exists():
-        raise ValueError(f"--data {str(path)!r} does not exist; pass a directory of text files")
-    if root.is_file():
-        raise ValueError(f"--data {str(path)!r} is a single file; the train/held-out split is "
-                         "by file, so pass a directory holding several text files")
-    return _split(root, _files_under(root, TEXT_SUFFIXES), heldout_fraction, max_mb, str(root))
 
 
 def encode(tokenizer, texts: list[str], eos_id: int) -> torch.Tensor:
@@ -101,21 +90,34 @@ def _generator(*key: int) -> torch.Generator:
 def train_batch(tokens: torch.Tensor, batch_size: int, seq_len: int, *, seed: int, step: int,
                 micro: int = 0, rank: int = 0) -> torch.Tensor:
     """[batch_size, seq_len] windows at random offsets, a function of its arguments only."""
-    if tokens.numel() <= seq_len:
-        raise ValueError(f"the training split has {tokens.numel()} tokens, fewer than "
+    starts = window_starts(tokens.numel(), batch_size, seq_len, seed=seed, step=step,
+                           micro=micro, rank=rank)
+    return torch.stack([tokens[s:s + seq_len] for s in starts])
+
+
+def window_starts(n_tokens: int, batch_size: int, seq_len: int, *, seed: int, step: int,
+                  micro: int = 0, rank: int = 0) -> list[int]:
+    """The offsets of train_batch's windows (shared by masked streams, see streams.py)."""
+    if n_tokens <= seq_len:
+        raise ValueError(f"the training split has {n_tokens} tokens, fewer than "
                          f"--seq-len {seq_len} + 1; use a larger corpus or a shorter --seq-len")
     g = _generator(seed, step, micro, rank)
-    starts = torch.randint(0, tokens.numel() - seq_len, (batch_size,), generator=g)
-    return torch.stack([tokens[s:s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (batch_size,), generator=g).tolist()
 
 
 def eval_batches(tokens: torch.Tensor, batch_size: int, seq_len: int,
                  n_batches: int) -> list[torch.Tensor]:
     """Fixed, evenly spread windows of the held-out split (the same for every model)."""
-    n_windows = min(batch_size * n_batches, tokens.numel() // seq_len)
-    if n_windows < 1:
-        raise ValueError(f"the held-out split has {tokens.numel()} tokens, fewer than "
-                         f"--seq-len {seq_len}; use a larger corpus or a shorter --seq-len")
-    stride = (tokens.numel() - seq_len) // max(n_windows - 1, 1)
-    windows = torch.stack([tokens[i * stride:i * stride + seq_len] for i in range(n_windows)])
+    starts = eval_starts(tokens.numel(), batch_size, seq_len, n_batches)
+    windows = torch.stack([tokens[s:s + seq_len] for s in starts])
     return list(windows.split(batch_size))
+
+
+def eval_starts(n_tokens: int, batch_size: int, seq_len: int, n_batches: int) -> list[int]:
+    """The offsets of eval_batches' windows."""
+    n_windows = min(batch_size * n_batches, n_tokens // seq_len)
+    if n_windows < 1:
+        raise ValueError(f"the held-out split has {n_tokens} tokens, fewer than "
+                         f"--seq-len {seq_len}; use a larger corpus or a shorter --seq-len")
+    stride = (n_tokens - seq_len) // max(n_windows - 1, 1)
+    return [i * stride for i in range(n_windows)]

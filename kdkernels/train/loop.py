@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint, corpus, distributed, metrics, objective
+from . import checkpoint, corpus, distributed, metrics, objective, streams
 from .cache_data import CacheData
 from .config import TrainConfig
 from .memory import PeakMemory
@@ -89,21 +89,32 @@ def _sync_replicated_grads(params: list[nn.Parameter], world: distributed.World)
             p.grad.div_(world.size)
 
 
-def _batch(data: torch.Tensor | CacheData, cfg: TrainConfig, seed: int, step: int, micro: int,
-           world: distributed.World) -> dict[str, torch.Tensor]:
-    """One micro-batch on the device: windows of a token stream, or of a teacher cache (with
-    the cached teacher tensors); a pure function of (seed, step, micro, rank)."""
+def _batch(data: torch.Tensor | streams.TokenStream | CacheData, cfg: TrainConfig, seed: int,
+           step: int, micro: int, world: distributed.World) -> dict[str, torch.Tensor]:
+    """One micro-batch on the device: windows of a token stream (with labels when it masks
+    prompts), or of a teacher cache (with the cached teacher tensors); a pure function of
+    (seed, step, micro, rank)."""
     if isinstance(data, CacheData):
         b = data.train_batch(cfg.batch_size, cfg.seq_len, seed=seed, step=step, micro=micro,
                              rank=world.rank, grad_accum=cfg.grad_accum, world_size=world.size)
+    elif isinstance(data, streams.TokenStream):
+        b = streams.train_batch(data, cfg.batch_size, cfg.seq_len, seed=seed, step=step,
+                                micro=micro, rank=world.rank)
     else:
         b = {"input_ids": corpus.train_batch(data, cfg.batch_size, cfg.seq_len, seed=seed,
                                              step=step, micro=micro, rank=world.rank)}
     return {k: v.to(world.device) for k, v in b.items()}
 
 
-def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor | CacheData,
-          heldout: list[torch.Tensor], world: distributed.World,
+def _kept(b: dict[str, torch.Tensor]) -> int:
+    """Labels that reach the loss: every next token, or the unmasked ones."""
+    if "labels" in b:
+        return int((b["labels"] != streams.IGNORE_INDEX).sum())
+    return int((b["input_ids"][:, 1:] >= 0).sum())
+
+
+def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor | streams.TokenStream | CacheData,
+          heldout: list, world: distributed.World,
           parallel: str = "ddp") -> dict[str, Any]:
     """Train stage.objective's student on a token stream or a teacher cache; returns a
     summary (held-out CE, time, memory...)."""
@@ -161,7 +172,7 @@ def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor | CacheData,
             micro = [_batch(tokens, cfg, stage.seed, step, m, world) for m in range(cfg.grad_accum)]
             # Every kept token of the whole step (all micro-batches, all ranks) counts once;
             # DDP averages gradients over ranks, hence the division by world size.
-            kept = world.sum(float(sum((b["input_ids"][:, 1:] >= 0).sum() for b in micro)))
+            kept = world.sum(float(sum(_kept(b) for b in micro)))
             num_items = kept / world.size
             loss_sum = kd_sum = ce_sum = 0.0
             for m, b in enumerate(micro):
@@ -171,7 +182,9 @@ def train(stage: Stage, cfg: TrainConfig, tokens: torch.Tensor | CacheData,
                 with sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     ids = b["input_ids"]
                     th, tw = obj.targets(teacher, b)
-                    out = model(ids, th, tw, num_items)
+                    # labels only for masked streams: the top-k objective takes none
+                    extra = {"labels": b["labels"]} if "labels" in b else {}
+                    out = model(ids, th, tw, num_items, **extra)
                     out.loss.backward()
                 loss_sum += float(out.loss.detach())
                 kd_sum += float(out.kd)

@@ -44,9 +44,13 @@ class DistillObjective(nn.Module):
         return teacher_outputs(teacher, batch["input_ids"])
 
     def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None,
-                teacher_weight: torch.Tensor | None, num_items: float) -> KDComponents:
+                teacher_weight: torch.Tensor | None, num_items: float,
+                labels: torch.Tensor | None = None) -> KDComponents:
+        """labels [B, L - 1]: the shifted inputs unless given (prompt/completion data pass
+        them with ignore_index at the prompt tokens; the loss skips those rows)."""
         hidden = models.hidden_states(self.student, input_ids)[:, :-1]
-        labels = input_ids[:, 1:]
+        if labels is None:
+            labels = input_ids[:, 1:]
         weight, bias = models.head(self.student)
         opts = dict(self.options, num_items=num_items, reduction="mean")
         if teacher_hidden is None:  # CE only: the KD term is weighted 0 and never trained
@@ -78,7 +82,7 @@ def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor):
 
 
 @torch.no_grad()
-def heldout_ce(model: nn.Module, batches: list[torch.Tensor], device: torch.device,
+def heldout_ce(model: nn.Module, batches: list, device: torch.device,
                autocast: bool = False, chunk: int = 1024) -> float:
     """Mean next-token cross-entropy (nats/token) over fixed held-out windows. Logits are
     built a chunk of tokens at a time, never for the whole batch."""
@@ -87,17 +91,19 @@ def heldout_ce(model: nn.Module, batches: list[torch.Tensor], device: torch.devi
     weight, bias = models.head(model)
     cap = models.softcap(model)
     total, count = 0.0, 0
-    for ids in batches:
-        ids = ids.to(device)
+    for batch in batches:
+        # a tensor of windows, or (windows, labels) where prompt tokens are ignore_index
+        ids, y = batch if isinstance(batch, tuple) else (batch, batch[:, 1:])
+        ids, y = ids.to(device), y.reshape(-1).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             h = models.hidden_states(model, ids)[:, :-1].reshape(-1, weight.shape[1])
-        y = ids[:, 1:].reshape(-1)
         for hc, yc in zip(h.split(chunk), y.split(chunk), strict=True):
             z = nn.functional.linear(hc.float(), weight.float(),
                                      None if bias is None else bias.float())
             if cap is not None:
                 z = cap * torch.tanh(z / cap)
-            total += float(nn.functional.cross_entropy(z, yc, reduction="sum"))
-            count += yc.numel()
+            total += float(nn.functional.cross_entropy(z, yc, reduction="sum",
+                                                       ignore_index=-100))
+            count += int((yc != -100).sum())
     model.train(was_training)
     return total / count

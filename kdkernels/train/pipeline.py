@@ -27,11 +27,14 @@ from . import (
     corpus,
     distributed,
     embedded_cache,
+    hf_pair,
     metrics,
     models,
     report,
+    streams,
     threads,
     tokenizer,
+    user_data,
 )
 from .cache_data import CacheData, cache_identity, check_student
 from .config import TrainConfig
@@ -92,9 +95,12 @@ def _tokens(tok, texts: list[str], cache: Path | None, name: str) -> torch.Tenso
 
 
 def _data(cfg: TrainConfig, data: str | None, tok, world: distributed.World):
-    """Tokenizer (trained and cached when none is given) and token streams."""
-    texts = (corpus.text_corpus(data, cfg.corpus_max_mb, cfg.heldout_fraction) if data
-             else corpus.stdlib_corpus(cfg.corpus_max_mb, cfg.heldout_fraction))
+    """Tokenizer (trained and cached when none is given), token streams, the data's cache
+    key, and what they came from (.summary() for the report)."""
+    if data:
+        d = user_data.prepare(cfg, data, tok, world, cache_root())
+        return d.tok, d.train, d.held, d.key, d
+    texts = corpus.stdlib_corpus(cfg.corpus_max_mb, cfg.heldout_fraction)
     key = _key({"source": texts.source, "python": sys.version, "mb": cfg.corpus_max_mb,
                 "heldout": cfg.heldout_fraction, "vocab": cfg.vocab_size,
                 "tok": None if tok is None else tok.name_or_path})
@@ -110,7 +116,19 @@ def _data(cfg: TrainConfig, data: str | None, tok, world: distributed.World):
         tok = tokenizer.load_or_train(cache, texts.train, cfg.vocab_size)
     train_ids = _tokens(tok, texts.train, cache, "train")
     held_ids = _tokens(tok, texts.heldout, cache, "heldout")
-    return tok, train_ids, held_ids, key, texts
+    return tok, train_ids, held_ids, key, _StdlibSource(texts, train_ids, held_ids)
+
+
+class _StdlibSource:
+    """The embedded corpus described like user data: files and tokens on each side."""
+
+    def __init__(self, texts: corpus.Corpus, train_ids: torch.Tensor, held_ids: torch.Tensor):
+        self.texts, self.train_ids, self.held_ids = texts, train_ids, held_ids
+
+    def summary(self) -> str:
+        return user_data.describe(self.texts.source, len(self.texts.train),
+                                  len(self.texts.heldout), self.train_ids, self.held_ids,
+                                  unit="files")
 
 
 def _objective(cfg: TrainConfig, student, teacher, baseline: str = "fused") -> DistillObjective:
@@ -209,9 +227,8 @@ def _cache_inputs(cfg: TrainConfig, cache_path: str, student_path: str | None,
     if data is not None:
         _, _, held_ids, _, texts = _data(cfg, data, tok, world)
     if texts is not None:
-        held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        source = (f"{texts.source} held-out ({len(texts.heldout)} files); training tokens "
-                  f"from the teacher cache")
+        held = streams.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        source = f"held-out from {texts.summary()}; training tokens from the teacher cache"
     else:
         held = cache.heldout_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         source = (f"teacher cache {cache_path}: {len(cache.train)} training / "
@@ -233,7 +250,6 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         resume: bool = False, parallel: str = "ddp", compare_ce: bool | None = None,
         preset: str = "default") -> dict:
     """The whole `kdk distill`; returns the per-model summaries (rank 0 writes the report)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     if teacher_cache is not None and teacher_path is not None:
@@ -274,7 +290,7 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
             raise ValueError("--student needs --teacher or --teacher-cache (the embedded "
                              "default builds both)")
         tok, train_ids, held_ids, data_key, texts = _data(cfg, data, None, world)
-        held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        held = streams.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         teacher, results["teacher"] = _teacher(cfg, tok, train_ids, held, data_key, out, world,
                                                parallel)
         torch.manual_seed(cfg.seed)
@@ -285,17 +301,12 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
     else:
         if student_path is None:
             raise ValueError("--teacher needs --student (a Hugging Face checkpoint to train)")
-        tok = AutoTokenizer.from_pretrained(teacher_path)
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_path).to(world.device).eval()
         torch.manual_seed(cfg.seed)
-        student0 = AutoModelForCausalLM.from_pretrained(student_path)
-        try:
-            student_tok = AutoTokenizer.from_pretrained(student_path)
-        except (OSError, ValueError):
-            student_tok = tok  # a bare student checkpoint: it must fit the teacher's vocab
-        models.check_pair(student0, teacher, student_tok, tok)
-        tok, train_ids, held_ids, data_key, texts = _data(cfg, data, tok, world)
-        held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        pair = hf_pair.load(teacher_path, student_path, dtype=cfg.teacher_dtype,
+                            device=world.device)
+        teacher, student0 = pair.teacher, pair.student
+        tok, train_ids, held_ids, data_key, texts = _data(cfg, data, pair.tok, world)
+        held = streams.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
         results["teacher"] = {"heldout_ce": heldout_ce(teacher, held, world.device, cfg.bf16),
                               "params": sum(p.numel() for p in teacher.parameters()),
                               "steps": 0, "cached": False}
@@ -304,7 +315,6 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
     models.check_seq_len(student0, cfg.seq_len, "student")
     if teacher is not None:
         models.check_seq_len(teacher, cfg.seq_len, "teacher")
-        models.check_pair(student0, teacher)
     # (name, teacher model, objective kind, training data)
     stages: list[tuple[str, Any, str, Any]] = []
     if topk_data is not None:
@@ -313,6 +323,8 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         stages.append(("kd", teacher, "fused", train_ids))
         embedded = teacher_path is None and cfg.cache_top_k > 0
         refusal = _topk_refusal(cfg) if embedded else None
+        if embedded and isinstance(train_ids, streams.TokenStream):
+            refusal = "prompt/completion data: the top-k cache holds no prompt mask"
         if refusal:
             notes["top-k student"] = f"skipped: {refusal}"
         elif embedded:
@@ -348,7 +360,7 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
 
 
 def _source(texts) -> str:
-    return f"{texts.source} ({len(texts.train)} train / {len(texts.heldout)} held-out files)"
+    return texts.summary()
 
 
 def _loss_agreement(out: Path) -> dict[str, float]:
