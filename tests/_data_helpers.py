@@ -11,6 +11,7 @@ from kdkernels.train.config import ModelSize, TrainConfig
 from kdkernels.train.models import build_llama
 
 TOKENS = 1000  # the shared tokenizer; heads may be padded beyond it
+STUDENT = ModelSize(32, 1, 2, 64)
 
 
 @functools.lru_cache(maxsize=1)
@@ -25,7 +26,7 @@ def tokenizer():
 
 
 def save_model(path: Path, rows: int, *, tied: bool = True, with_tokenizer: bool = True,
-               size: ModelSize = ModelSize(32, 1, 2, 64), seed: int = 1) -> Path:
+               size: ModelSize = STUDENT, seed: int = 1) -> Path:
     """A tiny Llama with ``rows`` head rows (tied to the embeddings or not)."""
     import torch
 

@@ -137,8 +137,8 @@ def test_resume_from_another_config_is_refused(tmp_path):
 
 
 def test_bad_inputs_name_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="empty or too small"):
-        corpus.text_corpus(tmp_path)
+    with pytest.raises(ValueError, match="holds no text files"):
+        pipeline._data(tiny_config(tmp_path), str(tmp_path), None, distributed.World())
     student, teacher = tiny_pair(seq=16)
     with pytest.raises(ValueError, match="--seq-len 64 .*max_position_embeddings=16"):
         models.check_seq_len(student, 64, "student")
