@@ -212,6 +212,7 @@ BAD = [
     ("num.jsonl", '{"text": 3}\n', r"num\.jsonl, line 1: field 'text' must be a string"),
     ("empty.jsonl", "\n\n", r"empty\.jsonl is empty"),
     ("empty.txt", "  \n", r"empty\.txt is empty"),
+    ("array.json", '[\n  {"text": "a"}\n]\n', r"array\.json, line 1: invalid JSON.*JSON Lines"),
     ("blank.jsonl", '{"text": ""}\n{"text": "  "}\n', r"holds no text to train on \(2 empty"),
 ]
 
@@ -243,7 +244,8 @@ def test_unreadable_and_non_utf8_files_name_the_file(tmp_path):
 def test_folders_mixing_formats_or_holding_none_are_refused(tmp_path):
     (tmp_path / "a.txt").write_text("text\n")
     h.write_jsonl(tmp_path / "b.jsonl", [{"text": "x"}])
-    with pytest.raises(ValueError, match=r"mixes file formats: a\.txt \(text\), b\.jsonl"):
+    with pytest.raises(ValueError,
+                       match=r"mixes file formats: a\.txt \(text\), b\.jsonl \(JSON Lines\)"):
         documents.read(tmp_path)
     empty = tmp_path / "none"
     empty.mkdir()

@@ -109,12 +109,15 @@ def _check_kind(out: Documents, kind: str, doc: Document, root: Path) -> None:
 
 
 def _suffix_name(reader) -> str:
-    return {_text_file: "text", _jsonl_file: ".jsonl", _parquet_file: ".parquet"}[reader]
+    return {_text_file: "text", _jsonl_file: "JSON Lines", _parquet_file: ".parquet"}[reader]
 
 
 def _reader_for(file: Path):
     name = file.name.lower()
-    if name.endswith(JSONL_SUFFIXES):
+    # A single .json file is read as JSON Lines: a file of records is what --data means by
+    # it (training on the raw JSON syntax would be a silent mistake). In a folder of text
+    # files .json stays text, as in the embedded corpus's suffixes.
+    if name.endswith(JSONL_SUFFIXES + (".json",)):
         return _jsonl_file
     if name.endswith(PARQUET_SUFFIXES):
         return _parquet_file
@@ -178,8 +181,10 @@ def _jsonl_file(file: Path, where: str, text_field: str) -> Iterator[tuple[str, 
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
+            hint = (" (a single .json file is read as JSON Lines: one object per line)"
+                    if file.suffix.lower() == ".json" else "")
             raise ValueError(f"--data: {file}, line {number}: invalid JSON ({err.msg}, column "
-                             f"{err.colno})") from None
+                             f"{err.colno}){hint}") from None
         records += 1
         yield record(obj, f"{where}:{number}", f"{file}, line {number}", text_field)
     if not records:
