@@ -15,9 +15,10 @@ with nothing left is refused.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,16 +240,25 @@ def _columns(names: list[str], file: Path, text_field: str) -> list[str]:
                      "'completion' columns")
 
 
-def _parquet_file(file: Path, where: str, text_field: str) -> Iterator[tuple[str, Document | None]]:
+def _optional(module: str, data: Path, what: str):
+    """``module`` of the 'data' extra, or a refusal naming the extra."""
     try:
-        import pyarrow.parquet as pq
+        return importlib.import_module(module)
     except ImportError:
-        raise ValueError(f"--data {file} is a parquet file; reading it needs the optional "
-                         f"'data' extra: {EXTRA}") from None
+        raise ValueError(f"--data {data} is {what}; reading it needs the optional 'data' "
+                         f"extra: {EXTRA}") from None
+
+
+def _open(opener: Callable[[], Any], data: Path, what: str):
     try:
-        pf = pq.ParquetFile(str(file))
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError...: name the file
-        raise ValueError(f"--data: {file} is not a readable parquet file ({err})") from None
+        return opener()
+    except Exception as err:  # ArrowInvalid, OSError, FileNotFoundError...: name the path
+        raise ValueError(f"--data: {data} is not a readable {what} ({err})") from None
+
+
+def _parquet_file(file: Path, where: str, text_field: str) -> Iterator[tuple[str, Document | None]]:
+    pq = _optional("pyarrow.parquet", file, "a parquet file")
+    pf = _open(lambda: pq.ParquetFile(str(file)), file, "parquet file")
     cols = _columns(pf.schema_arrow.names, file, text_field)
 
     def rows() -> Iterator[dict]:
@@ -259,15 +269,8 @@ def _parquet_file(file: Path, where: str, text_field: str) -> Iterator[tuple[str
 
 
 def _datasets_dir(root: Path, where: str, text_field: str) -> Iterator[tuple[str, Document | None]]:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"--data {root} is a datasets folder (save_to_disk); reading it needs "
-                         f"the optional 'data' extra: {EXTRA}") from None
-    try:
-        ds = datasets.load_from_disk(str(root))
-    except Exception as err:  # FileNotFoundError, ArrowInvalid...: name the folder
-        raise ValueError(f"--data: {root} is not a readable datasets folder ({err})") from None
+    datasets = _optional("datasets", root, "a datasets folder (save_to_disk)")
+    ds = _open(lambda: datasets.load_from_disk(str(root)), root, "datasets folder")
     split = ""
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds)
