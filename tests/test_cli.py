@@ -4,6 +4,7 @@ smoke preset end to end (report written, checkpoint loadable by transformers).""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -56,6 +57,8 @@ def test_smoke_preset_end_to_end(tmp_path, monkeypatch, capsys):
     assert cli.main(argv) == 0
     report = (out / "report.md").read_text()
     assert "KD benefit" in report and "student, CE only" in report
+    assert "- torch threads: " in report  # the automatic choice and its reason
+    assert re.search(r"train \d+ files, [\d,]+ tokens; held-out \d+ files", report)
     assert (out / "report.png").stat().st_size > 1000
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results) == {"teacher", "kd", "ce"}
