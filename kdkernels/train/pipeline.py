@@ -250,7 +250,6 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         resume: bool = False, parallel: str = "ddp", compare_ce: bool | None = None,
         preset: str = "default") -> dict:
     """The whole `kdk distill`; returns the per-model summaries (rank 0 writes the report)."""
-
     t0 = time.perf_counter()
     if teacher_cache is not None and teacher_path is not None:
         raise ValueError("--teacher-cache replaces --teacher (the cache holds the teacher's "
