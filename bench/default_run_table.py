@@ -55,7 +55,8 @@ def markdown(rows: list[dict]) -> str:
     shown = ["seed", "teacher_ce", "kd_ce", "ce_only_ce", "topk_ce", "kd_benefit",
              "teacher_cached", "wall_s", "teacher_s", "kd_s", "ce_s", "topk_s", "threads"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in shown) + " |" for r in rows]
+    lines += ["| " + " | ".join(f"{r[c]:.1f}" if c.endswith("_s") and r[c] is not None
+                                else _fmt(r[c]) for c in shown) + " |" for r in rows]
     for c in ("kd_ce", "ce_only_ce", "topk_ce", "kd_benefit"):
         vals = [r[c] for r in rows if r[c] is not None]
         if len(vals) > 1:
