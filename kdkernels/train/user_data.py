@@ -38,9 +38,9 @@ class Prepared:
                         truncated=self.docs.truncated, skipped=self.docs.skipped_empty)
 
 
-def _tokens(t: torch.Tensor | streams.TokenStream) -> str:
+def _tokens(t: torch.Tensor | streams.TokenStream, use: str) -> str:
     if isinstance(t, streams.TokenStream):
-        return f"{t.numel():,} tokens ({t.trained():,} completion tokens trained on)"
+        return f"{t.numel():,} tokens ({t.trained():,} completion tokens {use})"
     return f"{t.numel():,} tokens"
 
 
@@ -51,8 +51,8 @@ def describe(source: str, n_train: int, n_held: int, train, held, *, truncated: 
         extra += "; stopped reading at the --corpus-max-mb budget"
     if skipped:
         extra += f"; {skipped} empty records skipped"
-    return (f"{source}: train {n_train} {unit}, {_tokens(train)}; held-out {n_held} {unit}, "
-            f"{_tokens(held)}{extra}")
+    return (f"{source}: train {n_train} {unit}, {_tokens(train, 'trained on')}; held-out "
+            f"{n_held} {unit}, {_tokens(held, 'scored')}{extra}")
 
 
 def _key(cfg: TrainConfig, docs: documents.Documents, tok) -> str:
