@@ -142,19 +142,20 @@ void load_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, bool need_z
   float* zbuf = need_z ? t.z : t.a;
   load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, c0), g.zs_dtype, n, zbuf);
   load_f32(at_col(g.zt, g.zt_dtype, g.zt_stride, row, c0), g.zt_dtype, n, t.b);
-  const Vec it(p.inv_t), sc(p.scap), isc(p.inv_scap), tc(p.tcap), itc(p.inv_tcap);
+  // The logit scales multiply the raw logits before the softcaps (a multiply by 1 is exact).
+  const Vec it(p.inv_t), ss(p.scale_s), st(p.scale_t);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = softcap<VecMath>(Vec::loadu(zbuf + i), p.scap, p.inv_scap);
+    Vec z = softcap<VecMath>(Vec::loadu(zbuf + i) * ss, p.scap, p.inv_scap);
     if (need_z) z.store(t.z + i);
     (z * it).store(t.a + i);
-    (softcap<VecMath>(Vec::loadu(t.b + i), p.tcap, p.inv_tcap) * it).store(t.b + i);
+    (softcap<VecMath>(Vec::loadu(t.b + i) * st, p.tcap, p.inv_tcap) * it).store(t.b + i);
   }
   for (; i < n; ++i) {
-    float z = softcap<LaneMath>(zbuf[i], p.scap, p.inv_scap);
+    float z = softcap<LaneMath>(zbuf[i] * p.scale_s, p.scap, p.inv_scap);
     if (need_z) t.z[i] = z;
     t.a[i] = z * p.inv_t;
-    t.b[i] = softcap<LaneMath>(t.b[i], p.tcap, p.inv_tcap) * p.inv_t;
+    t.b[i] = softcap<LaneMath>(t.b[i] * p.scale_t, p.tcap, p.inv_tcap) * p.inv_t;
   }
 }
 
@@ -180,18 +181,20 @@ float hsum(Vec v) {
   return s;
 }
 
-// Running online-softmax state of one distribution inside one row block.
+// Running online-softmax state of one distribution inside one row block (MaxSum per lane).
 struct Online {
   float m = -INFINITY;
-  Vec s = Vec(0.0f), w = Vec(0.0f);
-  float s_tail = 0.0f, w_tail = 0.0f;
+  Vec s = Vec(0.0f), w = Vec(0.0f), e = Vec(0.0f);
+  float s_tail = 0.0f, w_tail = 0.0f, e_tail = 0.0f;
 
   // Raise the max to cover a tile whose max is tm; false if every value so far is -inf.
   bool raise(float tm) {
     float m_new = ScalarMath::max(m, tm);
     if (!(m_new == m)) {
       if (m != -INFINITY) {
-        float f = LaneMath::exp(m - m_new);
+        const float f = LaneMath::exp(m - m_new), d = m - m_new;
+        e = at::vec::fmadd(s, Vec(d), e) * Vec(f);  // e^(m-m') (e + (m - m') s), before s
+        e_tail = (e_tail + d * s_tail) * f;
         s = s * Vec(f);
         w = w * Vec(f);
         s_tail *= f;
@@ -201,7 +204,9 @@ struct Online {
     }
     return m != -INFINITY;
   }
-  MaxSum result() const { return MaxSum{m, hsum(s) + s_tail, hsum(w) + w_tail}; }
+  MaxSum result() const {
+    return MaxSum{m, hsum(s) + s_tail, hsum(w) + w_tail, hsum(e) + e_tail};
+  }
 };
 
 // Partial stats [kStats] of columns [c0, c1) of `row`.
@@ -221,8 +226,10 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
     for (; i + kW <= n; i += kW) {
       Vec a = Vec::loadu(t.a + i), b = Vec::loadu(t.b + i);
       if (la) {
-        Vec e = VecMath::exp(a - ma);
+        const Vec d = a - ma;
+        const Vec e = VecMath::exp(d);
         A.s = A.s + e;
+        A.e = A.e + xexp_term<VecMath>(e, d);
         if (rev) A.w = at::vec::fmadd(e, a - b, A.w);
       }
       if (lb) {
@@ -235,8 +242,9 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
     for (; i < n; ++i) {
       float a = t.a[i], b = t.b[i];
       if (la) {
-        float e = LaneMath::exp(a - A.m);
+        const float d = a - A.m, e = LaneMath::exp(d);
         A.s_tail += e;
+        A.e_tail += xexp_term<LaneMath>(e, d);
         if (rev) A.w_tail += e * (a - b);
       }
       if (lb) {
@@ -255,7 +263,7 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
   if (label >= c0 && label < c1) {
     float z;
     load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, label), g.zs_dtype, 1, &z);
-    label_z = softcap<LaneMath>(z, p.scap, p.inv_scap);
+    label_z = softcap<LaneMath>(z * p.scale_s, p.scap, p.inv_scap);
   }
   put_stats(out, ra, rb, rz, label_z);
 }
@@ -321,16 +329,16 @@ void load_student_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, boo
   const RowParams& p = g.p;
   float* zbuf = need_z ? t.z : t.a;
   load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, c0), g.zs_dtype, n, zbuf);
-  if (!need_z && p.inv_scap == 0.0f && p.inv_t == 1.0f) return;  // a is the raw logit
-  const Vec it(p.inv_t);
+  if (!need_z && p.inv_scap == 0.0f && p.inv_t == 1.0f && p.scale_s == 1.0f) return;  // raw
+  const Vec it(p.inv_t), ss(p.scale_s);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    Vec z = masked_softcap<VecMath>(Vec::loadu(zbuf + i), p.scap, p.inv_scap);
+  for (; i + kW <= n; i += kW) {  // -inf * scale stays -inf: masked columns stay masked
+    Vec z = masked_softcap<VecMath>(Vec::loadu(zbuf + i) * ss, p.scap, p.inv_scap);
     if (need_z) z.store(t.z + i);
     (z * it).store(t.a + i);
   }
   for (; i < n; ++i) {
-    float z = masked_softcap<LaneMath>(zbuf[i], p.scap, p.inv_scap);
+    float z = masked_softcap<LaneMath>(zbuf[i] * p.scale_s, p.scap, p.inv_scap);
     if (need_z) t.z[i] = z;
     t.a[i] = z * p.inv_t;
   }
@@ -350,11 +358,20 @@ void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, 
     const Vec ma(A.m), mz(Z.m);
     int64_t i = 0;
     for (; i + kW <= n; i += kW) {
-      if (la) A.s = A.s + VecMath::exp(Vec::loadu(t.a + i) - ma);
+      if (la) {
+        const Vec d = Vec::loadu(t.a + i) - ma;
+        const Vec e = VecMath::exp(d);
+        A.s = A.s + e;
+        A.e = A.e + xexp_term<VecMath>(e, d);  // masked columns: d = -inf, term 0
+      }
       if (lz) Z.s = Z.s + VecMath::exp(Vec::loadu(t.z + i) - mz);
     }
     for (; i < n; ++i) {
-      if (la) A.s_tail += LaneMath::exp(t.a[i] - A.m);
+      if (la) {
+        const float d = t.a[i] - A.m, e = LaneMath::exp(d);
+        A.s_tail += e;
+        A.e_tail += xexp_term<LaneMath>(e, d);
+      }
       if (lz) Z.s_tail += LaneMath::exp(t.z[i] - Z.m);
     }
   }
@@ -439,7 +456,7 @@ void cpu_row_stats(const RowArgs& g, float* out, int threads) {
       stats_block(g, r, c0, c1, t, parts.data() + it * kStats);
     } else {  // an empty block: the empty-sum partial
       float* q = parts.data() + it * kStats;
-      const MaxSum empty{-INFINITY, 0.0f, 0.0f};
+      const MaxSum empty{-INFINITY, 0.0f, 0.0f, 0.0f};
       put_stats(q, empty, empty, empty, 0.0f);
     }
   });
@@ -487,7 +504,7 @@ void cpu_student_stats(const RowArgs& g, float* out, int threads) {
     if (c0 < c1) {
       student_stats_block(g, r, c0, c1, t, q);
     } else {  // an empty block: the empty-sum partial
-      const MaxSum empty{-INFINITY, 0.0f, 0.0f};
+      const MaxSum empty{-INFINITY, 0.0f, 0.0f, 0.0f};
       put_student_stats(q, empty, empty);
     }
   });

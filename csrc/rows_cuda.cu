@@ -135,6 +135,7 @@ __device__ __forceinline__ bool raise(MaxSum& acc, float x) {
   if (!(m_new == acc.m)) {
     if (acc.m != -INFINITY) {
       const float f = __expf(acc.m - m_new);
+      acc.e = f * (acc.e + (acc.m - m_new) * acc.s);  // before s is rescaled
       acc.s *= f;
       acc.w *= f;
     }
@@ -146,7 +147,8 @@ __device__ __forceinline__ bool raise(MaxSum& acc, float x) {
 __device__ __forceinline__ MaxSum shfl_max_sum(MaxSum x, int offset) {
   return MaxSum{__shfl_xor_sync(0xffffffffu, x.m, offset),
                 __shfl_xor_sync(0xffffffffu, x.s, offset),
-                __shfl_xor_sync(0xffffffffu, x.w, offset)};
+                __shfl_xor_sync(0xffffffffu, x.w, offset),
+                __shfl_xor_sync(0xffffffffu, x.e, offset)};
 }
 
 // Reduce `n` MaxSums and one plain sum across the block; thread 0 gets the result.
@@ -177,9 +179,9 @@ __device__ void block_reduce(MaxSum (&acc)[N], float& plain) {
 
 __device__ __forceinline__ void tempered(const RowParams& p, float zr, float tr, float& z,
                                          float& a, float& b) {
-  z = softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+  z = softcap<ScalarMath>(zr * p.scale_s, p.scap, p.inv_scap);
   a = z * p.inv_t;
-  b = softcap<ScalarMath>(tr, p.tcap, p.inv_tcap) * p.inv_t;
+  b = softcap<ScalarMath>(tr * p.scale_t, p.tcap, p.inv_tcap) * p.inv_t;
 }
 
 __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, float* work,
@@ -188,7 +190,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
   const RowParams& p = g.p;
   const bool rev = p.stats_weight == kWeightStudent, fwd = p.stats_weight == kWeightTeacher;
   const bool cez = p.ce_separate;
-  MaxSum acc[3] = {{-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}};
+  MaxSum acc[3] = {{-INFINITY, 0.f, 0.f, 0.f}, {-INFINITY, 0.f, 0.f, 0.f},
+                   {-INFINITY, 0.f, 0.f, 0.f}};
   auto add = [&](const float* zv, const float* av, const float* bv, int n) {
     float ma = -INFINITY, mb = -INFINITY, mz = -INFINITY;
     for (int i = 0; i < n; ++i) {
@@ -199,8 +202,9 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
     const bool la = raise(acc[0], ma), lb = raise(acc[1], mb), lz = cez && raise(acc[2], mz);
     for (int i = 0; i < n; ++i) {
       if (la) {
-        const float e = __expf(av[i] - acc[0].m);
+        const float d = av[i] - acc[0].m, e = __expf(d);
         acc[0].s += e;
+        acc[0].e += xexp_term<ScalarMath>(e, d);
         if (rev) acc[0].w += e * (av[i] - bv[i]);
       }
       if (lb) {
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
   const int64_t label = p.has_ce && g.labels ? g.labels[s.row] : -1;
   if (label >= s.c0 && label < s.c1) {
     const float zr = load1(row_ptr(g.zs, g.zs_dtype, g.zs_stride, s.row), g.zs_dtype, label);
-    label_z = softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+    label_z = softcap<ScalarMath>(zr * p.scale_s, p.scap, p.inv_scap);
   }
   const MaxSum z = cez ? acc[2] : acc[0];
   if (!rev) acc[0].w = 0.0f;
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(RowArgs g, float* out, fl
         for (int i = 0; i < kChunk; ++i) add(zr[i], tr[i]);
       });
   // c0 rides in the w slot of a MaxSum with m = 0 and s = 0, whose merge is a plain sum.
-  MaxSum none[1] = {{0.0f, 0.0f, c0}};
+  MaxSum none[1] = {{0.0f, 0.0f, c0, 0.0f}};
   block_reduce<1>(none, c1);
   if (threadIdx.x != 0) return;
   const float half = p.div == kTVD ? 0.5f : 1.0f;
@@ -334,19 +338,23 @@ __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, floa
   const Span s = block_span(g, nb);
   const RowParams& p = g.p;
   const bool cez = p.ce_separate;
-  MaxSum acc[2] = {{-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}};
+  MaxSum acc[2] = {{-INFINITY, 0.f, 0.f, 0.f}, {-INFINITY, 0.f, 0.f, 0.f}};
   auto add = [&](const float* zr, int n) {
     float z[kChunk], a[kChunk];
     float ma = -INFINITY, mz = -INFINITY;
     for (int i = 0; i < n; ++i) {
-      z[i] = masked_softcap<ScalarMath>(zr[i], p.scap, p.inv_scap);
+      z[i] = masked_softcap<ScalarMath>(zr[i] * p.scale_s, p.scap, p.inv_scap);
       a[i] = z[i] * p.inv_t;
       ma = ScalarMath::max(ma, a[i]);
       if (cez) mz = ScalarMath::max(mz, z[i]);
     }
     const bool la = raise(acc[0], ma), lz = cez && raise(acc[1], mz);
     for (int i = 0; i < n; ++i) {
-      if (la) acc[0].s += __expf(a[i] - acc[0].m);
+      if (la) {
+        const float d = a[i] - acc[0].m, e = __expf(d);
+        acc[0].s += e;
+        acc[0].e += xexp_term<ScalarMath>(e, d);  // masked columns: d = -inf, term 0
+      }
       if (lz) acc[1].s += __expf(z[i] - acc[1].m);
     }
   };
@@ -375,7 +383,7 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(RowArgs g, int n
   const int64_t label = r.use_ce && g.labels ? g.labels[s.row] : -1;
   auto one = [&](int64_t col, float zr) {
     if (dead) return 0.0f;
-    const float z = masked_softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+    const float z = masked_softcap<ScalarMath>(zr * p.scale_s, p.scap, p.inv_scap);
     return student_grad_elem<ScalarMath>(p, r, z, z * p.inv_t, col == label ? r.ce : 0.0f);
   };
   walk_student(

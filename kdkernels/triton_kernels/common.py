@@ -38,6 +38,7 @@ S_W_B = tl.constexpr(STATS.w_b)
 S_M_Z = tl.constexpr(STATS.m_z)
 S_S_Z = tl.constexpr(STATS.s_z)
 S_Z_LABEL = tl.constexpr(STATS.z_label)
+S_E_A = tl.constexpr(STATS.e_a)
 N_STATS = tl.constexpr(len(STATS))
 
 # The mix sums (layouts.MIX).
@@ -67,6 +68,7 @@ SS_M_A = tl.constexpr(SSTATS.m_a)
 SS_S_A = tl.constexpr(SSTATS.s_a)
 SS_M_Z = tl.constexpr(SSTATS.m_z)
 SS_S_Z = tl.constexpr(SSTATS.s_z)
+SS_E_A = tl.constexpr(SSTATS.e_a)
 N_SSTATS = tl.constexpr(len(SSTATS))
 
 # The student gradient's row coefficients (layouts.SCOEF).
@@ -93,11 +95,13 @@ def softcap(x, cap):
 
 
 @helper
-def load_logits(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
+def load_logits(ptr, row_off, cols, mask, cap, inv_t, scale, HAS_CAP: tl.constexpr,
                 TEMPERED: tl.constexpr):
-    """(capped logits z, tempered logits z * inv_t) of a tile, fp32. Masked lanes hold
-    finite junk (0): callers mask what they reduce (no -inf - -inf on dead lanes)."""
+    """(capped scaled logits z = softcap(scale * raw), tempered logits z * inv_t) of a tile,
+    fp32 (a scale of 1 multiplies exactly). Masked lanes hold finite junk (0): callers mask
+    what they reduce (no -inf - -inf on dead lanes)."""
     z = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = z * scale
     if HAS_CAP:
         z = softcap(z, cap)
     x = z

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .common import (
     N_STATS,
+    S_E_A,
     S_M_A,
     S_M_B,
     S_M_Z,
@@ -45,6 +46,16 @@ def _online_step(m, x):
 
 
 @helper
+def _entropy_step(ent, s, m_old, m_new, alpha, e, x):
+    """The running sum exp(x - m) (x - m) moved to the new max (exp(m - m') (ent + (m - m') s),
+    0 while everything was -inf) plus this tile's terms; lanes with e == 0 (masked, -inf,
+    underflow) add 0. Called before s is rescaled."""
+    shift = tl.where(m_old == float("-inf"), 0.0, m_old - m_new)
+    finite = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return alpha * (ent + shift * s) + _weighted(e, x - finite[:, None])
+
+
+@helper
 def _weighted(e, d):
     # e * d with 0 where e == 0 (masked lanes, underflow, -inf logits), so 0 * inf is not NaN.
     return tl.sum(tl.where(e == 0.0, 0.0, e * d), axis=1)
@@ -52,7 +63,7 @@ def _weighted(e, d):
 
 @triton.jit
 def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
-                 span, inv_t, cap_s, cap_t,
+                 span, inv_t, cap_s, cap_t, scale_s, scale_t,
                  STATS_WEIGHT: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                  TEMPERED: tl.constexpr, SEPARATE_Z: tl.constexpr):
@@ -74,14 +85,19 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
     s_z = tl.zeros([BLOCK_R], tl.float32)
     w_a = tl.zeros([BLOCK_R], tl.float32)
     w_b = tl.zeros([BLOCK_R], tl.float32)
+    ent = tl.zeros([BLOCK_R], tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        z, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
-        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
+        z, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, scale_s, HAS_CAP_S,
+                           TEMPERED)
+        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, scale_t, HAS_CAP_T,
+                           TEMPERED)
         # max and exp see masked lanes as -inf (weight 0); the weighted sums use the finite
         # a, b, whose masked lanes get e = 0.
+        m_prev = m_a
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(mask, a, _NEG_INF))
+        ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if STATS_WEIGHT == WEIGHT_STUDENT:
             w_a = w_a * alpha_a + _weighted(e_a, a - b)
@@ -100,7 +116,7 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
         label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
         here = row_ok & (label >= lo) & (label < hi)
         z_label = tl.load(zs_ptr + off_s + tl.where(here, label, 0), mask=here,
-                          other=0.0).to(tl.float32)
+                          other=0.0).to(tl.float32) * scale_s
         if HAS_CAP_S:
             z_label = softcap(z_label, cap_s)
         z_label = tl.where(here, z_label, 0.0)
@@ -115,6 +131,21 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
     tl.store(out + S_M_Z, m_z, mask=row_ok)
     tl.store(out + S_S_Z, s_z, mask=row_ok)
     tl.store(out + S_Z_LABEL, z_label, mask=row_ok)
+    tl.store(out + S_E_A, ent, mask=row_ok)
+
+
+@helper
+def merge_entropy(base, mask, out, row_ok, M_COL: tl.constexpr, S_COL: tl.constexpr,
+                  E_COL: tl.constexpr):
+    """Fold the x log x column E_COL (relative to the max M_COL, with the sum S_COL) over the
+    split axis: sum exp(m - M) (e + (m - M) s), empty splits adding 0."""
+    m = tl.load(base + M_COL, mask=mask, other=_NEG_INF)
+    m_new = tl.max(m, axis=1)
+    finite = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = tl.where(m == float("-inf"), 0.0, m - finite[:, None])
+    s = tl.load(base + S_COL, mask=mask, other=0.0)
+    e = tl.load(base + E_COL, mask=mask, other=0.0)
+    tl.store(out + E_COL, tl.sum(tl.exp(shift) * (e + shift * s), axis=1), mask=row_ok)
 
 
 @helper
@@ -143,6 +174,7 @@ def merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constexpr,
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
     base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_STATS
     out = out_ptr + rows * N_STATS
+    merge_entropy(base, mask, out, row_ok, S_M_A, S_S_A, S_E_A)  # reads the partial s_a
     _merge_group(base, mask, out, row_ok, S_M_A, S_S_A, S_W_A, True)
     _merge_group(base, mask, out, row_ok, S_M_B, S_S_B, S_W_B, True)
     _merge_group(base, mask, out, row_ok, S_M_Z, S_S_Z, S_S_Z, False)

@@ -22,6 +22,7 @@ from .common import (
     SC_LOG_S_Z,
     SC_M_A,
     SC_M_Z,
+    SS_E_A,
     SS_M_A,
     SS_M_Z,
     SS_S_A,
@@ -30,21 +31,21 @@ from .common import (
     softcap,
     store_grad,
 )
-from .stats import _merge_group, _online_step
+from .stats import _entropy_step, _merge_group, _online_step, merge_entropy
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
 
 
 @helper
-def _load_student(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
+def _load_student(ptr, row_off, cols, mask, cap, inv_t, scale, HAS_CAP: tl.constexpr,
                   TEMPERED: tl.constexpr):
-    """(valid, capped z, tempered a) of a tile, fp32: valid is False on masked (-inf) columns
-    and on lanes outside ``mask``, where z and a hold finite junk (the softcap sees 0 there,
-    never -inf)."""
+    """(valid, capped z = softcap(scale * raw), tempered a) of a tile, fp32: valid is False
+    on masked (-inf) columns and on lanes outside ``mask``, where z and a hold finite junk
+    (the softcap sees 0 there, never -inf)."""
     raw = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     valid = mask & (raw != float("-inf"))
-    z = tl.where(valid, raw, 0.0)
+    z = tl.where(valid, raw, 0.0) * scale
     if HAS_CAP:
         z = softcap(z, cap)
     a = z
@@ -55,7 +56,7 @@ def _load_student(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
 
 @triton.jit
 def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t, cap_s,
-                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                         scale_s, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                          HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
                          SEPARATE_Z: tl.constexpr):
     """Online (max, sum exp) of a = z * inv_t, and with SEPARATE_Z of the untempered z (else
@@ -72,12 +73,15 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
     m_z = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     s_a = tl.zeros([BLOCK_R], tl.float32)
     s_z = tl.zeros([BLOCK_R], tl.float32)
+    ent = tl.zeros([BLOCK_R], tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        valid, z, a = _load_student(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S,
-                                    TEMPERED)
+        valid, z, a = _load_student(zs_ptr, off_s, cols, mask, cap_s, inv_t, scale_s,
+                                    HAS_CAP_S, TEMPERED)
+        m_prev = m_a
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(valid, a, _NEG_INF))
+        ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if SEPARATE_Z:
             m_z, alpha_z, e_z = _online_step(m_z, tl.where(valid, z, _NEG_INF))
@@ -91,6 +95,7 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
     tl.store(out + SS_S_A, s_a, mask=row_ok)
     tl.store(out + SS_M_Z, m_z, mask=row_ok)
     tl.store(out + SS_S_Z, s_z, mask=row_ok)
+    tl.store(out + SS_E_A, ent, mask=row_ok)
 
 
 @triton.jit
@@ -104,20 +109,21 @@ def student_merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constex
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
     base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_SSTATS
     out = out_ptr + rows * N_SSTATS
+    merge_entropy(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_E_A)  # reads the partial s_a
     _merge_group(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_S_A, False)
     _merge_group(base, mask, out, row_ok, SS_M_Z, SS_S_Z, SS_S_Z, False)
 
 
 @helper
 def _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride_s, stride_o,
-                       m_a, log_s_a, m_z, log_s_z, kd, ce, label, inv_t, cap_s,
+                       m_a, log_s_a, m_z, log_s_z, kd, ce, label, inv_t, cap_s, scale_s,
                        HAS_CE: tl.constexpr, HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
                        SEPARATE_Z: tl.constexpr, ROUND_BF16: tl.constexpr,
                        PACKED: tl.constexpr):
     col_ok = cols < n_cols
     mask = live[:, None] & col_ok[None, :]
-    valid, z, a = _load_student(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S,
-                                TEMPERED)
+    valid, z, a = _load_student(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, scale_s,
+                                HAS_CAP_S, TEMPERED)
     # Each term is selected, not multiplied, away where its coefficient is 0: its normaliser
     # may then be infinite (exp of +inf times 0 would be NaN).
     p = tl.exp((a - m_a[:, None]) - log_s_a[:, None])  # not a - lse: see backends/base.py
@@ -136,7 +142,7 @@ def _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
 
 @triton.jit
 def student_grad_kernel(zs_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
-                        stride_o, stride_c, inv_t, cap_s, HAS_CE: tl.constexpr,
+                        stride_o, stride_c, inv_t, cap_s, scale_s, HAS_CE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                         HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
                         SEPARATE_Z: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -165,10 +171,10 @@ def student_grad_kernel(zs_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
             _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live,
                                start + tl.arange(0, BLOCK_V), n_cols, stride_s, stride_o,
                                m_a, log_s_a, m_z, log_s_z, kd, ce, label, inv_t, cap_s,
-                               HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z, ROUND_BF16, PACKED)
+                               scale_s, HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z, ROUND_BF16, PACKED)
     else:
         _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live,
                            tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V), n_cols,
                            stride_s, stride_o, m_a, log_s_a, m_z, log_s_z, kd, ce, label,
-                           inv_t, cap_s, HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z, ROUND_BF16,
-                           PACKED)
+                           inv_t, cap_s, scale_s, HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z,
+                           ROUND_BF16, PACKED)
