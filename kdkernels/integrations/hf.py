@@ -23,6 +23,9 @@ from transformers import Trainer
 from ..api import fused_linear_kd_loss
 from ..options import KDOptions
 from ..train import models
+from .logits import logit_transform
+
+__all__ = ["KDTrainer", "logit_transform"]
 
 
 class KDTrainer(Trainer):
