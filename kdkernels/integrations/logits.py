@@ -72,3 +72,19 @@ def apply_logit_transform(logits, scale: float, softcap: float | None):
     """The models' own post-processing on materialised logits (tests, naive baselines)."""
     z = logits * scale if scale != 1.0 else logits
     return z if softcap is None else softcap * (z / softcap).tanh()
+
+
+def loss_transform_options(student_config: Any, teacher_config: Any | None = None
+                           ) -> dict[str, float | None]:
+    """The fused losses' keyword arguments for the models' logit post-processing:
+    student_/teacher_softcap and student_/teacher_logit_scale (the teacher's only when a
+    teacher config is given; a scale of 1.0, the losses' default, is left out)."""
+    options: dict[str, float | None] = {}
+    for side, config in (("student", student_config), ("teacher", teacher_config)):
+        if config is None:
+            continue
+        scale, softcap = logit_transform(config)
+        options[f"{side}_softcap"] = softcap
+        if scale != 1.0:
+            options[f"{side}_logit_scale"] = scale
+    return options

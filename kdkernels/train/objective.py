@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import reference
 from ..api import KDComponents, fused_linear_kd_loss
+from ..integrations.logits import apply_logit_transform
 from . import models
 
 
@@ -85,7 +86,7 @@ def heldout_ce(model: nn.Module, batches: list[torch.Tensor], device: torch.devi
     was_training = model.training
     model.eval()
     weight, bias = models.head(model)
-    cap = models.softcap(model)
+    scale, cap = models.logit_transform(model)
     total, count = 0.0, 0
     for ids in batches:
         ids = ids.to(device)
@@ -95,8 +96,7 @@ def heldout_ce(model: nn.Module, batches: list[torch.Tensor], device: torch.devi
         for hc, yc in zip(h.split(chunk), y.split(chunk), strict=True):
             z = nn.functional.linear(hc.float(), weight.float(),
                                      None if bias is None else bias.float())
-            if cap is not None:
-                z = cap * torch.tanh(z / cap)
+            z = apply_logit_transform(z, scale, cap)
             total += float(nn.functional.cross_entropy(z, yc, reduction="sum"))
             count += yc.numel()
     model.train(was_training)
