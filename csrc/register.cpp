@@ -58,8 +58,15 @@ RowParams make_params(const std::string& op, int64_t div, at::ArrayRef<double> c
   TORCH_CHECK(weight == std::floor(weight) && weight >= 0 && weight < int{kWeights}, op,
               ": consts[stats_weight] must be a STATS_WEIGHTS index in [0, ", kWeights,
               "), got ", weight);
+  const float scale_s = static_cast<float>(consts[kConstScaleS]);
+  const float scale_t = static_cast<float>(consts[kConstScaleT]);
+  TORCH_CHECK(scale_s > 0 && std::isfinite(scale_s) && scale_t > 0 && std::isfinite(scale_t),
+              op, ": consts[scale_s] and consts[scale_t] (logit scales) must be > 0 and finite "
+              "in float32, got ", consts[kConstScaleS], " and ", consts[kConstScaleT]);
   RowParams p{};
   p.div = static_cast<int>(div);
+  p.scale_s = scale_s;
+  p.scale_t = scale_t;
   p.inv_t = inv_t32;
   if (cap_s > 0) {
     p.scap = static_cast<float>(cap_s);

@@ -81,7 +81,9 @@ enum Const : int {
   kConstKDiv = 7,
   kConstMixKind = 8,
   kConstStatsWeight = 9,
-  kConsts = 10,
+  kConstScaleS = 10,
+  kConstScaleT = 11,
+  kConsts = 12,
 };
 
 // Student-only row ops of the sparse (top-k) teacher losses (layouts.SSTATS, SCOEF).
@@ -136,6 +138,8 @@ struct RowParams {
   float log_wq;       // log(w_q), 0 when w_q == 0
   float log_wp;       // log(1 - w_q), 0 when w_q == 1
   float k_div;        // constant factor of the divergence's gradient G (backends/base.py)
+  float scale_s;      // student logit scale: z = softcap(scale_s * raw), 1 for none
+  float scale_t;      // teacher logit scale, the same before the teacher's softcap
 };
 
 // Pointers and strides of one call; rows and columns are elements, strides in elements.

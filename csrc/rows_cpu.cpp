@@ -142,19 +142,20 @@ void load_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, bool need_z
   float* zbuf = need_z ? t.z : t.a;
   load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, c0), g.zs_dtype, n, zbuf);
   load_f32(at_col(g.zt, g.zt_dtype, g.zt_stride, row, c0), g.zt_dtype, n, t.b);
-  const Vec it(p.inv_t), sc(p.scap), isc(p.inv_scap), tc(p.tcap), itc(p.inv_tcap);
+  // The logit scales multiply the raw logits before the softcaps (a multiply by 1 is exact).
+  const Vec it(p.inv_t), ss(p.scale_s), st(p.scale_t);
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
-    Vec z = softcap<VecMath>(Vec::loadu(zbuf + i), p.scap, p.inv_scap);
+    Vec z = softcap<VecMath>(Vec::loadu(zbuf + i) * ss, p.scap, p.inv_scap);
     if (need_z) z.store(t.z + i);
     (z * it).store(t.a + i);
-    (softcap<VecMath>(Vec::loadu(t.b + i), p.tcap, p.inv_tcap) * it).store(t.b + i);
+    (softcap<VecMath>(Vec::loadu(t.b + i) * st, p.tcap, p.inv_tcap) * it).store(t.b + i);
   }
   for (; i < n; ++i) {
-    float z = softcap<LaneMath>(zbuf[i], p.scap, p.inv_scap);
+    float z = softcap<LaneMath>(zbuf[i] * p.scale_s, p.scap, p.inv_scap);
     if (need_z) t.z[i] = z;
     t.a[i] = z * p.inv_t;
-    t.b[i] = softcap<LaneMath>(t.b[i], p.tcap, p.inv_tcap) * p.inv_t;
+    t.b[i] = softcap<LaneMath>(t.b[i] * p.scale_t, p.tcap, p.inv_tcap) * p.inv_t;
   }
 }
 
@@ -255,7 +256,7 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
   if (label >= c0 && label < c1) {
     float z;
     load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, label), g.zs_dtype, 1, &z);
-    label_z = softcap<LaneMath>(z, p.scap, p.inv_scap);
+    label_z = softcap<LaneMath>(z * p.scale_s, p.scap, p.inv_scap);
   }
   put_stats(out, ra, rb, rz, label_z);
 }
@@ -321,16 +322,16 @@ void load_student_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, boo
   const RowParams& p = g.p;
   float* zbuf = need_z ? t.z : t.a;
   load_f32(at_col(g.zs, g.zs_dtype, g.zs_stride, row, c0), g.zs_dtype, n, zbuf);
-  if (!need_z && p.inv_scap == 0.0f && p.inv_t == 1.0f) return;  // a is the raw logit
-  const Vec it(p.inv_t);
+  if (!need_z && p.inv_scap == 0.0f && p.inv_t == 1.0f && p.scale_s == 1.0f) return;  // raw
+  const Vec it(p.inv_t), ss(p.scale_s);
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    Vec z = masked_softcap<VecMath>(Vec::loadu(zbuf + i), p.scap, p.inv_scap);
+  for (; i + kW <= n; i += kW) {  // -inf * scale stays -inf: masked columns stay masked
+    Vec z = masked_softcap<VecMath>(Vec::loadu(zbuf + i) * ss, p.scap, p.inv_scap);
     if (need_z) z.store(t.z + i);
     (z * it).store(t.a + i);
   }
   for (; i < n; ++i) {
-    float z = masked_softcap<LaneMath>(zbuf[i], p.scap, p.inv_scap);
+    float z = masked_softcap<LaneMath>(zbuf[i] * p.scale_s, p.scap, p.inv_scap);
     if (need_z) t.z[i] = z;
     t.a[i] = z * p.inv_t;
   }

@@ -177,9 +177,9 @@ __device__ void block_reduce(MaxSum (&acc)[N], float& plain) {
 
 __device__ __forceinline__ void tempered(const RowParams& p, float zr, float tr, float& z,
                                          float& a, float& b) {
-  z = softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+  z = softcap<ScalarMath>(zr * p.scale_s, p.scap, p.inv_scap);
   a = z * p.inv_t;
-  b = softcap<ScalarMath>(tr, p.tcap, p.inv_tcap) * p.inv_t;
+  b = softcap<ScalarMath>(tr * p.scale_t, p.tcap, p.inv_tcap) * p.inv_t;
 }
 
 __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, float* work,
@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
   const int64_t label = p.has_ce && g.labels ? g.labels[s.row] : -1;
   if (label >= s.c0 && label < s.c1) {
     const float zr = load1(row_ptr(g.zs, g.zs_dtype, g.zs_stride, s.row), g.zs_dtype, label);
-    label_z = softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+    label_z = softcap<ScalarMath>(zr * p.scale_s, p.scap, p.inv_scap);
   }
   const MaxSum z = cez ? acc[2] : acc[0];
   if (!rev) acc[0].w = 0.0f;
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, floa
     float z[kChunk], a[kChunk];
     float ma = -INFINITY, mz = -INFINITY;
     for (int i = 0; i < n; ++i) {
-      z[i] = masked_softcap<ScalarMath>(zr[i], p.scap, p.inv_scap);
+      z[i] = masked_softcap<ScalarMath>(zr[i] * p.scale_s, p.scap, p.inv_scap);
       a[i] = z[i] * p.inv_t;
       ma = ScalarMath::max(ma, a[i]);
       if (cez) mz = ScalarMath::max(mz, z[i]);
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kThreads) student_grad_kernel(RowArgs g, int n
   const int64_t label = r.use_ce && g.labels ? g.labels[s.row] : -1;
   auto one = [&](int64_t col, float zr) {
     if (dead) return 0.0f;
-    const float z = masked_softcap<ScalarMath>(zr, p.scap, p.inv_scap);
+    const float z = masked_softcap<ScalarMath>(zr * p.scale_s, p.scap, p.inv_scap);
     return student_grad_elem<ScalarMath>(p, r, z, z * p.inv_t, col == label ? r.ce : 0.0f);
   };
   walk_student(

@@ -94,6 +94,8 @@ def _local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width:
 def _row_coefficients(opts: KDOptions, spec: RowSpec, totals, aux: torch.Tensor,
                       row_scale: torch.Tensor) -> torch.Tensor:
     named = dict(totals._asdict(), aux=aux)
+    # dL/dx of the raw logit x is scale_s * dL/dz: a factor on every term of the gradient.
+    row_scale = row_scale * spec.student_scale
     named["kd"] = ((opts.soft_scale * spec.inv_t) * row_scale).to(aux.dtype)
     named["ce"] = ((opts.ce_weight * row_scale) if spec.has_ce
                    else torch.zeros_like(row_scale)).to(aux.dtype)

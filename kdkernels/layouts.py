@@ -67,8 +67,10 @@ COEF = Columns("Coef", ("m_a", "log_s_a", "m_b", "log_s_b", "m_z", "log_s_z", "a
 #   k_div         the constant factor of the divergence's gradient G (backends/base.py)
 #   mix_kind      MIX_KINDS index: which terms the mixture has (exact at weights 0 and 1)
 #   stats_weight  STATS_WEIGHTS index: which weighted sum the stats pass keeps
+#   scale_s       student logit scale: z = softcap(scale_s * raw) (1 for none)
+#   scale_t       teacher logit scale, the same before the teacher's softcap
 CONSTS = Columns("Const", ("inv_t", "tempered", "cap_s", "cap_t", "w_q", "log_w_q", "log_w_p",
-                           "k_div", "mix_kind", "stats_weight"))
+                           "k_div", "mix_kind", "stats_weight", "scale_s", "scale_t"))
 
 # Student-only row ops of the sparse (top-k) teacher losses: partial stats over the columns
 # whose raw logit is not -inf (the driver masks the teacher's ids), merged like STATS.

@@ -63,6 +63,8 @@ class KDOptions:
     ce_weight: float = 0.0
     student_softcap: float | None = None
     teacher_softcap: float | None = None
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
     ignore_index: int = -100
     reduction: str = "mean"
     num_items: float | None = None
@@ -96,6 +98,9 @@ class KDOptions:
         set_("ce_weight", _check_real("ce_weight", self.ce_weight, low=0.0))
         set_("student_softcap", _check_optional_positive("student_softcap", self.student_softcap))
         set_("teacher_softcap", _check_optional_positive("teacher_softcap", self.teacher_softcap))
+        # Multipliers on the raw logits, applied before the softcap and the temperature.
+        for name in ("student_logit_scale", "teacher_logit_scale"):
+            set_(name, _check_real(name, getattr(self, name), low=0.0, low_open=True))
         set_("num_items", _check_optional_positive("num_items", self.num_items))
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")

@@ -71,7 +71,8 @@ def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       temperature: float = 1.0, scale_by_t2: bool = True,
                       kd_weight: float = 1.0, ce_weight: float = 0.0,
                       student_softcap: float | None = None,
-                      teacher_softcap: float | None = None, ignore_index: int = -100,
+                      teacher_softcap: float | None = None, student_logit_scale: float = 1.0,
+                      teacher_logit_scale: float = 1.0, ignore_index: int = -100,
                       reduction: str = "mean", num_items: float | None = None,
                       **execution) -> dict[str, torch.Tensor]:
     """Loss on materialised logits, in float64 (or compute_dtype: the tests' naive
@@ -80,8 +81,11 @@ def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if unknown:
         raise TypeError(f"reference_kd_loss: unknown options {sorted(unknown)}")
     vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    z = _softcap(student_logits[..., :vocab].to(compute_dtype), student_softcap)
-    t = _softcap(teacher_logits[..., :vocab].to(compute_dtype), teacher_softcap)
+    # logit scales multiply the raw logits, before the softcap and the temperature
+    z = _softcap(student_logit_scale * student_logits[..., :vocab].to(compute_dtype),
+                 student_softcap)
+    t = _softcap(teacher_logit_scale * teacher_logits[..., :vocab].to(compute_dtype),
+                 teacher_softcap)
     z, t = z.reshape(-1, vocab), t.reshape(-1, vocab)
     kd = _divergence(z / temperature, t / temperature, divergence, beta, skew, alpha)
     keep = torch.ones_like(kd, dtype=torch.bool)

@@ -44,14 +44,16 @@ def _row_div(logp_row, ids, lq, tail, divergence, temperature, vocab):
 def reference_topk_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
                         tail="bucket", divergence="forward_kl", temperature=1.0,
                         scale_by_t2=True, kd_weight=1.0, ce_weight=0.0, student_softcap=None,
-                        ignore_index=-100, reduction="mean", num_items=None):
+                        student_logit_scale=1.0, ignore_index=-100, reduction="mean",
+                        num_items=None):
     """(loss, kd, ce) in float64 from student logits [..., V] (autograd flows to them)."""
     z = student_logits.double()
     lead, vocab = z.shape[:-1], z.shape[-1]
     z = z.reshape(-1, vocab)
     ids = teacher_ids.reshape(-1, teacher_ids.shape[-1]).long()
     lps = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1]).double()
-    zc = z if student_softcap is None else student_softcap * torch.tanh(z / student_softcap)
+    zx = student_logit_scale * z  # the scale multiplies the raw logits, before the softcap
+    zc = zx if student_softcap is None else student_softcap * torch.tanh(zx / student_softcap)
     logp = torch.log_softmax(zc / temperature, -1)
     log_ce = torch.log_softmax(zc, -1)
     flat_labels = None if labels is None else labels.reshape(-1).long()

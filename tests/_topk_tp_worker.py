@@ -20,6 +20,8 @@ CASES: dict[str, dict[str, Any]] = {
     "bucket_reverse": dict(tail="bucket", divergence="reverse_kl", **_BASE),
     "renormalize_reverse": dict(tail="renormalize", divergence="reverse_kl", **_BASE),
     "zero_softcap_sum": dict(tail="zero", student_softcap=5.0, reduction="sum", ce_weight=0.2),
+    "bucket_logit_scale": dict(tail="bucket", divergence="forward_kl", student_logit_scale=0.5,
+                               student_softcap=4.0, **_BASE),
     "none_logits": dict(tail="bucket", reduction="none", kind="logits", **_BASE),
 }
 BAD = {"id_out_of_range_one_rank": "rejected their inputs"}

@@ -36,6 +36,9 @@ CASES: dict[str, dict[str, Any]] = {
     "softcap_sum_small_workspace": dict(divergence="jsd", student_softcap=3.0,
                                         teacher_softcap=4.0, reduction="sum", labels=True,
                                         ce_weight=0.2, max_workspace_bytes=20_000),
+    # logit scales multiply each rank's raw logits before the caps: merged like any others
+    "logit_scales": dict(divergence="jsd", beta=0.3, student_logit_scale=0.5,
+                         teacher_logit_scale=3.0, student_softcap=6.0, **_LABELLED),
     "reduction_none": dict(divergence="reverse_kl", reduction="none", labels=True,
                            ce_weight=1.0, chunk_size=5, go=True),
     "explicit_reversed_layout": dict(divergence="forward_kl", layout="reversed", **_LABELLED),
@@ -69,6 +72,7 @@ BAD: dict[str, str] = {
     "mixed_vocab_start": "vocab_start must be given on every rank or on none",
     "chunk_mismatch_first_use": "differ across ranks",
     "option_mismatch_after_first_use": "differ across ranks",
+    "logit_scale_mismatch": "differ across ranks",
     # an input that only one rank rejects: every rank raises (none waits in a collective)
     "head_dim_one_rank_after_first_use": "rejected their inputs",
     "bias_length_one_rank": "rejected their inputs",
@@ -223,6 +227,8 @@ def run_bad(name: str, rank: int, parts: int) -> str:
     elif name == "option_mismatch_after_first_use":
         kdkernels.fused_linear_kd_loss(x["h"], w, x["g"], u, labels, vocab_parallel=vp, **opts)
         opts["temperature"] = 2.0 + (rank == 0)
+    elif name == "logit_scale_mismatch":  # part of the settings checksum
+        opts["student_logit_scale"] = 1.0 + (rank == 0)
     elif name == "head_dim_one_rank_after_first_use":
         kdkernels.fused_linear_kd_loss(x["h"], w, x["g"], u, labels, vocab_parallel=vp, **opts)
         if rank == parts - 1:

@@ -86,7 +86,8 @@ def test_vocab_parallel_settings_cover_every_option():
     key = _checksum(settings_key(base))
     changed = dict(divergence="tvd", beta=0.4, skew=0.3, alpha=0.25, temperature=2.0,
                    scale_by_t2=False, kd_weight=0.5, ce_weight=0.1, student_softcap=3.0,
-                   teacher_softcap=4.0, ignore_index=-1, reduction="sum", num_items=7.0,
+                   teacher_softcap=4.0, student_logit_scale=0.5, teacher_logit_scale=3.0,
+                   ignore_index=-1, reduction="sum", num_items=7.0,
                    chunk_size=3, max_workspace_bytes=1 << 20, impl="torch",
                    return_components=True)
     assert set(changed) == {f.name for f in option_fields()}, "a new option needs a case here"

@@ -39,6 +39,7 @@ def test_fullgraph_matches_eager(impl, reduction, divergence):
         out = kdkernels.fused_linear_kd_loss(h, w, g, u, labels, student_bias=b,
                                              divergence=divergence, alpha=0.3,
                                              temperature=2.0, ce_weight=0.3,
+                                             student_logit_scale=0.5, teacher_logit_scale=3.0,
                                              reduction=reduction, impl=impl, chunk_size=4)
         return out.sum() * 1.5  # grad_output != 1 through the graph
 
@@ -145,7 +146,8 @@ def test_kd_loss_fullgraph_bf16_and_strided(impl):
 
     def loss_fn(wide, zt, labels):
         return kdkernels.kd_loss(wide[..., :53], zt, labels, divergence="skew_reverse_kl",
-                                 student_softcap=20.0, impl=impl) * 0.7
+                                 student_softcap=20.0, student_logit_scale=3.0,
+                                 teacher_logit_scale=0.0625, impl=impl) * 0.7
 
     got, got_grad, want, want_grad = _compiled_and_eager(loss_fn, wide, zt, labels)
     assert got.dtype == want.dtype == torch.float32
@@ -214,7 +216,8 @@ def test_kd_loss_opcheck(reduction):
     from kdkernels.options import KDOptions
 
     opts = KDOptions(divergence="jsd", beta=0.4, temperature=1.5, ce_weight=0.2,
-                     teacher_softcap=10.0, reduction=reduction, chunk_size=3, impl="torch")
+                     teacher_softcap=10.0, student_logit_scale=0.5, teacher_logit_scale=3.0,
+                     reduction=reduction, chunk_size=3, impl="torch")
     # the op's options are KDOptions' fields in order: no hand-written list
     args = (zs.detach().requires_grad_(), zt, labels, True, *opts.values())
     torch.library.opcheck(torch.ops.kdkernels.kd_loss.default, args)

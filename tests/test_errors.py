@@ -80,6 +80,18 @@ CASES = [
      r"student_hidden and student_weight must share a dtype outside torch.autocast; got "
      r"torch.float32 and torch.float64"),
     (dict(scale_by_t2=1), TypeError, r"scale_by_t2 must be a bool, got 1"),
+    (dict(student_logit_scale=0), ValueError, r"student_logit_scale must be > 0.0, got 0.0"),
+    (dict(student_logit_scale=-0.5), ValueError,
+     r"student_logit_scale must be > 0.0, got -0.5"),
+    (dict(teacher_logit_scale=float("inf")), ValueError,
+     r"teacher_logit_scale must be finite, got inf"),
+    (dict(teacher_logit_scale=float("nan")), ValueError,
+     r"teacher_logit_scale must be finite, got nan"),
+    (dict(student_logit_scale="2"), TypeError,
+     r"student_logit_scale must be a real number, got str '2'"),
+    (dict(teacher_logit_scale=None), TypeError,
+     r"teacher_logit_scale must be a real number, got NoneType"),
+    (dict(teacher_logit_scale=-3), ValueError, r"teacher_logit_scale must be > 0.0, got -3.0"),
     (dict(ignore_index=1.5), TypeError, r"ignore_index must be an int, got 1.5"),
 ]
 
@@ -98,6 +110,9 @@ def test_fused_bad_input(over, exc, pattern):
      r"student_logits must have a floating dtype"),
     (dict(labels=torch.tensor([0, 1, 2, 11])), ValueError, r"labels must be in \[0, 10\)"),
     (dict(temperature=0), ValueError, r"temperature must be > 0.0"),
+    (dict(teacher_logit_scale=0.0), ValueError, r"teacher_logit_scale must be > 0.0"),
+    (dict(student_logit_scale=float("-inf")), ValueError,
+     r"student_logit_scale must be finite, got -inf"),
     (dict(student_logits=torch.randn(4, 0)), ValueError, r"must be \[..., V\] with V >= 1"),
 ])
 def test_logits_bad_input(over, exc, pattern):
@@ -114,6 +129,8 @@ def test_module_rejects_bad_options_at_construction():
         kdkernels.FusedLinearKDLoss(divergence="nope")
     with pytest.raises(TypeError):
         kdkernels.FusedLinearKDLoss(not_an_option=1)
+    with pytest.raises(ValueError, match="student_logit_scale must be > 0.0, got -1.0"):
+        kdkernels.FusedLinearKDLoss(student_logit_scale=-1.0)
 
 
 def test_unservable_impl_says_why():

@@ -61,6 +61,9 @@ def loss_options(draw, n):
         ce_weight=draw(st.sampled_from([0.0, 0.0, 0.7])),
         student_softcap=draw(st.sampled_from([None, None, 4.0, 30.0])),
         teacher_softcap=draw(st.sampled_from([None, None, 5.0])),
+        # multipliers on the raw logits (Cohere logit_scale, Granite 1 / logits_scaling)
+        student_logit_scale=draw(st.sampled_from([1.0, 1.0, 0.0625, 0.5, 3.0])),
+        teacher_logit_scale=draw(st.sampled_from([1.0, 1.0, 0.0625, 0.5, 3.0])),
         reduction=reduction,
         num_items=draw(st.sampled_from([None, None, 7.0])) if reduction == "mean" else None,
         chunk_size=draw(st.one_of(st.none(), st.integers(1, max(1, n + 3)))),

@@ -105,16 +105,17 @@ def test_fused_matches_reference(impl, tail, divergence, temperature):
 @given(pair=st.sampled_from(PAIRS), n=st.integers(1, 23), vocab=st.sampled_from([5, 67, 131]),
        k_frac=st.floats(0.0, 1.0), temperature=st.sampled_from([1.0, 0.5, 3.0]),
        ce_weight=st.sampled_from([0.0, 0.7]), softcap=st.sampled_from([None, 4.0]),
-       chunk=st.sampled_from([None, 1, 3, 10]), reduction=st.sampled_from(["mean", "sum",
-                                                                           "none"]),
+       scale=st.sampled_from([1.0, 1.0, 0.0625, 0.5, 3.0]),
+       chunk=st.sampled_from([None, 1, 3, 10]),
+       reduction=st.sampled_from(["mean", "sum", "none"]),
        seed=st.integers(0, 2**16))
 def test_fused_properties(impl, pair, n, vocab, k_frac, temperature, ce_weight, softcap,
-                          chunk, reduction, seed):
+                          scale, chunk, reduction, seed):
     k = max(1, min(vocab, 64, round(k_frac * min(vocab, 64))))
     case = make_case(n, vocab, 12, k, seed=seed)
     opts = dict(tail=pair[0], divergence=pair[1], temperature=temperature,
-                ce_weight=ce_weight, student_softcap=softcap, reduction=reduction,
-                impl=impl, chunk_size=chunk)
+                ce_weight=ce_weight, student_softcap=softcap, student_logit_scale=scale,
+                reduction=reduction, impl=impl, chunk_size=chunk)
     got, want = run_fused(case, **opts), run_reference(case, **opts)
     assert_matches(got, want, loss_rtol=5e-6)
 
@@ -127,7 +128,7 @@ def test_logits_matches_reference(impl, tail, divergence):
     z = (case["h"] @ case["w"].T).detach()
     zs = z.clone().requires_grad_()
     opts = dict(tail=tail, divergence=divergence, temperature=1.5, ce_weight=0.3,
-                student_softcap=6.0)
+                student_softcap=6.0, student_logit_scale=0.5)
     loss = kdkernels.topk_kd_loss(zs, case["ids"], case["lps"], case["labels"], impl=impl,
                                   chunk_size=4, **opts)
     loss.backward()

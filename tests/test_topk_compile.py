@@ -33,6 +33,7 @@ def test_fused_fullgraph_matches_eager(reduction, tail):
     def loss_fn(h, w, b, ids, lps, labels):
         out = kdkernels.fused_linear_topk_kd_loss(h, w, ids, lps, labels, student_bias=b,
                                                   tail=tail, temperature=2.0, ce_weight=0.3,
+                                                  student_logit_scale=0.5,
                                                   reduction=reduction, chunk_size=4)
         return out.sum() * 1.5
 

@@ -174,3 +174,29 @@ def test_devices_must_match():
     h, w, ids, lps = _inputs()
     with pytest.raises(ValueError, match="one device"):
         _fused(h, w, ids.to("meta"), lps)
+
+
+@pytest.mark.parametrize("value, exc, pattern", [
+    (0.0, ValueError, r"student_logit_scale must be > 0.0, got 0.0"),
+    (-2.0, ValueError, r"student_logit_scale must be > 0.0, got -2.0"),
+    (float("inf"), ValueError, r"student_logit_scale must be finite, got inf"),
+    (float("nan"), ValueError, r"student_logit_scale must be finite, got nan"),
+    ("x", TypeError, r"student_logit_scale must be a real number"),
+])
+def test_bad_student_logit_scale(value, exc, pattern):
+    h, w, ids, lps = _inputs()
+    with pytest.raises(exc, match=pattern):
+        _fused(h, w, ids, lps, student_logit_scale=value)
+    with pytest.raises(exc, match=pattern):
+        kdkernels.topk_kd_loss(h @ w.T, ids, lps, student_logit_scale=value)
+    with pytest.raises(exc, match=pattern):
+        kdkernels.FusedLinearTopKKDLoss(student_logit_scale=value)
+
+
+def test_topk_has_no_teacher_logit_scale():
+    """The top-k teacher arrives as log-probs: a teacher scale has nothing to scale."""
+    h, w, ids, lps = _inputs()
+    with pytest.raises(TypeError, match="teacher_logit_scale"):
+        _fused(h, w, ids, lps, teacher_logit_scale=2.0)
+    with pytest.raises(TypeError, match="teacher_logit_scale"):
+        kdkernels.FusedLinearTopKKDLoss(teacher_logit_scale=2.0)

@@ -24,9 +24,12 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
     exp((z - m_z) - log_s_z)), kd = d(loss)/d(divergence) / T and ce = d(loss)/d(CE).
 
 Every backend takes the row constants of ``spec.consts`` (layouts.CONSTS: 1 / T, whether
-T != 1, softcaps, the mixture weight w_q with its logs, the gradient constant k_div, ...)
-as computed once in RowSpec; none re-derives them from the options. a = z * inv_t and
-b = t * inv_t after the softcaps. With p = softmax(a), q = softmax(b), logm the log of the
+T != 1, softcaps, logit scales, the mixture weight w_q with its logs, the gradient constant
+k_div, ...) as computed once in RowSpec; none re-derives them from the options. Where a
+backend loads a raw logit x it forms z = softcap(scale_s * x) (the teacher's with scale_t and
+its cap), then a = z * inv_t and b = t * inv_t. The gradient passes need no scale: the chain
+rule's factor scale_s is a row constant the driver folds into the coefficients kd and ce.
+With p = softmax(a), q = softmax(b), logm the log of the
 mixture w_q q + (1 - w_q) p (a logaddexp of log-probs, never from underflowed
 probabilities), the gradient is
 
@@ -96,7 +99,8 @@ class RowSpec:
         t, scap, tcap = opts.temperature, opts.student_softcap, opts.teacher_softcap
         w_q, k_div = div.mixture(params)
         named = dict(inv_t=1.0 / t, tempered=float(t != 1.0), cap_s=scap or 0.0,
-                     cap_t=tcap or 0.0, k_div=k_div,
+                     cap_t=tcap or 0.0, k_div=k_div, scale_s=opts.student_logit_scale,
+                     scale_t=opts.teacher_logit_scale,
                      stats_weight=float(getattr(STATS_WEIGHTS, div.stats_weight)),
                      **divergences.mixture_constants(w_q))
         return RowSpec(
@@ -114,6 +118,12 @@ class RowSpec:
 
     def const(self, name: str) -> float:
         return self.consts[getattr(CONSTS, name)]
+
+    @property
+    def student_scale(self) -> float:
+        """The student logit scale: dL/d(raw logit) = student_scale * dL/d(scaled logit),
+        so the driver multiplies the gradient coefficients by it (no kernel applies it)."""
+        return self.const("scale_s")
 
     def param(self, name: str) -> float:
         return dict(self.params)[name]

@@ -63,13 +63,16 @@ class _Blocks:
 
 
 def _prepare(x: torch.Tensor, cap: float | None, inv_t: float | None,
-             buf: torch.Tensor) -> torch.Tensor:
-    """tempered(capped(x)) in the accumulation dtype: x itself when nothing changes it (then it
-    must not be written to), else written into buf (``_capped(x) * inv_t``, as every backend
-    forms it). ``inv_t`` None: untempered (RowSpec decides T == 1)."""
+             buf: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """tempered(capped(scaled(x))) in the accumulation dtype: x itself when nothing changes it
+    (then it must not be written to), else written into buf (``_capped(x * scale) * inv_t``,
+    as every backend forms it). ``inv_t`` None: untempered (RowSpec decides T == 1);
+    ``scale`` None: a logit scale of 1."""
     src = x
     if x.dtype != buf.dtype:
         src = buf.copy_(x)
+    if scale is not None:
+        src = torch.mul(src, scale, out=buf)
     if cap is not None:
         src = torch.div(src, cap, out=buf).tanh_().mul_(cap)
     if inv_t is not None:
@@ -79,6 +82,11 @@ def _prepare(x: torch.Tensor, cap: float | None, inv_t: float | None,
 
 def _inv_t(spec: RowSpec) -> float | None:
     return spec.inv_t if spec.tempered else None
+
+
+def _scales(spec: RowSpec) -> tuple[float | None, float | None]:
+    """The (student, teacher) logit scales, None where a scale is 1 (no pass over x)."""
+    return tuple(None if spec.const(k) == 1.0 else spec.const(k) for k in ("scale_s", "scale_t"))
 
 
 def _row_max_exp(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +105,12 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
     out = torch.zeros(zs.shape[0], len(STATS), dtype=_acc_dtype(zs), device=zs.device)
     inv_t, weight = _inv_t(spec), int(spec.const("stats_weight"))
     separate_z = spec.ce_separate
+    scale_s, scale_t = _scales(spec)
     for rows, (buf_a, buf_b, buf_e) in _Blocks(zs, 3):
         o = out[rows]
         # z: the untempered capped student; a = z / T.
-        z = _prepare(zs[rows], spec.student_softcap, None if separate_z else inv_t, buf_a)
+        z = _prepare(zs[rows], spec.student_softcap, None if separate_z else inv_t, buf_a,
+                     scale_s)
         if spec.has_ce:
             o[:, STATS.z_label] = _label_logit(z, labels[rows])
         if separate_z:
@@ -113,7 +123,7 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
         o[:, STATS.m_a], o[:, STATS.s_a] = m_a, e.sum(1)
         if not separate_z:
             o[:, STATS.m_z], o[:, STATS.s_z] = o[:, STATS.m_a], o[:, STATS.s_a]
-        b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_b)
+        b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_b, scale_t)
         if weight == STATS_WEIGHTS.student:  # a - b into a's buffer (a is no longer needed)
             o[:, STATS.w_a] = torch.sub(a, b, out=buf_a).mul_(e).sum(1)
         m_b, e = _row_max_exp(b, buf_e)
@@ -124,9 +134,9 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
 
 
 def _log_prob(x: torch.Tensor, cap: float | None, inv_t: float | None, m: torch.Tensor,
-              log_s: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+              log_s: torch.Tensor, buf: torch.Tensor, scale: float | None) -> torch.Tensor:
     """log-probs into buf as (x - m) - log_s: see base.py for why not x - lse."""
-    src = _prepare(x, cap, inv_t, buf)
+    src = _prepare(x, cap, inv_t, buf, scale)
     return torch.sub(src, m[:, None], out=buf).sub_(log_s[:, None])
 
 
@@ -173,13 +183,14 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
         raise ValueError(f"mix pass is not defined for divergence {div!r}")
     out = torch.empty(zs.shape[0], len(MIX), dtype=_acc_dtype(zs), device=zs.device)
     inv_t, w_q = _inv_t(spec), spec.const("w_q")
+    scale_s, scale_t = _scales(spec)
     c0, c1 = MIX.c0, MIX.c1
     for rows, (buf_p, buf_q, buf_m, buf_e) in _Blocks(zs, 4):
         nrm, o = norms[rows], out[rows]
         logp = _log_prob(zs[rows], spec.student_softcap, inv_t, nrm[:, NORMS.m_a],
-                         nrm[:, NORMS.log_s_a], buf_p)
+                         nrm[:, NORMS.log_s_a], buf_p, scale_s)
         logq = _log_prob(zt[rows], spec.teacher_softcap, inv_t, nrm[:, NORMS.m_b],
-                         nrm[:, NORMS.log_s_b], buf_q)
+                         nrm[:, NORMS.log_s_b], buf_q, scale_t)
         if div == "jsd":
             logm = _log_mix_into(logq, logp, spec, buf_m)
             q = torch.exp(logq, out=buf_e)
@@ -276,6 +287,7 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
     # costing a third exp, and no host sync decides it.
     ce_is_p = spec.has_ce and not spec.tempered
     keep_z = cap is not None or spec.ce_separate
+    scale_s, scale_t = _scales(spec)
     # Rows of ignored tokens get exact zeros whatever their logits held.
     dead = ((coef[:, COEF.kd] == 0) & (coef[:, COEF.ce] == 0))[:, None]
     direct = out.dtype == _acc_dtype(zs)  # else dz is formed in scratch and cast into out
@@ -283,10 +295,13 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
         c, o = coef[rows].to(buf_p.dtype), out[rows]
         z = None
         if keep_z:  # a copy even when zs needs no conversion: out may alias zs
-            z = _prepare(zs[rows], cap, None, buf_z)
+            z = _prepare(zs[rows], cap, None, buf_z, scale_s)
             z = z if z is buf_z else buf_z.copy_(z)
-        a = _prepare(zs[rows] if z is None else z, None if z is not None else cap, inv_t, buf_p)
-        b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_q)
+        if z is None:
+            a = _prepare(zs[rows], cap, inv_t, buf_p, scale_s)
+        else:
+            a = _prepare(z, None, inv_t, buf_p)
+        b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_q, scale_t)
         col = _columns(c)
         ce = col("ce")
         ce_p = None
@@ -321,11 +336,15 @@ def grad(zs, zt, labels, coef, spec: RowSpec, out) -> None:
             o.copy_(dz)
 
 
-def _masked_student(x: torch.Tensor, cap: float | None, buf: torch.Tensor
+def _masked_student(x: torch.Tensor, spec: RowSpec, buf: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(capped z in buf, mask of the masked columns): a raw -inf stays -inf (base.py)."""
+    """(capped scaled z in buf, mask of the masked columns): a raw -inf stays -inf
+    (base.py)."""
     masked = torch.isneginf(x)
     z = buf.copy_(x)
+    cap, scale = spec.student_softcap, _scales(spec)[0]
+    if scale is not None:
+        z.mul_(scale)
     if cap is not None:
         torch.div(z, cap, out=z).tanh_().mul_(cap).masked_fill_(masked, -math.inf)
     return z, masked
@@ -342,7 +361,7 @@ def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
     out = torch.empty(zs.shape[0], len(SSTATS), dtype=_acc_dtype(zs), device=zs.device)
     for rows, (buf_z, buf_e) in _Blocks(zs, 2):
         o = out[rows]
-        z, _ = _masked_student(zs[rows], spec.student_softcap, buf_z)
+        z, _ = _masked_student(zs[rows], spec, buf_z)
         if spec.ce_separate:
             o[:, SSTATS.m_z], o[:, SSTATS.s_z] = _max_sum(z, buf_e)
         a = z.mul_(spec.inv_t) if spec.tempered else z
@@ -364,7 +383,7 @@ def student_grad(zs, labels, coef, spec: RowSpec, out) -> None:
     for rows, (buf_z, buf_a, buf_w) in _Blocks(zs, 3):
         c = coef[rows].to(buf_z.dtype)
         col = lambda name, c=c: c[:, getattr(SCOEF, name), None]  # noqa: E731
-        z, masked = _masked_student(zs[rows], cap, buf_z)
+        z, masked = _masked_student(zs[rows], spec, buf_z)
         # zs[rows] is not read from here on: out may alias it.
         a = torch.mul(z, spec.inv_t, out=buf_a) if spec.tempered else z
         dz = _scaled_softmax(a, col("m_a"), col("log_s_a"), col("kd"), buf_w)

@@ -9,8 +9,8 @@ from .tails import TAILS, get
 
 # Options the top-k loss shares with the dense one, validated by KDOptions itself.
 _SHARED = ("divergence", "temperature", "scale_by_t2", "kd_weight", "ce_weight",
-           "student_softcap", "ignore_index", "reduction", "num_items", "chunk_size",
-           "max_workspace_bytes", "impl", "return_components")
+           "student_softcap", "student_logit_scale", "ignore_index", "reduction", "num_items",
+           "chunk_size", "max_workspace_bytes", "impl", "return_components")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class TopKOptions:
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     student_softcap: float | None = None
+    # No teacher_logit_scale: the teacher arrives as log-probs, already normalised (the
+    # dense option keeps its default 1 here, and passing it is an unexpected keyword).
+    student_logit_scale: float = 1.0
     ignore_index: int = -100
     reduction: str = "mean"
     num_items: float | None = None

@@ -87,7 +87,8 @@ class SparseChunks:
         parts[0] = self.backend.student_stats(zs, spec).to(acc)
         merged = self.reducer.merge_student(torch.cat(parts, 1)).double()
         s = {name: merged[:, i] for i, name in enumerate(SSTATS)}
-        z_s = merged[:, len(SSTATS): len(SSTATS) + k]
+        # The gathered raw logits, scaled as the kernels scale what they load.
+        z_s = merged[:, len(SSTATS): len(SSTATS) + k] * spec.student_scale
         cap = spec.student_softcap
         zc_s = z_s if cap is None else cap * torch.tanh(z_s / cap)
         a_s = _neg_inf_where(valid, zc_s * spec.inv_t)
@@ -100,7 +101,7 @@ class SparseChunks:
             self.t.outside[start:stop]))
         ce = lse1 = zc_lab = None
         if lab is not None:
-            z_lab = merged[:, -1]
+            z_lab = merged[:, -1] * spec.student_scale
             zc_lab = z_lab if cap is None else cap * torch.tanh(z_lab / cap)
             lse1 = lse
             if spec.ce_separate:
@@ -115,7 +116,9 @@ class SparseChunks:
     def _gradient(self, zs, dz, scale, res, a_s, zc_s, z_s, valid, here, col, kernel_labels,
                   in_s, s, lse, lse1) -> None:
         spec, opts = self.spec, self.opts
-        kd_row = (opts.dense.soft_scale * spec.inv_t) * scale  # dL/dz = dL/da / T
+        # dL/dx of the raw logit x = scale_s * dL/dz, and dL/dz = dL/da / T
+        scale = scale * spec.student_scale
+        kd_row = (opts.dense.soft_scale * spec.inv_t) * scale
         ce_row = opts.ce_weight * scale if spec.has_ce else torch.zeros_like(scale)
         # Outside S: dL/dz_j = kd_row * alpha * p_j (+ ce_row * p_j at T = 1), folded into
         # the normaliser as log|coefficient| with its sign.

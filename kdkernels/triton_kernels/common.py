@@ -93,11 +93,13 @@ def softcap(x, cap):
 
 
 @helper
-def load_logits(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
+def load_logits(ptr, row_off, cols, mask, cap, inv_t, scale, HAS_CAP: tl.constexpr,
                 TEMPERED: tl.constexpr):
-    """(capped logits z, tempered logits z * inv_t) of a tile, fp32. Masked lanes hold
-    finite junk (0): callers mask what they reduce (no -inf - -inf on dead lanes)."""
+    """(capped scaled logits z = softcap(scale * raw), tempered logits z * inv_t) of a tile,
+    fp32 (a scale of 1 multiplies exactly). Masked lanes hold finite junk (0): callers mask
+    what they reduce (no -inf - -inf on dead lanes)."""
     z = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = z * scale
     if HAS_CAP:
         z = softcap(z, cap)
     x = z

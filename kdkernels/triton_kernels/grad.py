@@ -27,14 +27,16 @@ from .row_math import soft_grad
 @helper
 def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride_s, stride_t,
                stride_o, m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z, label, inv_t,
-               cap_s, cap_t, w_q, log_w_q, log_w_p, k_div, DIV: tl.constexpr,
+               cap_s, cap_t, scale_s, scale_t, w_q, log_w_q, log_w_p, k_div, DIV: tl.constexpr,
                HAS_CE: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr,
                PACKED: tl.constexpr):
     col_ok = cols < n_cols
     mask = live[:, None] & col_ok[None, :]
-    z, a = load_logits(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
-    _, b = load_logits(zt_ptr, rows * stride_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
+    z, a = load_logits(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, scale_s, HAS_CAP_S,
+                       TEMPERED)
+    _, b = load_logits(zt_ptr, rows * stride_t, cols, mask, cap_t, inv_t, scale_t, HAS_CAP_T,
+                       TEMPERED)
     logp = (a - m_a[:, None]) - log_s_a[:, None]  # not a - lse: see backends/base.py
     logq = (b - m_b[:, None]) - log_s_b[:, None]
     p = tl.exp(logp)
@@ -53,8 +55,9 @@ def _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
 
 @triton.jit
 def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
-                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, w_q, log_w_q, log_w_p,
-                k_div, DIV: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
+                stride_t, stride_o, stride_c, inv_t, cap_s, cap_t, scale_s, scale_t, w_q,
+                log_w_q, log_w_p, k_div, DIV: tl.constexpr, HAS_CE: tl.constexpr,
+                BLOCK_R: tl.constexpr,
                 BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                 TEMPERED: tl.constexpr, MIX_KIND: tl.constexpr, ROUND_BF16: tl.constexpr,
                 PACKED: tl.constexpr):
@@ -83,11 +86,13 @@ def grad_kernel(zs_ptr, zt_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
             _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live,
                        start + tl.arange(0, BLOCK_V), n_cols, stride_s, stride_t, stride_o,
                        m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z, label, inv_t,
-                       cap_s, cap_t, w_q, log_w_q, log_w_p, k_div, DIV, HAS_CE, HAS_CAP_S,
+                       cap_s, cap_t, scale_s, scale_t, w_q, log_w_q, log_w_p, k_div, DIV,
+                       HAS_CE, HAS_CAP_S,
                        HAS_CAP_T, TEMPERED, MIX_KIND, ROUND_BF16, PACKED)
     else:
         _grad_tile(zs_ptr, zt_ptr, out_ptr, rows, row_ok, live,
                    tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V), n_cols, stride_s,
                    stride_t, stride_o, m_a, log_s_a, m_b, log_s_b, aux, kd, ce, m_z, log_s_z,
-                   label, inv_t, cap_s, cap_t, w_q, log_w_q, log_w_p, k_div, DIV, HAS_CE,
+                   label, inv_t, cap_s, cap_t, scale_s, scale_t, w_q, log_w_q, log_w_p, k_div,
+                   DIV, HAS_CE,
                    HAS_CAP_S, HAS_CAP_T, TEMPERED, MIX_KIND, ROUND_BF16, PACKED)

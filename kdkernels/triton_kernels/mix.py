@@ -22,7 +22,7 @@ from .row_math import mix_terms
 
 @triton.jit
 def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
-               stride_n, span, inv_t, cap_s, cap_t, w_q, log_w_q, log_w_p,
+               stride_n, span, inv_t, cap_s, cap_t, scale_s, scale_t, w_q, log_w_q, log_w_p,
                DIV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr, TEMPERED: tl.constexpr,
                MIX_KIND: tl.constexpr):
@@ -43,8 +43,10 @@ def mix_kernel(zs_ptr, zt_ptr, norms_ptr, part_ptr, n_rows, n_cols, stride_s, st
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        _, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
-        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
+        _, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, scale_s, HAS_CAP_S,
+                           TEMPERED)
+        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, scale_t, HAS_CAP_T,
+                           TEMPERED)
         logp = (a - m_a) - log_s_a  # not a - lse: see backends/base.py
         logq = (b - m_b) - log_s_b
         t0, t1 = mix_terms(logp, logq, w_q, log_w_q, log_w_p, DIV, MIX_KIND)

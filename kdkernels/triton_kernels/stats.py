@@ -52,7 +52,7 @@ def _weighted(e, d):
 
 @triton.jit
 def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s, stride_t,
-                 span, inv_t, cap_s, cap_t,
+                 span, inv_t, cap_s, cap_t, scale_s, scale_t,
                  STATS_WEIGHT: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
                  TEMPERED: tl.constexpr, SEPARATE_Z: tl.constexpr):
@@ -77,8 +77,10 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        z, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S, TEMPERED)
-        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, HAS_CAP_T, TEMPERED)
+        z, a = load_logits(zs_ptr, off_s, cols, mask, cap_s, inv_t, scale_s, HAS_CAP_S,
+                           TEMPERED)
+        _, b = load_logits(zt_ptr, off_t, cols, mask, cap_t, inv_t, scale_t, HAS_CAP_T,
+                           TEMPERED)
         # max and exp see masked lanes as -inf (weight 0); the weighted sums use the finite
         # a, b, whose masked lanes get e = 0.
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(mask, a, _NEG_INF))
@@ -100,7 +102,7 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
         label = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
         here = row_ok & (label >= lo) & (label < hi)
         z_label = tl.load(zs_ptr + off_s + tl.where(here, label, 0), mask=here,
-                          other=0.0).to(tl.float32)
+                          other=0.0).to(tl.float32) * scale_s
         if HAS_CAP_S:
             z_label = softcap(z_label, cap_s)
         z_label = tl.where(here, z_label, 0.0)

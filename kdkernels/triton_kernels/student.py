@@ -37,14 +37,14 @@ _NEG_INF = tl.constexpr(float("-inf"))
 
 
 @helper
-def _load_student(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
+def _load_student(ptr, row_off, cols, mask, cap, inv_t, scale, HAS_CAP: tl.constexpr,
                   TEMPERED: tl.constexpr):
-    """(valid, capped z, tempered a) of a tile, fp32: valid is False on masked (-inf) columns
-    and on lanes outside ``mask``, where z and a hold finite junk (the softcap sees 0 there,
-    never -inf)."""
+    """(valid, capped z = softcap(scale * raw), tempered a) of a tile, fp32: valid is False
+    on masked (-inf) columns and on lanes outside ``mask``, where z and a hold finite junk
+    (the softcap sees 0 there, never -inf)."""
     raw = tl.load(ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     valid = mask & (raw != float("-inf"))
-    z = tl.where(valid, raw, 0.0)
+    z = tl.where(valid, raw, 0.0) * scale
     if HAS_CAP:
         z = softcap(z, cap)
     a = z
@@ -55,7 +55,7 @@ def _load_student(ptr, row_off, cols, mask, cap, inv_t, HAS_CAP: tl.constexpr,
 
 @triton.jit
 def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t, cap_s,
-                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+                         scale_s, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                          HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
                          SEPARATE_Z: tl.constexpr):
     """Online (max, sum exp) of a = z * inv_t, and with SEPARATE_Z of the untempered z (else
@@ -75,8 +75,8 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
-        valid, z, a = _load_student(zs_ptr, off_s, cols, mask, cap_s, inv_t, HAS_CAP_S,
-                                    TEMPERED)
+        valid, z, a = _load_student(zs_ptr, off_s, cols, mask, cap_s, inv_t, scale_s,
+                                    HAS_CAP_S, TEMPERED)
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(valid, a, _NEG_INF))
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if SEPARATE_Z:
@@ -110,14 +110,14 @@ def student_merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constex
 
 @helper
 def _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride_s, stride_o,
-                       m_a, log_s_a, m_z, log_s_z, kd, ce, label, inv_t, cap_s,
+                       m_a, log_s_a, m_z, log_s_z, kd, ce, label, inv_t, cap_s, scale_s,
                        HAS_CE: tl.constexpr, HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
                        SEPARATE_Z: tl.constexpr, ROUND_BF16: tl.constexpr,
                        PACKED: tl.constexpr):
     col_ok = cols < n_cols
     mask = live[:, None] & col_ok[None, :]
-    valid, z, a = _load_student(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, HAS_CAP_S,
-                                TEMPERED)
+    valid, z, a = _load_student(zs_ptr, rows * stride_s, cols, mask, cap_s, inv_t, scale_s,
+                                HAS_CAP_S, TEMPERED)
     # Each term is selected, not multiplied, away where its coefficient is 0: its normaliser
     # may then be infinite (exp of +inf times 0 would be NaN).
     p = tl.exp((a - m_a[:, None]) - log_s_a[:, None])  # not a - lse: see backends/base.py
@@ -136,7 +136,7 @@ def _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live, cols, n_cols, stride
 
 @triton.jit
 def student_grad_kernel(zs_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, stride_s,
-                        stride_o, stride_c, inv_t, cap_s, HAS_CE: tl.constexpr,
+                        stride_o, stride_c, inv_t, cap_s, scale_s, HAS_CE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                         HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
                         SEPARATE_Z: tl.constexpr, ROUND_BF16: tl.constexpr,
@@ -165,10 +165,10 @@ def student_grad_kernel(zs_ptr, labels_ptr, coef_ptr, out_ptr, n_rows, n_cols, s
             _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live,
                                start + tl.arange(0, BLOCK_V), n_cols, stride_s, stride_o,
                                m_a, log_s_a, m_z, log_s_z, kd, ce, label, inv_t, cap_s,
-                               HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z, ROUND_BF16, PACKED)
+                               scale_s, HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z, ROUND_BF16, PACKED)
     else:
         _student_grad_tile(zs_ptr, out_ptr, rows, row_ok, live,
                            tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V), n_cols,
                            stride_s, stride_o, m_a, log_s_a, m_z, log_s_z, kd, ce, label,
-                           inv_t, cap_s, HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z, ROUND_BF16,
-                           PACKED)
+                           inv_t, cap_s, scale_s, HAS_CE, HAS_CAP_S, TEMPERED, SEPARATE_Z,
+                           ROUND_BF16, PACKED)
