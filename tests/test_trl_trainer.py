@@ -59,10 +59,15 @@ def _micro_batch(seed: int = 0):
             "completion_mask": completion_mask, "tool_mask": tool_mask}
 
 
-@pytest.mark.parametrize("beta,temperature,num_items", [(0.0, 1.0, None), (0.5, 1.7, 13.0),
-                                                        (1.0, 0.8, None)])
-def test_compute_loss_matches_trl(tmp_path, beta, temperature, num_items):
+@pytest.mark.parametrize("beta,temperature,num_items,scaled", [
+    (0.0, 1.0, None, False), (0.5, 1.7, 13.0, False), (1.0, 0.8, None, False),
+    (0.5, 1.3, None, True)])
+def test_compute_loss_matches_trl(tmp_path, beta, temperature, num_items, scaled):
     student, teacher = tiny_pair()
+    if scaled:  # read from the configs by both TRL and logit_transform
+        student.config.logits_scaling = 0.25  # Granite's: divided, scale 4
+        teacher.config.logit_scale = 3.0  # Cohere's: multiplied
+        teacher.config.final_logit_softcapping = 5.0
     trainer = _trainer(tmp_path, student, teacher, beta=beta, temperature=temperature)
     inputs = _micro_batch()
     n = None if num_items is None else torch.tensor(num_items)

@@ -77,14 +77,10 @@ def apply_logit_transform(logits, scale: float, softcap: float | None):
 def loss_transform_options(student_config: Any, teacher_config: Any | None = None
                            ) -> dict[str, float | None]:
     """The fused losses' keyword arguments for the models' logit post-processing:
-    student_/teacher_softcap and student_/teacher_logit_scale (the teacher's only when a
-    teacher config is given; a scale of 1.0, the losses' default, is left out)."""
+    student_/teacher_logit_scale and student_/teacher_softcap (the teacher's only when a
+    teacher config is given: the top-k losses take the student's alone)."""
     options: dict[str, float | None] = {}
     for side, config in (("student", student_config), ("teacher", teacher_config)):
-        if config is None:
-            continue
-        scale, softcap = logit_transform(config)
-        options[f"{side}_softcap"] = softcap
-        if scale != 1.0:
-            options[f"{side}_logit_scale"] = scale
+        if config is not None:
+            options[f"{side}_logit_scale"], options[f"{side}_softcap"] = logit_transform(config)
     return options

@@ -89,16 +89,14 @@ def fused_divergence_loss(
         raise ValueError("ce_weight > 0 needs labels (the completion token ids)")
     w, bs = _plain(student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype)
     u, bt = _plain(teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype)
-    scales = {name: value for name, value in (("student_logit_scale", student_logit_scale),
-                                              ("teacher_logit_scale", teacher_logit_scale))
-              if value != 1.0}  # 1.0 is the loss's default
     out = fused_linear_kd_loss(
         student_hidden_states, w, teacher_hidden_states, u,
         _mask_labels(completion_mask, labels), student_bias=bs, teacher_bias=bt,
         divergence=opts.pop("divergence", None) or "jsd", beta=beta, temperature=temperature,
         student_softcap=student_final_logit_softcapping,
-        teacher_softcap=teacher_final_logit_softcapping, reduction="sum",
-        return_components=True, **scales, **opts)
+        teacher_softcap=teacher_final_logit_softcapping,
+        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+        reduction="sum", return_components=True, **opts)
     n_valid = out.n_tokens
     if num_items_in_batch is None:
         # Clamped as TRL does, so a rank whose tokens are all masked gives 0, not 0 / 0.

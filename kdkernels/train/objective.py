@@ -24,16 +24,17 @@ class DistillObjective(nn.Module):
     def __init__(self, student: nn.Module, *, divergence: str = "forward_kl", beta: float = 0.5,
                  temperature: float = 1.0, kd_weight: float = 0.5, ce_weight: float = 0.5,
                  impl: str = "auto", teacher_softcap: float | None = None,
-                 baseline: str = "fused") -> None:
+                 teacher_logit_scale: float = 1.0, baseline: str = "fused") -> None:
         super().__init__()
         if baseline not in ("fused", "naive"):
             raise ValueError(f"--baseline must be 'fused' or 'naive'; got {baseline!r}")
         self.student = student
         self.baseline = baseline
+        scale, softcap = models.logit_transform(student)
         self.options = dict(divergence=divergence, beta=beta, temperature=temperature,
                             kd_weight=kd_weight, ce_weight=ce_weight,
-                            student_softcap=models.softcap(student),
-                            teacher_softcap=teacher_softcap)
+                            student_softcap=softcap, teacher_softcap=teacher_softcap,
+                            student_logit_scale=scale, teacher_logit_scale=teacher_logit_scale)
         self.impl = impl
 
     @staticmethod
@@ -52,7 +53,8 @@ class DistillObjective(nn.Module):
         opts = dict(self.options, num_items=num_items, reduction="mean")
         if teacher_hidden is None:  # CE only: the KD term is weighted 0 and never trained
             teacher_hidden, teacher_weight = hidden.detach(), weight.detach()
-            opts.update(kd_weight=0.0, ce_weight=1.0, teacher_softcap=opts["student_softcap"])
+            opts.update(kd_weight=0.0, ce_weight=1.0, teacher_softcap=opts["student_softcap"],
+                        teacher_logit_scale=opts["student_logit_scale"])
         if self.baseline == "naive":
             return _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts)
         return fused_linear_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels,
