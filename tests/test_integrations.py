@@ -35,15 +35,20 @@ def _trainer(tmp_path, student, teacher, **kd):
     return trainer, data
 
 
-def test_kdtrainer_loss_matches_materialised_logits(tmp_path):
+@pytest.mark.parametrize("scaled", [False, True])
+def test_kdtrainer_loss_matches_materialised_logits(tmp_path, scaled):
     student, teacher = tiny_pair()
+    scale, t_scale = (4.0, 0.5) if scaled else (1.0, 1.0)
+    if scaled:  # Granite's and Falcon-H1's attributes (LlamaForCausalLM itself ignores them)
+        student.config.logits_scaling = 1 / scale
+        teacher.config.lm_head_multiplier = t_scale
     opts = dict(divergence="jsd", beta=0.3, temperature=1.5, kd_weight=0.6, ce_weight=0.4)
     trainer, data = _trainer(tmp_path, student, teacher, **opts)
     batch = {k: torch.stack([d[k] for d in data[:3]]) for k in data[0]}
     loss = trainer.compute_loss(student, batch)
-    zs = student(input_ids=batch["input_ids"]).logits[:, :-1]
+    zs = scale * student(input_ids=batch["input_ids"]).logits[:, :-1]
     with torch.no_grad():
-        zt = teacher(input_ids=batch["input_ids"]).logits[:, :-1]
+        zt = t_scale * teacher(input_ids=batch["input_ids"]).logits[:, :-1]
     ref = reference.reference_kd_loss(zs, zt, batch["labels"][:, 1:], **opts)
     # fp32 models; 1e-5 covers the fp32 GEMM summation order at this size.
     torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-6)
