@@ -43,7 +43,8 @@ enum Stat : int {
   kStatMZ = 6,
   kStatSZ = 7,
   kStatZLabel = 8,
-  kStats = 9,
+  kStatEA = 9,
+  kStats = 10,
 };
 
 enum MixSum : int { kMixSumC0 = 0, kMixSumC1 = 1, kMixSums = 2 };
@@ -87,7 +88,14 @@ enum Const : int {
 };
 
 // Student-only row ops of the sparse (top-k) teacher losses (layouts.SSTATS, SCOEF).
-enum SStat : int { kSStatMA = 0, kSStatSA = 1, kSStatMZ = 2, kSStatSZ = 3, kSStats = 4 };
+enum SStat : int {
+  kSStatMA = 0,
+  kSStatSA = 1,
+  kSStatMZ = 2,
+  kSStatSZ = 3,
+  kSStatEA = 4,
+  kSStats = 5,
+};
 enum SCoef : int {
   kSCoefMA = 0,
   kSCoefLogSA = 1,
@@ -344,23 +352,38 @@ KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename
   return dz;
 }
 
-// Online-softmax accumulator of one distribution: max m, s = sum e^(x-m), w = sum e^(x-m) y.
-// A block that saw only -inf keeps m = -inf, s = w = 0 (the empty-sum convention of
-// row_stats.merge_partials); NaN anywhere makes m or s NaN.
+// Online-softmax accumulator of one distribution: max m, s = sum e^(x-m), w = sum e^(x-m) y,
+// e = sum e^(x-m) (x-m) (the entropy of softmax(x) is log s - e / s). A block that saw only
+// -inf keeps m = -inf, s = w = e = 0 (the empty-sum convention of row_stats.merge_partials);
+// NaN anywhere makes m or s NaN.
 struct MaxSum {
-  float m, s, w;
+  float m, s, w, e;
 };
+
+// e * d for e = exp(d): one term of e above, 0 where d = -inf (e = 0; -inf * 0 would be NaN).
+// The max maps only -inf, and NaN passes through M::max.
+template <class M>
+KDK_HD typename M::V xexp_term(typename M::V e, typename M::V d) {
+  using V = typename M::V;
+  return e * M::max(d, V(-3.402823466e38f));
+}
+
+// e of an accumulator rescaled to a larger max `m`: e^(x.m-m) (e + (x.m - m) s), 0 if empty.
+KDK_HD float rescaled_e(const MaxSum& x, float m, float f) {
+  return x.m == -INFINITY ? 0.0f : f * (x.e + (x.m - m) * x.s);
+}
 
 // Merge two accumulators (row_stats.merge_partials, pairwise).
 KDK_HD MaxSum merge_max_sum(MaxSum x, MaxSum y) {
   float m = ScalarMath::max(x.m, y.m);
-  if (m == -INFINITY) return MaxSum{m, 0.0f, 0.0f};
+  if (m == -INFINITY) return MaxSum{m, 0.0f, 0.0f, 0.0f};
   float fx = ::expf(x.m - m);
   float fy = ::expf(y.m - m);
-  return MaxSum{m, x.s * fx + y.s * fy, x.w * fx + y.w * fy};
+  return MaxSum{m, x.s * fx + y.s * fy, x.w * fx + y.w * fy,
+                rescaled_e(x, m, fx) + rescaled_e(y, m, fy)};
 }
 
-// A stats row [kStats] from the three accumulators and the label sum.
+// A stats row [kStats] from the three accumulators and the label sum (e of a only).
 KDK_HD void put_stats(float* out, MaxSum a, MaxSum b, MaxSum z, float label) {
   out[kStatMA] = a.m;
   out[kStatSA] = a.s;
@@ -371,19 +394,20 @@ KDK_HD void put_stats(float* out, MaxSum a, MaxSum b, MaxSum z, float label) {
   out[kStatMZ] = z.m;
   out[kStatSZ] = z.s;
   out[kStatZLabel] = label;
+  out[kStatEA] = a.e;
 }
 
 // Merge stats partials [n, kStats] into one [kStats] row (vocab-split blocks of one row).
 KDK_HD void merge_stats(const float* parts, int n, int stride, float* out) {
-  MaxSum a{parts[kStatMA], parts[kStatSA], parts[kStatWA]};
-  MaxSum b{parts[kStatMB], parts[kStatSB], parts[kStatWB]};
-  MaxSum z{parts[kStatMZ], parts[kStatSZ], 0.0f};
+  MaxSum a{parts[kStatMA], parts[kStatSA], parts[kStatWA], parts[kStatEA]};
+  MaxSum b{parts[kStatMB], parts[kStatSB], parts[kStatWB], 0.0f};
+  MaxSum z{parts[kStatMZ], parts[kStatSZ], 0.0f, 0.0f};
   float label = parts[kStatZLabel];
   for (int i = 1; i < n; ++i) {
     const float* q = parts + static_cast<int64_t>(i) * stride;
-    a = merge_max_sum(a, MaxSum{q[kStatMA], q[kStatSA], q[kStatWA]});
-    b = merge_max_sum(b, MaxSum{q[kStatMB], q[kStatSB], q[kStatWB]});
-    z = merge_max_sum(z, MaxSum{q[kStatMZ], q[kStatSZ], 0.0f});
+    a = merge_max_sum(a, MaxSum{q[kStatMA], q[kStatSA], q[kStatWA], q[kStatEA]});
+    b = merge_max_sum(b, MaxSum{q[kStatMB], q[kStatSB], q[kStatWB], 0.0f});
+    z = merge_max_sum(z, MaxSum{q[kStatMZ], q[kStatSZ], 0.0f, 0.0f});
     label += q[kStatZLabel];
   }
   put_stats(out, a, b, z, label);
@@ -456,16 +480,17 @@ KDK_HD void put_student_stats(float* out, MaxSum a, MaxSum z) {
   out[kSStatSA] = a.s;
   out[kSStatMZ] = z.m;
   out[kSStatSZ] = z.s;
+  out[kSStatEA] = a.e;
 }
 
 // Merge student stats partials [n, kSStats] (rows of `stride` floats) into one [kSStats] row.
 KDK_HD void merge_student_stats(const float* parts, int n, int stride, float* out) {
-  MaxSum a{parts[kSStatMA], parts[kSStatSA], 0.0f};
-  MaxSum z{parts[kSStatMZ], parts[kSStatSZ], 0.0f};
+  MaxSum a{parts[kSStatMA], parts[kSStatSA], 0.0f, parts[kSStatEA]};
+  MaxSum z{parts[kSStatMZ], parts[kSStatSZ], 0.0f, 0.0f};
   for (int i = 1; i < n; ++i) {
     const float* q = parts + static_cast<int64_t>(i) * stride;
-    a = merge_max_sum(a, MaxSum{q[kSStatMA], q[kSStatSA], 0.0f});
-    z = merge_max_sum(z, MaxSum{q[kSStatMZ], q[kSStatSZ], 0.0f});
+    a = merge_max_sum(a, MaxSum{q[kSStatMA], q[kSStatSA], 0.0f, q[kSStatEA]});
+    z = merge_max_sum(z, MaxSum{q[kSStatMZ], q[kSStatSZ], 0.0f, 0.0f});
   }
   put_student_stats(out, a, z);
 }

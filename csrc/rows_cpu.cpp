@@ -181,18 +181,20 @@ float hsum(Vec v) {
   return s;
 }
 
-// Running online-softmax state of one distribution inside one row block.
+// Running online-softmax state of one distribution inside one row block (MaxSum per lane).
 struct Online {
   float m = -INFINITY;
-  Vec s = Vec(0.0f), w = Vec(0.0f);
-  float s_tail = 0.0f, w_tail = 0.0f;
+  Vec s = Vec(0.0f), w = Vec(0.0f), e = Vec(0.0f);
+  float s_tail = 0.0f, w_tail = 0.0f, e_tail = 0.0f;
 
   // Raise the max to cover a tile whose max is tm; false if every value so far is -inf.
   bool raise(float tm) {
     float m_new = ScalarMath::max(m, tm);
     if (!(m_new == m)) {
       if (m != -INFINITY) {
-        float f = LaneMath::exp(m - m_new);
+        const float f = LaneMath::exp(m - m_new), d = m - m_new;
+        e = at::vec::fmadd(s, Vec(d), e) * Vec(f);  // e^(m-m') (e + (m - m') s), before s
+        e_tail = (e_tail + d * s_tail) * f;
         s = s * Vec(f);
         w = w * Vec(f);
         s_tail *= f;
@@ -202,7 +204,9 @@ struct Online {
     }
     return m != -INFINITY;
   }
-  MaxSum result() const { return MaxSum{m, hsum(s) + s_tail, hsum(w) + w_tail}; }
+  MaxSum result() const {
+    return MaxSum{m, hsum(s) + s_tail, hsum(w) + w_tail, hsum(e) + e_tail};
+  }
 };
 
 // Partial stats [kStats] of columns [c0, c1) of `row`.
@@ -222,8 +226,10 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
     for (; i + kW <= n; i += kW) {
       Vec a = Vec::loadu(t.a + i), b = Vec::loadu(t.b + i);
       if (la) {
-        Vec e = VecMath::exp(a - ma);
+        const Vec d = a - ma;
+        const Vec e = VecMath::exp(d);
         A.s = A.s + e;
+        A.e = A.e + xexp_term<VecMath>(e, d);
         if (rev) A.w = at::vec::fmadd(e, a - b, A.w);
       }
       if (lb) {
@@ -236,8 +242,9 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
     for (; i < n; ++i) {
       float a = t.a[i], b = t.b[i];
       if (la) {
-        float e = LaneMath::exp(a - A.m);
+        const float d = a - A.m, e = LaneMath::exp(d);
         A.s_tail += e;
+        A.e_tail += xexp_term<LaneMath>(e, d);
         if (rev) A.w_tail += e * (a - b);
       }
       if (lb) {
@@ -351,11 +358,20 @@ void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, 
     const Vec ma(A.m), mz(Z.m);
     int64_t i = 0;
     for (; i + kW <= n; i += kW) {
-      if (la) A.s = A.s + VecMath::exp(Vec::loadu(t.a + i) - ma);
+      if (la) {
+        const Vec d = Vec::loadu(t.a + i) - ma;
+        const Vec e = VecMath::exp(d);
+        A.s = A.s + e;
+        A.e = A.e + xexp_term<VecMath>(e, d);  // masked columns: d = -inf, term 0
+      }
       if (lz) Z.s = Z.s + VecMath::exp(Vec::loadu(t.z + i) - mz);
     }
     for (; i < n; ++i) {
-      if (la) A.s_tail += LaneMath::exp(t.a[i] - A.m);
+      if (la) {
+        const float d = t.a[i] - A.m, e = LaneMath::exp(d);
+        A.s_tail += e;
+        A.e_tail += xexp_term<LaneMath>(e, d);
+      }
       if (lz) Z.s_tail += LaneMath::exp(t.z[i] - Z.m);
     }
   }
@@ -440,7 +456,7 @@ void cpu_row_stats(const RowArgs& g, float* out, int threads) {
       stats_block(g, r, c0, c1, t, parts.data() + it * kStats);
     } else {  // an empty block: the empty-sum partial
       float* q = parts.data() + it * kStats;
-      const MaxSum empty{-INFINITY, 0.0f, 0.0f};
+      const MaxSum empty{-INFINITY, 0.0f, 0.0f, 0.0f};
       put_stats(q, empty, empty, empty, 0.0f);
     }
   });
@@ -488,7 +504,7 @@ void cpu_student_stats(const RowArgs& g, float* out, int threads) {
     if (c0 < c1) {
       student_stats_block(g, r, c0, c1, t, q);
     } else {  // an empty block: the empty-sum partial
-      const MaxSum empty{-INFINITY, 0.0f, 0.0f};
+      const MaxSum empty{-INFINITY, 0.0f, 0.0f, 0.0f};
       put_student_stats(q, empty, empty);
     }
   });

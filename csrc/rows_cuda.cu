@@ -135,6 +135,7 @@ __device__ __forceinline__ bool raise(MaxSum& acc, float x) {
   if (!(m_new == acc.m)) {
     if (acc.m != -INFINITY) {
       const float f = __expf(acc.m - m_new);
+      acc.e = f * (acc.e + (acc.m - m_new) * acc.s);  // before s is rescaled
       acc.s *= f;
       acc.w *= f;
     }
@@ -146,7 +147,8 @@ __device__ __forceinline__ bool raise(MaxSum& acc, float x) {
 __device__ __forceinline__ MaxSum shfl_max_sum(MaxSum x, int offset) {
   return MaxSum{__shfl_xor_sync(0xffffffffu, x.m, offset),
                 __shfl_xor_sync(0xffffffffu, x.s, offset),
-                __shfl_xor_sync(0xffffffffu, x.w, offset)};
+                __shfl_xor_sync(0xffffffffu, x.w, offset),
+                __shfl_xor_sync(0xffffffffu, x.e, offset)};
 }
 
 // Reduce `n` MaxSums and one plain sum across the block; thread 0 gets the result.
@@ -188,7 +190,8 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
   const RowParams& p = g.p;
   const bool rev = p.stats_weight == kWeightStudent, fwd = p.stats_weight == kWeightTeacher;
   const bool cez = p.ce_separate;
-  MaxSum acc[3] = {{-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}};
+  MaxSum acc[3] = {{-INFINITY, 0.f, 0.f, 0.f}, {-INFINITY, 0.f, 0.f, 0.f},
+                   {-INFINITY, 0.f, 0.f, 0.f}};
   auto add = [&](const float* zv, const float* av, const float* bv, int n) {
     float ma = -INFINITY, mb = -INFINITY, mz = -INFINITY;
     for (int i = 0; i < n; ++i) {
@@ -199,8 +202,9 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
     const bool la = raise(acc[0], ma), lb = raise(acc[1], mb), lz = cez && raise(acc[2], mz);
     for (int i = 0; i < n; ++i) {
       if (la) {
-        const float e = __expf(av[i] - acc[0].m);
+        const float d = av[i] - acc[0].m, e = __expf(d);
         acc[0].s += e;
+        acc[0].e += xexp_term<ScalarMath>(e, d);
         if (rev) acc[0].w += e * (av[i] - bv[i]);
       }
       if (lb) {
@@ -264,7 +268,7 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(RowArgs g, float* out, fl
         for (int i = 0; i < kChunk; ++i) add(zr[i], tr[i]);
       });
   // c0 rides in the w slot of a MaxSum with m = 0 and s = 0, whose merge is a plain sum.
-  MaxSum none[1] = {{0.0f, 0.0f, c0}};
+  MaxSum none[1] = {{0.0f, 0.0f, c0, 0.0f}};
   block_reduce<1>(none, c1);
   if (threadIdx.x != 0) return;
   const float half = p.div == kTVD ? 0.5f : 1.0f;
@@ -334,7 +338,7 @@ __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, floa
   const Span s = block_span(g, nb);
   const RowParams& p = g.p;
   const bool cez = p.ce_separate;
-  MaxSum acc[2] = {{-INFINITY, 0.f, 0.f}, {-INFINITY, 0.f, 0.f}};
+  MaxSum acc[2] = {{-INFINITY, 0.f, 0.f, 0.f}, {-INFINITY, 0.f, 0.f, 0.f}};
   auto add = [&](const float* zr, int n) {
     float z[kChunk], a[kChunk];
     float ma = -INFINITY, mz = -INFINITY;
@@ -346,7 +350,11 @@ __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, floa
     }
     const bool la = raise(acc[0], ma), lz = cez && raise(acc[1], mz);
     for (int i = 0; i < n; ++i) {
-      if (la) acc[0].s += __expf(a[i] - acc[0].m);
+      if (la) {
+        const float d = a[i] - acc[0].m, e = __expf(d);
+        acc[0].s += e;
+        acc[0].e += xexp_term<ScalarMath>(e, d);  // masked columns: d = -inf, term 0
+      }
       if (lz) acc[1].s += __expf(z[i] - acc[1].m);
     }
   };

@@ -27,12 +27,19 @@ from .validation import (
 class KDComponents(NamedTuple):
     """``loss`` (differentiable), and, reduced the same way but detached: ``kd`` the
     divergence D before kd_weight and T**2, ``ce`` the hard-label CE before ce_weight (NaN
-    without labels), ``n_tokens`` the number of kept tokens (0-d int64, inputs' device)."""
+    without labels), ``n_tokens`` the number of kept tokens (0-d int64, inputs' device),
+    ``student_entropy`` the entropy of the student's tempered softmax (after logit scale and
+    softcap, at T; reduced like kd) and ``label_logprob`` the student's untempered log-prob
+    of the label (= -CE per token, reduced like ce; NaN without labels). Both are exact over
+    the full vocabulary and come from the stats pass; the losses always fill them (the
+    defaults serve other constructors)."""
 
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
     n_tokens: torch.Tensor
+    student_entropy: torch.Tensor | None = None
+    label_logprob: torch.Tensor | None = None
 
 
 def _options(arguments: dict[str, Any]) -> KDOptions:
@@ -80,11 +87,14 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
 
 
 def _finish(opts: KDOptions, outputs, lead_shape) -> torch.Tensor | KDComponents:
-    """The public result from the Functions' or ops' (loss, kd, ce, n_tokens, ...)."""
-    loss, kd, ce, n_tokens = outputs[:4]
+    """The public result from the Functions' or ops' (loss, kd, ce, n_tokens, entropy, ...)."""
+    loss, kd, ce, n_tokens, entropy = outputs[:5]
     if opts.reduction == "none":
-        loss, kd, ce = (t.reshape(lead_shape) for t in (loss, kd, ce))
-    return KDComponents(loss, kd, ce, n_tokens) if opts.return_components else loss
+        loss, kd, ce, entropy = (t.reshape(lead_shape) for t in (loss, kd, ce, entropy))
+    if not opts.return_components:
+        return loss
+    # log p(label) = -CE per token, and linear reductions commute with the sign
+    return KDComponents(loss, kd, ce, n_tokens, entropy, -ce)
 
 
 def fused_linear_kd_loss(

@@ -83,6 +83,7 @@ class FusedOutcome:
     kept: int
     grads: tuple | None
     recompute: Callable[[torch.Tensor], tuple] | None
+    entropy: torch.Tensor  # the student's tempered entropy, reduced like kd
 
 
 def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: bool,
@@ -137,10 +138,10 @@ def run_fused(rows: Callable[[float | torch.Tensor | None], RowResult], h, w, bs
     eager_grad = opts.reduction != "none" and (want_h or want_w or want_b)
     if kept:
         res = rows(1.0 / norm if eager_grad else None)
-        kd, ce = res.kd, res.ce
+        kd, ce, entropy = res.kd, res.ce, res.entropy
     else:
         res = None
-        kd = torch.zeros(0, dtype=acc, device=h.device)
+        kd = entropy = torch.zeros(0, dtype=acc, device=h.device)
         ce = torch.zeros(0, dtype=acc, device=h.device) if has_ce else None
 
     def reduce(x):
@@ -152,7 +153,7 @@ def run_fused(rows: Callable[[float | torch.Tensor | None], RowResult], h, w, bs
     if eager_grad:
         grads = _full_grads(res, n, shapes, vocab, h.device, want_b)
     return FusedOutcome(loss, kd_red, ce_red, kept, grads,
-                        None if eager_grad else grads_for)
+                        None if eager_grad else grads_for, reduce(entropy))
 
 
 def _kept_count(kept: int, device: torch.device) -> torch.Tensor:
@@ -160,16 +161,16 @@ def _kept_count(kept: int, device: torch.device) -> torch.Tensor:
 
 
 def save_fused(ctx, out: FusedOutcome, device: torch.device) -> tuple:
-    """A fused Function's forward outputs (loss, kd, ce, n_tokens), saving what its backward
-    needs (``fused_backward``)."""
+    """A fused Function's forward outputs (loss, kd, ce, n_tokens, entropy), saving what its
+    backward needs (``fused_backward``)."""
     ctx.recompute = out.recompute
     # Saved (not kept on ctx) so that autograd releases them right after backward and
     # AccumulateGrad adopts them as .grad instead of cloning (a ctx attribute would keep
     # a second reference alive: one more [V, D] copy at the peak).
     ctx.save_for_backward(*(out.grads or (None, None, None)))
     n_tokens = _kept_count(out.kept, device)
-    ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
-    return out.loss, out.kd, out.ce, n_tokens
+    ctx.mark_non_differentiable(out.kd, out.ce, n_tokens, out.entropy)
+    return out.loss, out.kd, out.ce, n_tokens, out.entropy
 
 
 def fused_backward(ctx, go) -> tuple:
@@ -186,7 +187,7 @@ class FusedLinearKD(torch.autograd.Function):
         return save_fused(ctx, out, h.device)
 
     @staticmethod
-    def backward(ctx, go, _gkd, _gce, _gn):
+    def backward(ctx, go, _gkd, _gce, _gn, _gent):
         return (*fused_backward(ctx, go), None, None, None, None, None)
 
 
@@ -231,6 +232,7 @@ class LogitsOutcome:
     ce: torch.Tensor
     kept: int
     grad: torch.Tensor | None
+    entropy: torch.Tensor  # the student's tempered entropy, reduced like kd
 
 
 def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome:
@@ -249,23 +251,24 @@ def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome
         row_scale = torch.full((n,), unit, dtype=acc, device=zs.device)
         if keep is not None:
             row_scale = torch.where(keep, row_scale, torch.zeros_like(row_scale))
-    kd, ce, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,
-                               row_scale=row_scale, reducer=plan.reducer)
+    kd, ce, entropy, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,
+                                        row_scale=row_scale, reducer=plan.reducer)
     if keep is not None:
         kd = torch.where(keep, kd, torch.zeros_like(kd))
+        entropy = torch.where(keep, entropy, torch.zeros_like(entropy))
         ce = None if ce is None else torch.where(keep, ce, torch.zeros_like(ce))
     loss = _reduce(_combine(opts, kd, ce), opts, norm)
     kd_red = _reduce(kd, opts, norm)
     ce_red = torch.full_like(kd_red, float("nan")) if ce is None else _reduce(ce, opts, norm)
-    return LogitsOutcome(loss, kd_red, ce_red, kept, grad)
+    return LogitsOutcome(loss, kd_red, ce_red, kept, grad, _reduce(entropy, opts, norm))
 
 
 def save_logits(ctx, out: LogitsOutcome, device: torch.device) -> tuple:
     """A logits Function's forward outputs, saving the gradient for ``_scale`` in backward."""
     ctx.save_for_backward(out.grad)  # released after backward: adopted as .grad, not cloned
     n_tokens = _kept_count(out.kept, device)
-    ctx.mark_non_differentiable(out.kd, out.ce, n_tokens)
-    return out.loss, out.kd, out.ce, n_tokens
+    ctx.mark_non_differentiable(out.kd, out.ce, n_tokens, out.entropy)
+    return out.loss, out.kd, out.ce, n_tokens, out.entropy
 
 
 class LogitsKD(torch.autograd.Function):
@@ -275,5 +278,5 @@ class LogitsKD(torch.autograd.Function):
                            zs.device)
 
     @staticmethod
-    def backward(ctx, go, _gkd, _gce, _gn):
+    def backward(ctx, go, _gkd, _gce, _gn, _gent):
         return _scale(ctx.saved_tensors[0], go), None, None, None

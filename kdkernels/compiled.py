@@ -91,11 +91,13 @@ def _define(schema: _Schema, body, fake):
     return op
 
 
-_FUSED_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+_FUSED_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+_GRADS = 5  # the index of the first gradient output of either op
 
 
 class FusedOp:
-    """A fused-linear loss as a custom op: (loss, kd, ce, n_tokens, grad_h, grad_w, grad_b)
+    """A fused-linear loss as a custom op: (loss, kd, ce, n_tokens, entropy, grad_h, grad_w,
+    grad_b)
     with its fake, and a backward op that recomputes the gradients for reduction='none'.
     ``run(bound_args, opts) -> autograd.FusedOutcome`` is the eager loss; the leading
     arguments start with ``Tensor h, Tensor w, Tensor? bs`` and hold ``bool[] want``."""
@@ -117,7 +119,7 @@ class FusedOp:
         a = self.schema.bind(args)
         out = self.run(a, self.schema.options(a))
         return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=a["h"].device),
-                *_empty_for_missing(a["h"], out.grads or (None, None, None)))
+                out.entropy, *_empty_for_missing(a["h"], out.grads or (None, None, None)))
 
     @staticmethod
     def _fake_grads(a: dict[str, Any], computed: bool) -> tuple[Tensor, ...]:
@@ -135,7 +137,7 @@ class FusedOp:
         shape = (h.shape[0],) if not eager else ()
         return (h.new_empty(shape, dtype=acc), h.new_empty(shape, dtype=acc),
                 h.new_empty(shape, dtype=acc), h.new_empty((), dtype=torch.int64),
-                *self._fake_grads(a, eager))
+                h.new_empty(shape, dtype=acc), *self._fake_grads(a, eager))
 
     def _backward_impl(self, *args: Any) -> tuple[Tensor, ...]:
         """Gradients of reduction='none' for per-row grad_output ``grad_rows``."""
@@ -149,11 +151,12 @@ class FusedOp:
 
     def _setup(self, ctx, inputs, output):
         ctx.args = self.schema.bind(inputs)
-        ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, the grads: as eager
+        # kd, ce, n_tokens, entropy, the grads: as eager
+        ctx.mark_non_differentiable(*output[1:])
         # Saved, not kept on ctx, so that autograd frees them as soon as backward has run.
-        ctx.save_for_backward(*output[4:])
+        ctx.save_for_backward(*output[_GRADS:])
 
-    def _backward(self, ctx, g_loss, _g_kd, _g_ce, _g_n, _g_h, _g_w, _g_b):
+    def _backward(self, ctx, g_loss, _g_kd, _g_ce, _g_n, _g_ent, _g_h, _g_w, _g_b):
         a = ctx.args
         want = a["want"]
         if a["reduction"] != "none":
@@ -175,12 +178,12 @@ class FusedOp:
         return self.schema.call(self.op, {**lead, "want": want}, opts)
 
 
-_LOGITS_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor)"
+_LOGITS_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 
 class LogitsOp:
     """A loss on materialised student logits ``zs`` as a custom op: (loss, kd, ce, n_tokens,
-    grad), grad w.r.t. zs for grad_output = 1 (per row for reduction='none') or an empty
+    entropy, grad), grad w.r.t. zs for grad_output = 1 (per row for reduction='none') or an empty
     tensor when not wanted. ``run(bound_args, opts) -> autograd.LogitsOutcome``; the
     leading arguments start with ``Tensor zs`` and end with ``bool want_grad``."""
 
@@ -196,7 +199,7 @@ class LogitsOp:
         zs = a["zs"]
         out = self.run(a, self.schema.options(a))
         return (out.loss, out.kd, out.ce, torch.tensor(out.kept, device=zs.device),
-                zs.new_empty(0) if out.grad is None else out.grad)
+                out.entropy, zs.new_empty(0) if out.grad is None else out.grad)
 
     def _fake(self, *args: Any) -> tuple[Tensor, ...]:
         a = self.schema.bind(args)
@@ -205,15 +208,16 @@ class LogitsOp:
         shape = (zs.shape[0],) if a["reduction"] == "none" else ()
         return (zs.new_empty(shape, dtype=acc), zs.new_empty(shape, dtype=acc),
                 zs.new_empty(shape, dtype=acc), zs.new_empty((), dtype=torch.int64),
+                zs.new_empty(shape, dtype=acc),
                 torch.empty_like(zs, memory_format=torch.contiguous_format)
                 if a["want_grad"] else zs.new_empty(0))
 
     def _setup(self, ctx, inputs, output):
         ctx.want_grad = self.schema.bind(inputs)["want_grad"]
-        ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, grad: as eager
-        ctx.save_for_backward(output[4])  # freed by autograd right after backward
+        ctx.mark_non_differentiable(*output[1:])  # kd, ce, n_tokens, entropy, grad: as eager
+        ctx.save_for_backward(output[_GRADS])  # freed by autograd right after backward
 
-    def _backward(self, ctx, g_loss, _g_kd, _g_ce, _g_n, _g_grad):
+    def _backward(self, ctx, g_loss, _g_kd, _g_ce, _g_n, _g_ent, _g_grad):
         (grad,) = ctx.saved_tensors
         gz = None
         if ctx.want_grad:  # per-row grad_output for reduction='none', else a scalar

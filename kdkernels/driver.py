@@ -31,6 +31,7 @@ class RowResult:
     grad_h: torch.Tensor | None = None  # [N, Ds] in the compute dtype, 0 at ignored rows
     grad_w: torch.Tensor | None = None  # [V, Ds] fp32 accumulator
     grad_b: torch.Tensor | None = None  # [V] fp32 accumulator
+    entropy: torch.Tensor | None = None  # [K] entropy of the tempered student per kept row
 
 
 class RowSource:
@@ -103,7 +104,8 @@ def _row_coefficients(opts: KDOptions, spec: RowSpec, totals, aux: torch.Tensor,
 
 
 def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, grad_out):
-    """Row ops over one chunk; returns (kd, ce) and, if grad_out is given, writes dL/dzs."""
+    """Row ops over one chunk; returns (kd, ce, entropy) and, if grad_out is given, writes
+    dL/dzs."""
     stats = reducer.merge_stats(backend.stats(zs, zt, labels_local, spec))
     totals = finish(stats)
     mix = None
@@ -114,7 +116,7 @@ def _chunk_rows(zs, zt, labels_local, opts, spec, backend, reducer, row_scale, g
     if grad_out is not None:
         coef = _row_coefficients(opts, spec, totals, aux, row_scale)
         backend.grad(zs, zt, labels_local, coef, spec, grad_out)
-    return kd, ce
+    return kd, ce, totals.entropy
 
 
 def _scale_slice(row_scale, start, stop, like):
@@ -125,10 +127,12 @@ def _scale_slice(row_scale, start, stop, like):
 
 class ChunkRows(Protocol):
     """The row work of one chunk of kept rows [start, stop) over its student logits ``zs``:
-    returns (kd, ce | None) and writes dL/dzs into ``dz`` when it is given."""
+    returns (kd, ce | None, student entropy) and writes dL/dzs into ``dz`` when it is
+    given."""
 
     def __call__(self, start: int, stop: int, zs: torch.Tensor, dz: torch.Tensor | None,
-                 scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+                 scale: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]: ...
 
     def release(self) -> None:
         """Free this object's workspace (before the accumulators are finished)."""
@@ -203,6 +207,7 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
 
     kd = torch.empty(k, dtype=acc_dtype, device=device)
     ce = torch.empty(k, dtype=acc_dtype, device=device) if has_ce else None
+    entropy = torch.empty(k, dtype=acc_dtype, device=device)
     grad_h = gh_stage = None
     if need_grad and want_h:
         if idx is None:
@@ -223,7 +228,7 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
         zs = gemm.logits_into(h_c, w, bs, zs_buf[: stop - start])
         dz = dz_buf[: stop - start] if need_grad else None
         scale = _scale_slice(row_scale, start, stop, kd) if need_grad else None
-        kd_c, ce_c = chunk_rows(start, stop, zs, dz, scale)
+        kd_c, ce_c, entropy[start:stop] = chunk_rows(start, stop, zs, dz, scale)
         kd[start:stop] = kd_c
         if ce is not None:
             ce[start:stop] = ce_c
@@ -253,16 +258,16 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
                 acc *= post_scale
     if grad_h is not None:
         grad_h = reducer.finish_grad_hidden(grad_h)
-    return RowResult(kd, ce, grad_h, grad_w, grad_b)
+    return RowResult(kd, ce, grad_h, grad_w, grad_b, entropy)
 
 
 def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
                 opts: KDOptions, spec: RowSpec, backend: Backend, *,
                 row_scale: float | torch.Tensor | None, reducer: Reducer
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """Row losses over materialised logits zs [N, Vs], zt [N, Vt] (shared vocab = min);
-    returns (kd [N], ce [N] | None, grad [N, Vs] in zs's dtype | None). Rows whose
-    row_scale is 0 get zero gradient."""
+    returns (kd [N], ce [N] | None, student entropy [N], grad [N, Vs] in zs's dtype | None).
+    Rows whose row_scale is 0 get zero gradient."""
     n, vocab = zs.shape[0], min(zs.shape[1], zt.shape[1])
     # dL/dz has a tensor of its own (the gradient returned to the caller): no dz layout.
     c = plan_chunks(n_rows=n, width=reducer.chunk_width(vocab), backend=backend,
@@ -271,6 +276,7 @@ def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
     row_dtype = torch.float64 if zs.dtype == torch.float64 else torch.float32
     kd = torch.empty(n, dtype=row_dtype, device=zs.device)
     ce = torch.empty(n, dtype=row_dtype, device=zs.device) if spec.has_ce else None
+    entropy = torch.empty(n, dtype=row_dtype, device=zs.device)
     grad = None
     if row_scale is not None:
         grad = torch.empty_like(zs, memory_format=torch.contiguous_format)
@@ -282,9 +288,10 @@ def logits_rows(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor | None,
                             reducer.vocab_start, vocab, stop - start, zs.device)
         out = grad[start:stop, :vocab] if grad is not None else None
         scale = _scale_slice(row_scale, start, stop, kd) if grad is not None else None
-        kd_c, ce_c = _chunk_rows(zs[start:stop, :vocab], zt[start:stop, :vocab], lab, opts,
-                                 spec, backend, reducer, scale, out)
+        kd_c, ce_c, entropy[start:stop] = _chunk_rows(
+            zs[start:stop, :vocab], zt[start:stop, :vocab], lab, opts, spec, backend, reducer,
+            scale, out)
         kd[start:stop] = kd_c
         if ce is not None:
             ce[start:stop] = ce_c
-    return kd, ce, grad
+    return kd, ce, entropy, grad

@@ -44,6 +44,7 @@ STATS = Columns("Stat", (
     "m_z",      # max of z                      (hard-label CE at T != 1, else = m_a)
     "s_z",      # sum exp(z - m_z)              (hard-label CE at T != 1, else = s_a)
     "z_label",  # z at the row's label if it is in this block, else 0 (a plain sum)
+    "e_a",      # sum exp(a - m_a) * (a - m_a): the student entropy is log s_a - e_a / s_a
 ))
 
 # The two plain sums of the mix pass (merged by addition); divergences.py names them.
@@ -74,7 +75,7 @@ CONSTS = Columns("Const", ("inv_t", "tempered", "cap_s", "cap_t", "w_q", "log_w_
 
 # Student-only row ops of the sparse (top-k) teacher losses: partial stats over the columns
 # whose raw logit is not -inf (the driver masks the teacher's ids), merged like STATS.
-SSTATS = Columns("SStat", ("m_a", "s_a", "m_z", "s_z"))
+SSTATS = Columns("SStat", ("m_a", "s_a", "m_z", "s_z", "e_a"))
 # Their gradient coefficients: the a-normaliser carries log|row coefficient| (see
 # backends/base.py), kd and ce the signs and weights.
 SCOEF = Columns("SCoef", ("m_a", "log_s_a", "m_z", "log_s_z", "kd", "ce"))

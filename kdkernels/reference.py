@@ -76,7 +76,10 @@ def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       reduction: str = "mean", num_items: float | None = None,
                       **execution) -> dict[str, torch.Tensor]:
     """Loss on materialised logits, in float64 (or compute_dtype: the tests' naive
-    same-dtype yardstick). Returns loss, kd_rows, ce_rows, kept."""
+    same-dtype yardstick). Returns loss, kd_rows, ce_rows, kept, and the per-token signals
+    student_entropy (of softmax(z / T), z the scaled, capped student logits) and
+    label_logprob (log softmax(z) at the label; NaN rows without labels), 0 at ignored
+    tokens like kd_rows; ``reduce_rows`` reduces any of them as the loss is reduced."""
     unknown = set(execution) - _EXECUTION_OPTIONS
     if unknown:
         raise TypeError(f"reference_kd_loss: unknown options {sorted(unknown)}")
@@ -88,25 +91,38 @@ def reference_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                  teacher_softcap)
     z, t = z.reshape(-1, vocab), t.reshape(-1, vocab)
     kd = _divergence(z / temperature, t / temperature, divergence, beta, skew, alpha)
+    logp = torch.log_softmax(z / temperature, -1)
+    entropy = -torch.where(logp.exp() == 0, torch.zeros_like(logp), logp.exp() * logp).sum(-1)
     keep = torch.ones_like(kd, dtype=torch.bool)
     ce = torch.zeros_like(kd)
+    label_logprob = torch.full_like(kd, math.nan)
     if labels is not None:
         labels = labels.reshape(-1)
         keep = labels != ignore_index
         safe = torch.where(keep, labels, torch.zeros_like(labels))
         ce = torch.logsumexp(z, -1) - z.gather(1, safe[:, None]).squeeze(1)
+        label_logprob = torch.log_softmax(z, -1).gather(1, safe[:, None]).squeeze(1)
     t2 = temperature**2 if scale_by_t2 else 1.0
     rows = kd_weight * t2 * kd + ce_weight * ce
     zero = torch.zeros_like(rows)
-    rows, kd, ce = (torch.where(keep, x, zero) for x in (rows, kd, ce))
+    rows, kd, ce, entropy = (torch.where(keep, x, zero) for x in (rows, kd, ce, entropy))
+    if labels is not None:
+        label_logprob = torch.where(keep, label_logprob, zero)
     kept = int(keep.sum())
+    return {"loss": reduce_rows(rows, kept, reduction, num_items), "kd_rows": kd,
+            "ce_rows": ce, "kept": kept, "student_entropy": entropy,
+            "label_logprob": label_logprob}
+
+
+def reduce_rows(rows: torch.Tensor, kept: int, reduction: str = "mean",
+                num_items: float | None = None) -> torch.Tensor:
+    """Per-token rows (0 at ignored tokens) reduced as the loss is: as they are, summed, or
+    summed over num_items (default: the kept tokens)."""
     if reduction == "none":
-        loss = rows
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / (num_items if num_items is not None else max(kept, 1))
-    return {"loss": loss, "kd_rows": kd, "ce_rows": ce, "kept": kept}
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (num_items if num_items is not None else max(kept, 1))
 
 
 def reference_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,

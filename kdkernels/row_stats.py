@@ -3,7 +3,9 @@
 A stats pass over a block of vocabulary columns returns, per row, fp32 partials in the
 layout ``layouts.STATS`` that merge across vocab blocks or ranks with the online-softmax
 rescale (DESIGN.md): each max column rescales the sums that belong to it, ``z_label`` is a
-plain sum. The mix pass returns the plain sums of ``layouts.MIX``, merged by addition.
+plain sum. ``e_a`` = sum exp(a - m_a) (a - m_a) is relative to its max too, so moving it to a
+larger max M adds the shift: e <- exp(m_a - M) (e + (m_a - M) s_a).
+The mix pass returns the plain sums of ``layouts.MIX``, merged by addition.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import torch
 
 from .layouts import NORMS, SSTATS, STATS
 
-# (max column, the sums rescaled with it), and the plain sums
-_GROUPS = ((STATS.m_a, (STATS.s_a, STATS.w_a)), (STATS.m_b, (STATS.s_b, STATS.w_b)),
-           (STATS.m_z, (STATS.s_z,)))
+# (max column, the sums rescaled with it, (sum, its x log x column) pairs), and the plain sums
+_GROUPS = ((STATS.m_a, (STATS.s_a, STATS.w_a), ((STATS.s_a, STATS.e_a),)),
+           (STATS.m_b, (STATS.s_b, STATS.w_b), ()), (STATS.m_z, (STATS.s_z,), ()))
 _SUM_COLUMNS = (STATS.z_label,)
 
 
 # Student-only stats (sparse teachers); every column after them is a plain sum (the
 # student logits gathered at the teacher's ids, 0 on ranks that do not hold an id).
-_STUDENT_GROUPS = ((SSTATS.m_a, (SSTATS.s_a,)), (SSTATS.m_z, (SSTATS.s_z,)))
+_STUDENT_GROUPS = ((SSTATS.m_a, (SSTATS.s_a,), ((SSTATS.s_a, SSTATS.e_a),)),
+                   (SSTATS.m_z, (SSTATS.s_z,), ()))
 
 
 def merge_partials(parts: torch.Tensor) -> torch.Tensor:
@@ -41,7 +44,7 @@ def _merge(parts: torch.Tensor, groups, sum_columns) -> torch.Tensor:
     if parts.shape[0] == 1:
         return parts[0]
     out = torch.empty_like(parts[0])
-    for m_col, cols in groups:
+    for m_col, cols, shifted in groups:
         m = parts[:, :, m_col]
         m_new = m.amax(0)
         # A block with no columns has m = -inf and s = 0; keep its weight at 0, not NaN.
@@ -50,6 +53,10 @@ def _merge(parts: torch.Tensor, groups, sum_columns) -> torch.Tensor:
         out[:, m_col] = m_new
         for c in cols:
             out[:, c] = (parts[:, :, c] * factor).sum(0)
+        # An empty block (m = -inf, s = e = 0) adds 0: its shift would be -inf * 0.
+        shift = torch.where(torch.isneginf(m), torch.zeros_like(m), m - safe)
+        for s_col, e_col in shifted:
+            out[:, e_col] = ((parts[:, :, e_col] + shift * parts[:, :, s_col]) * factor).sum(0)
     for c in sum_columns:
         out[:, c] = parts[:, :, c].sum(0)
     return out
@@ -72,12 +79,13 @@ class RowTotals(NamedTuple):
     mean_b_minus_a: torch.Tensor  # E_q[b - a]
     mean_a_minus_b: torch.Tensor  # E_p[a - b]
     z_label: torch.Tensor
+    entropy: torch.Tensor  # of the tempered student softmax(a): log s_a - e_a / s_a
 
 
 def finish(stats: torch.Tensor) -> RowTotals:
     col = {name: stats[:, i] for i, name in enumerate(STATS)}
     m_a, s_a, w_a, m_b, s_b, w_b = (col[k] for k in ("m_a", "s_a", "w_a", "m_b", "s_b", "w_b"))
-    m_z, s_z, z_label = col["m_z"], col["s_z"], col["z_label"]
+    m_z, s_z, z_label, e_a = col["m_z"], col["s_z"], col["z_label"], col["e_a"]
     log_s_a, log_s_b, log_s_z = torch.log(s_a), torch.log(s_b), torch.log(s_z)
     return RowTotals(
         m_a=m_a, log_s_a=log_s_a, m_b=m_b, log_s_b=log_s_b, m_z=m_z, log_s_z=log_s_z,
@@ -85,6 +93,7 @@ def finish(stats: torch.Tensor) -> RowTotals:
         mean_b_minus_a=w_b / s_b,
         mean_a_minus_b=w_a / s_a,
         z_label=z_label,
+        entropy=log_s_a - e_a / s_a,
     )
 
 

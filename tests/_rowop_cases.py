@@ -89,6 +89,11 @@ def check_stats(backend: Backend, zs, zt, labels, spec: RowSpec) -> torch.Tensor
         col = getattr(STATS, name)
         _close(f"stats {name}", got[:, col], ref[:, col], 1e-30,
                RTOL + shift * float(big.max()))
+    # e_a = sum exp(a - m_a) (a - m_a): terms of one sign, each at most |a - m_a| times its
+    # exp, so the s-column bound scaled by the row's spread of a (plus one for the exp).
+    spread = torch.nan_to_num(za.amax(1) - za.amin(1), nan=0.0, posinf=0.0)
+    _close("stats e_a", got[:, STATS.e_a], ref[:, STATS.e_a],
+           (RTOL + shift * big) * ref[:, STATS.s_a].abs() * (spread + 1) + 1e-30, RTOL)
     span = torch.nan_to_num((zb - za).abs().amax(1), nan=0.0, posinf=0.0)
     for col, s_col in ((STATS.w_a, STATS.s_a), (STATS.w_b, STATS.s_b)):
         _close(f"stats[:, {col}]", got[:, col], ref[:, col],

@@ -24,7 +24,17 @@ CASES: dict[str, dict[str, Any]] = {
                                student_softcap=4.0, **_BASE),
     "none_logits": dict(tail="bucket", reduction="none", kind="logits", **_BASE),
 }
+CASES["signals_none"] = dict(tail="bucket", divergence="reverse_kl", reduction="none",
+                             return_components=True, student_logit_scale=0.5, **_BASE)
 BAD = {"id_out_of_range_one_rank": "rejected their inputs"}
+SIGNALS = ("student_entropy", "label_logprob")
+
+
+def split(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(loss, the per-token signals) of a loss result, components or not."""
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    return out.loss, {k: getattr(out, k) for k in SIGNALS}
 
 
 def widths(vocab: int, parts: int) -> list[int]:
@@ -66,10 +76,10 @@ def run(case: dict, x: dict, lo: int, hi: int, vp) -> dict[str, Any]:
                                       **opts)
         loss.backward(torch.linspace(0.5, 1.5, N))
         return dict(loss=loss.detach(), grad_z=z.grad)
-    loss = kdkernels.fused_linear_topk_kd_loss(h, w, x["ids"], x["lps"], x["labels"],
-                                               vocab_parallel=vp, **opts)
+    loss, signals = split(kdkernels.fused_linear_topk_kd_loss(
+        h, w, x["ids"], x["lps"], x["labels"], vocab_parallel=vp, **opts))
     loss.backward(torch.ones_like(loss))
-    return dict(loss=loss.detach(), grad_h=h.grad, grad_w=w.grad)
+    return dict(loss=loss.detach(), grad_h=h.grad, grad_w=w.grad, **signals)
 
 
 def run_bad(name: str, x: dict, lo: int, hi: int, vp, rank: int, parts: int) -> str:

@@ -39,6 +39,12 @@ CASES: dict[str, dict[str, Any]] = {
     # logit scales multiply each rank's raw logits before the caps: merged like any others
     "logit_scales": dict(divergence="jsd", beta=0.3, student_logit_scale=0.5,
                          teacher_logit_scale=3.0, student_softcap=6.0, **_LABELLED),
+    # the per-token signals of RL trainers, exact across shards
+    "signals_none": dict(divergence="reverse_kl", reduction="none", labels=True,
+                         return_components=True, temperature=1.5, student_logit_scale=2.0,
+                         chunk_size=5, go=True),
+    "kd_loss_signals": dict(kind="logits", divergence="forward_kl", temperature=2.0,
+                            labels=True, return_components=True, chunk_size=6),
     "reduction_none": dict(divergence="reverse_kl", reduction="none", labels=True,
                            ce_weight=1.0, chunk_size=5, go=True),
     "explicit_reversed_layout": dict(divergence="forward_kl", layout="reversed", **_LABELLED),
@@ -63,6 +69,7 @@ for _impl in filter(None, os.environ.get("KDK_TP_IMPLS", "").split(",")):
         CASES[f"backend_{_impl}_fkl_bias"] = dict(divergence="forward_kl", bias=True,
                                                  impl=_impl, chunk_size=11)
 _HARNESS = ("kind", "bias", "layout", "go", "labels", "dtype")
+SIGNALS = ("kd", "ce", "student_entropy", "label_logprob")  # of return_components
 
 # Bad inputs: name -> (what to break, substring every rank's error must contain).
 BAD: dict[str, str] = {
@@ -170,8 +177,11 @@ def run_case(case: dict, rank: int, parts: int, singles: list) -> dict[str, Any]
         zs = _leaf((x["h"] @ x["w"].t())[:, lo:hi])
         zt = (x["g"] @ x["u"].t())[:, lo:hi].contiguous()
         loss = kdkernels.kd_loss(zs, zt, x["labels"], vocab_parallel=vp, **opts)
+        comps = {}
+        if opts.get("return_components"):
+            comps, loss = {k: getattr(loss, k) for k in SIGNALS}, loss.loss
         loss.backward()
-        return {"loss": loss.detach(), "grad_zs": _grad(zs)}
+        return {"loss": loss.detach(), "grad_zs": _grad(zs), **comps}
     w, u = _leaf(x["w"][lo:hi]), x["u"][lo:hi].contiguous()
     bs = _leaf(None if x["bs"] is None else x["bs"][lo:hi])
     bt = None if x["bt"] is None else x["bt"][lo:hi].contiguous()
@@ -191,10 +201,13 @@ def run_case(case: dict, rank: int, parts: int, singles: list) -> dict[str, Any]
         mod = kdkernels.FusedLinearKDLoss(vocab_parallel=vp, **opts)
         res = mod(h, w, g, u, x["labels"], student_bias=bs, teacher_bias=bt)
         loss = res.loss
-        out.update(kd=res.kd, ce=res.ce)
+        out.update({k: getattr(res, k) for k in SIGNALS})
     else:
         loss = kdkernels.fused_linear_kd_loss(h, w, g, u, x["labels"], student_bias=bs,
                                               teacher_bias=bt, vocab_parallel=vp, **opts)
+        if opts.get("return_components"):
+            out.update({k: getattr(loss, k) for k in SIGNALS})
+            loss = loss.loss
     (loss * x["go"]).sum().backward() if x["go"] is not None else loss.backward()
     out.update(loss=loss.detach(), grad_h=_grad(h), grad_w=_grad(w), grad_bs=_grad(bs))
     return out

@@ -21,6 +21,7 @@ rounded to bf16 flip signs and both implementations err by O(10%) there.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -29,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kdkernels
-from kdkernels.reference import reference_fused_linear_kd_loss, reference_kd_loss
+from kdkernels.reference import reduce_rows, reference_fused_linear_kd_loss, reference_kd_loss
 
 from ._helpers import make_fused, naive_fused, run_fused
 from .conftest import cpu_impls
@@ -88,6 +89,7 @@ def fused_cases(draw, impl):
         logit_scale=draw(st.sampled_from([0.5, 3.0, 10.0])),
         seed=draw(st.integers(0, 2**16)),
         go=draw(st.sampled_from([1.0, 0.37, -2.0])),
+        components=draw(st.booleans()),
     )
     return case, draw(loss_options(n))
 
@@ -122,6 +124,37 @@ def _scaled_err(x, ref, twin, unit=0.0):
     scale = max(ref.double().norm().item(), twin.double().norm().item(), unit)
     err = (x.double() - ref.double()).norm().item()
     return err / scale if scale > 0 else err
+
+
+def _signals(out: dict, opts: dict, labelled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student_entropy, label_logprob) of a reference result, reduced like the loss; without
+    labels label_logprob is NaN whatever the reduction (even over no tokens)."""
+    ent, lp = (reduce_rows(out[k], out["kept"], opts["reduction"], opts["num_items"])
+               for k in ("student_entropy", "label_logprob"))
+    return ent, lp if labelled else torch.full_like(lp, math.nan)
+
+
+def _check_signals(ours, ref: dict, naive: dict, opts: dict, vocab: int, fp32: bool,
+                   labelled: bool = True) -> None:
+    """student_entropy and label_logprob against the oracle, with the loss's per-dtype bounds
+    (_check_fp32 / _check_bf16, the naive yardstick evaluated in the input dtype). Their
+    natural scale per token is log V, the largest entropy (a unit below which errors are
+    invisible next to it, as _unit_loss is for the loss)."""
+    kept = ref["kept"]
+    per = {"none": kept**0.5, "sum": kept}.get(opts["reduction"],
+                                                kept / (opts["num_items"] or max(kept, 1)))
+    unit = math.log(max(vocab, 2)) * per
+    check = _check_fp32 if fp32 else _check_bf16
+    names = ("student_entropy", "label_logprob")
+    for name, o, r, nv in zip(names, (ours.student_entropy, ours.label_logprob),
+                              _signals(ref, opts, labelled), _signals(naive, opts, labelled),
+                              strict=True):
+        assert not o.requires_grad, f"{name} must be detached"
+        assert o.shape == r.shape, (name, o.shape, r.shape)
+        nan = torch.isnan(r)  # label_logprob without labels: NaN, and nothing else is
+        assert torch.equal(torch.isnan(o), nan), f"{name}: NaN pattern differs"
+        if not nan.all():
+            check(o, r, r, nv, name, unit)
 
 
 def _check_fp32(ours, ref, twin, naive, what, unit=0.0):
@@ -168,6 +201,23 @@ def test_fused_linear_matches_oracle(impl):
         for o, r, t, nv, name, unit in rows:
             if r is not None:
                 check(o, r, t, nv, name, unit)
+        if case["components"]:  # the per-token signals of the same call
+            with torch.no_grad():
+                comp = kdkernels.fused_linear_kd_loss(
+                    inp["h"], inp["w"], inp["g"], inp["u"], inp["labels"],
+                    student_bias=inp["bs"], teacher_bias=inp["bt"], impl=impl,
+                    return_components=True, **opts)
+                ref_out = reference_fused_linear_kd_loss(
+                    inp["h"], inp["w"], inp["g"], inp["u"], inp["labels"],
+                    student_bias=inp["bs"], teacher_bias=inp["bt"], **opts)
+                zs, zt = (x.reshape(-1, x.shape[-1]) @ y.t() for x, y in
+                          ((inp["h"], inp["w"]), (inp["g"], inp["u"])))
+                if inp["bs"] is not None:
+                    zs, zt = zs + inp["bs"], zt + inp["bt"]
+                naive_out = reference_kd_loss(zs, zt, inp["labels"], compute_dtype=zs.dtype,
+                                              **opts)
+            _check_signals(comp, ref_out, naive_out, opts, min(case["vs"], case["vt"]),
+                           case["dtype"] == torch.float32)
 
     check()
 
@@ -181,6 +231,7 @@ def logits_cases(draw, impl):
     return dict(n=n, vs=vs, vt=vt, seed=draw(st.integers(0, 2**16)),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
                 scale=draw(st.sampled_from([1.0, 5.0])), ignore=draw(st.booleans()),
+                labels=draw(st.sampled_from([True, True, False])),
                 go=draw(st.sampled_from([1.0, -0.5]))), draw(loss_options(n))
 
 
@@ -199,8 +250,13 @@ def test_kd_loss_matches_oracle(impl):
         labels = torch.randint(0, min(case["vs"], case["vt"]), (case["n"],), generator=gen)
         if case["ignore"]:
             labels[::3] = -100
+        if not case["labels"]:  # label_logprob is NaN; CE needs labels
+            labels = None
+            opts = {**opts, "ce_weight": 0.0}
         z64 = zs.double().requires_grad_()
-        ref = reference_kd_loss(z64, zt.double(), labels, **opts)["loss"]
+        # + 0 * sum: a loss free of the student (skew_forward_kl at skew 1, no CE) has a
+        # zero gradient, but no graph to take it from
+        ref = reference_kd_loss(z64, zt.double(), labels, **opts)["loss"] + 0 * z64.sum()
         go = _go(ref.detach(), case["go"]).double()
         ref.backward(go)
         zq = zs.clone().requires_grad_()
@@ -208,14 +264,22 @@ def test_kd_loss_matches_oracle(impl):
         ours.backward(go.to(ours.dtype))
         assert zq.grad.dtype == zs.dtype and zq.grad.shape == zs.shape
         zw = zs.double().requires_grad_()
-        twin = reference_kd_loss(zw, zt.double(), labels, **_twin(opts))["loss"]
+        twin = reference_kd_loss(zw, zt.double(), labels, **_twin(opts))["loss"] + 0 * zw.sum()
         twin.backward(go)
         zn = zs.clone().requires_grad_()
-        naive = reference_kd_loss(zn, zt, labels, compute_dtype=zs.dtype, **opts)["loss"]
+        naive = (reference_kd_loss(zn, zt, labels, compute_dtype=zs.dtype, **opts)["loss"]
+                 + 0 * zn.sum())
         naive.backward(go.to(naive.dtype))
         check = _check_fp32 if case["dtype"] == torch.float32 else _check_bf16
         check(ours.detach(), ref.detach(), twin.detach(), naive.detach(), "loss",
               _unit_loss(opts, labels, case["n"]))
         check(zq.grad, z64.grad, zw.grad, zn.grad, "grad_logits")
+        # the per-token signals, from the stats pass of a second (forward-only) call
+        with torch.no_grad():
+            comp = kdkernels.kd_loss(zs, zt, labels, impl=impl, return_components=True, **opts)
+            ref_out = reference_kd_loss(zs.double(), zt.double(), labels, **opts)
+            naive_out = reference_kd_loss(zs, zt, labels, compute_dtype=zs.dtype, **opts)
+        _check_signals(comp, ref_out, naive_out, opts, min(case["vs"], case["vt"]),
+                       case["dtype"] == torch.float32, labels is not None)
 
     check()

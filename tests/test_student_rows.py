@@ -59,11 +59,19 @@ def _max_sum(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m, torch.exp(x - safe[:, None]).sum(1)
 
 
+def _xexp_sum(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """sum exp(x - m) (x - m) over the unmasked columns (0 for a row with none)."""
+    d = x - torch.where(torch.isneginf(m), torch.zeros_like(m), m)[:, None]
+    return torch.where(torch.isneginf(x), 0.0, torch.exp(d) * d).sum(1)
+
+
 def oracle_stats(zs, spec: RowSpec) -> torch.Tensor:
     z, _ = _oracle_z(zs, spec.student_softcap)
     m_a, s_a = _max_sum(z * spec.inv_t)
     m_z, s_z = _max_sum(z) if spec.ce_separate else (m_a, s_a)
-    return torch.stack([dict(m_a=m_a, s_a=s_a, m_z=m_z, s_z=s_z)[k] for k in SSTATS], 1)
+    e_a = _xexp_sum(z * spec.inv_t, m_a)
+    return torch.stack([dict(m_a=m_a, s_a=s_a, m_z=m_z, s_z=s_z, e_a=e_a)[k] for k in SSTATS],
+                       1)
 
 
 def oracle_grad(zs, labels, coef, spec: RowSpec) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kdkernels
+from kdkernels.reference import reference_kd_loss
 
 from . import _topk_tp_worker as worker
 from ._helpers import rel_err
@@ -29,9 +30,10 @@ def single(name: str) -> dict[str, torch.Tensor]:
         return dict(loss=loss.detach(), grad_z=z.grad)
     h = x["h"].clone().requires_grad_()
     w = x["w"].clone().requires_grad_()
-    loss = kdkernels.fused_linear_topk_kd_loss(h, w, x["ids"], x["lps"], x["labels"], **case)
+    loss, signals = worker.split(kdkernels.fused_linear_topk_kd_loss(
+        h, w, x["ids"], x["lps"], x["labels"], **case))
     loss.backward(torch.ones_like(loss))
-    return dict(loss=loss.detach(), grad_h=h.grad, grad_w=w.grad)
+    return dict(loss=loss.detach(), grad_h=h.grad, grad_w=w.grad, **signals)
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -48,6 +50,16 @@ def test_matches_single_process(parts, name, tmp_path_factory):
         else:
             assert rel_err(got["grad_h"], want["grad_h"]) <= 1e-5, rank
             assert rel_err(got["grad_w"], want["grad_w"][lo:hi]) <= 1e-5, rank
+        if "student_entropy" in want:  # full-vocabulary signals: against the oracle too
+            case = worker.CASES[name]
+            x = worker.make_inputs()
+            # the signals do not depend on the teacher: the dense oracle gives them
+            z = (x["h"] @ x["w"].T).double()
+            ref = reference_kd_loss(z, z, x["labels"], temperature=case["temperature"],
+                                    student_logit_scale=case["student_logit_scale"])
+            for key in worker.SIGNALS:
+                assert rel_err(got[key], ref[key]) <= 1e-5, (rank, key)
+                assert torch.equal(got[key], want[key]) or rel_err(got[key], want[key]) <= 1e-6
 
 
 @pytest.mark.parametrize("parts", [2, 3])

@@ -19,7 +19,7 @@ import torch
 import kdkernels
 from kdkernels.parallel import VocabParallel
 from kdkernels.parallel.reducer import check_tiling as _check_tiling
-from kdkernels.reference import reference_fused_linear_kd_loss, reference_kd_loss
+from kdkernels.reference import reduce_rows, reference_fused_linear_kd_loss, reference_kd_loss
 
 from ._helpers import rel_err
 from .conftest import cpu_impls
@@ -104,19 +104,24 @@ def _oracle(name: str, parts: int) -> dict[str, torch.Tensor | None]:
         zt = (x["g"] @ x["u"].t()).double()
         res = reference_kd_loss(zs, zt, x["labels"], **opts)
         res["loss"].backward()
-        return {"loss": res["loss"], "grad_zs": zs.grad}
+        return {"loss": res["loss"], "grad_zs": zs.grad, **_signals(res, opts)}
     res = reference_fused_linear_kd_loss(h, w, d["g"], d["u"], x["labels"], student_bias=bs,
                                          teacher_bias=d["bt"], **opts)
     loss = res["loss"]
     (loss * d["go"]).sum().backward() if d["go"] is not None else loss.backward()
     out = {"loss": loss.detach(), "grad_h": h.grad, "grad_w": w.grad,
            "grad_bs": None if bs is None else bs.grad}
-    if opts.get("return_components"):
-        keep = x["labels"] != W.IGNORE
-        kept = keep.sum()
-        out["kd"] = res["kd_rows"][keep].sum() / kept
-        out["ce"] = res["ce_rows"][keep].sum() / kept
-    return out
+    return {**out, **_signals(res, opts)}
+
+
+def _signals(res: dict, opts: dict) -> dict:
+    """The oracle's components (W.SIGNALS), reduced as the loss is, for return_components."""
+    if not opts.get("return_components"):
+        return {}
+    rows = dict(kd=res["kd_rows"], ce=res["ce_rows"], student_entropy=res["student_entropy"],
+                label_logprob=res["label_logprob"])
+    return {k: reduce_rows(rows[k], res["kept"], opts.get("reduction", "mean"),
+                           opts.get("num_items")) for k in W.SIGNALS}
 
 
 @pytest.mark.parametrize("name", list(W.CASES))
@@ -129,7 +134,7 @@ def test_matches_oracle(parts, name, tmp_path_factory):
     loss_tol, tol = (BF16_TOL["loss"], BF16_TOL["grad"]) if half else (TOL, TOL)
     for r, got in enumerate(ranks):
         assert rel_err(got["loss"], ref["loss"]) <= loss_tol, (r, got["loss"], ref["loss"])
-        for key in ("kd", "ce"):
+        for key in W.SIGNALS:
             if key in ref:
                 assert rel_err(got[key], ref[key]) <= TOL, (r, key)
     if "grad_zs" in ref:  # kd_loss: each rank's logit gradient is its column slice

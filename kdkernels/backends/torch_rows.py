@@ -95,6 +95,14 @@ def _row_max_exp(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torc
     return m, torch.sub(x, m[:, None], out=buf).exp_()
 
 
+def _xexp_sum(x: torch.Tensor, m: torch.Tensor, e: torch.Tensor,
+              buf: torch.Tensor) -> torch.Tensor:
+    """Row sums of e * (x - m) for e = exp(x - m), via buf. A -inf logit gives 0 * -inf =
+    NaN, which nansum drops (its term is 0); a row with a genuine NaN has a NaN sum of e
+    already, which makes its entropy NaN."""
+    return torch.nansum(torch.sub(x, m[:, None], out=buf).mul_(e), 1)
+
+
 def _label_logit(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     here = labels >= 0
     picked = z.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
@@ -121,6 +129,7 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
             a = z
         m_a, e = _row_max_exp(a, buf_e)
         o[:, STATS.m_a], o[:, STATS.s_a] = m_a, e.sum(1)
+        o[:, STATS.e_a] = _xexp_sum(a, m_a, e, buf_b)  # buf_b is free until b
         if not separate_z:
             o[:, STATS.m_z], o[:, STATS.s_z] = o[:, STATS.m_a], o[:, STATS.s_a]
         b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_b, scale_t)
@@ -350,22 +359,27 @@ def _masked_student(x: torch.Tensor, spec: RowSpec, buf: torch.Tensor
     return z, masked
 
 
-def _max_sum(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row max and sum exp(x - max); a row of -inf gives (-inf, 0)."""
+def _max_sum(x: torch.Tensor, buf: torch.Tensor, buf_d: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, ...]:
+    """Row max and sum exp(x - max), and with ``buf_d`` sum exp(x - max) (x - max); a row of
+    -inf gives (-inf, 0, 0)."""
     m = x.amax(1)
     safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    return m, torch.sub(x, safe[:, None], out=buf).exp_().sum(1)
+    e = torch.sub(x, safe[:, None], out=buf).exp_()
+    if buf_d is None:
+        return m, e.sum(1)
+    return m, e.sum(1), _xexp_sum(x, safe, e, buf_d)
 
 
 def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
     out = torch.empty(zs.shape[0], len(SSTATS), dtype=_acc_dtype(zs), device=zs.device)
-    for rows, (buf_z, buf_e) in _Blocks(zs, 2):
+    for rows, (buf_z, buf_e, buf_d) in _Blocks(zs, 3):
         o = out[rows]
         z, _ = _masked_student(zs[rows], spec, buf_z)
         if spec.ce_separate:
             o[:, SSTATS.m_z], o[:, SSTATS.s_z] = _max_sum(z, buf_e)
         a = z.mul_(spec.inv_t) if spec.tempered else z
-        o[:, SSTATS.m_a], o[:, SSTATS.s_a] = _max_sum(a, buf_e)
+        o[:, SSTATS.m_a], o[:, SSTATS.s_a], o[:, SSTATS.e_a] = _max_sum(a, buf_e, buf_d)
         if not spec.ce_separate:
             o[:, SSTATS.m_z], o[:, SSTATS.s_z] = o[:, SSTATS.m_a], o[:, SSTATS.s_a]
     return out

@@ -205,9 +205,10 @@ def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
     out = torch.empty(n_rows, len(SSTATS), dtype=torch.float32, device=zs.device)
     if n_rows == 0:
         return out
-    if n_cols == 0:  # no unmasked column: m = -inf, s = 0
+    if n_cols == 0:  # no unmasked column: m = -inf, s = 0 (and e_a = 0)
         for m, s in ((SSTATS.m_a, SSTATS.s_a), (SSTATS.m_z, SSTATS.s_z)):
             out[:, m], out[:, s] = float("-inf"), 0.0
+        out[:, SSTATS.e_a] = 0.0
         return out
     plan = _plan(n_rows, n_cols, zs.device, zs.element_size())
     part = out if plan.n_split == 1 else torch.empty(

@@ -113,7 +113,7 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
         row_scale = torch.full((kept,), unit, dtype=_acc(zs), device=zs.device)
     chunk = _plan(plan, kept, zs.shape[1], zs.dtype, None, zs.device).rows
     rows = SparseChunks(teacher, lab, plan.opts, plan.spec, plan.backend, plan.reducer)
-    kd, ce, grad = logits_rows(zs, idx, chunk, rows, row_scale)
+    kd, ce, entropy, grad = logits_rows(zs, idx, chunk, rows, row_scale)
     if grad is None and want_grad:
         grad = torch.zeros_like(zs)
 
@@ -122,7 +122,7 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
 
     loss, kd_red = reduce(_combine(opts, kd, ce)), reduce(kd)
     ce_red = torch.full_like(kd_red, float("nan")) if ce is None else reduce(ce)
-    return LogitsOutcome(loss, kd_red, ce_red, kept, grad)
+    return LogitsOutcome(loss, kd_red, ce_red, kept, grad, reduce(entropy))
 
 
 class TopKFusedLinear(torch.autograd.Function):
@@ -133,7 +133,7 @@ class TopKFusedLinear(torch.autograd.Function):
         return save_fused(ctx, out, h.device)
 
     @staticmethod
-    def backward(ctx, go, _gkd, _gce, _gn):
+    def backward(ctx, go, _gkd, _gce, _gn, _gent):
         return (*fused_backward(ctx, go), None, None, None, None)
 
 
@@ -144,5 +144,5 @@ class TopKLogits(torch.autograd.Function):
                                                     ctx.needs_input_grad[0]), zs.device)
 
     @staticmethod
-    def backward(ctx, go, _gkd, _gce, _gn):
+    def backward(ctx, go, _gkd, _gce, _gn, _gent):
         return _scale(ctx.saved_tensors[0], go), None, None, None, None

@@ -48,6 +48,18 @@ def _neg_inf_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.full_like(x, -math.inf))
 
 
+def _entropy(s: dict[str, torch.Tensor], lse: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+    """The tempered student's entropy over the full vocabulary, -sum p log p, from the stats
+    of the columns outside S (which sum exp(a - m_a) (a - m_a) as e_a) and the log-probs ``lp``
+    at S: outside, sum p log p = exp(m_a - lse) (e_a + (m_a - lse) s_a); no column outside S
+    (s_a = 0, m_a = -inf) adds 0."""
+    shift = s["m_a"] - lse
+    out = torch.exp(shift) * (s["e_a"] + shift * s["s_a"])
+    out = torch.where(s["s_a"] > 0, out, torch.zeros_like(out))
+    inside = torch.where(torch.isneginf(lp), torch.zeros_like(lp), lp.exp() * lp).sum(1)
+    return -(out + inside)
+
+
 class SparseChunks:
     """ChunkRows (driver.py) of the sparse-teacher loss over kept rows."""
 
@@ -60,7 +72,8 @@ class SparseChunks:
         pass
 
     def __call__(self, start: int, stop: int, zs: torch.Tensor, dz: torch.Tensor | None,
-                 scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 scale: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         spec, opts = self.spec, self.opts
         width, k = zs.shape[1], self.t.ids.shape[1]
         ids, valid = self.t.ids[start:stop], self.t.valid[start:stop]
@@ -111,7 +124,7 @@ class SparseChunks:
         if dz is not None:
             self._gradient(zs, dz, scale.double(), res, a_s, zc_s, z_s, valid, here, col,
                            kernel_labels, in_s, s, lse, lse1)
-        return res.div, ce
+        return res.div, ce, _entropy(s, lse, lp)
 
     def _gradient(self, zs, dz, scale, res, a_s, zc_s, z_s, valid, here, col, kernel_labels,
                   in_s, s, lse, lse1) -> None:
@@ -147,15 +160,17 @@ class SparseChunks:
 
 def logits_rows(zs: torch.Tensor, idx: torch.Tensor | None, chunk: int, rows: SparseChunks,
                 row_scale: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The sparse loss over materialised student logits zs [N, V] at the kept rows (``idx``
-    [kept], None: all): (kd [kept], ce [kept] | None, grad [N, V] | None). Each chunk is
+    [kept], None: all): (kd [kept], ce [kept] | None, student entropy [kept],
+    grad [N, V] | None). Each chunk is
     copied into one workspace (the masking writes to it), its gradient written in place."""
     n, vocab = zs.shape
     kept = rows.t.ids.shape[0]
     acc = torch.float64 if zs.dtype == torch.float64 else torch.float32
     kd = torch.empty(kept, dtype=acc, device=zs.device)
     ce = torch.empty(kept, dtype=acc, device=zs.device) if rows.spec.has_ce else None
+    entropy = torch.empty(kept, dtype=acc, device=zs.device)
     grad = None
     if row_scale is not None:
         grad = (torch.empty_like(zs, memory_format=torch.contiguous_format) if idx is None
@@ -170,7 +185,7 @@ def logits_rows(zs: torch.Tensor, idx: torch.Tensor | None, chunk: int, rows: Sp
             torch.index_select(zs, 0, idx[start:stop], out=work)
         out = None if grad is None else work
         scale = None if row_scale is None else row_scale[start:stop]
-        kd[start:stop], ce_c = rows(start, stop, work, out, scale)
+        kd[start:stop], ce_c, entropy[start:stop] = rows(start, stop, work, out, scale)
         if ce is not None:
             ce[start:stop] = ce_c
         if grad is not None:
@@ -178,4 +193,4 @@ def logits_rows(zs: torch.Tensor, idx: torch.Tensor | None, chunk: int, rows: Sp
                 grad[start:stop] = work
             else:
                 grad.index_copy_(0, idx[start:stop], work)
-    return kd, ce, grad
+    return kd, ce, entropy, grad

@@ -38,6 +38,7 @@ S_W_B = tl.constexpr(STATS.w_b)
 S_M_Z = tl.constexpr(STATS.m_z)
 S_S_Z = tl.constexpr(STATS.s_z)
 S_Z_LABEL = tl.constexpr(STATS.z_label)
+S_E_A = tl.constexpr(STATS.e_a)
 N_STATS = tl.constexpr(len(STATS))
 
 # The mix sums (layouts.MIX).
@@ -67,6 +68,7 @@ SS_M_A = tl.constexpr(SSTATS.m_a)
 SS_S_A = tl.constexpr(SSTATS.s_a)
 SS_M_Z = tl.constexpr(SSTATS.m_z)
 SS_S_Z = tl.constexpr(SSTATS.s_z)
+SS_E_A = tl.constexpr(SSTATS.e_a)
 N_SSTATS = tl.constexpr(len(SSTATS))
 
 # The student gradient's row coefficients (layouts.SCOEF).

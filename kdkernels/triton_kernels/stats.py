@@ -14,6 +14,7 @@ import triton.language as tl
 
 from .common import (
     N_STATS,
+    S_E_A,
     S_M_A,
     S_M_B,
     S_M_Z,
@@ -42,6 +43,16 @@ def _online_step(m, x):
     alpha = tl.exp(m - finite)
     e = tl.exp(x - finite[:, None])
     return m_new, alpha, e
+
+
+@helper
+def _entropy_step(ent, s, m_old, m_new, alpha, e, x):
+    """The running sum exp(x - m) (x - m) moved to the new max (exp(m - m') (ent + (m - m') s),
+    0 while everything was -inf) plus this tile's terms; lanes with e == 0 (masked, -inf,
+    underflow) add 0. Called before s is rescaled."""
+    shift = tl.where(m_old == float("-inf"), 0.0, m_old - m_new)
+    finite = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return alpha * (ent + shift * s) + _weighted(e, x - finite[:, None])
 
 
 @helper
@@ -74,6 +85,7 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
     s_z = tl.zeros([BLOCK_R], tl.float32)
     w_a = tl.zeros([BLOCK_R], tl.float32)
     w_b = tl.zeros([BLOCK_R], tl.float32)
+    ent = tl.zeros([BLOCK_R], tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
@@ -83,7 +95,9 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
                            TEMPERED)
         # max and exp see masked lanes as -inf (weight 0); the weighted sums use the finite
         # a, b, whose masked lanes get e = 0.
+        m_prev = m_a
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(mask, a, _NEG_INF))
+        ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if STATS_WEIGHT == WEIGHT_STUDENT:
             w_a = w_a * alpha_a + _weighted(e_a, a - b)
@@ -117,6 +131,21 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
     tl.store(out + S_M_Z, m_z, mask=row_ok)
     tl.store(out + S_S_Z, s_z, mask=row_ok)
     tl.store(out + S_Z_LABEL, z_label, mask=row_ok)
+    tl.store(out + S_E_A, ent, mask=row_ok)
+
+
+@helper
+def merge_entropy(base, mask, out, row_ok, M_COL: tl.constexpr, S_COL: tl.constexpr,
+                  E_COL: tl.constexpr):
+    """Fold the x log x column E_COL (relative to the max M_COL, with the sum S_COL) over the
+    split axis: sum exp(m - M) (e + (m - M) s), empty splits adding 0."""
+    m = tl.load(base + M_COL, mask=mask, other=_NEG_INF)
+    m_new = tl.max(m, axis=1)
+    finite = tl.where(m_new == float("-inf"), 0.0, m_new)
+    shift = tl.where(m == float("-inf"), 0.0, m - finite[:, None])
+    s = tl.load(base + S_COL, mask=mask, other=0.0)
+    e = tl.load(base + E_COL, mask=mask, other=0.0)
+    tl.store(out + E_COL, tl.sum(tl.exp(shift) * (e + shift * s), axis=1), mask=row_ok)
 
 
 @helper
@@ -145,6 +174,7 @@ def merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constexpr,
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
     base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_STATS
     out = out_ptr + rows * N_STATS
+    merge_entropy(base, mask, out, row_ok, S_M_A, S_S_A, S_E_A)  # reads the partial s_a
     _merge_group(base, mask, out, row_ok, S_M_A, S_S_A, S_W_A, True)
     _merge_group(base, mask, out, row_ok, S_M_B, S_S_B, S_W_B, True)
     _merge_group(base, mask, out, row_ok, S_M_Z, S_S_Z, S_S_Z, False)

@@ -22,6 +22,7 @@ from .common import (
     SC_LOG_S_Z,
     SC_M_A,
     SC_M_Z,
+    SS_E_A,
     SS_M_A,
     SS_M_Z,
     SS_S_A,
@@ -30,7 +31,7 @@ from .common import (
     softcap,
     store_grad,
 )
-from .stats import _merge_group, _online_step
+from .stats import _entropy_step, _merge_group, _online_step, merge_entropy
 
 _NEG_INF = tl.constexpr(float("-inf"))
 
@@ -72,12 +73,15 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
     m_z = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     s_a = tl.zeros([BLOCK_R], tl.float32)
     s_z = tl.zeros([BLOCK_R], tl.float32)
+    ent = tl.zeros([BLOCK_R], tl.float32)
     for start in range(lo, hi, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = row_ok[:, None] & (cols < hi)[None, :]
         valid, z, a = _load_student(zs_ptr, off_s, cols, mask, cap_s, inv_t, scale_s,
                                     HAS_CAP_S, TEMPERED)
+        m_prev = m_a
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(valid, a, _NEG_INF))
+        ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if SEPARATE_Z:
             m_z, alpha_z, e_z = _online_step(m_z, tl.where(valid, z, _NEG_INF))
@@ -91,6 +95,7 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
     tl.store(out + SS_S_A, s_a, mask=row_ok)
     tl.store(out + SS_M_Z, m_z, mask=row_ok)
     tl.store(out + SS_S_Z, s_z, mask=row_ok)
+    tl.store(out + SS_E_A, ent, mask=row_ok)
 
 
 @triton.jit
@@ -104,6 +109,7 @@ def student_merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constex
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
     base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_SSTATS
     out = out_ptr + rows * N_SSTATS
+    merge_entropy(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_E_A)  # reads the partial s_a
     _merge_group(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_S_A, False)
     _merge_group(base, mask, out, row_ok, SS_M_Z, SS_S_Z, SS_S_Z, False)
 
