@@ -99,6 +99,8 @@ def test_loss_options_reach_the_loss_and_bad_ones_are_named(tmp_path):
         _trainer(tmp_path, student, teacher, chunk_size=-3)
     with pytest.raises(TypeError, match="unexpected keyword argument 'beta_typo'"):
         _trainer(tmp_path, student, teacher, beta_typo=0.1)
+    with pytest.raises(ValueError, match="KDDistillationTrainer needs teacher_model"):
+        _trainer(tmp_path, student, None)
 
 
 def test_import_without_trl_says_what_is_missing(monkeypatch):
