@@ -1,6 +1,8 @@
 """Row ops alone on CPU: cpp (and torch) stats + grad over one [C, V] chunk vs memory copies.
 
-    python bench/row_ops_cpu.py [--impl cpp torch] [--reps 3]
+    python bench/row_ops_cpu.py [--impl cpp torch] [--reps 3] [--threads 2] [--shapes S1]
+
+It imports kdkernels from the path (PYTHONPATH), so one copy of it times any checkout.
 
 Prints ms per pass and the effective bandwidth (bytes each pass must move / time) next to a
 plain copy of the same bytes. Shapes: S1's whole chunk (2048 x 32000) and one S2 chunk
@@ -63,11 +65,16 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     ap.add_argument("--divergence", default="forward_kl")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = ap.parse_args()
-    spec = RowSpec(args.divergence, 1.0, 0.5, 0.1, None, None, False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = RowSpec.build(args.divergence)
     print(f"threads {torch.get_num_threads()}; {args.divergence}; best of {args.reps}")
     for dname in args.dtypes:
-        for sname, (c, v) in SHAPES.items():
+        for sname in args.shapes:
+            c, v = SHAPES[sname]
             _shape(sname, c, v, getattr(torch, dname), args.impl, spec, args.reps)
 
 

@@ -28,9 +28,10 @@ STORAGE_ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 
 
 def spec_of(div: str, temperature: float = 1.0, *, beta: float = 0.3, skew: float = 0.2,
             alpha: float = 0.35, scap: float | None = None, tcap: float | None = None,
-            ce: bool = False) -> RowSpec:
+            ce: bool = False, scale_s: float = 1.0, scale_t: float = 1.0) -> RowSpec:
     return RowSpec.build(div, temperature=temperature, beta=beta, skew=skew, alpha=alpha,
-                         student_softcap=scap, teacher_softcap=tcap, has_ce=ce)
+                         student_softcap=scap, teacher_softcap=tcap, has_ce=ce,
+                         student_logit_scale=scale_s, teacher_logit_scale=scale_t)
 
 
 def make_logits(rows: int, cols: int, dtype: torch.dtype, device, *, scale: float = 4.0,
@@ -73,9 +74,10 @@ def check_stats(backend: Backend, zs, zt, labels, spec: RowSpec) -> torch.Tensor
     # With T == 1 and no softcap the max and label columns are exact (no rounding on either
     # side). Otherwise x / c, tanh, z / T round differently (the kernel multiplies by
     # reciprocals): a few ulp of a, which also moves each exp(a - m) by ~1e-6 * |a|.
-    za = torch_rows._capped(zs, spec.student_softcap) * spec.inv_t
-    zb = torch_rows._capped(zt, spec.teacher_softcap) * spec.inv_t
-    plain = not spec.tempered and spec.student_softcap is None and spec.teacher_softcap is None
+    za = torch_rows._capped(zs.float() * spec.const("scale_s"), spec.student_softcap) * spec.inv_t
+    zb = torch_rows._capped(zt.float() * spec.const("scale_t"), spec.teacher_softcap) * spec.inv_t
+    plain = (not spec.tempered and spec.student_softcap is None and spec.teacher_softcap is None
+             and spec.const("scale_s") == spec.const("scale_t") == 1.0)
     big = torch.nan_to_num(torch.maximum(za.abs().amax(1), zb.abs().amax(1)), nan=0.0,
                            posinf=0.0)
     shift = 0.0 if plain else 1e-6
@@ -83,7 +85,7 @@ def check_stats(backend: Backend, zs, zt, labels, spec: RowSpec) -> torch.Tensor
         col = getattr(STATS, name)
         _close(f"stats {name}", got[:, col], ref[:, col], 0.0, shift)
     _close("stats z_label", got[:, STATS.z_label], ref[:, STATS.z_label], 0.0,
-           0.0 if spec.student_softcap is None else 1e-6)
+           0.0 if spec.student_softcap is None else 1e-6)  # x * scale rounds alike on both
     # s columns: sums of positive terms; w columns: bounded by s * max|b - a| of the row.
     for name in ("s_a", "s_b", "s_z"):
         col = getattr(STATS, name)

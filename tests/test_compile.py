@@ -171,10 +171,11 @@ def test_kd_loss_fullgraph_components():
     want = run(zs, zt, labels)
     assert isinstance(got, kdkernels.KDComponents)
     assert int(got.n_tokens) == int(want.n_tokens) == 10
-    for name in ("loss", "kd", "ce"):
+    for name in ("loss", "kd", "ce", "student_entropy", "label_logprob"):
         assert getattr(got, name).shape == (3, 4)
         torch.testing.assert_close(getattr(got, name), getattr(want, name), **TIGHT)
     assert not got.kd.requires_grad and not got.ce.requires_grad
+    assert not got.student_entropy.requires_grad and not got.label_logprob.requires_grad
     got.loss.sum().backward()
     assert zs.grad is not None and zs.grad.abs().sum() > 0
 
@@ -242,3 +243,7 @@ def test_fullgraph_fused_components_are_detached():
                                            ce_weight=0.5, return_components=True)
     torch.testing.assert_close(out.kd, eager.kd)
     assert out.n_tokens.device == eager.n_tokens.device and int(out.n_tokens) == 10
+    for name in ("student_entropy", "label_logprob"):  # through the op's outputs, detached
+        got, want = getattr(out, name), getattr(eager, name)
+        assert not got.requires_grad and bool(torch.isfinite(want))
+        torch.testing.assert_close(got, want)

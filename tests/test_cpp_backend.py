@@ -54,6 +54,18 @@ def test_temperatures_and_softcaps(div, temperature, scap, tcap):
               spec_of(div, temperature, scap=scap, tcap=tcap, ce=True))
 
 
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("scale_s,scale_t,temperature,scap", [
+    (0.0625, 3.0, 1.0, None), (3.0, 0.5, 2.0, 20.0), (0.5, 1.0, 0.7, 5.0)])
+def test_logit_scales(div, scale_s, scale_t, temperature, scap):
+    """The scales multiply the raw logits where the kernels load them (label logit too)."""
+    zs = make_logits(5, 1031, torch.bfloat16, CPU, scale=6.0, seed=7)
+    zt = make_logits(5, 1031, torch.bfloat16, CPU, scale=6.0, seed=8)
+    check_all(CPP, zs, zt, make_labels(5, 1031, CPU),
+              spec_of(div, temperature, scap=scap, tcap=4.0, ce=True, scale_s=scale_s,
+                      scale_t=scale_t))
+
+
 @pytest.mark.parametrize("rows,cols", [(1, 1), (1, 9000), (2, 4099), (3, 1), (1, 17),
                                        (130, 97), (5, 8192)])
 def test_shapes_including_vocab_split(rows, cols):

@@ -196,6 +196,16 @@ def test_temperatures_and_softcaps(div, temperature, scap, tcap):
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_logit_scales(div):
+    zs = make_logits(9, 2053, torch.bfloat16, DEV, scale=6.0, seed=45)
+    zt = make_logits(9, 2053, torch.bfloat16, DEV, scale=6.0, seed=46)
+    check_all(_backend(), zs, zt, make_labels(9, 2053, DEV),
+              spec_of(div, 2.0, scap=20.0, ce=True, scale_s=3.0, scale_t=0.0625))
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_strided_rows_separate_out_and_aliasing(out_dtype):
     zs = make_logits(9, 4000, torch.bfloat16, DEV, row_stride=4104, seed=45)  # aligned rows

@@ -97,10 +97,11 @@ def _row_max_exp(x: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torc
 
 def _xexp_sum(x: torch.Tensor, m: torch.Tensor, e: torch.Tensor,
               buf: torch.Tensor) -> torch.Tensor:
-    """Row sums of e * (x - m) for e = exp(x - m), via buf. A -inf logit gives 0 * -inf =
-    NaN, which nansum drops (its term is 0); a row with a genuine NaN has a NaN sum of e
-    already, which makes its entropy NaN."""
-    return torch.nansum(torch.sub(x, m[:, None], out=buf).mul_(e), 1)
+    """Row sums of e * (x - m) for e = exp(x - m), via buf. The log is clamped at -FLT_MAX,
+    as csrc/row_math.h xexp_term does, so that a -inf logit adds e * -FLT_MAX = 0 (not
+    0 * -inf = NaN) while a NaN logit stays NaN."""
+    finfo = torch.finfo(buf.dtype)
+    return torch.sub(x, m[:, None], out=buf).clamp_(min=finfo.min).mul_(e).sum(1)
 
 
 def _label_logit(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
