@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", default=None,
                    help="subset to run (the floor always runs): floor, kdkernels (all "
                         "available impls) or kdkernels:<impl>, naive, naive-compiled, liger, "
-                        "liger-compiled")
+                        "liger-compiled, trl")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (compiles)")
     p.add_argument("--csv", default=None, help="also write the results to this CSV")

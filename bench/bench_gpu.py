@@ -51,7 +51,7 @@ GPU_SHAPES = {  # BT tokens, V, Ds, Dt: Liger's published shape first, then othe
     "v262k": common.Shape(8192, 262144, 2048, 4096),
 }
 # Run order = priority when the time budget runs short.
-PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "liger-jsd", "naive", "floor-ws",
+PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "trl", "liger-jsd", "naive", "floor-ws",
              "kdk-triton-ws", "liger-chunked", "kdk-torch")
 LIGER_SHAPE_ONLY = ("floor-ws", "kdk-triton-ws")
 LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
@@ -173,6 +173,9 @@ def build(provider: str, shape_name: str, inputs: common.Inputs):
                                                      + ("compiled" if compiled else "eager"))
     if provider == "liger-jsd":
         return _liger_jsd(), "LigerFusedLinearJSD(jsd_beta=0)"
+    if provider == "trl":
+        return (common.build_provider("trl", inputs),
+                "trl _chunked_divergence_loss(beta=0): DistillationTrainer's Triton kernel")
     raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
 
 
@@ -195,6 +198,9 @@ def discover(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
         elif provider.startswith("liger"):
             if importlib.util.find_spec("liger_kernel") is None:
                 reasons = ["liger_kernel is not installed"]
+        elif provider == "trl":
+            why_not = common.trl_missing()
+            reasons = [why_not] if why_not else []
         if not torch.cuda.is_available() and not any("CUDA" in r for r in reasons):
             reasons = reasons + ["no CUDA device"]
         why[provider] = "; ".join(reasons)

@@ -209,7 +209,33 @@ def _liger(compiled: bool) -> Callable[[Inputs], torch.Tensor]:
     return run
 
 
-STATIC_PROVIDERS = ("floor", "naive", "naive-compiled", "liger", "liger-compiled")
+def trl_missing() -> str | None:
+    """Why TRL's distillation loss cannot run here (None when it can)."""
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss  # noqa: F401
+    except Exception as err:  # ImportError, or a dependency of trl failing to import
+        return f"trl's DistillationTrainer loss does not import ({type(err).__name__}: {err})"
+    return None
+
+
+def _trl() -> Callable[[Inputs], torch.Tensor]:
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    # TRL's own chunked hidden-state loss (the one its DistillationTrainer calls): beta 0 is
+    # forward KL(teacher || student) exactly; mean over the positions the mask keeps. It runs
+    # its Triton kernel on GPUs and its torch tiles elsewhere.
+    def run(inp: Inputs) -> torch.Tensor:
+        mask = inp.labels != IGNORE_INDEX
+        loss, _, _ = _chunked_divergence_loss(inp.student_hidden, inp.teacher_hidden,
+                                              inp.student_weight, inp.teacher_weight, mask,
+                                              beta=0.0, temperature=1.0)
+        loss.backward()
+        return loss.detach()
+
+    return run
+
+
+STATIC_PROVIDERS = ("floor", "naive", "naive-compiled", "liger", "liger-compiled", "trl")
 KDK_PREFIX = "kdkernels:"
 
 
@@ -243,6 +269,11 @@ def discover_providers(device: str | torch.device, dtype: torch.dtype
         skipped["liger"] = skipped["liger-compiled"] = "liger_kernel is not installed"
     else:
         names += ["liger", "liger-compiled"]
+    why_not_trl = trl_missing()
+    if why_not_trl:
+        skipped["trl"] = why_not_trl
+    else:
+        names.append("trl")
     return names, skipped
 
 
@@ -260,8 +291,10 @@ def build_provider(name: str, inputs: Inputs) -> Callable[[Inputs], torch.Tensor
         return _naive(is_compiled(name))
     if name in ("liger", "liger-compiled"):
         return _liger(is_compiled(name))
+    if name == "trl":
+        return _trl()
     raise ValueError(f"unknown provider {name!r}; expected floor, {KDK_PREFIX}<impl>, "
-                     f"naive, naive-compiled, liger or liger-compiled")
+                     f"naive, naive-compiled, liger, liger-compiled or trl")
 
 
 def sync(device: torch.device) -> None:

@@ -5,8 +5,10 @@
 #   bash bench/gpu_check.sh OUTDIR            # on the GPU machine, repo root as cwd or not
 #   bash bench/gpu_check.sh OUTDIR --dry-run  # on CPU (CI): arguments, discovery, CSVs
 #
-# Wheels: .whl/*.whl (liger-kernel, pure Python) are installed into /tmp/site, never over
-# the machine's packages; .whl/test/*.whl (pytest, hypothesis and their deps) only if the
+# Wheels: .whl/*.whl (liger-kernel and trl, pure Python) are installed into /tmp/site, never
+# over the machine's packages (`pip download --no-deps liger-kernel==0.8.5 trl==1.16.0 -d .whl`;
+# trl also needs accelerate and datasets: bring those wheels, and datasets' own dependencies,
+# if the machine lacks them, else the trl provider is skipped with the import error); .whl/test/*.whl (pytest, hypothesis and their deps) only if the
 # machine lacks pytest or hypothesis. kdkernels itself runs from the checkout (PYTHONPATH).
 # Builds: `python -m kdkernels.info` compiles the C++/CUDA extensions (MAX_JOBS=16) in the
 # background while the Triton tests run; later steps only load the cache (KDKERNELS_NO_BUILD).
@@ -57,7 +59,7 @@ if (( DRY )); then
     log "dry run in $ROOT: no installs, builds, tests or GPU timing"
     shopt -s nullglob
     wheels=(.whl/*.whl)
-    log "would install into $SITE: ${wheels[*]:-(no .whl/*.whl here: fetch liger-kernel first)}"
+    log "would install into $SITE: ${wheels[*]:-(no .whl/*.whl here: fetch liger-kernel and trl first)}"
     log "would build: $PY -m kdkernels.info ($( [[ -f kdkernels/info.py ]] && echo present \
         || echo 'missing: would fall back to registry.available()'))"
     log "would test: pytest ${TRITON_TESTS[*]}; pytest -m gpu tests"
@@ -91,7 +93,7 @@ wheels=(.whl/*.whl)
 if (( ${#wheels[@]} )); then
     install_wheels "${wheels[@]}" || { log "wheel install failed"; fail 3; }
 else
-    log "no .whl/*.whl: Liger providers will be skipped"
+    log "no .whl/*.whl: the Liger (and, without trl here, the trl) providers will be skipped"
 fi
 need=()
 "$PY" -c "import pytest" 2>/dev/null \
@@ -105,6 +107,8 @@ if (( ${#need[@]} )); then
 fi
 "$PY" -c "import liger_kernel, pytest; print('liger_kernel', liger_kernel.__file__)" 2>&1 \
     | tee -a "$OUT/gpu_check.log"
+"$PY" -c "from trl.trainer.distillation_trainer import _chunked_divergence_loss; import trl; \
+print('trl', trl.__version__, trl.__file__)" 2>&1 | tail -1 | tee -a "$OUT/gpu_check.log"
 
 # (b) builds, in the background while the Triton tests run
 if [[ -f kdkernels/info.py ]]; then

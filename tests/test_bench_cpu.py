@@ -25,6 +25,7 @@ from bench import bench_cpu, common  # noqa: E402
 TINY = "8,64,16,24"
 LIMITS = bench_cpu.Limits(mem_mib=8 * 1024, min_available_mib=0, timeout_s=600)
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
+HAS_TRL = importlib.util.find_spec("trl") is not None
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -63,6 +64,7 @@ def test_eager_providers_agree_with_float64():
     assert names[0] == "floor" and "kdkernels:torch" in names and "naive" in names
     assert "kdkernels:triton" not in names  # the interpreter is no performance path
     assert ("liger" in names) == HAS_LIGER
+    assert ("trl" in names) == HAS_TRL  # TRL's own chunked loss, checked like the others
     eager = [n for n in names if n != "floor" and not common.is_compiled(n)]
     checks = bench_cpu._check_providers(eager, common.Shape(13, 257, 8, 12), "fp32", seed=1)
     assert set(checks) == set(eager)

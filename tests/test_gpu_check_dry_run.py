@@ -32,7 +32,7 @@ def test_dry_run_writes_csvs_and_prints_the_table_last(tmp_path):
     seen = {(r["shape"], r["provider"]) for r in rows}
     for shape in bench_gpu.GPU_SHAPES:
         for provider in ("floor", "kdk-triton", "kdk-torch", "naive", "liger-chunked",
-                         "liger-jsd"):
+                         "liger-jsd", "trl"):
             assert (shape, provider) in seen
     assert {r["status"] for r in rows} == {"dry-run"}
     assert all(r["note"] for r in rows)  # each says why it would be skipped, or "would run"

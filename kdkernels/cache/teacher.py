@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..integrations.logits import apply_logit_transform
 from ..train import models
 
 CHUNK_ROWS = 256
@@ -19,17 +20,19 @@ CHUNK_ROWS = 256
 
 @dataclass(frozen=True)
 class Head:
-    """The LM head as the cache sees it: weight [V, D], optional bias and final softcap."""
+    """The LM head as the cache sees it: weight [V, D], optional bias, final softcap and the
+    model's logit scale (Cohere, Granite, ...: applied before the softcap)."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
     softcap: float | None
+    scale: float = 1.0
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> Head:
         weight, bias = models.head(model)
-        return cls(weight.detach(), None if bias is None else bias.detach(),
-                   models.softcap(model))
+        scale, softcap = models.logit_transform(model)
+        return cls(weight.detach(), None if bias is None else bias.detach(), softcap, scale)
 
     @property
     def vocab_size(self) -> int:
@@ -41,9 +44,7 @@ class Head:
         logits = hidden @ w.T
         if self.bias is not None:
             logits = logits + self.bias.to(logits.dtype)
-        logits = logits.float()
-        if self.softcap:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
+        logits = apply_logit_transform(logits.float(), self.scale, self.softcap)
         return torch.log_softmax(logits, dim=-1)
 
 

@@ -23,14 +23,17 @@ from transformers import Trainer
 from ..api import fused_linear_kd_loss
 from ..options import KDOptions
 from ..train import models
+from .logits import logit_transform, loss_transform_options
+
+__all__ = ["KDTrainer", "logit_transform"]
 
 
 class KDTrainer(Trainer):
     """transformers.Trainer whose compute_loss is teacher->student logit distillation.
 
     Keyword options (all optional): divergence, beta, skew, temperature, scale_by_t2,
-    kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes; softcaps are read from the
-    models' configs (final_logit_softcapping).
+    kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes; logit scales and softcaps are
+    read from the models' configs (logit_transform: Cohere, Granite, Falcon-H1, Gemma-2, ...).
     """
 
     def __init__(self, *args: Any, teacher_model: nn.Module, divergence: str = "forward_kl",
@@ -81,8 +84,8 @@ class KDTrainer(Trainer):
         num = None if num_items_in_batch is None else float(num_items_in_batch)
         out = fused_linear_kd_loss(
             hidden[:, :-1], weight, teacher_hidden[:, :-1], t_weight, labels[:, 1:],
-            student_bias=bias, teacher_bias=t_bias, student_softcap=models.softcap(student),
-            teacher_softcap=models.softcap(self.teacher_model), reduction="mean",
+            student_bias=bias, teacher_bias=t_bias, reduction="mean",
+            **loss_transform_options(student.config, self.teacher_model.config),
             num_items=num, return_components=True, **self.kd_options)
         loss = out.loss
         if self.args.average_tokens_across_devices and num is not None:

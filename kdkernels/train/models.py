@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..integrations import logits as integration_logits
 from .config import ModelSize
 
 
@@ -41,10 +42,15 @@ def head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out.weight, getattr(out, "bias", None)
 
 
+def logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """(scale, softcap) the model applies to its LM-head output (Cohere's logit_scale,
+    Granite's logits_scaling, Gemma-2's final_logit_softcapping, ...); (1.0, None) for none."""
+    return integration_logits.logit_transform(model.config)
+
+
 def softcap(model: nn.Module) -> float | None:
     """Gemma-2 style final_logit_softcapping, None when the config has none."""
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    return float(cap) if cap else None
+    return logit_transform(model)[1]
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import reference
 from ..api import KDComponents, fused_linear_kd_loss
+from ..integrations.logits import apply_logit_transform
 from . import models
 
 
@@ -23,16 +24,17 @@ class DistillObjective(nn.Module):
     def __init__(self, student: nn.Module, *, divergence: str = "forward_kl", beta: float = 0.5,
                  temperature: float = 1.0, kd_weight: float = 0.5, ce_weight: float = 0.5,
                  impl: str = "auto", teacher_softcap: float | None = None,
-                 baseline: str = "fused") -> None:
+                 teacher_logit_scale: float = 1.0, baseline: str = "fused") -> None:
         super().__init__()
         if baseline not in ("fused", "naive"):
             raise ValueError(f"--baseline must be 'fused' or 'naive'; got {baseline!r}")
         self.student = student
         self.baseline = baseline
+        scale, softcap = models.logit_transform(student)
         self.options = dict(divergence=divergence, beta=beta, temperature=temperature,
                             kd_weight=kd_weight, ce_weight=ce_weight,
-                            student_softcap=models.softcap(student),
-                            teacher_softcap=teacher_softcap)
+                            student_softcap=softcap, teacher_softcap=teacher_softcap,
+                            student_logit_scale=scale, teacher_logit_scale=teacher_logit_scale)
         self.impl = impl
 
     @staticmethod
@@ -55,7 +57,8 @@ class DistillObjective(nn.Module):
         opts = dict(self.options, num_items=num_items, reduction="mean")
         if teacher_hidden is None:  # CE only: the KD term is weighted 0 and never trained
             teacher_hidden, teacher_weight = hidden.detach(), weight.detach()
-            opts.update(kd_weight=0.0, ce_weight=1.0, teacher_softcap=opts["student_softcap"])
+            opts.update(kd_weight=0.0, ce_weight=1.0, teacher_softcap=opts["student_softcap"],
+                        teacher_logit_scale=opts["student_logit_scale"])
         if self.baseline == "naive":
             return _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts)
         return fused_linear_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels,
@@ -89,7 +92,7 @@ def heldout_ce(model: nn.Module, batches: list, device: torch.device,
     was_training = model.training
     model.eval()
     weight, bias = models.head(model)
-    cap = models.softcap(model)
+    scale, cap = models.logit_transform(model)
     total, count = 0.0, 0
     for batch in batches:
         # a tensor of windows, or (windows, labels) where prompt tokens are ignore_index
@@ -100,8 +103,7 @@ def heldout_ce(model: nn.Module, batches: list, device: torch.device,
         for hc, yc in zip(h.split(chunk), y.split(chunk), strict=True):
             z = nn.functional.linear(hc.float(), weight.float(),
                                      None if bias is None else bias.float())
-            if cap is not None:
-                z = cap * torch.tanh(z / cap)
+            z = apply_logit_transform(z, scale, cap)
             total += float(nn.functional.cross_entropy(z, yc, reduction="sum",
                                                        ignore_index=-100))
             count += int((yc != -100).sum())

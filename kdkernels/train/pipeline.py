@@ -132,10 +132,11 @@ class _StdlibSource:
 
 
 def _objective(cfg: TrainConfig, student, teacher, baseline: str = "fused") -> DistillObjective:
+    scale, softcap = (1.0, None) if teacher is None else models.logit_transform(teacher)
     return DistillObjective(student, divergence=cfg.divergence, beta=cfg.beta,
                             temperature=cfg.temperature, kd_weight=cfg.kd_weight,
                             ce_weight=cfg.ce_weight, impl=cfg.impl, baseline=baseline,
-                            teacher_softcap=None if teacher is None else models.softcap(teacher))
+                            teacher_softcap=softcap, teacher_logit_scale=scale)
 
 
 def _teacher(cfg: TrainConfig, tok, train_ids, held, data_key: str, out: Path,

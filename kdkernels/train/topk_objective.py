@@ -33,9 +33,10 @@ class TopKObjective(nn.Module):
                  kd_weight: float = 0.5, ce_weight: float = 0.5, impl: str = "auto") -> None:
         super().__init__()
         self.student = student
+        scale, softcap = models.logit_transform(student)
         self.options = dict(tail=tail, divergence=divergence, temperature=temperature,
-                            kd_weight=kd_weight, ce_weight=ce_weight,
-                            student_softcap=models.softcap(student))
+                            kd_weight=kd_weight, ce_weight=ce_weight, student_softcap=softcap,
+                            student_logit_scale=scale)
         self.impl = impl
         check_options(tail=tail, divergence=divergence, temperature=temperature,
                       kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
