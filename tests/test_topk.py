@@ -117,7 +117,11 @@ def test_fused_properties(impl, pair, n, vocab, k_frac, temperature, ce_weight, 
                 ce_weight=ce_weight, student_softcap=softcap, student_logit_scale=scale,
                 reduction=reduction, impl=impl, chunk_size=chunk)
     got, want = run_fused(case, **opts), run_reference(case, **opts)
-    assert_matches(got, want, loss_rtol=5e-6)
+    # The kernels see a = scale * z / T: fp32 rounding of z (GEMM, exp, log-normalisers) is
+    # multiplied by that factor before it reaches the loss, so the bounds grow with it (the
+    # base bounds hold at |a| ~ |z|; the scale 3, T 0.5 cases measured up to 2.6e-5 / 4.5e-5).
+    amp = max(1.0, scale / temperature)
+    assert_matches(got, want, loss_rtol=5e-6 * amp, grad_rtol=2e-5 * amp)
     check_signals(case, opts)
 
 
