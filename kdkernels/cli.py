@@ -70,6 +70,25 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="student seed (init and batches) [0]")
     g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                    help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")
+    g = p.add_argument_group("on-policy and sequence-level KD (teacher-distilled students)")
+    g.add_argument("--on-policy", type=float, metavar="LAMBDA",
+                   help="probability (seeded) that a micro-batch is replaced by the student's "
+                        "own sampled completions of its prompts (GKD's lambda); the loss "
+                        "covers the completion tokens only [0]")
+    g.add_argument("--seq-kd", action="store_true", default=None,
+                   help="the teacher generates the completions (sequence-level KD): every "
+                        "micro-batch, or with --on-policy LAMBDA the ones the student does "
+                        "not (TRL GKD's seq_kd)")
+    g.add_argument("--prompt-len", type=int,
+                   help="prompt tokens: the start of each training window, or the last ones "
+                        "of a --prompts record [half of --seq-len]")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="JSONL of {\"prompt\": text} or {\"messages\": [...]} records "
+                        "(chat template applied) to draw prompts from instead of the data")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="tokens generated per prompt [--seq-len minus --prompt-len]")
+    g.add_argument("--gen-temperature", type=float, help="sampling temperature [1.0]")
+    g.add_argument("--gen-top-p", type=float, help="nucleus sampling top-p, in (0, 1] [1.0]")
     g = p.add_argument_group("embedded models")
     g.add_argument("--teacher-steps", type=int, help="teacher training steps [preset]")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size [preset]")

@@ -49,6 +49,14 @@ class TrainConfig:
     baseline: str = "fused"  # "fused" or "naive" (materialised logits)
     impl: str = "auto"
     threads: int = 0  # CPU threads per rank; 0 = the cores the load average leaves free
+    # on-policy / sequence-level KD (kdkernels/train/on_policy.py); None = derived from seq_len
+    on_policy: float = 0.0  # probability that a micro-batch is student-generated
+    seq_kd: bool = False  # the teacher generates the (other) micro-batches
+    prompt_len: int | None = None  # default seq_len // 2
+    prompts: str | None = None  # JSONL of {"prompt": ...} / {"messages": [...]}
+    max_new_tokens: int | None = None  # default seq_len - prompt_len
+    gen_temperature: float = 1.0
+    gen_top_p: float = 1.0
     # bookkeeping (not part of the fingerprint)
     eval_every: int = 50
     eval_batches: int = 8
@@ -69,12 +77,19 @@ class TrainConfig:
 
     FINGERPRINT_EXCLUDE = ("eval_every", "eval_batches", "save_every", "output", "progress",
                            "max_steps", "device", "impl", "threads")
+    # Generation options change nothing while generation is off: left out of the fingerprint
+    # then, so runs written before they existed still resume.
+    GENERATION_FIELDS = ("on_policy", "seq_kd", "prompt_len", "prompts", "max_new_tokens",
+                         "gen_temperature", "gen_top_p")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run that wrote the checkpoint.
         max_steps is excluded so that a run can be extended; the schedule is rebuilt from it."""
         d = self.to_dict()
-        return {k: v for k, v in d.items() if k not in self.FINGERPRINT_EXCLUDE}
+        skip = set(self.FINGERPRINT_EXCLUDE)
+        if not (self.on_policy or self.seq_kd):
+            skip.update(self.GENERATION_FIELDS)
+        return {k: v for k, v in d.items() if k not in skip}
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
