@@ -25,8 +25,11 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
         "teacher-logit cache (kdk cache-teacher) with no teacher model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--preset", default="default", choices=["default", "smoke"],
-      help="option set for the embedded run; smoke finishes in under a minute")
+    a("--preset", default="default",
+      choices=["default", "smoke", "on-policy", "on-policy-smoke"],
+      help="option set for the embedded run; smoke finishes in under a minute; on-policy "
+           "compares off-policy with on-policy KD (held-out CE and the teacher's NLL of each "
+           "student's own samples), on-policy-smoke is its one-minute version")
     a("--teacher", help="Hugging Face teacher (hub id or directory); default: embedded")
     a("--student", help="Hugging Face student to train (needs --teacher or --teacher-cache)")
     a("--data", help="directory of text files (split train/held-out by file); "
@@ -121,6 +124,18 @@ def _distill(args: argparse.Namespace) -> int:
     from .train import pipeline
 
     cfg = _config(args)
+    if args.preset.startswith("on-policy"):
+        from .train import on_policy_preset
+
+        given = [o for o, v in (("--teacher", args.teacher), ("--student", args.student),
+                                ("--data", args.data), ("--teacher-cache", args.teacher_cache))
+                 if v]
+        if given:
+            raise ValueError(f"--preset {args.preset} runs on the embedded models and corpus; "
+                             f"drop {', '.join(given)}")
+        results = on_policy_preset.run(cfg, overwrite=args.overwrite, resume=args.resume,
+                                       preset=args.preset)
+        return 130 if any(r.get("interrupted") for r in results.values()) else 0
     if args.teacher_cache and args.seq_len is None:  # the cache's windows, whole
         cfg.seq_len = pipeline.cache_seq_len(args.teacher_cache)
     results = pipeline.run(cfg, teacher_path=args.teacher, student_path=args.student,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kdkernels import cli
-from kdkernels.train import checkpoint, corpus, distributed, loop, on_policy
-from kdkernels.train.config import ModelSize, preset
+from kdkernels.train import checkpoint, corpus, distributed, loop, on_policy, on_policy_preset
+from kdkernels.train.config import PRESETS, ModelSize, preset
 from kdkernels.train.models import build_llama
 from kdkernels.train.objective import DistillObjective
 from kdkernels.train.tokenizer import train_bpe
@@ -108,7 +108,28 @@ def test_two_rank_gloo_on_policy_ranks_end_identical(tmp_path, parallel):
 
 
 def test_on_policy_presets_build():
+    assert set(on_policy_preset.PRESET_NAMES) <= set(PRESETS)
     for name in ("on-policy", "on-policy-smoke"):
         cfg = preset(name)
         assert on_policy.lengths(cfg)[0] < cfg.seq_len
         on_policy.check_options(cfg)
+
+
+@pytest.mark.slow
+def test_on_policy_smoke_preset_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDKERNELS_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    argv = ["distill", "--preset", "on-policy-smoke", "-o", str(out), "--no-progress",
+            "--threads", "1"]
+    assert cli.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    assert set(res) == {"teacher", "kd", "kd-reverse_kl", "on-policy"}
+    for name in ("kd", "kd-reverse_kl", "on-policy"):
+        assert 0 < res[name]["heldout_ce"] < 10 and 0 < res[name]["teacher_nll"] < 10
+    assert res["on-policy"]["generated_batches"] > 0 and res["on-policy"]["on_policy"] == 0.5
+    assert "gen_s" not in res["kd"]
+    # the same initialisation: the two off-policy students differ only by their divergence
+    assert res["kd"]["params"] == res["on-policy"]["params"]
+    report = (out / "report.md").read_text()
+    assert "teacher NLL of own samples" in report and "on-policy vs kd-reverse_kl" in report
+    assert cli.main(argv + ["--teacher", "x"]) == 2  # the preset owns its models

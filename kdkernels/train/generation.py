@@ -46,7 +46,7 @@ def _generation_config(sampling: Sampling, eos_id: int | None, pad_id: int):
     return GenerationConfig(
         do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0,
         min_p=0.0, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, num_beams=1, min_length=0, min_new_tokens=0,
+        no_repeat_ngram_size=0, num_beams=1, min_new_tokens=0,
         max_new_tokens=sampling.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id,
         use_cache=True, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
         forced_bos_token_id=None, forced_eos_token_id=None)
