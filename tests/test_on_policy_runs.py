@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from kdkernels.train.config import PRESETS, ModelSize, preset
 from kdkernels.train.models import build_llama
 from kdkernels.train.objective import DistillObjective
 from kdkernels.train.tokenizer import train_bpe
-from tests._train_helpers import tiny_config, tiny_pair, token_stream
+from tests._train_helpers import join_gloo, spawn_gloo, tiny_config, tiny_pair, token_stream
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
 
@@ -69,10 +68,7 @@ def test_user_models_with_prompts_file_and_bf16(tmp_path, hf_models, monkeypatch
 
 
 def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, parallel: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    world = distributed.init("cpu")
+    world = join_gloo(rank, world_size, port)
     cfg = tiny_config(Path(out_dir), max_steps=3, grad_accum=2, on_policy=0.5, prompt_len=6)
     student, teacher = tiny_pair()
     obj = DistillObjective(student, divergence="reverse_kl", kd_weight=0.5, ce_weight=0.5)
@@ -91,14 +87,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, parallel: s
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_rank_gloo_on_policy_ranks_end_identical(tmp_path, parallel):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), parallel), nprocs=2, join=True)
+    spawn_gloo(_ddp_worker, 2, str(tmp_path), parallel)
     r0 = torch.load(tmp_path / f"{parallel}-rank0.pt")
     r1 = torch.load(tmp_path / f"{parallel}-rank1.pt")
     assert torch.equal(r0["w"], r1["w"])

@@ -183,10 +183,8 @@ def _cpu_name() -> str:
 
 def write_report(out: Path, cfg: TrainConfig, results: dict[str, dict[str, Any]],
                  context: dict[str, Any]) -> Path:
-    lines = ["# kdk distill --preset on-policy", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items()]
-    lines += [f"- machine: {_cpu_name()} ({platform.machine()}), "
-              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}", ""]
+    lines = report.header("kdk distill --preset on-policy", context,
+                          f"{_cpu_name()} ({platform.machine()})")
     lines += ["| model | divergence | LAMBDA | held-out CE | teacher NLL of own samples | "
               "mean completion tokens | wall s | train tokens/s | gen tokens/s |",
               "|---|---|---|---|---|---|---|---|---|"]

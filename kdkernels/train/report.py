@@ -78,12 +78,16 @@ def generation_lines(results: dict[str, dict[str, Any]]) -> list[str]:
     return ["", "Generation vs training:", "", *out] if out else []
 
 
+def header(title: str, context: dict[str, Any], machine: str) -> list[str]:
+    """The title, the run's context as a list, and the machine line."""
+    return [f"# {title}", "", *(f"- {k}: {v}" for k, v in context.items()),
+            f"- machine: {machine}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}", ""]
+
+
 def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str, Any],
           context: dict[str, Any]) -> Path:
-    lines = ["# kdk distill report", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items()]
-    lines += [f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-              f"torch {torch.__version__}", ""]
+    lines = header("kdk distill report", context, platform.machine())
     lines += ["| model | params | steps | held-out CE (nats/token) | perplexity | wall s "
               "| tokens/s | peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
