@@ -128,14 +128,63 @@ def write(rows: list[dict], div: str, lam: float, out: Path, cmd: str) -> None:
     print("\n".join(lines))
 
 
+def probe(seed: int, runs: Path, out: Path, steps: int | None) -> str:
+    """One seed of on-policy students only: reverse KL and JSD at LAMBDA 0.5, reverse KL at
+    LAMBDA 1; returns the divergence whose LAMBDA-0.5 student the teacher scores best on its
+    own samples (the quantity on-policy KD optimises)."""
+    import dataclasses
+
+    from kdkernels.train import on_policy_preset
+    from kdkernels.train.config import preset
+
+    cfg = preset("on-policy", seed=seed, output=str(runs / f"probe-{seed}"), progress=False,
+                 **({"max_steps": steps} if steps else {}))
+    print(f"probe: seed {seed}, {cfg.max_steps} steps", flush=True)
+    variants = [(f"on-policy-{div}-{lam:g}", dataclasses.replace(cfg, divergence=div,
+                                                                  on_policy=lam))
+                for div, lam in (("reverse_kl", 0.5), ("jsd", 0.5), ("reverse_kl", 1.0))]
+    t0 = time.perf_counter()
+    res = on_policy_preset.run(cfg, overwrite=True, variants=variants)
+    wall = time.perf_counter() - t0
+    lines = [f"# On-policy probe: divergence and LAMBDA (seed {seed}, one run)", "",
+             f"Machine: {_cpu()}. {cfg.max_steps} student steps each, the on-policy preset's "
+             f"teacher, data and sampling; wall {wall:.0f} s (co-tenant load adds noise).", "",
+             "| student | held-out CE | teacher NLL of own samples | mean completion tokens "
+             "| wall s | gen tokens/s | train tokens/s |", "|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['heldout_ce']:.4f} | {r['teacher_nll']:.4f} | "
+                     f"{r['completion_len']:.1f} | {r.get('wall_s', 0):.0f} | "
+                     f"{r.get('gen_tokens_per_s', 0):,.0f} | "
+                     f"{r.get('train_tokens_per_s', 0):,.0f} |")
+    best = min(("reverse_kl", "jsd"), key=lambda d: res[f"on-policy-{d}-0.5"]["teacher_nll"])
+    lines += ["", f"Chosen divergence (lower teacher NLL of own samples at LAMBDA 0.5): {best}."]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return best
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", type=Path, default=Path("on-policy-runs"))
     p.add_argument("--out", type=Path, default=Path("bench/results/cpu/on_policy_seeds"))
     p.add_argument("--preset", default="on-policy")
+    p.add_argument("--probe", type=int, metavar="SEED",
+                   help="first run the divergence/LAMBDA probe on this seed (written next to "
+                        "--out as on_policy_probe.md) and sweep the seeds with its divergence")
+    p.add_argument("--max-steps", type=int, help="student steps (default: the preset's)")
+    p.add_argument("--probe-steps", type=int, help="student steps of the probe [--max-steps]")
     p.add_argument("extra", nargs="*", help="more kdk distill options (after --)")
     args = p.parse_args(argv)
+    extra = list(args.extra)
+    if args.max_steps:
+        extra += ["--max-steps", str(args.max_steps)]
+    if args.probe is not None:
+        best = probe(args.probe, args.runs, args.out.with_name("on_policy_probe"),
+                     args.probe_steps or args.max_steps)
+        extra += ["--divergence", best]
+    args.extra = extra
     rows = []
     for seed in args.seeds:
         r = run_seed(seed, args.runs, args.preset, args.extra)

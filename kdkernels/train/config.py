@@ -126,7 +126,7 @@ _ON_POLICY_TEACHER = dict(teacher_size=ModelSize(192, 4, 4, 512), teacher_steps=
                           teacher_lr=3e-3, vocab_size=8192, corpus_max_mb=6.0, seq_len=128,
                           batch_size=16, warmup_steps=25, cache_top_k=0)
 PRESETS["on-policy"] = dict(_ON_POLICY_TEACHER, on_policy=0.5, divergence="reverse_kl",
-                            max_steps=100, eval_every=0)
+                            max_steps=120, eval_every=0)
 PRESETS["on-policy-smoke"] = dict(PRESETS["smoke"], on_policy=0.5, divergence="reverse_kl",
                                   eval_every=0)
 

@@ -102,8 +102,10 @@ def _stage(name: str, cfg: TrainConfig, student: torch.nn.Module, teacher, tok, 
 
 
 def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
-        preset: str = "on-policy") -> dict[str, dict[str, Any]]:
-    """Train the preset's students and write OUTPUT/report.md and results.json."""
+        preset: str = "on-policy", variants: list[tuple[str, TrainConfig]] | None = None
+        ) -> dict[str, dict[str, Any]]:
+    """Train the preset's students (or `variants`, for tuning: (name, config) pairs sharing
+    cfg's teacher and data) and write OUTPUT/report.md and results.json."""
     t0 = time.perf_counter()
     on_policy.check_options(cfg)
     if not cfg.on_policy > 0 or cfg.seq_kd:
@@ -134,7 +136,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     t_eval = time.perf_counter()
     results["teacher"].update(teacher_nll_of_samples(teacher, teacher, **score))
     eval_s = time.perf_counter() - t_eval
-    for name, scfg in students(cfg):
+    for name, scfg in students(cfg) if variants is None else variants:
         student = copy.deepcopy(student0)
         stage = _stage(name, scfg, student, teacher, tok, out, fingerprint, resume)
         results[name] = train(stage, scfg, train_ids, held, world)
@@ -191,6 +193,8 @@ def write_report(out: Path, cfg: TrainConfig, results: dict[str, dict[str, Any]]
     for name, r in results.items():
         ce = r.get("heldout_ce")
         nll = r.get("teacher_nll")
+        if r.get("cached"):
+            name += " (cached; its training wall time)"
         lines.append(
             f"| {name} | {r.get('divergence', '—')} | {r.get('on_policy', '—')} | "
             f"{'—' if ce is None else f'{ce:.4f}'} | {'—' if nll is None else f'{nll:.4f}'} | "
