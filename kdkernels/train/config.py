@@ -121,7 +121,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # `--preset on-policy` (kdkernels/train/on_policy_preset.py): off-policy vs on-policy KD from
 # the embedded teacher, pinned to the one the default cached (seq 128, batch 16, warm-up 25
 # are part of its cache key), so the preset trains no teacher when that cache exists.
-# bench/results/cpu/on_policy_seeds.md has the measurements behind LAMBDA and the divergence.
+# bench/results/cpu/on_policy_probe.md has the measurements behind LAMBDA and the divergence,
+# on_policy_seeds.md the 3-seed result.
 _ON_POLICY_TEACHER = dict(teacher_size=ModelSize(192, 4, 4, 512), teacher_steps=300,
                           teacher_lr=3e-3, vocab_size=8192, corpus_max_mb=6.0, seq_len=128,
                           batch_size=16, warmup_steps=25, cache_top_k=0)

@@ -102,10 +102,11 @@ def _stage(name: str, cfg: TrainConfig, student: torch.nn.Module, teacher, tok, 
 
 
 def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
-        preset: str = "on-policy", variants: list[tuple[str, TrainConfig]] | None = None
-        ) -> dict[str, dict[str, Any]]:
+        preset: str = "on-policy", variants: list[tuple[str, TrainConfig]] | None = None,
+        init: torch.nn.Module | None = None) -> dict[str, dict[str, Any]]:
     """Train the preset's students (or `variants`, for tuning: (name, config) pairs sharing
-    cfg's teacher and data) and write OUTPUT/report.md and results.json."""
+    cfg's teacher and data) from one initialisation (`init`, e.g. a trained student, or a
+    fresh one seeded by cfg.seed) and write OUTPUT/report.md and results.json."""
     t0 = time.perf_counter()
     on_policy.check_options(cfg)
     if not cfg.on_policy > 0 or cfg.seq_kd:
@@ -126,8 +127,8 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                                                  "ddp")
     results: dict[str, dict[str, Any]] = {"teacher": teacher_summary}
     torch.manual_seed(cfg.seed)
-    student0 = models.build_llama(cfg.student_size, len(tok), cfg.seq_len,
-                                  eos_id=tok.eos_token_id)
+    student0 = init if init is not None else models.build_llama(
+        cfg.student_size, len(tok), cfg.seq_len, eos_id=tok.eos_token_id)
     prompt_len, new = on_policy.lengths(cfg)
     sampling = generation.Sampling(new, cfg.gen_temperature, cfg.gen_top_p)
     score = dict(heldout=held, sampling=sampling, prompt_len=prompt_len, seed=cfg.seed,
