@@ -25,8 +25,11 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
         "teacher-logit cache (kdk cache-teacher) with no teacher model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--preset", default="default", choices=["default", "smoke"],
-      help="option set for the embedded run; smoke finishes in under a minute")
+    a("--preset", default="default",
+      choices=["default", "smoke", "on-policy", "on-policy-smoke"],
+      help="option set for the embedded run; smoke finishes in under a minute; on-policy "
+           "compares off-policy with on-policy KD (held-out CE and the teacher's NLL of each "
+           "student's own samples), on-policy-smoke is its one-minute version")
     a("--teacher", help="Hugging Face teacher (hub id or directory); default: embedded")
     a("--student", help="Hugging Face student to train (needs --teacher or --teacher-cache)")
     a("--data", help="a text file, a folder of text files, a .jsonl file of {'text': ...} "
@@ -82,6 +85,25 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="student seed (init and batches) [0]")
     g.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
                    help="data parallelism under torchrun (gloo on CPU, NCCL on GPU)")
+    g = p.add_argument_group("on-policy and sequence-level KD (teacher-distilled students)")
+    g.add_argument("--on-policy", type=float, metavar="LAMBDA",
+                   help="probability (seeded) that a micro-batch is replaced by the student's "
+                        "own sampled completions of its prompts (GKD's lambda); the loss "
+                        "covers the completion tokens only [0]")
+    g.add_argument("--seq-kd", action="store_true", default=None,
+                   help="the teacher generates the completions (sequence-level KD): every "
+                        "micro-batch, or with --on-policy LAMBDA the ones the student does "
+                        "not (TRL GKD's seq_kd)")
+    g.add_argument("--prompt-len", type=int,
+                   help="prompt tokens: the start of each training window, or the last ones "
+                        "of a --prompts record [half of --seq-len]")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="JSONL of {\"prompt\": text} or {\"messages\": [...]} records "
+                        "(chat template applied) to draw prompts from instead of the data")
+    g.add_argument("--max-new-tokens", type=int,
+                   help="tokens generated per prompt [--seq-len minus --prompt-len]")
+    g.add_argument("--gen-temperature", type=float, help="sampling temperature [1.0]")
+    g.add_argument("--gen-top-p", type=float, help="nucleus sampling top-p, in (0, 1] [1.0]")
     g = p.add_argument_group("embedded models")
     g.add_argument("--teacher-steps", type=int, help="teacher training steps [preset]")
     g.add_argument("--vocab-size", type=int, help="BPE vocabulary size [preset]")
@@ -114,6 +136,18 @@ def _distill(args: argparse.Namespace) -> int:
     from .train import pipeline
 
     cfg = _config(args)
+    if args.preset.startswith("on-policy"):
+        from .train import on_policy_preset
+
+        given = [o for o, v in (("--teacher", args.teacher), ("--student", args.student),
+                                ("--data", args.data), ("--teacher-cache", args.teacher_cache))
+                 if v]
+        if given:
+            raise ValueError(f"--preset {args.preset} runs on the embedded models and corpus; "
+                             f"drop {', '.join(given)}")
+        results = on_policy_preset.run(cfg, overwrite=args.overwrite, resume=args.resume,
+                                       preset=args.preset)
+        return 130 if any(r.get("interrupted") for r in results.values()) else 0
     if args.teacher_cache and args.seq_len is None:  # the cache's windows, whole
         cfg.seq_len = pipeline.cache_seq_len(args.teacher_cache)
     results = pipeline.run(cfg, teacher_path=args.teacher, student_path=args.student,

@@ -31,3 +31,29 @@ def tiny_config(tmp_path, **kw) -> TrainConfig:
                 eval_batches=1, progress=False, output=str(tmp_path), lr=1e-2,
                 temperature=2.0, kd_weight=0.5, ce_weight=0.5)
     return TrainConfig(**{**base, **kw})
+
+
+def spawn_gloo(worker, nprocs: int, *args) -> None:
+    """Run worker(rank, nprocs, port, *args) in nprocs processes on a free local port; the
+    worker joins with join_gloo."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(nprocs, port, *args), nprocs=nprocs, join=True)
+
+
+def join_gloo(rank: int, world_size: int, port: int):
+    """Inside a spawned worker: the torchrun environment, one CPU thread, the trainer's
+    World (gloo)."""
+    import os
+
+    from kdkernels.train import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    return distributed.init("cpu")

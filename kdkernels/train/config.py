@@ -49,6 +49,14 @@ class TrainConfig:
     baseline: str = "fused"  # "fused" or "naive" (materialised logits)
     impl: str = "auto"
     threads: int = 0  # CPU threads per rank; 0 = all available cores not busy now
+    # on-policy / sequence-level KD (kdkernels/train/on_policy.py); None = derived from seq_len
+    on_policy: float = 0.0  # probability that a micro-batch is student-generated
+    seq_kd: bool = False  # the teacher generates the (other) micro-batches
+    prompt_len: int | None = None  # default seq_len // 2
+    prompts: str | None = None  # JSONL of {"prompt": ...} / {"messages": [...]}
+    max_new_tokens: int | None = None  # default seq_len - prompt_len
+    gen_temperature: float = 1.0
+    gen_top_p: float = 1.0
     # bookkeeping (not part of the fingerprint)
     eval_every: int = 50
     eval_batches: int = 8
@@ -73,12 +81,19 @@ class TrainConfig:
 
     FINGERPRINT_EXCLUDE = ("eval_every", "eval_batches", "save_every", "output", "progress",
                            "max_steps", "device", "impl", "threads")
+    # Generation options change nothing while generation is off: left out of the fingerprint
+    # then, so runs written before they existed still resume.
+    GENERATION_FIELDS = ("on_policy", "seq_kd", "prompt_len", "prompts", "max_new_tokens",
+                         "gen_temperature", "gen_top_p")
 
     def fingerprint(self) -> dict[str, Any]:
         """The options a resumed run must share with the run that wrote the checkpoint.
         max_steps is excluded so that a run can be extended; the schedule is rebuilt from it."""
         d = self.to_dict()
-        return {k: v for k, v in d.items() if k not in self.FINGERPRINT_EXCLUDE}
+        skip = set(self.FINGERPRINT_EXCLUDE)
+        if not (self.on_policy or self.seq_kd):
+            skip.update(self.GENERATION_FIELDS)
+        return {k: v for k, v in d.items() if k not in skip}
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -110,6 +125,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                   cache_top_k=0,
                   teacher_size=ModelSize(64, 2, 2, 128), student_size=ModelSize(32, 1, 2, 64)),
 }
+# `--preset on-policy` (kdkernels/train/on_policy_preset.py): off-policy vs on-policy KD from
+# the embedded teacher, pinned to the one the default cached (seq 128, batch 16, warm-up 25
+# are part of its cache key), so the preset trains no teacher when that cache exists.
+# bench/results/cpu/on_policy_probe.md has the measurements behind LAMBDA and the divergence,
+# on_policy_seeds.md the 3-seed result.
+_ON_POLICY_TEACHER = dict(teacher_size=ModelSize(192, 4, 4, 512), teacher_steps=300,
+                          teacher_lr=3e-3, vocab_size=8192, corpus_max_mb=6.0, seq_len=128,
+                          batch_size=16, warmup_steps=25, cache_top_k=0)
+PRESETS["on-policy"] = dict(_ON_POLICY_TEACHER, on_policy=0.5, divergence="reverse_kl",
+                            max_steps=120, eval_every=0)
+PRESETS["on-policy-smoke"] = dict(PRESETS["smoke"], on_policy=0.5, divergence="reverse_kl",
+                                  eval_every=0)
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

@@ -48,11 +48,6 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     return integration_logits.logit_transform(model.config)
 
 
-def softcap(model: nn.Module) -> float | None:
-    """Gemma-2 style final_logit_softcapping, None when the config has none."""
-    return logit_transform(model)[1]
-
-
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Final (normed) hidden states [B, L, D] from the base model."""
     return base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state

@@ -10,7 +10,7 @@ from torch import nn
 from .. import reference
 from ..api import KDComponents, fused_linear_kd_loss
 from ..integrations.logits import apply_logit_transform
-from . import models
+from . import completions, models
 
 
 class DistillObjective(nn.Module):
@@ -43,16 +43,17 @@ class DistillObjective(nn.Module):
         (None, None) for the CE student (cached teacher tensors in a batch are unused)."""
         if teacher is None:
             return None, None
-        return teacher_outputs(teacher, batch["input_ids"])
+        return teacher_outputs(teacher, batch["input_ids"], batch.get("attention_mask"))
 
     def forward(self, input_ids: torch.Tensor, teacher_hidden: torch.Tensor | None,
                 teacher_weight: torch.Tensor | None, num_items: float,
-                labels: torch.Tensor | None = None) -> KDComponents:
-        """labels [B, L - 1]: the shifted inputs unless given (prompt/completion data pass
-        them with ignore_index at the prompt tokens; the loss skips those rows)."""
-        hidden = models.hidden_states(self.student, input_ids)[:, :-1]
-        if labels is None:
-            labels = input_ids[:, 1:]
+                labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> KDComponents:
+        """labels [B, L - 1]: the shifted inputs unless given (prompt/completion data and
+        generated batches pass ignore_index outside the completion; the loss skips those
+        rows); attention_mask: a generated batch's left padding."""
+        hidden = _hidden(self.student, input_ids, attention_mask)[:, :-1]
+        labels = input_ids[:, 1:] if labels is None else labels
         weight, bias = models.head(self.student)
         opts = dict(self.options, num_items=num_items, reduction="mean")
         if teacher_hidden is None:  # CE only: the KD term is weighted 0 and never trained
@@ -77,11 +78,19 @@ def _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts) -
                         torch.tensor(out["kept"], dtype=torch.int64))
 
 
+def _hidden(model: nn.Module, input_ids: torch.Tensor,
+            attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if attention_mask is None:
+        return models.hidden_states(model, input_ids)
+    return completions.masked_hidden_states(model, input_ids, attention_mask)
+
+
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor):
+def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None):
     """Teacher hidden states (shifted like the student's) and head, in eval mode."""
     teacher.eval()
-    return models.hidden_states(teacher, input_ids)[:, :-1], models.head(teacher)[0]
+    return _hidden(teacher, input_ids, attention_mask)[:, :-1], models.head(teacher)[0]
 
 
 @torch.no_grad()

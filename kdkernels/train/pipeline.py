@@ -30,6 +30,7 @@ from . import (
     hf_pair,
     metrics,
     models,
+    on_policy,
     report,
     streams,
     threads,
@@ -255,6 +256,10 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
     if teacher_cache is not None and teacher_path is not None:
         raise ValueError("--teacher-cache replaces --teacher (the cache holds the teacher's "
                          "top-K log-probs); pass one of them")
+    on_policy.check_options(cfg)
+    if teacher_cache is not None and on_policy.enabled(cfg):
+        raise ValueError("--on-policy/--seq-kd score generated completions with a teacher "
+                         "model; a --teacher-cache run has none (drop --teacher-cache or them)")
     world = distributed.init(cfg.device)
     notes: dict[str, str] = {}
     if world.device.type == "cpu":
@@ -345,7 +350,8 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         stage = Stage(name, _stage_objective(cfg, kind, student, t), t, cfg.max_steps, cfg.lr,
                       cfg.seed, out / name, tok,
                       resume=checkpoint.latest(out / name) if resume else None,
-                      fingerprint={**fingerprint, "stage": name})
+                      fingerprint={**fingerprint, "stage": name},
+                      generation=_generation(cfg, tok, t, world, parallel, notes))
         results[name] = train(stage, cfg, stage_data, held, world, parallel)
         results[name]["dir"] = str(out / name)
         if info is not None:
@@ -357,6 +363,20 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
     if world.is_main:
         _finish(out, cfg, results, source, t0, preset, world, notes)
     return results
+
+
+def _generation(cfg: TrainConfig, tok, teacher, world: distributed.World, parallel: str,
+                notes: dict[str, str]) -> on_policy.OnPolicy | None:
+    """The on-policy / seq-KD batch source of a student distilled from a teacher model (the
+    CE-only student has no teacher to score completions and stays on the dataset)."""
+    if teacher is None or not on_policy.enabled(cfg):
+        return None
+    from . import prompts
+
+    notes["on-policy"] = on_policy.describe(cfg)
+    loaded = prompts.load(cfg.prompts, tok) if cfg.prompts else None
+    return on_policy.OnPolicy(cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                              prompts=loaded, synced=parallel == "fsdp" and world.size > 1)
 
 
 def _source(texts) -> str:

@@ -65,12 +65,29 @@ def cache_line(info: dict[str, Any]) -> str:
             f"token{written}{covered}")
 
 
+def generation_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Generation and training time/throughput of students with generated micro-batches
+    (tokens/s of kept completion tokens vs of tokens trained on)."""
+    out = []
+    for key, r in results.items():
+        if "gen_s" in r:
+            out.append(f"- {_label(key, r)}: {r['generated_batches']} generated micro-batches; "
+                       f"generation {r['gen_s']:.1f} s, {r['gen_tokens_per_s']:,.0f} tokens/s "
+                       f"({r['gen_tokens']:,} completion tokens); training "
+                       f"{r['train_s']:.1f} s, {r['train_tokens_per_s']:,.0f} tokens/s")
+    return ["", "Generation vs training:", "", *out] if out else []
+
+
+def header(title: str, context: dict[str, Any], machine: str) -> list[str]:
+    """The title, the run's context as a list, and the machine line."""
+    return [f"# {title}", "", *(f"- {k}: {v}" for k, v in context.items()),
+            f"- machine: {machine}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}", ""]
+
+
 def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str, Any],
           context: dict[str, Any]) -> Path:
-    lines = ["# kdk distill report", ""]
-    lines += [f"- {k}: {v}" for k, v in context.items()]
-    lines += [f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-              f"torch {torch.__version__}", ""]
+    lines = header("kdk distill report", context, platform.machine())
     lines += ["| model | params | steps | held-out CE (nats/token) | perplexity | wall s "
               "| tokens/s | peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
     for key, r in results.items():
@@ -81,6 +98,7 @@ def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str,
                      f"{r['steps']} | {ce_txt} | "
                      f"{r.get('wall_s', 0):.1f} | {r.get('tokens_per_s', 0):,.0f} | "
                      f"{r.get('peak_mem_mib', 0):,.0f} |")
+    lines += generation_lines(results)
     benefit = kd_benefit(results)
     if benefit is not None:
         verdict = "KD beats CE" if benefit["nats"] > 0 else "KD does NOT beat CE"
