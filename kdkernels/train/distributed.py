@@ -82,4 +82,7 @@ def unwrap(module: nn.Module) -> nn.Module:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # Every rank arrives before teardown: a rank that destroys its gloo group while a
+        # peer's last collective is still in flight can abort (std::terminate) on CPU.
+        dist.barrier()
         dist.destroy_process_group()
