@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from . import models
-
-IGNORE_INDEX = -100  # fused_linear_kd_loss's default ignore_index
+from .streams import IGNORE_INDEX
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,8 +113,8 @@ def heldout_ce(model: nn.Module, batches: list, device: torch.device,
             z = nn.functional.linear(hc.float(), weight.float(),
                                      None if bias is None else bias.float())
             z = apply_logit_transform(z, scale, cap)
-            total += float(nn.functional.cross_entropy(z, yc, reduction="sum",
-                                                       ignore_index=-100))
-            count += int((yc != -100).sum())
+            total += float(nn.functional.cross_entropy(
+                z, yc, reduction="sum", ignore_index=completions.IGNORE_INDEX))
+            count += int((yc != completions.IGNORE_INDEX).sum())
     model.train(was_training)
     return total / count

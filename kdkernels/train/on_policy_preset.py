@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -26,7 +27,6 @@ from typing import Any
 
 import torch
 
-from ..integrations.logits import apply_logit_transform
 from . import (
     checkpoint,
     completions,
@@ -35,6 +35,7 @@ from . import (
     generation,
     metrics,
     models,
+    objective,
     on_policy,
     pipeline,
     report,
@@ -65,28 +66,19 @@ def teacher_nll_of_samples(sampler: torch.nn.Module, teacher: torch.nn.Module,
     windows' first prompt_len tokens, over the completion tokens (through the first EOS);
     also the mean completion length. Batch i is sampled with seed key (seed, i), so every
     sampler sees the same prompts and seeds."""
-    was = teacher.training
-    teacher.eval()
-    total, count, rows = 0.0, 0, 0
+    batches = []
     for i, ids in enumerate(heldout):
         prompt = ids[:, :prompt_len].to(device)
         b = generation.generate_batch(sampler, prompt, torch.ones_like(prompt), sampling,
                                       seed=generation.key_seed("preset eval", seed, i),
                                       eos_id=eos_id, pad_id=pad_id, bf16=bf16)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            h = completions.masked_hidden_states(teacher, b["input_ids"], b["attention_mask"])
-        weight, bias = models.head(teacher)
-        logits = torch.nn.functional.linear(h[:, :-1].float(), weight.float(),
-                                            None if bias is None else bias.float())
-        logits = apply_logit_transform(logits, *models.logit_transform(teacher))
-        labels = b["labels"]
-        total += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=completions.IGNORE_INDEX, reduction="sum"))
-        count += int(completions.kept_tokens(b))
-        rows += labels.shape[0]
-    teacher.train(was)
-    return {"teacher_nll": total / max(count, 1), "completion_len": count / max(rows, 1)}
+        # Prompts are whole windows (no left pads) and pads follow the EOS, so the causal
+        # forward without a mask scores every kept completion token as generated.
+        batches.append((b["input_ids"], b["labels"]))
+    count = sum(int((y != completions.IGNORE_INDEX).sum()) for _, y in batches)
+    rows = sum(y.shape[0] for _, y in batches)
+    nll = objective.heldout_ce(teacher, batches, device, autocast=bf16) if count else math.nan
+    return {"teacher_nll": nll, "completion_len": count / max(rows, 1)}
 
 
 def _stage(name: str, cfg: TrainConfig, student: torch.nn.Module, teacher, tok, out: Path,
