@@ -210,16 +210,22 @@ Tensor row_mix(const Tensor& zs, const Tensor& zt, const Tensor& norms, int64_t 
   return out;
 }
 
-void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const Tensor& coef,
-               int64_t div, at::ArrayRef<double> consts, bool has_ce, const Tensor& out) {
-  const std::string op = "kdkernels::row_grad_";
-  RowArgs g = make_args(op, zs, &zt, &labels, make_params(op, div, consts, has_ce));
-  check_rows(op, "coef", coef, g.rows, kCoefs, at::kFloat, zs);
+// The gradient ops' coefficients [rows, n_coef] and their output dL/dz (the logits' shape).
+void bind_grad(const std::string& op, RowArgs& g, const Tensor& zs, const Tensor& coef,
+               int64_t n_coef, const Tensor& out) {
+  check_rows(op, "coef", coef, g.rows, n_coef, at::kFloat, zs);
   check_logits(op, "out", out, g.rows, g.cols, zs);
   g.coef = coef.data_ptr<float>();
   g.out = out.data_ptr();
   g.out_dtype = dtype_code(op, "out", out);
   g.out_stride = out.stride(0);
+}
+
+void row_grad_(const Tensor& zs, const Tensor& zt, const Tensor& labels, const Tensor& coef,
+               int64_t div, at::ArrayRef<double> consts, bool has_ce, const Tensor& out) {
+  const std::string op = "kdkernels::row_grad_";
+  RowArgs g = make_args(op, zs, &zt, &labels, make_params(op, div, consts, has_ce));
+  bind_grad(op, g, zs, coef, kCoefs, out);
   if (g.rows == 0 || g.cols == 0) return;
 #ifdef KDKERNELS_CUDA_BUILD
   c10::cuda::CUDAGuard guard(zs.device());
@@ -251,12 +257,7 @@ void student_grad_(const Tensor& zs, const Tensor& labels, const Tensor& coef,
                    at::ArrayRef<double> consts, bool has_ce, const Tensor& out) {
   const std::string op = "kdkernels::student_grad_";
   RowArgs g = make_args(op, zs, nullptr, &labels, make_params(op, kForwardKL, consts, has_ce));
-  check_rows(op, "coef", coef, g.rows, kSCoefs, at::kFloat, zs);
-  check_logits(op, "out", out, g.rows, g.cols, zs);
-  g.coef = coef.data_ptr<float>();
-  g.out = out.data_ptr();
-  g.out_dtype = dtype_code(op, "out", out);
-  g.out_stride = out.stride(0);
+  bind_grad(op, g, zs, coef, kSCoefs, out);
   if (g.rows == 0 || g.cols == 0) return;
 #ifdef KDKERNELS_CUDA_BUILD
   c10::cuda::CUDAGuard guard(zs.device());
