@@ -32,6 +32,7 @@ from kdkernels.reference import reference_kd_loss
 from kdkernels.row_stats import finish, norms
 
 from ._helpers import make_fused, rel_err, run_fused
+from ._rowop_cases import check_all, make_labels, make_logits, spec_of
 
 _loaded = registry.load("triton")
 if isinstance(_loaded, str):
@@ -686,3 +687,16 @@ def test_kernels_compile_for_hopper_with_16_byte_loads():
             assert "'st.global.v4.b32'" in line, line
         if "'PACKED': True" in line:  # loads of a tile finish before its stores
             assert "'bar': 0" not in line, line
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd", "alpha"])
+@pytest.mark.parametrize("scale_s,scale_t,temperature,scap", [
+    (0.0625, 3.0, 1.0, None), (3.0, 0.5, 2.0, 20.0)])
+def test_logit_scales(div, scale_s, scale_t, temperature, scap):
+    """The scales multiply the raw logits where each kernel loads them (the label logit too),
+    against the same float64 rows the cpp backend's twin of this test uses."""
+    zs = make_logits(5, 1031, BF16, DEVICE, scale=6.0, seed=7)
+    zt = make_logits(5, 1031, BF16, DEVICE, scale=6.0, seed=8)
+    check_all(_loaded, zs, zt, make_labels(5, 1031, DEVICE),
+              spec_of(div, temperature, scap=scap, tcap=4.0, ce=True, scale_s=scale_s,
+                      scale_t=scale_t))
