@@ -9,14 +9,16 @@ Providers, each timed in its own process (so that its peak RSS is its own), inte
                  grad_weight), chunked exactly as the loss chunks them (the same planner)
     topk_zero    kdkernels.fused_linear_topk_kd_loss, tail="zero" (the peers' math)
     topk_bucket  the same with tail="bucket" (the default)
+    topk_bucket_jsd  tail="bucket", divergence="jsd": the generic rule of the non-KL
+                 divergences (tails.py), which differs from topk_bucket only in [C, K] math
     naive_topk   the peers' way: materialised [N, V] student logits, log_softmax, gather
                  at the teacher's ids, sum q (log q - log p) (= tail "zero")
     dense_fused  kdkernels.fused_linear_kd_loss against a dense teacher of Dt hidden size
 
-All use forward KL at T = 1 with K teacher ids per token. Reported: the median time, the
-peak RSS above the inputs (VmHWM after the calls minus VmRSS once the inputs exist), the
-ratio to the floor measured in the same run, and the loss (topk_zero and naive_topk must
-agree).
+All but topk_bucket_jsd use forward KL at T = 1 with K teacher ids per token. Reported: the
+median time, the peak RSS above the inputs (VmHWM after the calls minus VmRSS once the inputs
+exist), the ratio to the floor measured in the same run, and the loss (topk_zero and
+naive_topk must agree).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 
 PROVIDERS = ("floor", "topk_zero", "topk_bucket", "naive_topk", "dense_fused")
+EXTRA = ("topk_bucket_jsd",)  # not in the default run; --providers names it
 
 
 def make_teacher(n: int, vocab: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,11 +112,13 @@ def build(name: str, inputs: common.Inputs, ids, lps):
     h, w = inputs.student_hidden, inputs.student_weight
     if name == "floor":
         return _floor(inputs, ids)
-    if name in ("topk_zero", "topk_bucket"):
+    if name in ("topk_zero", "topk_bucket", "topk_bucket_jsd"):
         tail = name.split("_")[1]
+        divergence = "jsd" if name.endswith("_jsd") else "forward_kl"
 
         def run(_inputs):
-            loss = kdkernels.fused_linear_topk_kd_loss(h, w, ids, lps, tail=tail)
+            loss = kdkernels.fused_linear_topk_kd_loss(h, w, ids, lps, tail=tail,
+                                                       divergence=divergence)
             loss.backward()
             return loss
         return run, ""
@@ -134,7 +139,8 @@ def build(name: str, inputs: common.Inputs, ids, lps):
             loss.backward()
             return loss
         return run, f"teacher Dt {g.shape[1]}"
-    raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+    raise ValueError(f"unknown provider {name!r}; choose from "
+                     f"{', '.join(PROVIDERS + EXTRA)}")
 
 
 def worker(args) -> dict:

@@ -11,7 +11,31 @@ import torch
 REST_EPS = 1e-6  # README "Sparse teachers": the teacher's rest is clamped below at 1e-6
 
 
-def _row_div(logp_row, ids, lq, tail, divergence, temperature, vocab):
+def _outcome_div(student, teacher, divergence, beta, skew, alpha):
+    """A divergence between two distributions given as log-probs on the same outcomes, with
+    the dense loss's definitions (reference.py's conventions, written out again here)."""
+    p, q = student.exp(), teacher.exp()
+    if divergence == "jsd" and beta in (0.0, 1.0):  # TRL: jsd at beta 0 / 1 is the KL
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return (q * (teacher - student)).sum()
+    if divergence == "reverse_kl":
+        return (p * (student - teacher)).sum()
+    if divergence == "jsd":
+        log_m = torch.log(beta * q + (1 - beta) * p)
+        return beta * (q * (teacher - log_m)).sum() + (1 - beta) * (p * (student - log_m)).sum()
+    if divergence == "skew_forward_kl":
+        return (q * (teacher - torch.log(skew * q + (1 - skew) * p))).sum()
+    if divergence == "skew_reverse_kl":
+        return (p * (student - torch.log((1 - skew) * q + skew * p))).sum()
+    if divergence == "tvd":
+        return 0.5 * (p - q).abs().sum()
+    if divergence == "alpha":
+        return (1 - (q**alpha * p ** (1 - alpha)).sum()) / (alpha * (1 - alpha))
+    raise ValueError(divergence)
+
+
+def _row_div(logp_row, ids, lq, tail, divergence, temperature, vocab, params):
     lq = lq.clamp(max=0.0)
     mass = lq.exp().sum()
     lq_t = torch.log(mass) + lq / temperature - torch.logsumexp(lq / temperature, 0)
@@ -23,9 +47,7 @@ def _row_div(logp_row, ids, lq, tail, divergence, temperature, vocab):
     if tail == "renormalize":
         lqr = lq_t - torch.logsumexp(lq_t, 0)
         lpr = lp_s - torch.logsumexp(lp_s, 0)
-        if divergence == "forward_kl":
-            return (lqr.exp() * (lqr - lpr)).sum()
-        return (lpr.exp() * (lpr - lqr)).sum()
+        return _outcome_div(lpr, lqr, divergence, **params)
     # bucket: K + 1 outcomes
     keep = torch.ones(vocab, dtype=torch.bool)
     keep[ids] = False
@@ -36,13 +58,12 @@ def _row_div(logp_row, ids, lq, tail, divergence, temperature, vocab):
         rest = max(1.0 - float(mass), REST_EPS)
         student = torch.cat([lp_s, log_rest_p[None]])
         teacher = torch.cat([lq_t, torch.tensor([math.log(rest)], dtype=lq_t.dtype)])
-    if divergence == "forward_kl":
-        return (teacher.exp() * (teacher - student)).sum()
-    return (student.exp() * (student - teacher)).sum()
+    return _outcome_div(student, teacher, divergence, **params)
 
 
 def reference_topk_loss(student_logits, teacher_ids, teacher_logprobs, labels=None, *,
-                        tail="bucket", divergence="forward_kl", temperature=1.0,
+                        tail="bucket", divergence="forward_kl", beta=0.5, skew=0.1,
+                        alpha=0.5, temperature=1.0,
                         scale_by_t2=True, kd_weight=1.0, ce_weight=0.0, student_softcap=None,
                         student_logit_scale=1.0, ignore_index=-100, reduction="mean",
                         num_items=None):
@@ -70,7 +91,8 @@ def reference_topk_loss(student_logits, teacher_ids, teacher_logprobs, labels=No
             kd_rows.append(z[i].sum() * 0.0)
         else:
             kd_rows.append(_row_div(logp[i], ids[i][valid], lps[i][valid], tail, divergence,
-                                    temperature, vocab))
+                                    temperature, vocab,
+                                    dict(beta=beta, skew=skew, alpha=alpha)))
         ce_rows.append(-log_ce[i, flat_labels[i]] if flat_labels is not None
                        else z.new_zeros(()))
     kd, ce = torch.stack(kd_rows), torch.stack(ce_rows)

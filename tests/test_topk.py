@@ -26,8 +26,17 @@ from ._helpers import rel_err
 from ._topk_reference import reference_topk_loss
 from .test_student_rows import BACKENDS
 
+# The KL pairs have their own formulas (tails.py); the other divergences of the dense table
+# take the generic rule of the renormalize and bucket tails.
+OTHERS = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "alpha")
 PAIRS = [("zero", "forward_kl"), ("renormalize", "forward_kl"), ("renormalize", "reverse_kl"),
-         ("bucket", "forward_kl"), ("bucket", "reverse_kl")]
+         ("bucket", "forward_kl"), ("bucket", "reverse_kl")] + [
+    (tail, div) for tail in ("renormalize", "bucket") for div in OTHERS]
+# Parameters away from the defaults, the ends of their ranges included (jsd at beta 0 / 1
+# folds to forward / reverse KL; skew 0 and 1 drop one side of the mixture).
+PARAMS = st.fixed_dictionaries(dict(beta=st.sampled_from([0.5, 0.2, 0.9, 0.0, 1.0]),
+                                    skew=st.sampled_from([0.1, 0.0, 0.45, 1.0]),
+                                    alpha=st.sampled_from([0.5, 0.05, 0.8, 0.97])))
 
 
 def make_case(n, vocab, dim, k, *, seed, empty_frac=0.3, ignore_frac=0.2, dtype=torch.float32,
@@ -76,13 +85,20 @@ def run_reference(case, **opts):
     return loss.detach(), h.grad, w.grad
 
 
+def _err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """rel_err with the reference's norm floored at 1e-9: a divergence that is exactly 0 by
+    its parameter (skew_forward_kl at skew 1: the mixture is the teacher) comes out as 0 from
+    the kernels and as float64 rounding (~1e-17) from the reference."""
+    return (x.double() - ref.double()).norm().item() / max(ref.double().norm().item(), 1e-9)
+
+
 def assert_matches(got, want, loss_rtol=2e-6, grad_rtol=2e-5):
     loss, gh, gw = got
     rl, rh, rw = want
     assert torch.isfinite(loss).all()
-    assert rel_err(loss, rl) <= loss_rtol, (loss, rl)
-    assert rel_err(gh, rh) <= grad_rtol, rel_err(gh, rh)
-    assert rel_err(gw, rw) <= grad_rtol, rel_err(gw, rw)
+    assert _err(loss, rl) <= loss_rtol, (loss, rl)
+    assert _err(gh, rh) <= grad_rtol, _err(gh, rh)
+    assert _err(gw, rw) <= grad_rtol, _err(gw, rw)
 
 
 needs_backend = pytest.mark.skipif(not BACKENDS, reason="no backend with student row ops")
@@ -107,13 +123,13 @@ def test_fused_matches_reference(impl, tail, divergence, temperature):
        ce_weight=st.sampled_from([0.0, 0.7]), softcap=st.sampled_from([None, 4.0]),
        scale=st.sampled_from([1.0, 1.0, 0.0625, 0.5, 3.0]),
        chunk=st.sampled_from([None, 1, 3, 10]),
-       reduction=st.sampled_from(["mean", "sum", "none"]),
+       reduction=st.sampled_from(["mean", "sum", "none"]), params=PARAMS,
        seed=st.integers(0, 2**16))
 def test_fused_properties(impl, pair, n, vocab, k_frac, temperature, ce_weight, softcap,
-                          scale, chunk, reduction, seed):
+                          scale, chunk, reduction, params, seed):
     k = max(1, min(vocab, 64, round(k_frac * min(vocab, 64))))
     case = make_case(n, vocab, 12, k, seed=seed)
-    opts = dict(tail=pair[0], divergence=pair[1], temperature=temperature,
+    opts = dict(tail=pair[0], divergence=pair[1], temperature=temperature, **params,
                 ce_weight=ce_weight, student_softcap=softcap, student_logit_scale=scale,
                 reduction=reduction, impl=impl, chunk_size=chunk)
     got, want = run_fused(case, **opts), run_reference(case, **opts)
@@ -345,7 +361,7 @@ def test_autocast_fp32_master_weights():
 
 @needs_backend
 @pytest.mark.parametrize("impl", BACKENDS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("divergence", ("forward_kl", "reverse_kl") + OTHERS)
 def test_bucket_with_a_confident_student(impl, divergence):
     """The student puts all but ~e^-40 of its mass on S while the teacher leaves a real
     rest: 1 - P is far below fp32 resolution next to 1, alpha ~ r / (1 - P) ~ 1e16."""
@@ -365,3 +381,53 @@ def test_bucket_with_a_confident_student(impl, divergence):
     # exp((a - m) - log_s) at a - m ~ -40: fp32 rounds a - m by ~40 * 2^-24, so 1e-5
     assert rel_err(loss, ref) <= 1e-5
     assert rel_err(a.grad, z64.grad) <= 1e-5
+
+
+@needs_backend
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("divergence", OTHERS)
+def test_other_divergences_vanish_at_the_teacher(impl, divergence):
+    """Under renormalize, student logits at S equal to the teacher's log-probs plus a row
+    constant give the teacher's distribution on S: D = 0 (fp32 rounding of log-probs of
+    O(5): ~1e-6) and, but for tvd (whose subgradient at p = q is the sign of the rounding),
+    no gradient. The same inputs under bucket, whose rest differs, give D > 0."""
+    gen = torch.Generator().manual_seed(8)
+    n, vocab, k = 7, 41, 6
+    lp = torch.log_softmax(torch.randn(n, vocab, generator=gen) * 2, -1)
+    top = lp.topk(k, -1)
+    zs = torch.randn(n, vocab, generator=gen)
+    zs.scatter_(1, top.indices, top.values + torch.randn(n, 1, generator=gen))
+    for tail in ("renormalize", "bucket"):
+        a = zs.clone().requires_grad_()
+        loss = kdkernels.topk_kd_loss(a, top.indices, top.values, tail=tail,
+                                      divergence=divergence, reduction="none", impl=impl)
+        loss.sum().backward()
+        if tail == "renormalize":
+            assert loss.abs().max() <= 2e-6, loss
+            if divergence != "tvd":
+                assert a.grad.abs().max() <= 2e-6
+        else:
+            assert (loss > 1e-4).all(), loss
+
+
+def test_parameter_folds_match_the_kl():
+    """jsd at beta 0 / 1 is forward / reverse KL (the option folds, as in the dense loss);
+    skew_forward_kl at skew 0 and skew_reverse_kl at skew 0 are the KLs by their formulas."""
+    case = make_case(13, 53, 8, 7, seed=4)
+    z = (case["h"] @ case["w"].T).detach()
+
+    def run(**opts):
+        a = z.clone().requires_grad_()
+        loss = kdkernels.topk_kd_loss(a, case["ids"], case["lps"], case["labels"],
+                                      impl="torch", temperature=1.5, **opts)
+        loss.backward()
+        return loss.detach(), a.grad
+
+    for tail in ("renormalize", "bucket"):
+        fwd, rev = run(tail=tail), run(tail=tail, divergence="reverse_kl")
+        for got, want in ((run(tail=tail, divergence="jsd", beta=0.0), fwd),
+                          (run(tail=tail, divergence="jsd", beta=1.0), rev)):
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for got, want in ((run(tail=tail, divergence="skew_forward_kl", skew=0.0), fwd),
+                          (run(tail=tail, divergence="skew_reverse_kl", skew=0.0), rev)):
+            assert rel_err(got[0], want[0]) <= 1e-6 and rel_err(got[1], want[1]) <= 1e-6

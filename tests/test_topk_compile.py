@@ -22,8 +22,10 @@ def _no_autograd_cache():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_fused_fullgraph_matches_eager(reduction, tail):
+@pytest.mark.parametrize("tail,div", [("bucket", dict()), ("renormalize", dict()),
+                                      ("bucket", dict(divergence="jsd", beta=0.3)),
+                                      ("renormalize", dict(divergence="alpha", alpha=0.8))])
+def test_fused_fullgraph_matches_eager(reduction, tail, div):
     torch._dynamo.reset()
     case = make_case(15, 101, 16, 6, seed=1, lead=(3, 5))
     h = case["h"].clone().requires_grad_()
@@ -34,7 +36,7 @@ def test_fused_fullgraph_matches_eager(reduction, tail):
         out = kdkernels.fused_linear_topk_kd_loss(h, w, ids, lps, labels, student_bias=b,
                                                   tail=tail, temperature=2.0, ce_weight=0.3,
                                                   student_logit_scale=0.5,
-                                                  reduction=reduction, chunk_size=4)
+                                                  reduction=reduction, chunk_size=4, **div)
         return out.sum() * 1.5
 
     args = (case["ids"], case["lps"], case["labels"])

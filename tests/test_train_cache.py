@@ -206,8 +206,9 @@ def test_cli_trains_with_each_tail_option(tmp_path, cache_dir, student_dir):
 
 
 def test_divergence_without_a_topk_form_is_refused(tmp_path, cache_dir, student_dir):
-    with pytest.raises(ValueError, match="jsd.*tail='bucket'"):
-        pipeline.run(_cfg(tmp_path / "o", divergence="jsd"), student_path=str(student_dir),
+    with pytest.raises(ValueError, match="jsd.*tail='zero'"):
+        pipeline.run(_cfg(tmp_path / "o", divergence="jsd", tail="zero"),
+                     student_path=str(student_dir),
                      teacher_cache=str(cache_dir))
 
 

@@ -8,9 +8,9 @@ from ..options import KDOptions
 from .tails import TAILS, get
 
 # Options the top-k loss shares with the dense one, validated by KDOptions itself.
-_SHARED = ("divergence", "temperature", "scale_by_t2", "kd_weight", "ce_weight",
-           "student_softcap", "student_logit_scale", "ignore_index", "reduction", "num_items",
-           "chunk_size", "max_workspace_bytes", "impl", "return_components")
+_SHARED = ("divergence", "beta", "skew", "alpha", "temperature", "scale_by_t2", "kd_weight",
+           "ce_weight", "student_softcap", "student_logit_scale", "ignore_index", "reduction",
+           "num_items", "chunk_size", "max_workspace_bytes", "impl", "return_components")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,9 @@ class TopKOptions:
 
     tail: str = "bucket"
     divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
+    alpha: float = 0.5
     temperature: float = 1.0
     scale_by_t2: bool = True
     kd_weight: float = 1.0
@@ -45,10 +48,15 @@ class TopKOptions:
             object.__setattr__(self, name, getattr(dense, name))
         object.__setattr__(self, "_dense", dense)
         tail = get(self.tail)
-        if self.divergence not in tail.divergences:
+        if dense.effective_divergence not in tail.divergences:  # jsd at beta 0 is forward KL
             raise ValueError(
                 f"divergence={self.divergence!r} is not defined under tail={self.tail!r}: "
                 f"{tail.rule}; it takes divergence in {{{', '.join(tail.divergences)}}}")
+
+    @property
+    def effective_divergence(self) -> str:
+        """The divergence the tail rule computes (jsd at beta 0 / 1 folded to the KL)."""
+        return self.dense.effective_divergence
 
     @property
     def dense(self) -> KDOptions:

@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from .. import divergences
 from ..backends.base import Backend, RowSpec
 from ..layouts import SCOEF, SSTATS
 from ..reducer import Reducer
@@ -67,6 +68,9 @@ class SparseChunks:
                  spec: RowSpec, backend: Backend, reducer: Reducer) -> None:
         self.t, self.lab, self.opts, self.spec = teacher, lab, opts, spec
         self.backend, self.reducer = backend, reducer
+        self.rule = get(opts.tail).rules[opts.effective_divergence]
+        self.params = {name: getattr(opts, name) for name in divergences.get(
+            opts.effective_divergence).params}
 
     def release(self) -> None:
         pass
@@ -74,7 +78,7 @@ class SparseChunks:
     def __call__(self, start: int, stop: int, zs: torch.Tensor, dz: torch.Tensor | None,
                  scale: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        spec, opts = self.spec, self.opts
+        spec = self.spec
         width, k = zs.shape[1], self.t.ids.shape[1]
         ids, valid = self.t.ids[start:stop], self.t.valid[start:stop]
         local = ids - self.reducer.vocab_start
@@ -109,9 +113,9 @@ class SparseChunks:
         lse_in = torch.logsumexp(a_s, 1)
         lse = torch.logaddexp(lse_out, lse_in)
         lp = _neg_inf_where(valid, a_s - lse[:, None])
-        res = get(opts.tail).rules[opts.divergence](TailInputs(
+        res = self.rule(TailInputs(
             lp, self.t.lq[start:stop], valid, lse_out - lse, self.t.log_r[start:stop],
-            self.t.outside[start:stop]))
+            self.t.outside[start:stop]), self.params)
         ce = lse1 = zc_lab = None
         if lab is not None:
             z_lab = merged[:, -1] * spec.student_scale

@@ -175,17 +175,18 @@ def _teacher(cfg: TrainConfig, tok, train_ids, held, data_key: str, out: Path,
 
 def _stage_objective(cfg: TrainConfig, kind: str, student, teacher) -> torch.nn.Module:
     if kind == "topk":
-        return TopKObjective(student, tail=cfg.tail, divergence=cfg.divergence,
+        return TopKObjective(student, tail=cfg.tail, divergence=cfg.divergence, beta=cfg.beta,
                              temperature=cfg.temperature, kd_weight=cfg.kd_weight,
                              ce_weight=cfg.ce_weight, impl=cfg.impl)
     return _objective(cfg, student, teacher, kind)
 
 
 def _topk_refusal(cfg: TrainConfig) -> str | None:
-    """Why the top-k loss cannot run this configuration (e.g. JSD has no top-k form)."""
+    """Why the top-k loss cannot run this configuration (e.g. JSD under --tail zero)."""
     try:
-        check_options(tail=cfg.tail, divergence=cfg.divergence, temperature=cfg.temperature,
-                      kd_weight=cfg.kd_weight, ce_weight=cfg.ce_weight, impl=cfg.impl)
+        check_options(tail=cfg.tail, divergence=cfg.divergence, beta=cfg.beta,
+                      temperature=cfg.temperature, kd_weight=cfg.kd_weight,
+                      ce_weight=cfg.ce_weight, impl=cfg.impl)
     except ValueError as err:
         return str(err)
     return None

@@ -15,11 +15,11 @@ from . import models
 
 
 def check_options(*, tail: str, divergence: str, temperature: float, kd_weight: float,
-                  ce_weight: float, impl: str) -> None:
-    """Refuse options the top-k loss cannot take (e.g. --divergence jsd: no top-k form)
-    before any model work, naming the tail's rule."""
+                  ce_weight: float, impl: str, beta: float = 0.5) -> None:
+    """Refuse options the top-k loss cannot take (e.g. --divergence jsd under --tail zero:
+    no top-k form) before any model work, naming the tail's rule."""
     try:
-        TopKOptions(tail=tail, divergence=divergence, temperature=temperature,
+        TopKOptions(tail=tail, divergence=divergence, beta=beta, temperature=temperature,
                     kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
     except ValueError as err:
         raise ValueError(f"a top-k student (--tail {tail}): {err}") from None
@@ -29,16 +29,16 @@ class TopKObjective(nn.Module):
     """forward(input_ids, teacher_ids, teacher_logprobs, num_items) -> KDComponents."""
 
     def __init__(self, student: nn.Module, *, tail: str = "bucket",
-                 divergence: str = "forward_kl", temperature: float = 1.0,
+                 divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                  kd_weight: float = 0.5, ce_weight: float = 0.5, impl: str = "auto") -> None:
         super().__init__()
         self.student = student
         scale, softcap = models.logit_transform(student)
-        self.options = dict(tail=tail, divergence=divergence, temperature=temperature,
+        self.options = dict(tail=tail, divergence=divergence, beta=beta, temperature=temperature,
                             kd_weight=kd_weight, ce_weight=ce_weight, student_softcap=softcap,
                             student_logit_scale=scale)
         self.impl = impl
-        check_options(tail=tail, divergence=divergence, temperature=temperature,
+        check_options(tail=tail, divergence=divergence, beta=beta, temperature=temperature,
                       kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
 
     @staticmethod
