@@ -44,7 +44,9 @@ divergence's mixture w_q q + (1 - w_q) p) uses, for each divergence, G =
 
 Adding a divergence: a row here, its element math in backends/torch_rows.py,
 triton_kernels/row_math.py and csrc/row_math.h, and the float64 oracle (reference.py). A
-new parameter adds a KDOptions field and the public signatures in api.py.
+new parameter adds a KDOptions field and the public signatures in api.py. Optionally, its
+measure in sparse/tails.py (divergence and dD/dpi on the K + 1 outcomes) serves it under the
+top-k tails bucket and renormalize; without one, those tails refuse it, naming their rule.
 """
 
 from __future__ import annotations
