@@ -23,9 +23,11 @@ from transformers import Trainer
 from ..api import fused_linear_kd_loss
 from ..options import KDOptions
 from ..train import models
+from .hf_common import scaled_for_devices, student_hidden
+from .hf_topk import TopKCollator, TopKKDTrainer
 from .logits import logit_transform, loss_transform_options
 
-__all__ = ["KDTrainer", "logit_transform"]
+__all__ = ["KDTrainer", "TopKKDTrainer", "TopKCollator", "logit_transform"]
 
 
 class KDTrainer(Trainer):
@@ -56,18 +58,6 @@ class KDTrainer(Trainer):
         self.teacher_model.requires_grad_(False)
         self.kd_log: dict[str, float] = {}
 
-    def _student_hidden(self, model: nn.Module, input_ids, attention_mask) -> torch.Tensor:
-        unwrapped = self.accelerator.unwrap_model(model)
-        if model is unwrapped:
-            return models.base_model(unwrapped)(input_ids=input_ids,
-                                                attention_mask=attention_mask,
-                                                use_cache=False).last_hidden_state
-        # Wrapped (DDP/FSDP): go through the wrapper so its gradient hooks run; the final
-        # hidden state comes back in hidden_states, and logits are built for 1 position only.
-        out = model(input_ids=input_ids, attention_mask=attention_mask,
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return out.hidden_states[-1]
-
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
@@ -75,7 +65,7 @@ class KDTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
-        hidden = self._student_hidden(model, input_ids, mask)
+        hidden = student_hidden(self, model, input_ids, mask)
         with torch.no_grad():
             teacher_hidden = models.hidden_states_masked(self.teacher_model, input_ids, mask)
         student = self.accelerator.unwrap_model(model)
@@ -87,9 +77,6 @@ class KDTrainer(Trainer):
             student_bias=bias, teacher_bias=t_bias, reduction="mean",
             **loss_transform_options(student.config, self.teacher_model.config),
             num_items=num, return_components=True, **self.kd_options)
-        loss = out.loss
-        if self.args.average_tokens_across_devices and num is not None:
-            # Normalised by the tokens of all processes; DDP averages gradients over them.
-            loss = loss * self.accelerator.num_processes
+        loss = scaled_for_devices(self, out.loss, num)
         self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
         return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss

@@ -1,0 +1,157 @@
+"""TopKKDTrainer: a transformers.Trainer that distils from the teacher's top-K (or sampled)
+log-probs carried in the batches: a kdkernels teacher cache, or any dataset with
+``teacher_ids`` / ``teacher_logprobs`` columns. No teacher model is loaded.
+
+    trainer = TopKKDTrainer(model=student, args=TrainingArguments(...),
+                            train_dataset=TeacherCache("CACHE"), tail="bucket",
+                            kd_weight=0.8, ce_weight=0.2)
+    trainer.train()
+
+Positions follow the cache (README "Sparse teachers"): ``teacher_ids[:, t]`` describes the
+token after ``input_ids[:, t]``, as a causal LM's ``logits[:, t]`` does, so it is paired with
+the label ``input_ids[:, t + 1]``. (vLLM's ``prompt_logprobs`` entry t describes token t
+itself: shift it by one, as examples/cache_from_logprobs.py does.) Batches of different
+lengths or K are padded by TopKCollator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..sparse.api import fused_linear_topk_kd_loss
+from ..sparse.options import TopKOptions
+from ..train import models
+from .hf_common import scaled_for_devices, student_hidden
+from .logits import loss_transform_options
+
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
+
+
+class TopKCollator:
+    """Pads a list of examples {input_ids [L], teacher_ids [L, K], teacher_logprobs [L, K],
+    optional labels [L] and attention_mask [L]} (tensors or lists) to the longest L and the
+    largest K: input_ids with ``pad_token_id``, attention_mask 0, labels -100 (labels default
+    to input_ids), teacher_ids -1 (an empty slot) and teacher_logprobs 0."""
+
+    def __init__(self, pad_token_id: int = 0, ignore_index: int = -100) -> None:
+        self.pad_token_id, self.ignore_index = int(pad_token_id), int(ignore_index)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("TopKCollator got an empty list of examples")
+        rows = [_example(f, i) for i, f in enumerate(features)]
+        length = max(r["input_ids"].shape[0] for r in rows)
+        k = max(r["teacher_ids"].shape[1] for r in rows)
+        n = len(rows)
+        out = {
+            "input_ids": torch.full((n, length), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((n, length), dtype=torch.long),
+            "labels": torch.full((n, length), self.ignore_index, dtype=torch.long),
+            "teacher_ids": torch.full((n, length, k), -1, dtype=torch.long),
+            "teacher_logprobs": torch.zeros((n, length, k),
+                                            dtype=rows[0]["teacher_logprobs"].dtype),
+        }
+        for i, r in enumerate(rows):
+            size, width = r["teacher_ids"].shape
+            out["input_ids"][i, :size] = r["input_ids"]
+            out["attention_mask"][i, :size] = r.get("attention_mask", 1)
+            out["labels"][i, :size] = r.get("labels", r["input_ids"])
+            out["teacher_ids"][i, :size, :width] = r["teacher_ids"]
+            out["teacher_logprobs"][i, :size, :width] = r["teacher_logprobs"]
+        return out
+
+
+def _example(feature: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
+    missing = [k for k in ("input_ids",) + TEACHER_KEYS if k not in feature]
+    if missing:
+        raise ValueError(f"example {index} has no {', '.join(missing)}: TopKCollator needs "
+                         f"input_ids [L], teacher_ids [L, K] and teacher_logprobs [L, K]; it "
+                         f"has {sorted(feature)}")
+    row = {k: torch.as_tensor(v) for k, v in feature.items()
+           if k in ("input_ids", "labels", "attention_mask") + TEACHER_KEYS}
+    length = row["input_ids"].shape
+    if row["input_ids"].dim() != 1:
+        raise ValueError(f"example {index}: input_ids must be [L]; got {list(length)}")
+    for key in TEACHER_KEYS:
+        if row[key].dim() != 2 or row[key].shape[0] != length[0]:
+            raise ValueError(f"example {index}: {key} must be [L, K] with L = {length[0]} "
+                             f"(input_ids); got {list(row[key].shape)}")
+    if row["teacher_ids"].shape != row["teacher_logprobs"].shape:
+        raise ValueError(f"example {index}: teacher_ids {list(row['teacher_ids'].shape)} and "
+                         f"teacher_logprobs {list(row['teacher_logprobs'].shape)} differ")
+    for key in ("labels", "attention_mask"):
+        if key in row and row[key].shape != length:
+            raise ValueError(f"example {index}: {key} must be [L] like input_ids "
+                             f"({length[0]}); got {list(row[key].shape)}")
+    return row
+
+
+class TopKKDTrainer(Trainer):
+    """transformers.Trainer whose compute_loss is fused_linear_topk_kd_loss on the student's
+    final hidden states and LM head against the batch's teacher_ids / teacher_logprobs.
+
+    Keyword options (all optional): tail, divergence, beta, skew, alpha, temperature,
+    scale_by_t2, kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes; the student's
+    logit scale and softcap are read from its config (logit_transform). The dataset's extra
+    columns survive remove_unused_columns; without a data_collator, TopKCollator pads.
+    """
+
+    def __init__(self, *args: Any, tail: str = "bucket", divergence: str = "forward_kl",
+                 beta: float = 0.5, skew: float = 0.1, alpha: float = 0.5,
+                 temperature: float = 1.0, scale_by_t2: bool = True, kd_weight: float = 1.0,
+                 ce_weight: float = 0.0, impl: str = "auto", chunk_size: int | None = None,
+                 max_workspace_bytes: int | None = None, **kwargs: Any) -> None:
+        if "teacher_model" in kwargs:
+            raise ValueError("TopKKDTrainer reads the teacher from the batches "
+                             "(teacher_ids / teacher_logprobs); for a teacher model use "
+                             "kdkernels.integrations.hf.KDTrainer")
+        self.kd_options = dict(tail=tail, divergence=divergence, beta=beta, skew=skew,
+                               alpha=alpha, temperature=temperature, scale_by_t2=scale_by_t2,
+                               kd_weight=kd_weight, ce_weight=ce_weight, impl=impl,
+                               chunk_size=chunk_size, max_workspace_bytes=max_workspace_bytes)
+        TopKOptions(**self.kd_options)  # reject bad options before the model work
+        if kwargs.get("data_collator") is None:
+            tok = kwargs.get("processing_class")
+            pad = getattr(tok, "pad_token_id", None)
+            kwargs["data_collator"] = TopKCollator(0 if pad is None else pad)
+        super().__init__(*args, **kwargs)
+        self.kd_log: dict[str, float] = {}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys(list(self._signature_columns)
+                                                     + list(TEACHER_KEYS)))
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                     return_outputs: bool = False, num_items_in_batch=None):
+        missing = [k for k in TEACHER_KEYS if k not in inputs]
+        if missing:
+            raise ValueError(f"TopKKDTrainer reads the teacher from each batch: it needs "
+                             f"teacher_ids and teacher_logprobs [B, L, K] (as "
+                             f"kdkernels.cache.TeacherCache yields them); this batch has no "
+                             f"{', '.join(missing)} (keys: {sorted(inputs)})")
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        ids, logprobs = inputs["teacher_ids"], inputs["teacher_logprobs"]
+        if ids.shape[:2] != input_ids.shape or ids.dim() != 3:
+            raise ValueError(f"teacher_ids must be [B, L, K] with [B, L] = "
+                             f"{list(input_ids.shape)} (input_ids); got {list(ids.shape)}")
+        labels = inputs.get("labels")
+        if labels is None:
+            labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
+        hidden = student_hidden(self, model, input_ids, mask)
+        student = self.accelerator.unwrap_model(model)
+        weight, bias = models.head(student)
+        num = None if num_items_in_batch is None else float(num_items_in_batch)
+        out = fused_linear_topk_kd_loss(
+            hidden[:, :-1], weight, ids[:, :-1], logprobs[:, :-1], labels[:, 1:],
+            student_bias=bias, reduction="mean", num_items=num, return_components=True,
+            **loss_transform_options(student.config), **self.kd_options)
+        loss = scaled_for_devices(self, out.loss, num)
+        self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
+        return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss
