@@ -168,7 +168,10 @@ def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--teacher", required=True,
       help="local Hugging Face causal-LM directory, or 'default' for the embedded teacher")
-    a("--data", help="text file or folder of them (optional with --teacher default: its corpus)")
+    a("--data", help="text file or folder of them, or text records: a .jsonl, .parquet or "
+      "datasets save_to_disk folder, as for kdk distill (optional with --teacher default: "
+      "its corpus)")
+    a("--text-field", default="text", help="the records' text field (JSONL, parquet, datasets)")
     a("--output", "-o", required=True, help="cache directory")
     a("--top-k", type=int, default=64, help="K slots per position")
     a("--mode", choices=["topk", "sample"], default="topk",
@@ -188,7 +191,8 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     from .cache.build import CacheOptions, cache_teacher
 
     opts = CacheOptions(teacher=args.teacher, output=args.output, data=args.data,
-                        top_k=args.top_k, mode=args.mode, samples=args.samples,
+                        text_field=args.text_field, top_k=args.top_k, mode=args.mode,
+                        samples=args.samples,
                         seq_len=args.seq_len, shard_size=args.shard_size, dtype=args.dtype,
                         batch_size=args.batch_size, device=args.device, seed=args.seed,
                         progress=not args.no_progress)

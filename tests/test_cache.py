@@ -375,3 +375,50 @@ def test_default_teacher_and_its_corpus(tmp_path, monkeypatch):
     assert m["teacher"] == "default" and m["num_sequences"] == ids.numel() // 32
     assert m["tokenizer_hash"] == tokenizer_hash(tok) and m["complete"]
     assert torch.equal(TeacherCache(tmp_path / "c")[1]["input_ids"], ids[32:64].int())
+
+
+def test_data_as_records_equals_the_same_texts_as_files(tiny, tmp_path):
+    """--data as JSONL (--text-field), parquet, or a folder of .jsonl files tokenises the
+    same texts, in the same order with EOS between them, as a folder of text files: the
+    caches hold the same tokens and teacher targets."""
+    text = tiny.data.read_text()
+    parts = [text[:4000], text[4000:8000], text[8000:]]
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for i, part in enumerate(parts):
+        (folder / f"{i}.txt").write_text(part)
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": p, "id": i}) + "\n"
+                             for i, p in enumerate(parts)))
+    jfolder = tmp_path / "jsonl"
+    jfolder.mkdir()
+    for i, part in enumerate(parts):
+        (jfolder / f"{i}.jsonl").write_text(json.dumps({"text": part}) + "\n")
+    sources = [(folder, ()), (jsonl, ("--text-field", "body")), (jfolder, ())]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": parts}), tmp_path / "docs.parquet")
+    sources.append((tmp_path / "docs.parquet", ()))
+    got = []
+    for i, (data, extra) in enumerate(sources):
+        out = tmp_path / f"c{i}"
+        argv = ["cache-teacher", "--teacher", str(tiny.teacher), "--data", str(data),
+                "--output", str(out), "--seq-len", str(L), "--shard-size", str(SHARD),
+                "--top-k", "4", "--no-progress", *extra]
+        assert cli.main(argv) == 0
+        got.append(_tensors(out))
+    for other in got[1:]:
+        for key in fmt.TENSORS:
+            assert torch.equal(other[key], got[0][key]), key
+
+
+def test_prompt_completion_records_and_a_wrong_field_are_refused(tiny, tmp_path, capsys):
+    pc = tmp_path / "pc.jsonl"
+    pc.write_text(json.dumps({"prompt": "def f(", "completion": "x): return x"}) + "\n")
+    argv = ["cache-teacher", "--teacher", str(tiny.teacher), "--output", str(tmp_path / "o"),
+            "--seq-len", str(L), "--no-progress", "--data"]
+    assert cli.main([*argv, str(pc)]) == 2
+    assert "prompt/completion records" in capsys.readouterr().err
+    assert cli.main([*argv, str(pc), "--text-field", "body"]) == 2
+    assert "body" in capsys.readouterr().err

@@ -19,8 +19,8 @@ OPTION_NAMES = {"teacher": "--teacher", "teacher_config_hash": "--teacher (its c
                 "tokenizer_hash": "--teacher (its tokenizer)", "vocab_size": "--teacher (vocab)",
                 "top_k": "--top-k", "mode": "--mode", "samples": "--samples", "seed": "--seed",
                 "seq_len": "--seq-len", "dtype": "--dtype", "shard_size": "--shard-size",
-                "data_hash": "--data", "expected_sequences": "--data", "format_version":
-                "format_version (written by another kdkernels)"}
+                "data_hash": "--data (or --text-field)", "expected_sequences": "--data",
+                "format_version": "format_version (written by another kdkernels)"}
 
 
 @dataclass
@@ -28,6 +28,7 @@ class CacheOptions:
     teacher: str
     output: str
     data: str | None = None
+    text_field: str = "text"  # the records' text field (JSONL, parquet, datasets --data)
     top_k: int = 64
     mode: str = "topk"
     samples: int = 64
@@ -62,7 +63,7 @@ def _inputs(opts: CacheOptions, device: torch.device):
         model, tok = sources.load_teacher(opts.teacher, device)
         corpus_ids, name = None, str(Path(opts.teacher).resolve())
     ids = (corpus_ids if opts.data is None
-           else sources.encode_texts(tok, sources.read_texts(opts.data)))
+           else sources.encode_texts(tok, sources.read_data(opts.data, opts.text_field)))
     return model, tok, ids, name
 
 

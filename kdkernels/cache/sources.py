@@ -32,6 +32,38 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def read_data(path: str | Path, text_field: str = "text") -> list[str]:
+    """The texts of --data: records (a .jsonl/.json or .parquet file, a datasets save_to_disk
+    folder, or a folder of only .jsonl or only .parquet files: the `kdk distill --data`
+    reader, field ``text_field``), else a text file or a folder read whole (read_texts)."""
+    from ..train import documents
+
+    root = Path(path)
+    if not _holds_records(root, documents):
+        return read_texts(root)
+    docs = documents.read(root, text_field=text_field)
+    if docs.kind != documents.TEXT:
+        raise ValueError(f"--data {docs.source}: a teacher cache stores every position of "
+                         "the text and has no prompt mask, so prompt/completion records "
+                         f"(first: {docs.first}) would be trained on their prompts; pass "
+                         f"records with a {text_field!r} field")
+    return [d.text for d in docs.docs]
+
+
+def _holds_records(root: Path, documents) -> bool:
+    records = documents.JSONL_SUFFIXES + (".json",) + documents.PARQUET_SUFFIXES
+    if root.is_file():
+        return root.name.lower().endswith(records)
+    if not root.is_dir():
+        return False
+    if any((root / m).exists() for m in documents.DATASETS_MARKERS):
+        return True
+    names = [p.name.lower() for p in root.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return bool(names) and (all(n.endswith(documents.JSONL_SUFFIXES) for n in names)
+                            or all(n.endswith(documents.PARQUET_SUFFIXES) for n in names))
+
+
 def encode_texts(tokenizer, texts: list[str]) -> torch.Tensor:
     """One token stream: each text tokenised without added special tokens, the tokenizer's
     EOS (if it has one) between consecutive texts."""
