@@ -132,3 +132,22 @@ def test_no_stats_column_literals_in_the_driver_and_reducers():
                             sub.value > 1:
                         raise AssertionError(f"{rel}:{node.lineno}: column literal "
                                              f"{sub.value}")
+
+
+def test_dead_names_and_stale_pointers_are_gone():
+    """The review's dead code and stale text (issue 14): a 0.1 package keeps no aliases."""
+    from kdkernels import parallel, reducer
+    from kdkernels.backends import registry
+
+    dead = [(parallel, "clear_layout_cache"), (registry, "IMPLS"), (compiled, "LOSS_KEYS"),
+            (reducer, "LOSS_KEYS")]
+    assert [f"{m.__name__}.{n}" for m, n in dead if hasattr(m, n)] == []
+    sources = [p for p in (ROOT / "kdkernels").rglob("*.py")] + [ROOT / "setup.py"]
+    for path in sources:
+        text = path.read_text()
+        assert "DEFAULT_MAX_WORKSPACE_BYTES_CUDA" not in text, path
+        assert "backends/README" not in text, path
+    names = [n.name for n in ast.walk(ast.parse((ROOT / "tests" / "test_invariants.py")
+                                                .read_text())) if isinstance(n, ast.FunctionDef)]
+    assert "test_reference_is_the_oracle_of_itself" not in names
+    assert "test_reference_jsd_matches_trls_formula" in names
