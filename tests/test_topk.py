@@ -284,19 +284,31 @@ def test_empty_and_fully_ignored_batch(api):
         assert torch.equal(h.grad, torch.zeros_like(h))
 
 
-def test_reduction_none_grad_output_weights():
+@needs_backend
+@pytest.mark.parametrize("impl", BACKENDS)
+@pytest.mark.parametrize("tail,divergence,temperature", [
+    ("bucket", "forward_kl", 1.0), ("bucket", "reverse_kl", 2.0), ("zero", "forward_kl", 1.0),
+    ("renormalize", "jsd", 1.0)])
+def test_reduction_none_grad_output_weights(impl, tail, divergence, temperature):
+    """Per-token upstream weights of both signs and a zero (signed RL-style rewards): the
+    row scale enters the outside coefficient as log|scale| with its sign, at T = 1 merged
+    with the CE term and at T != 1 beside it."""
     case = make_case(9, 41, 8, 5, seed=4, lead=(3, 3))
-    go = torch.rand(3, 3, dtype=torch.float64)
+    go = torch.rand(3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    go = go - 0.5
+    go[1, 1] = 0.0
+    opts = dict(reduction="none", ce_weight=0.2, tail=tail, divergence=divergence,
+                temperature=temperature)
     h = case["h"].clone().requires_grad_()
     w = case["w"].clone().requires_grad_()
     loss = kdkernels.fused_linear_topk_kd_loss(h, w, case["ids"], case["lps"], case["labels"],
-                                               reduction="none", ce_weight=0.2)
+                                               impl=impl, **opts)
     assert loss.shape == (3, 3)
     loss.backward(go.float())
     h64 = case["h"].double().requires_grad_()
     w64 = case["w"].double().requires_grad_()
     ref, _, _ = reference_topk_loss(h64 @ w64.T, case["ids"], case["lps"], case["labels"],
-                                    reduction="none", ce_weight=0.2)
+                                    **opts)
     ref.backward(go)
     assert rel_err(loss, ref) <= 2e-6
     assert rel_err(h.grad, h64.grad) <= 2e-5 and rel_err(w.grad, w64.grad) <= 2e-5

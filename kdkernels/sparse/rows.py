@@ -23,15 +23,8 @@ from ..backends.base import Backend, RowSpec
 from ..layouts import SCOEF, SSTATS
 from ..reducer import Reducer
 from .options import TopKOptions
-from .tails import TailInputs, get, log_diff
+from .tails import TailInputs, get, signed_log, signed_sum
 from .teacher import SparseTeacher
-
-
-def _signed_add(log_x, sign_x, log_y):
-    """(log|x + y|, sign) for x = sign_x * exp(log_x) and y = exp(log_y) >= 0."""
-    pos = torch.logaddexp(log_x, log_y)
-    neg, neg_sign = log_diff(log_y, log_x)
-    return torch.where(sign_x > 0, pos, neg), torch.where(sign_x > 0, 1.0, neg_sign)
 
 
 def _add_at(x: torch.Tensor, col: torch.Tensor, vals: torch.Tensor) -> None:
@@ -138,11 +131,12 @@ class SparseChunks:
         kd_row = (opts.dense.soft_scale * spec.inv_t) * scale
         ce_row = opts.ce_weight * scale if spec.has_ce else torch.zeros_like(scale)
         # Outside S: dL/dz_j = kd_row * alpha * p_j (+ ce_row * p_j at T = 1), folded into
-        # the normaliser as log|coefficient| with its sign.
-        log_c = torch.log(kd_row) + res.log_alpha
-        sign = res.sign_alpha
+        # the normaliser as log|coefficient| with its sign. The row scale carries the
+        # upstream gradient, which may be negative (reduction="none" with signed weights).
+        log_kd, sign_kd = signed_log(kd_row)
+        log_c, sign = log_kd + res.log_alpha, res.sign_alpha * sign_kd
         if spec.has_ce and not spec.ce_separate:
-            log_c, sign = _signed_add(log_c, sign, torch.log(ce_row))
+            log_c, sign = signed_sum(log_c, sign, *signed_log(ce_row))
         m_a = torch.maximum(s["m_a"], a_s.amax(1))
         kd_col = torch.where(torch.isneginf(log_c), 0.0, sign)
         named = dict(m_a=m_a, log_s_a=(lse - m_a) - log_c, kd=kd_col, ce=ce_row,

@@ -86,6 +86,7 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def signed_log(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log|x|, sign) with sign +1 at x = 0 (log|x| = -inf: a zero that adds nothing)."""
     return torch.log(x.abs()), torch.where(x < 0, -1.0, 1.0).to(x.dtype)
 
 
@@ -192,17 +193,12 @@ def _log(x: float) -> float:
     return math.log(x) if x > 0.0 else -math.inf
 
 
-def _signed_log_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log|x|, sign) with sign +1 at x = 0 (log|x| = -inf: a zero that adds nothing)."""
-    return torch.log(x.abs()), torch.where(x < 0, -1.0, 1.0).to(x.dtype)
-
-
 def _jsd(o: Outcomes, prm: Params):
     beta = prm["beta"]
     lm = _log_mixture(beta, o.lq, o.lp)
     div = (beta * _wsum(o.lq.exp(), o.lq - lm, _live(o.lq, o.valid))
            + (1.0 - beta) * _wsum(o.lp.exp(), o.lp - lm, _live(o.lp, o.valid)))
-    log_g, sign = _signed_log_of(o.lp - lm)  # G = (1 - beta) log(p / m)
+    log_g, sign = signed_log(o.lp - lm)  # G = (1 - beta) log(p / m)
     return div, log_g + math.log(1.0 - beta), sign
 
 
@@ -219,13 +215,13 @@ def _skew_reverse_kl(o: Outcomes, prm: Params):
     lm = _log_mixture(1.0 - lam, o.lq, o.lp)
     div = _wsum(o.lp.exp(), o.lp - lm, _live(o.lp, o.valid))
     # G = log(p / m) + 1 - skew p / m; the constant 1 cancels against Gbar
-    log_g, sign = _signed_log_of((o.lp - lm) - lam * torch.exp(o.lp - lm))
+    log_g, sign = signed_log((o.lp - lm) - lam * torch.exp(o.lp - lm))
     return div, log_g, sign
 
 
 def _tvd(o: Outcomes, prm: Params):
     diff = torch.where(o.valid, o.lp.exp() - o.lq.exp(), torch.zeros_like(o.lp))
-    log_g, sign = _signed_log_of(0.5 * torch.sign(diff))  # G = 0.5 sign(p - q)
+    log_g, sign = signed_log(0.5 * torch.sign(diff))  # G = 0.5 sign(p - q)
     return 0.5 * diff.abs().sum(1), log_g, sign
 
 
@@ -269,7 +265,7 @@ def _generic(outcomes: Callable[[TailInputs], Outcomes],
         g = (pg - _masked(o.lp.exp(), live) * g_bar[:, None])[:, : t.lp.shape[1]]
         if not o.has_rest:
             return TailResult(div, g, *_no_alpha(t.log_r))
-        log_bar, sign_bar = _signed_log_of(-g_bar)
+        log_bar, sign_bar = signed_log(-g_bar)
         log_alpha, sign_alpha = signed_sum(log_g[:, -1], sign[:, -1], log_bar, sign_bar)
         log_alpha = torch.where(live[:, -1], log_alpha, torch.full_like(log_alpha, -math.inf))
         return TailResult(div, g, log_alpha, sign_alpha)
