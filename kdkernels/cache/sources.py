@@ -17,8 +17,7 @@ def read_texts(path: str | Path) -> list[str]:
     if root.is_file():
         files = [root]
     elif root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+        files = _visible_files(root)
     else:
         raise ValueError(f"--data {str(path)!r} does not exist; pass a text file or a folder")
     texts = []
@@ -30,6 +29,12 @@ def read_texts(path: str | Path) -> list[str]:
     if not texts:
         raise ValueError(f"--data {str(path)!r} holds no files")
     return texts
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Every file under root, hidden entries skipped, sorted by path."""
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def read_data(path: str | Path, text_field: str = "text") -> list[str]:
@@ -58,8 +63,7 @@ def _holds_records(root: Path, documents) -> bool:
         return False
     if any((root / m).exists() for m in documents.DATASETS_MARKERS):
         return True
-    names = [p.name.lower() for p in root.rglob("*") if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    names = [p.name.lower() for p in _visible_files(root)]
     return bool(names) and (all(n.endswith(documents.JSONL_SUFFIXES) for n in names)
                             or all(n.endswith(documents.PARQUET_SUFFIXES) for n in names))
 

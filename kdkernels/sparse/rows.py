@@ -62,8 +62,7 @@ class SparseChunks:
         self.t, self.lab, self.opts, self.spec = teacher, lab, opts, spec
         self.backend, self.reducer = backend, reducer
         self.rule = get(opts.tail).rules[opts.effective_divergence]
-        self.params = {name: getattr(opts, name) for name in divergences.get(
-            opts.effective_divergence).params}
+        self.params = opts.dense.divergence_params(divergences.get(opts.effective_divergence))
 
     def release(self) -> None:
         pass
