@@ -65,6 +65,12 @@ class RowSource:
             self.stage.untyped_storage().resize_(0)
 
 
+def grad_hidden_dtype(out_dtype: torch.dtype, cd_s: torch.dtype) -> torch.dtype:
+    """The dtype grad_hidden is assembled in: the gradient's own (the input's) when the
+    GEMMs run wider than it, so that no wide [N, Ds] copy waits for a final cast."""
+    return out_dtype if out_dtype.itemsize < cd_s.itemsize else cd_s
+
+
 def plan_fused(opts: KDOptions, backend: Backend, reducer: Reducer, *, n_rows: int,
                vocab: int, ds: int, dt: int, h_dtype: torch.dtype, g_dtype: torch.dtype,
                cd_s: torch.dtype, cd_t: torch.dtype, idx: torch.Tensor | None,
@@ -75,8 +81,8 @@ def plan_fused(opts: KDOptions, backend: Backend, reducer: Reducer, *, n_rows: i
         per_row += ds * cd_s.itemsize
     if RowSource.staged(idx, g_dtype, cd_t):
         per_row += dt * cd_t.itemsize
-    if need_grad and want_h and idx is not None:
-        per_row += ds * cd_s.itemsize  # grad_hidden rows before they are scattered
+    if need_grad and want_h and (idx is not None or grad_hidden_dtype(h_dtype, cd_s) != cd_s):
+        per_row += ds * cd_s.itemsize  # grad_hidden rows before they are scattered or cast
     return plan_chunks(n_rows=n_rows, width=reducer.chunk_width(vocab), backend=backend,
                        logits_dtype=gemm.logits_dtype(cd_s, device),
                        grad_dtype=cd_s if need_grad else None, device=device,
@@ -210,10 +216,12 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
     entropy = torch.empty(k, dtype=acc_dtype, device=device)
     grad_h = gh_stage = None
     if need_grad and want_h:
-        if idx is None:
-            grad_h = torch.empty(n, h.shape[1], dtype=cd_s, device=device)
-        else:  # ignored rows stay 0; kept rows arrive a chunk at a time
-            grad_h = torch.zeros(n, h.shape[1], dtype=cd_s, device=device)
+        # grad_hidden is written in the output dtype a chunk at a time, even where the GEMMs
+        # run wider (bf16 on CPUs without native half GEMMs): never a second [N, Ds] tensor.
+        gh_dtype = grad_hidden_dtype(h.dtype, cd_s)
+        fill = torch.empty if idx is None else torch.zeros  # ignored rows stay 0
+        grad_h = fill(n, h.shape[1], dtype=gh_dtype, device=device)
+        if idx is not None or gh_dtype != cd_s:
             gh_stage = torch.empty(c, h.shape[1], dtype=cd_s, device=device)
     grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_grad and want_w else None
     grad_b = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad and want_b else None
@@ -237,9 +245,11 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
         if grad_h is not None:
             if gh_stage is None:
                 torch.mm(dz, w, out=grad_h[start:stop])
+            elif idx is None:
+                grad_h[start:stop] = torch.mm(dz, w, out=gh_stage[: stop - start])
             else:
-                grad_h.index_copy_(0, idx[start:stop],
-                                   torch.mm(dz, w, out=gh_stage[: stop - start]))
+                part = torch.mm(dz, w, out=gh_stage[: stop - start])
+                grad_h.index_copy_(0, idx[start:stop], part.to(grad_h.dtype))
         if grad_w is not None:
             gemm.accumulate_matmul_(grad_w, dz.t(), h_c)
         if grad_b is not None:

@@ -181,12 +181,29 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+@pytest.fixture(params=["native_half_gemm", "fp32_gemm"])
+def cpu_kind(request, monkeypatch):
+    """Both kinds of build machine on any machine: a CPU with native bf16 GEMMs (AVX512-BF16,
+    AMX) runs the chunk GEMMs in bf16; one without (AVX2-only EPYC) runs them in fp32."""
+    from kdkernels import gemm
+
+    monkeypatch.setenv("KDKERNELS_CPU_HALF_GEMM", "1" if request.param == "native_half_gemm"
+                       else "0")
+    gemm.cpu_has_fast_half_gemm.cache_clear()
+    yield request.param
+    gemm.cpu_has_fast_half_gemm.cache_clear()
+
+
 @pytest.mark.parametrize("impl", cpu_impls())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ignored_labels_copy_no_hidden_states(impl, dtype):
+def test_ignored_labels_copy_no_hidden_states(impl, dtype, cpu_kind):
     """Prompt-masked distillation (ignored rows) walks the kept rows a chunk at a time: no
     [kept, D] copy of either hidden state and no second hidden gradient, only chunk-sized
-    staging and the [N, Ds] gradient itself."""
+    staging and the [N, Ds] gradient itself.
+
+    The rule holds on every kind of CPU: where bf16 GEMMs run in fp32 (no native half GEMMs),
+    grad_hidden is still one [N, Ds] tensor in the input's dtype, written a chunk at a time
+    from chunk-sized fp32 staging, never an fp32 [N, Ds] accumulator cast at the end."""
     n, chunk = 37, 8
     h, w, g, u, labels = _inputs(4, n=n, dtype=dtype)
     labels[::3] = -100
@@ -202,6 +219,7 @@ def test_ignored_labels_copy_no_hidden_states(impl, dtype):
         assert all(rows <= chunk for rows, cols in hidden if cols == d and rows != n), hidden
     assert (n, g.shape[1]) not in hidden  # the teacher's hidden states are never copied
     assert hidden.count((n, h.shape[1])) == 1, hidden  # grad_hidden, once
+    assert h.grad.dtype == dtype
     # and the result is the oracle's (the gathered rows are the right ones)
     from kdkernels.reference import reference_fused_linear_kd_loss
 
@@ -215,3 +233,21 @@ def test_ignored_labels_copy_no_hidden_states(impl, dtype):
     assert abs(float(loss) - float(ref)) <= tol * abs(float(ref))
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=tol, atol=tol * 0.1)
     assert not h.grad[labels == -100].any()
+
+
+@pytest.mark.parametrize("impl", cpu_impls())
+def test_bf16_hidden_gradient_is_one_tensor_on_every_cpu_kind(impl, cpu_kind):
+    """Without ignored rows too: one [N, Ds] bf16 gradient, whatever dtype the GEMMs run in."""
+    n = 29
+    h, w, g, u, labels = _inputs(5, n=n, dtype=torch.bfloat16)
+    with _Allocations() as seen:
+        kdkernels.fused_linear_kd_loss(h, w, g, u, labels, impl=impl, chunk_size=8).backward()
+    assert [s for s in seen.shapes if s == (n, h.shape[1])] == [(n, h.shape[1])], seen.shapes
+    assert h.grad.dtype == torch.bfloat16
+    h64 = h.detach().double().requires_grad_()
+    from kdkernels.reference import reference_fused_linear_kd_loss
+
+    reference_fused_linear_kd_loss(h64, w.detach().double(), g.double(), u.double(),
+                                   labels)["loss"].backward()
+    # bf16 inputs: the gradient is rounded to bf16 once (2^-8 relative) after bf16 or fp32 GEMMs
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=2e-2, atol=2e-3)
