@@ -181,9 +181,9 @@ def build(provider: str, shape_name: str, inputs: common.Inputs):
 
 def discover(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """provider -> '' if it can run here, else why not."""
-    from kdkernels import gemm
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
+    from kdkernels.engine import gemm
     from kdkernels.options import KDOptions
 
     spec = RowSpec.from_options(KDOptions(**common.KD_OPTIONS), True)

@@ -117,9 +117,9 @@ class FloorPlan:
 
 
 def _selected_backend(inputs: Inputs, impl: str):
-    from kdkernels import gemm
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
+    from kdkernels.engine import gemm
     from kdkernels.options import KDOptions
 
     h = inputs.student_hidden
@@ -133,9 +133,9 @@ def _selected_backend(inputs: Inputs, impl: str):
 def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
     """The chunking kdkernels' driver uses for these inputs with ``impl`` (the planner the
     driver itself calls, kdkernels.driver.plan_fused)."""
-    from kdkernels.driver import plan_fused
-    from kdkernels.reducer import LOCAL
-    from kdkernels.validation import scan_labels
+    from kdkernels.engine.driver import plan_fused
+    from kdkernels.engine.local_reducer import LOCAL
+    from kdkernels.engine.validation import scan_labels
 
     opts, backend, cd, zs_dtype = _selected_backend(inputs, impl)
     h, w, g = inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden
@@ -244,9 +244,9 @@ def discover_providers(device: str | torch.device, dtype: torch.dtype
     """(providers usable here, in run order; {provider: why it is skipped}). kdkernels
     backends come from kdkernels.available_backends() at run time."""
     import kdkernels
-    from kdkernels import gemm
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
+    from kdkernels.engine import gemm
     from kdkernels.options import KDOptions
 
     device = torch.device(device)

@@ -70,10 +70,10 @@ def _rss(key: str) -> float:
 
 
 def _floor(inputs: common.Inputs, ids: torch.Tensor):
-    from kdkernels import gemm
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
-    from kdkernels.chunking import plan_chunks
+    from kdkernels.engine import gemm
+    from kdkernels.engine.chunking import plan_chunks
     from kdkernels.options import DEFAULT_MAX_WORKSPACE_BYTES
 
     h, w = inputs.student_hidden, inputs.student_weight

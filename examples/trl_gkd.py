@@ -24,8 +24,8 @@ import importlib.metadata
 import torch
 
 from kdkernels import fused_linear_kd_loss
-from kdkernels.integrations.logits import loss_transform_options
-from kdkernels.train import models
+from kdkernels.hf import models
+from kdkernels.hf.logit_transform import loss_transform_options
 
 
 def _find_gkd():

@@ -1,7 +1,7 @@
 """kdkernels: knowledge-distillation losses fused with the LM head, without the logits."""
 
-from .api import FusedLinearKDLoss, KDComponents, fused_linear_kd_loss, kd_loss
 from .backends.registry import available as available_backends
+from .dense.api import FusedLinearKDLoss, KDComponents, fused_linear_kd_loss, kd_loss
 from .options import DEFAULT_MAX_WORKSPACE_BYTES, DIVERGENCES, REDUCTIONS, KDOptions
 from .parallel import VocabParallel
 from .sparse.api import FusedLinearTopKKDLoss, fused_linear_topk_kd_loss, topk_kd_loss

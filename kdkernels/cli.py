@@ -188,7 +188,7 @@ def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
-    from .cache.build import CacheOptions, cache_teacher
+    from .train.cache_build import CacheOptions, cache_teacher
 
     opts = CacheOptions(teacher=args.teacher, output=args.output, data=args.data,
                         text_field=args.text_field, top_k=args.top_k, mode=args.mode,

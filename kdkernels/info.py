@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_cuda_build:
         os.environ["KDKERNELS_SKIP_CUDA"] = "1"
 
-    from . import _build
+    from .backends import extension as _build
     from .backends import registry
 
     cuda_dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"

@@ -7,8 +7,8 @@ import json
 import sysconfig
 from pathlib import Path
 
+from kdkernels.hf.models import build_llama
 from kdkernels.train.config import ModelSize, TrainConfig
-from kdkernels.train.models import build_llama
 
 TOKENS = 1000  # the shared tokenizer; heads may be padded beyond it
 STUDENT = ModelSize(32, 1, 2, 64)

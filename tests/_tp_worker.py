@@ -149,7 +149,7 @@ def _grad(t: Any) -> torch.Tensor | None:
 
 def record_plans(log: list) -> None:
     """Log (width, kept rows, rows per chunk, dz layout) of every chunk plan the driver makes."""
-    from kdkernels import driver
+    from kdkernels.engine import driver
 
     real = driver.plan_chunks
 

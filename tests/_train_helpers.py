@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels.train.config import ModelSize, TrainConfig
-from kdkernels.train.models import build_llama
+from kdkernels.train.tiny_llama import build_llama
 
 VOCAB = 97  # prime, so no power-of-two tiling hides a bug
 

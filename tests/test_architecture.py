@@ -12,11 +12,13 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels import compiled, divergences
+from kdkernels import divergences
 from kdkernels.backends.base import RowSpec
+from kdkernels.engine import custom_ops
 from kdkernels.layouts import CONSTS, MIX_KINDS, STATS_WEIGHTS
 from kdkernels.options import KDOptions, option_fields
-from kdkernels.parallel.layout import _checksum, settings_key
+from kdkernels.parallel.loss_setup import settings_key
+from kdkernels.parallel.shard_layout import checksum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,24 +68,26 @@ def test_compile_schema_is_derived_from_the_options():
                torch.ops.kdkernels.fused_linear_kd_backward):
         args = [a.name for a in op.default._schema.arguments]
         assert args[-len(names):] == names, (op, args)
-    assert compiled.OPTION_NAMES == tuple(names)
+    assert custom_ops.OPTION_NAMES == tuple(names)
 
 
-def test_compile_module_lists_no_option_by_hand():
-    """Nothing in compiled.py names an option except through the dataclass."""
-    tree = ast.parse((ROOT / "kdkernels" / "compiled.py").read_text())
+@pytest.mark.parametrize("rel", ["engine/custom_ops.py", "dense/compiled.py",
+                                 "sparse/compiled.py"])
+def test_compile_module_lists_no_option_by_hand(rel):
+    """Nothing in the compile modules names an option except through the dataclass."""
+    tree = ast.parse((ROOT / "kdkernels" / rel).read_text())
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
                and isinstance(n.value, str)}
     idents = {n.arg for n in ast.walk(tree) if isinstance(n, ast.arg)}
     # "reduction" and "return_components" are read by name where the op must know them
     allowed = {"reduction", "return_components"}
     listed = ({f.name for f in option_fields()} - allowed) & (strings | idents)
-    assert not listed, f"compiled.py lists options by hand: {sorted(listed)}"
+    assert not listed, f"{rel} lists options by hand: {sorted(listed)}"
 
 
 def test_vocab_parallel_settings_cover_every_option():
     base = KDOptions()
-    key = _checksum(settings_key(base))
+    key = checksum(settings_key(base))
     changed = dict(divergence="tvd", beta=0.4, skew=0.3, alpha=0.25, temperature=2.0,
                    scale_by_t2=False, kd_weight=0.5, ce_weight=0.1, student_softcap=3.0,
                    teacher_softcap=4.0, student_logit_scale=0.5, teacher_logit_scale=3.0,
@@ -93,7 +97,7 @@ def test_vocab_parallel_settings_cover_every_option():
     assert set(changed) == {f.name for f in option_fields()}, "a new option needs a case here"
     for name, value in changed.items():
         other = dataclasses.replace(base, **{name: value})
-        assert _checksum(settings_key(other)) != key, name
+        assert checksum(settings_key(other)) != key, name
 
 
 def test_the_oracle_imports_nothing_from_the_package():
@@ -123,7 +127,8 @@ def test_public_signatures_take_alpha_after_skew():
 
 def test_no_stats_column_literals_in_the_driver_and_reducers():
     """Stats and coefficient columns are named (layouts.py), not integer literals."""
-    for rel in ("driver.py", "row_stats.py", "divergences.py", "parallel/reducer.py"):
+    for rel in ("engine/driver.py", "dense/rows.py", "row_stats.py", "divergences.py",
+                "parallel/group_reducer.py"):
         tree = ast.parse((ROOT / "kdkernels" / rel).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Subscript):
@@ -136,10 +141,11 @@ def test_no_stats_column_literals_in_the_driver_and_reducers():
 
 def test_dead_names_and_stale_pointers_are_gone():
     """The review's dead code and stale text (issue 14): a 0.1 package keeps no aliases."""
-    from kdkernels import parallel, reducer
+    from kdkernels import parallel
     from kdkernels.backends import registry
+    from kdkernels.engine import local_reducer as reducer
 
-    dead = [(parallel, "clear_layout_cache"), (registry, "IMPLS"), (compiled, "LOSS_KEYS"),
+    dead = [(parallel, "clear_layout_cache"), (registry, "IMPLS"), (custom_ops, "LOSS_KEYS"),
             (reducer, "LOSS_KEYS")]
     assert [f"{m.__name__}.{n}" for m, n in dead if hasattr(m, n)] == []
     sources = [p for p in (ROOT / "kdkernels").rglob("*.py")] + [ROOT / "setup.py"]

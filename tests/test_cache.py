@@ -20,7 +20,7 @@ import torch
 from kdkernels import cli
 from kdkernels.cache import TeacherCache, read_manifest, tokenizer_hash, write_cache
 from kdkernels.cache import format as fmt
-from kdkernels.cache.teacher import Head, sample_rows, sequence_generator, topk_rows
+from kdkernels.cache.scoring import Head, sample_rows, sequence_generator, topk_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 L, SHARD = 32, 4
@@ -363,8 +363,8 @@ def test_jsonl_converter_round_trip(tiny, tmp_path):
 
 def test_default_teacher_and_its_corpus(tmp_path, monkeypatch):
     """--teacher default: the embedded teacher (smoke preset here), trained then cached."""
-    from kdkernels.cache.build import CacheOptions, cache_teacher
-    from kdkernels.cache.sources import default_teacher
+    from kdkernels.train.cache_build import CacheOptions, cache_teacher
+    from kdkernels.train.cache_sources import default_teacher
 
     monkeypatch.setenv("KDKERNELS_CACHE", str(tmp_path / "kdk"))
     model, tok, ids = default_teacher("cpu", "smoke")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdkernels import _build
+from kdkernels.backends import extension as _build
 from tests._rowop_cases import (
     DIVERGENCES,
     check_all,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
+from kdkernels.hf.logit_transform import apply_logit_transform
 from kdkernels.integrations.hf import logit_transform
-from kdkernels.integrations.logits import apply_logit_transform
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels import driver
+from kdkernels.engine import driver
 
 from .conftest import cpu_impls
 
@@ -185,7 +185,7 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
 def cpu_kind(request, monkeypatch):
     """Both kinds of build machine on any machine: a CPU with native bf16 GEMMs (AVX512-BF16,
     AMX) runs the chunk GEMMs in bf16; one without (AVX2-only EPYC) runs them in fp32."""
-    from kdkernels import gemm
+    from kdkernels.engine import gemm
 
     monkeypatch.setenv("KDKERNELS_CPU_HALF_GEMM", "1" if request.param == "native_half_gemm"
                        else "0")

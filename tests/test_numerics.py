@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kdkernels
-from kdkernels import gemm
+from kdkernels.engine import gemm
 from kdkernels.reference import reference_fused_linear_kd_loss, reference_kd_loss
 
 from ._helpers import make_fused, run_fused
@@ -169,7 +169,7 @@ def test_workspace_budget_bounds_chunk_rows():
     """The planner takes the fewest chunks that fit the budget, balanced; each assertion
     would fail for a planner that always answered 1 row, or always the budget's maximum."""
     from kdkernels.backends import torch_rows
-    from kdkernels.chunking import balanced_rows, plan_chunks, rows_for_budget
+    from kdkernels.engine.chunking import balanced_rows, plan_chunks, rows_for_budget
 
     cpu = torch.device("cpu")
     # 1 MiB at 32000 columns x 8 bytes holds 4 rows: 10 rows -> 3 chunks of 4, 4, 2

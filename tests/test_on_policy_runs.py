@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from kdkernels import cli
+from kdkernels.hf.models import build_llama
 from kdkernels.train import checkpoint, corpus, distributed, loop, on_policy, on_policy_preset
 from kdkernels.train.config import PRESETS, ModelSize, preset
-from kdkernels.train.models import build_llama
 from kdkernels.train.objective import DistillObjective
 from kdkernels.train.tokenizer import train_bpe
 from tests._train_helpers import join_gloo, spawn_gloo, tiny_config, tiny_pair, token_stream

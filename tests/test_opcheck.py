@@ -15,7 +15,7 @@ from tests._rowop_cases import coefficients, make_labels, make_logits, norms_of,
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler on PATH: the ops cannot be built", allow_module_level=True)
 
-from kdkernels import _build  # noqa: E402
+from kdkernels.backends import extension as _build
 
 _build.load_cpu()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -20,7 +20,7 @@ from .test_student_rows import _check, coefficients, oracle_grad, oracle_stats, 
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler on PATH: the ops cannot be built", allow_module_level=True)
 
-from kdkernels import _build  # noqa: E402
+from kdkernels.backends import extension as _build
 from kdkernels.backends import registry  # noqa: E402
 
 _build.load_cpu()

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kdkernels import reference
-from kdkernels.train import checkpoint, corpus, distributed, loop, models, pipeline
+from kdkernels.hf import models
+from kdkernels.train import checkpoint, corpus, distributed, loop, pipeline
 from kdkernels.train.objective import DistillObjective, teacher_outputs
 from tests._train_helpers import VOCAB, tiny_config, tiny_pair, token_stream
 

@@ -20,7 +20,7 @@ from kdkernels.cache import teacher as scoring
 from kdkernels.train import checkpoint, distributed, loop, metrics, pipeline
 from kdkernels.train.cache_data import CacheData, check_student
 from kdkernels.train.config import ModelSize, TrainConfig
-from kdkernels.train.models import build_llama
+from kdkernels.train.tiny_llama import build_llama
 from kdkernels.train.tokenizer import train_bpe
 from kdkernels.train.topk_objective import TopKObjective
 
@@ -175,7 +175,7 @@ def test_grad_accumulation_with_num_items_equals_one_big_batch(cache_dir, studen
 def test_each_tail_is_the_library_loss_on_shifted_rows(cache_dir, student_dir, tail):
     from transformers import AutoModelForCausalLM
 
-    from kdkernels.train import models
+    from kdkernels.hf import models
 
     student = AutoModelForCausalLM.from_pretrained(str(student_dir))
     b = CacheData.open(cache_dir).train_batch(2, SEQ, seed=0, step=1)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kdkernels import reference
-from kdkernels.train import documents, pipeline, split, streams
-from kdkernels.train.documents import Document
+from kdkernels.data import documents
+from kdkernels.data.documents import Document
+from kdkernels.train import pipeline, split, streams
 from kdkernels.train.objective import DistillObjective, teacher_outputs
 from tests import _data_helpers as h
 
@@ -292,7 +293,8 @@ def _tok_with(extra: str):
 
 
 def test_every_rejected_pair_names_why(tmp_path):
-    from kdkernels.train import hf_pair, models
+    from kdkernels.hf import models
+    from kdkernels.train import hf_pair
 
     tok = h.tokenizer()
     s1000, s900 = (h.save_model(tmp_path / f"s{r}", r) for r in (1000, 900))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from kdkernels import reference
-from kdkernels.cache.teacher import Head, topk_rows
-from kdkernels.train import models
+from kdkernels.cache.scoring import Head, topk_rows
+from kdkernels.hf import models
 from kdkernels.train.objective import DistillObjective, heldout_ce, teacher_outputs
 from kdkernels.train.topk_objective import TopKObjective
 from tests._train_helpers import tiny_pair, token_stream

@@ -513,7 +513,7 @@ def test_driver_packs_half_grad_over_fp32_logits(div, monkeypatch):
     """The CUDA driver's layout for 16-bit inputs, on CPU: fp32 logits (fp32-output GEMMs
     emulated by upcasting), dL/dz packed by the triton backend over them; the same loss and
     gradients as the torch backend, which gets dL/dz in a buffer of its own."""
-    from kdkernels import driver, gemm
+    from kdkernels.engine import driver, gemm
 
     def logits_into(x, w, bias, out):
         torch.mm(x.float(), w.float().t(), out=out)

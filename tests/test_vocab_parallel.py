@@ -18,7 +18,7 @@ import torch
 
 import kdkernels
 from kdkernels.parallel import VocabParallel
-from kdkernels.parallel.reducer import check_tiling as _check_tiling
+from kdkernels.parallel.shard_layout import check_tiling as _check_tiling
 from kdkernels.reference import reduce_rows, reference_fused_linear_kd_loss, reference_kd_loss
 
 from ._helpers import rel_err

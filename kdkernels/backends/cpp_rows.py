@@ -6,8 +6,8 @@ ImportError with the reason when it cannot be built or loaded.
 
 from __future__ import annotations
 
-from .. import _build
 from . import _ext_rows
+from . import extension as _build
 
 _build.load_cpu()
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _build
 from . import _ext_rows
+from . import extension as _build
 
 if not torch.cuda.is_available():
     # Building CUDA code that cannot run here would only cost minutes; tests and

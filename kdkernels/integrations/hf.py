@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..api import fused_linear_kd_loss
+from ..dense.api import fused_linear_kd_loss
+from ..hf import models
+from ..hf.logit_transform import logit_transform, loss_transform_options
 from ..options import KDOptions
-from ..train import models
 from .hf_common import scaled_for_devices, student_hidden
 from .hf_topk import TopKCollator, TopKKDTrainer
-from .logits import logit_transform, loss_transform_options
 
 __all__ = ["KDTrainer", "TopKKDTrainer", "TopKCollator", "logit_transform"]
 

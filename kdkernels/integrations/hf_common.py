@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..train import models
+from ..hf import models
 
 
 def student_hidden(trainer: Trainer, model: nn.Module, input_ids: torch.Tensor,

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from ..hf import models
+from ..hf.logit_transform import loss_transform_options
 from ..sparse.api import fused_linear_topk_kd_loss
 from ..sparse.options import TopKOptions
-from ..train import models
 from .hf_common import scaled_for_devices, student_hidden
-from .logits import loss_transform_options
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .logits import logit_transform
+from ..hf.logit_transform import logit_transform
 from .trl_loss import EXTRA_OPTIONS, check_extra_options, fused_divergence_loss
 
 TRL_REQUIREMENT = "trl>=1.16,<2"

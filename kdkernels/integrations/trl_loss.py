@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..api import fused_linear_kd_loss
+from ..dense.api import fused_linear_kd_loss
 from ..options import KDOptions
 
 # What TRL's loss does that kdkernels' defaults do not: no T**2 (TRL never scales by it), the

@@ -25,14 +25,16 @@ of 5 int64 per rank, which also compares the settings checksum and whether each 
 input checks passed: an input that fails on one rank only raises on every rank, instead of
 leaving the others waiting in the first chunk's collective.
 
-Modules: ``vocab_parallel`` (the public VocabParallel), ``layout`` (shard layout and the
-per-call agreement of every rank), ``reducer`` (the chunk driver's reducer over the group),
+Modules: ``vocab_parallel`` (the public VocabParallel), ``shard_layout`` (shard layout, its
+tiling check and the per-call agreement of every rank), ``loss_setup`` (what each loss's ranks
+agree on, and its reducer), ``group_reducer`` (the chunk driver's reducer over the group),
 ``dtensor`` (DTensor heads to local shards), ``collectives`` (the all-gather they share).
 """
 
 from .dtensor import unwrap
-from .layout import Layout, fused_setup, logits_setup, sparse_setup
-from .reducer import VocabParallelReducer
+from .group_reducer import VocabParallelReducer
+from .loss_setup import fused_setup, logits_setup, sparse_setup
+from .shard_layout import Layout
 from .vocab_parallel import VocabParallel
 
 __all__ = ["Layout", "VocabParallel", "VocabParallelReducer", "fused_setup", "logits_setup",

@@ -8,14 +8,20 @@ from typing import Any
 
 import torch
 
-from .. import gemm, parallel
-from ..api import KDComponents, LossModule, _autocast_dtype, _failure, _finish
-from ..autograd import row_spec
+from .. import parallel
 from ..backends import registry
 from ..backends.base import RowSpec
-from ..parallel import VocabParallel
-from ..reducer import LOCAL, Reducer
-from ..validation import (
+from ..engine import gemm
+from ..engine.autograd import row_spec
+from ..engine.calls import (
+    KDComponents,
+    LossModule,
+    autocast_dtype,
+    finish_outputs,
+    input_failure,
+)
+from ..engine.local_reducer import LOCAL, Reducer
+from ..engine.validation import (
     check_bias,
     check_head,
     check_labels,
@@ -23,6 +29,7 @@ from ..validation import (
     check_same_device,
     check_tensor,
 )
+from ..parallel import VocabParallel
 from . import compiled
 from .autograd import SparsePlan, TopKFusedLinear, TopKLogits
 from .options import TopKOptions, topk_option_fields
@@ -102,7 +109,7 @@ def fused_linear_topk_kd_loss(
                                     teacher_ids, torch.Tensor) else None,
                                 "teacher_logprobs": teacher_logprobs if isinstance(
                                     teacher_logprobs, torch.Tensor) else None})
-    autocast = _autocast_dtype(device)
+    autocast = autocast_dtype(device)
     check = partial(_check_fused, h, w, student_bias, teacher_ids, teacher_logprobs,
                     None if vocab_parallel is not None else w.shape[0], autocast is not None)
     reducer: Reducer = LOCAL
@@ -118,7 +125,7 @@ def fused_linear_topk_kd_loss(
                                                                          ()))),
             w.shape[0] if ok else 0, ok, (str(h.dtype), str(w.dtype),
                                           str(getattr(teacher_logprobs, "dtype", None))),
-            labels, flags, opts, device, _failure(check))
+            labels, flags, opts, device, input_failure(check))
         vocab = reducer.vocab
         ids, logprobs = check_teacher_tensors(teacher_ids, teacher_logprobs, h.shape[:-1],
                                               "student_hidden", vocab)
@@ -129,7 +136,7 @@ def fused_linear_topk_kd_loss(
     if torch.compiler.is_compiling():
         if vocab_parallel is not None:
             _no_vp_under_compile()
-        return _finish(opts, compiled.fused_topk(h2, w, student_bias, ids, logprobs,
+        return finish_outputs(opts, compiled.fused_topk(h2, w, student_bias, ids, logprobs,
                                                  flat_labels, opts, cd), h.shape[:-1])
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, gemm.logits_dtype(cd, device), spec,
@@ -137,7 +144,7 @@ def fused_linear_topk_kd_loss(
     plan = SparsePlan(opts, spec, backend, reducer, cd, vocab)
     with torch.autocast(device.type, enabled=False):
         out = TopKFusedLinear.apply(h2, w, student_bias, ids, logprobs, flat_labels, plan)
-    return _finish(opts, out, h.shape[:-1])
+    return finish_outputs(opts, out, h.shape[:-1])
 
 
 def topk_kd_loss(
@@ -193,7 +200,7 @@ def topk_kd_loss(
                                             tuple(getattr(teacher_ids, "shape", ()))),
             zs.shape[-1] if ok else 0, ok, (str(zs.dtype),
                                             str(getattr(teacher_logprobs, "dtype", None))),
-            labels, (bool(zs.requires_grad),), opts, device, _failure(check))
+            labels, (bool(zs.requires_grad),), opts, device, input_failure(check))
         vocab = reducer.vocab
         ids, logprobs = check_teacher_tensors(teacher_ids, teacher_logprobs, zs.shape[:-1],
                                               "student_logits", vocab)
@@ -202,12 +209,12 @@ def topk_kd_loss(
     zs2 = zs2 if zs2.stride(-1) == 1 else zs2.contiguous()
     if compiling:
         want = zs.requires_grad and torch.is_grad_enabled()
-        return _finish(opts, compiled.logits_topk(zs2, ids, logprobs, flat_labels, opts, want),
-                       zs.shape[:-1])
+        out = compiled.logits_topk(zs2, ids, logprobs, flat_labels, opts, want)
+        return finish_outputs(opts, out, zs.shape[:-1])
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, zs.dtype, spec, student_only=True)
     plan = SparsePlan(opts, spec, backend, reducer, zs.dtype, vocab)
-    return _finish(opts, TopKLogits.apply(zs2, ids, logprobs, flat_labels, plan),
+    return finish_outputs(opts, TopKLogits.apply(zs2, ids, logprobs, flat_labels, plan),
                    zs.shape[:-1])
 
 

@@ -1,4 +1,4 @@
-"""Autograd Functions of the sparse-teacher losses: as the dense ones (autograd.py), the
+"""Autograd Functions of the sparse-teacher losses: as the dense ones (engine/autograd.py), the
 gradient is computed during forward and backward scales it by grad_output; with
 reduction='none' the fused loss recomputes its chunks with grad_output as row weights."""
 
@@ -8,25 +8,25 @@ from dataclasses import dataclass
 
 import torch
 
-from ..autograd import (
+from ..backends.base import Backend, RowSpec
+from ..engine.autograd import (
     FusedOutcome,
     LogitsOutcome,
-    _combine,
-    _normaliser,
-    _reduce,
-    _scale,
-    _scatter,
+    combine,
     fused_backward,
+    normaliser,
+    reduce_rows,
     run_fused,
     save_fused,
     save_logits,
+    scale_grad,
+    scatter_rows,
 )
-from ..backends.base import Backend, RowSpec
-from ..chunking import ChunkPlan, plan_chunks
-from ..driver import RowSource, student_chunks
-from ..gemm import logits_dtype
-from ..reducer import Reducer
-from ..validation import scan_labels
+from ..engine.chunking import ChunkPlan, plan_chunks
+from ..engine.driver import RowSource, student_chunks
+from ..engine.gemm import logits_dtype
+from ..engine.local_reducer import Reducer
+from ..engine.validation import scan_labels
 from .options import TopKOptions
 from .rows import SparseChunks, logits_rows
 from .teacher import prepare_teacher
@@ -106,7 +106,7 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
     n = zs.shape[0]
     rows_kept, teacher, lab = _kept(labels, ids, logprobs, n, plan)
     idx, kept = rows_kept.idx, rows_kept.kept
-    norm = _normaliser(opts, kept)
+    norm = normaliser(opts, kept)
     row_scale = None
     if want_grad:
         unit = 1.0 if opts.reduction == "none" else 1.0 / norm
@@ -118,9 +118,9 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
         grad = torch.zeros_like(zs)
 
     def reduce(x):
-        return _reduce(_scatter(x, idx, n) if opts.reduction == "none" else x, opts, norm)
+        return reduce_rows(scatter_rows(x, idx, n) if opts.reduction == "none" else x, opts, norm)
 
-    loss, kd_red = reduce(_combine(opts, kd, ce)), reduce(kd)
+    loss, kd_red = reduce(combine(opts, kd, ce)), reduce(kd)
     ce_red = torch.full_like(kd_red, float("nan")) if ce is None else reduce(ce)
     return LogitsOutcome(loss, kd_red, ce_red, kept, grad, reduce(entropy))
 
@@ -145,4 +145,4 @@ class TopKLogits(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go, _gkd, _gce, _gn, _gent):
-        return _scale(ctx.saved_tensors[0], go), None, None, None, None
+        return scale_grad(ctx.saved_tensors[0], go), None, None, None, None

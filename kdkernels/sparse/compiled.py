@@ -1,4 +1,4 @@
-"""torch.compile support of the sparse-teacher losses: the ops of compiled.py, over the
+"""torch.compile support of the sparse-teacher losses: the ops of engine/custom_ops.py, over the
 eager top-k Functions' code and the TopKOptions fields."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from ..autograd import row_spec
 from ..backends import registry
-from ..compiled import FusedOp, LogitsOp
-from ..gemm import logits_dtype
-from ..reducer import LOCAL
+from ..engine.autograd import row_spec
+from ..engine.custom_ops import FusedOp, LogitsOp
+from ..engine.gemm import logits_dtype
+from ..engine.local_reducer import LOCAL
 from .autograd import SparsePlan, topk_fused_forward, topk_logits_forward
 from .options import TopKOptions, topk_option_fields
 

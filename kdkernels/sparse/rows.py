@@ -20,8 +20,8 @@ import torch
 
 from .. import divergences
 from ..backends.base import Backend, RowSpec
+from ..engine.local_reducer import Reducer
 from ..layouts import SCOEF, SSTATS
-from ..reducer import Reducer
 from .options import TopKOptions
 from .tails import TailInputs, get, signed_log, signed_sum
 from .teacher import SparseTeacher

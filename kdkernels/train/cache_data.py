@@ -134,7 +134,7 @@ def check_student(cache, student: torch.nn.Module, student_tok, student_name: st
     """Refuse a cache that does not share the student's tokenizer, or whose ids (teacher or
     input) do not fit the student's head and embeddings; the messages name both sides."""
     from ..cache import tokenizer_hash
-    from . import models
+    from ..hf import models
 
     m = cache.manifest
     where = f"--teacher-cache {cache.path}"

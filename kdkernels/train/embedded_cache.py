@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from . import corpus, distributed, models
+from ..hf import models
+from . import corpus, distributed
 from .cache_data import CacheData
 from .config import TrainConfig
 

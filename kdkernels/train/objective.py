@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..api import KDComponents, fused_linear_kd_loss
-from ..integrations.logits import apply_logit_transform
-from . import completions, models
+from ..dense.api import KDComponents, fused_linear_kd_loss
+from ..hf import models
+from ..hf.logit_transform import apply_logit_transform
+from . import completions
 
 
 class DistillObjective(nn.Module):

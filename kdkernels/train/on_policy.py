@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import completions, distributed, generation, models
+from ..hf import models
+from . import completions, distributed, generation
 from .config import TrainConfig
 
 

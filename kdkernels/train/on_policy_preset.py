@@ -34,12 +34,12 @@ from . import (
     distributed,
     generation,
     metrics,
-    models,
     objective,
     on_policy,
     pipeline,
     report,
     threads,
+    tiny_llama,
 )
 from .config import TrainConfig
 from .loop import Stage, train
@@ -121,7 +121,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
                                                  "ddp")
     results: dict[str, dict[str, Any]] = {"teacher": teacher_summary}
     torch.manual_seed(cfg.seed)
-    student0 = init if init is not None else models.build_llama(
+    student0 = init if init is not None else tiny_llama.build_llama(
         cfg.student_size, len(tok), cfg.seq_len, eos_id=tok.eos_token_id)
     prompt_len, new = on_policy.lengths(cfg)
     sampling = generation.Sampling(new, cfg.gen_temperature, cfg.gen_top_p)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..hf import models
 from . import (
     checkpoint,
     corpus,
@@ -29,11 +30,11 @@ from . import (
     embedded_cache,
     hf_pair,
     metrics,
-    models,
     on_policy,
     report,
     streams,
     threads,
+    tiny_llama,
     tokenizer,
     user_data,
 )
@@ -157,7 +158,8 @@ def _teacher(cfg: TrainConfig, tok, train_ids, held, data_key: str, out: Path,
                                                                     cfg.bf16))
         return teacher.eval(), summary
     torch.manual_seed(0)  # the teacher is fixed across --seed: seeds vary the students
-    teacher = models.build_llama(cfg.teacher_size, len(tok), cfg.seq_len, eos_id=tok.eos_token_id)
+    teacher = tiny_llama.build_llama(cfg.teacher_size, len(tok), cfg.seq_len,
+                                     eos_id=tok.eos_token_id)
     stage = Stage("teacher", _objective(cfg, teacher, None), None, cfg.teacher_steps,
                   cfg.teacher_lr, 0, out / "teacher", tok,
                   fingerprint={"teacher_key": key})
@@ -211,7 +213,7 @@ def _cache_inputs(cfg: TrainConfig, cache_path: str, student_path: str | None,
     if student_path is None:
         tok, _, held_ids, _, texts = _data(cfg, None, None, world)
         torch.manual_seed(cfg.seed)
-        student0 = models.build_llama(cfg.student_size, len(tok), cfg.seq_len,
+        student0 = tiny_llama.build_llama(cfg.student_size, len(tok), cfg.seq_len,
                                       eos_id=tok.eos_token_id)
         name = "the embedded default student (no --student)"
     else:
@@ -300,7 +302,7 @@ def run(cfg: TrainConfig, *, teacher_path: str | None = None, student_path: str 
         teacher, results["teacher"] = _teacher(cfg, tok, train_ids, held, data_key, out, world,
                                                parallel)
         torch.manual_seed(cfg.seed)
-        student0 = models.build_llama(cfg.student_size, len(tok), cfg.seq_len,
+        student0 = tiny_llama.build_llama(cfg.student_size, len(tok), cfg.seq_len,
                                       eos_id=tok.eos_token_id)
         compare_ce = True if compare_ce is None else compare_ce
         source = _source(texts)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.documents import Document
 from . import corpus
-from .documents import Document
 
 IGNORE_INDEX = -100  # fused_linear_kd_loss's default ignore_index
 

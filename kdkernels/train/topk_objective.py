@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..api import KDComponents
+from ..dense.api import KDComponents
+from ..hf import models
 from ..sparse.api import fused_linear_topk_kd_loss
 from ..sparse.options import TopKOptions
-from . import models
 
 
 def check_options(*, tail: str, divergence: str, temperature: float, kd_weight: float,

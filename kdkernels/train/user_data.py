@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from . import distributed, documents, split, streams, tokenizer
+from ..data import documents
+from . import distributed, split, streams, tokenizer
 from .config import TrainConfig
 
 FORMAT = 2  # bump when the cached streams change meaning

@@ -11,17 +11,13 @@ bounds, so ranks that disagree raise the same error together.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 
 from ..layouts import Columns
 from ..row_stats import merge_partials, merge_student_partials
 from .collectives import all_gather
-
-if TYPE_CHECKING:
-    from .layout import Layout
+from .shard_layout import Layout, check_tiling
 
 _HEADER_MAGIC = 4242.0  # marks a header row; exactly representable in fp32
 _ID_LIMIT = 2**24  # integers below this are exact in fp32 header rows
@@ -119,15 +115,3 @@ class VocabParallelReducer:
         return acc if acc.dtype == grad.dtype else acc.to(grad.dtype)
 
 
-def check_tiling(starts: list[int], widths: list[int]) -> None:
-    order = sorted(range(len(starts)), key=lambda r: (starts[r], r))
-    expect = 0
-    for r in order:
-        if starts[r] != expect:
-            what = "overlaps" if starts[r] < expect else "leaves a gap before"
-            shards = ", ".join(f"rank {q}: [{starts[q]}, {starts[q] + widths[q]})"
-                               for q in range(len(starts)))
-            raise ValueError(f"vocab_parallel: the shards must tile [0, V) without overlaps or "
-                             f"gaps, but rank {r}'s shard starting at {starts[r]} {what} row "
-                             f"{expect}; shards: {shards}")
-        expect += widths[r]

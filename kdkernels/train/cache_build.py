@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..train import models
-from . import sources, teacher
-from .hashing import config_hash, tokenizer_hash, tokens_hash
-from .writer import CacheWriter
+from ..cache import scoring as teacher
+from ..cache.hashing import config_hash, tokenizer_hash, tokens_hash
+from ..cache.writer import CacheWriter
+from ..hf import models
+from . import cache_sources as sources
 
 # manifest key -> the option a user changes to change it (named in a refusal)
 OPTION_NAMES = {"teacher": "--teacher", "teacher_config_hash": "--teacher (its config)",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import KDOptions
+from ..options import KDOptions
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .divergences import TABLE
-from .layouts import COEF, CONSTS, MIX, NORMS, SCOEF, SSTATS, STATS
+from ..divergences import TABLE
+from ..layouts import COEF, CONSTS, MIX, NORMS, SCOEF, SSTATS, STATS
 
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from . import compiled, gemm, parallel
-from .autograd import FusedLinearKD, LogitsKD, Plan
-from .autograd import row_spec as _spec
-from .backends import registry
-from .options import KDOptions, option_fields
-from .parallel import VocabParallel
-from .reducer import LOCAL, Reducer
-from .validation import (
+from .. import parallel
+from ..backends import registry
+from ..engine import gemm
+from ..engine.autograd import row_spec as _spec
+from ..engine.calls import (
+    KDComponents,
+    LossModule,
+    autocast_dtype,
+    finish_outputs,
+    input_failure,
+)
+from ..engine.local_reducer import LOCAL, Reducer
+from ..engine.validation import (
     check_bias,
     check_head,
     check_labels,
@@ -22,24 +27,10 @@ from .validation import (
     check_same_device,
     check_tensor,
 )
-
-
-class KDComponents(NamedTuple):
-    """``loss`` (differentiable), and, reduced the same way but detached: ``kd`` the
-    divergence D before kd_weight and T**2, ``ce`` the hard-label CE before ce_weight (NaN
-    without labels), ``n_tokens`` the number of kept tokens (0-d int64, inputs' device),
-    ``student_entropy`` the entropy of the student's tempered softmax (after logit scale and
-    softcap, at T; reduced like kd) and ``label_logprob`` the student's untempered log-prob
-    of the label (= -CE per token, reduced like ce; NaN without labels). Both are exact over
-    the full vocabulary and come from the stats pass; the losses always fill them (the
-    defaults serve other constructors)."""
-
-    loss: torch.Tensor
-    kd: torch.Tensor
-    ce: torch.Tensor
-    n_tokens: torch.Tensor
-    student_entropy: torch.Tensor | None = None
-    label_logprob: torch.Tensor | None = None
+from ..options import KDOptions, option_fields
+from ..parallel import VocabParallel
+from . import compiled
+from .autograd import FusedLinearKD, LogitsKD, Plan
 
 
 def _options(arguments: dict[str, Any]) -> KDOptions:
@@ -69,32 +60,6 @@ def _check_logits_inputs(zs, zt) -> None:
     if zs.shape[:-1] != zt.shape[:-1]:
         raise ValueError(f"teacher_logits must have the leading shape of student_logits, "
                          f"{list(zs.shape[:-1])}; got {list(zt.shape[:-1])}")
-
-
-def _failure(check) -> Exception | None:
-    """The input error ``check`` raises, held back for the vocab-parallel agreement."""
-    try:
-        check()
-    except (ValueError, TypeError) as err:
-        return err
-    return None
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
-def _finish(opts: KDOptions, outputs, lead_shape) -> torch.Tensor | KDComponents:
-    """The public result from the Functions' or ops' (loss, kd, ce, n_tokens, entropy, ...)."""
-    loss, kd, ce, n_tokens, entropy = outputs[:5]
-    if opts.reduction == "none":
-        loss, kd, ce, entropy = (t.reshape(lead_shape) for t in (loss, kd, ce, entropy))
-    if not opts.return_components:
-        return loss
-    # log p(label) = -CE per token, and linear reductions commute with the sign
-    return KDComponents(loss, kd, ce, n_tokens, entropy, -ce)
 
 
 def fused_linear_kd_loss(
@@ -141,7 +106,7 @@ def fused_linear_kd_loss(
     device = check_same_device({"student_hidden": h, "student_weight": w, "teacher_hidden": g,
                                 "teacher_weight": u, "labels": labels,
                                 "student_bias": student_bias, "teacher_bias": teacher_bias})
-    autocast = _autocast_dtype(device)
+    autocast = autocast_dtype(device)
 
     check_inputs = partial(_check_fused_inputs, h, w, g, u, student_bias, teacher_bias,
                            autocast is not None)
@@ -150,7 +115,7 @@ def fused_linear_kd_loss(
         check_inputs()
     else:  # a failed check raises on every rank together, never on one rank alone
         reducer = parallel.fused_setup(vocab_parallel, h, w, g, u, labels, student_bias,
-                                       teacher_bias, opts, device, _failure(check_inputs))
+                                       teacher_bias, opts, device, input_failure(check_inputs))
     vocab = min(w.shape[0], u.shape[0]) if vocab_parallel is None else reducer.vocab
     compiling = torch.compiler.is_compiling()
     # The label range is checked inside the loss, with the kept-row scan (one host sync).
@@ -164,14 +129,14 @@ def fused_linear_kd_loss(
         if vocab_parallel is not None:
             raise NotImplementedError("vocab_parallel is not supported under torch.compile; "
                                       "compile the model and call the loss outside it")
-        return _finish(opts, compiled.fused(h2, w, student_bias, g2, u, teacher_bias,
+        return finish_outputs(opts, compiled.fused(h2, w, student_bias, g2, u, teacher_bias,
                                             flat_labels, opts, cd_s, cd_t), h.shape[:-1])
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, gemm.logits_dtype(cd_s, device), spec)
     plan = Plan(opts, spec, backend, reducer, cd_s, cd_t, vocab)
     with torch.autocast(device.type, enabled=False):
         out = FusedLinearKD.apply(h2, w, student_bias, g2, u, teacher_bias, flat_labels, plan)
-    return _finish(opts, out, h.shape[:-1])
+    return finish_outputs(opts, out, h.shape[:-1])
 
 
 def kd_loss(
@@ -220,7 +185,7 @@ def kd_loss(
         check_inputs()
     else:
         reducer = parallel.logits_setup(vocab_parallel, zs, zt, labels, opts, device,
-                                        _failure(check_inputs))
+                                        input_failure(check_inputs))
     vocab = min(zs.shape[-1], zt.shape[-1]) if vocab_parallel is None else reducer.vocab
     # The label range is checked inside the loss, with the kept-row scan (one host sync).
     flat_labels = check_labels(labels, zs.shape[:-1], "student_logits", opts)
@@ -231,27 +196,12 @@ def kd_loss(
     zt2 = zt2 if zt2.stride(-1) == 1 else zt2.contiguous()
     if compiling:
         want = zs.requires_grad and torch.is_grad_enabled()
-        return _finish(opts, compiled.logits(zs2, zt2, flat_labels, opts, want), zs.shape[:-1])
+        out = compiled.logits(zs2, zt2, flat_labels, opts, want)
+        return finish_outputs(opts, out, zs.shape[:-1])
     spec = _spec(opts, flat_labels)
     backend = registry.select(opts.impl, device, zs.dtype, spec)
     plan = Plan(opts, spec, backend, reducer, zs.dtype, zt.dtype, vocab)
-    return _finish(opts, LogitsKD.apply(zs2, zt2, flat_labels, plan), zs.shape[:-1])
-
-
-class LossModule(torch.nn.Module):
-    """The nn.Module form of a loss function: options checked at construction (by the
-    options dataclass ``options_class``), kept as keywords for every call."""
-
-    options_class: type = KDOptions
-
-    def __init__(self, *, vocab_parallel: VocabParallel | None = None, **options: Any) -> None:
-        super().__init__()
-        self.options_class(**options)  # reject bad options now, not at the first batch
-        self.options = dict(options)
-        self.vocab_parallel = vocab_parallel
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+    return finish_outputs(opts, LogitsKD.apply(zs2, zt2, flat_labels, plan), zs.shape[:-1])
 
 
 class FusedLinearKDLoss(LossModule):

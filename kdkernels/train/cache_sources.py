@@ -41,7 +41,7 @@ def read_data(path: str | Path, text_field: str = "text") -> list[str]:
     """The texts of --data: records (a .jsonl/.json or .parquet file, a datasets save_to_disk
     folder, or a folder of only .jsonl or only .parquet files: the `kdk distill --data`
     reader, field ``text_field``), else a text file or a folder read whole (read_texts)."""
-    from ..train import documents
+    from ..data import documents
 
     root = Path(path)
     if not _holds_records(root, documents):
@@ -95,8 +95,8 @@ def load_teacher(path: str, device: torch.device):
 def default_teacher(device: torch.device | str = "cpu", preset: str = "default"):
     """(teacher model, tokenizer, training-corpus token ids) of the embedded `kdk distill`
     default, from ~/.cache/kdkernels; the teacher is trained (and cached) if it is not."""
-    from ..train import corpus, distributed, pipeline
-    from ..train.config import preset as make_preset
+    from . import corpus, distributed, pipeline
+    from .config import preset as make_preset
 
     cfg = make_preset(preset, device=str(device), progress=False)
     world = distributed.init(str(device))

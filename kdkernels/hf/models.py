@@ -1,4 +1,4 @@
-"""Hugging Face causal LMs as the trainer sees them: final hidden states from the base
+"""Hugging Face causal LMs as the losses see them: final hidden states from the base
 model (never the LM-head forward that builds full logits), the head weight, the softcap."""
 
 from __future__ import annotations
@@ -6,21 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..integrations import logits as integration_logits
-from .config import ModelSize
-
-
-def build_llama(size: ModelSize, vocab_size: int, max_positions: int, *,
-                eos_id: int = 0) -> nn.Module:
-    """A small Llama-architecture causal LM from a local config (tied embeddings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=size.hidden,
-                      intermediate_size=size.ffn, num_hidden_layers=size.layers,
-                      num_attention_heads=size.heads, num_key_value_heads=size.heads,
-                      max_position_embeddings=max_positions, tie_word_embeddings=True,
-                      bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    return LlamaForCausalLM(cfg)
+from . import logit_transform as transform
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -45,7 +31,7 @@ def head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
 def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """(scale, softcap) the model applies to its LM-head output (Cohere's logit_scale,
     Granite's logits_scaling, Gemma-2's final_logit_softcapping, ...); (1.0, None) for none."""
-    return integration_logits.logit_transform(model.config)
+    return transform.logit_transform(model.config)
 
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.base import Backend
+from ..backends.base import Backend
 
 # Where dL/dz goes: over the student logits (same dtype), packed as 16-bit values over the
 # first half of each fp32 logit row (backends/base.py), or in a [C, V] buffer of its own.

@@ -246,7 +246,6 @@ def _load(kind: str) -> Path:
 def load_cpu() -> Path:
     """Build (first time) and load the CPU extension; raise ExtensionUnavailable with why not."""
     lib = _load("cpu")
-    from . import _ops  # noqa: F401  (fake impls of the ops, for torch.compile)
 
     return lib
 
@@ -254,7 +253,6 @@ def load_cpu() -> Path:
 def load_cuda() -> Path:
     """Build (first time) and load the CUDA extension (and the CPU one it depends on)."""
     lib = _load("cuda")
-    from . import _ops  # noqa: F401
 
     return lib
 

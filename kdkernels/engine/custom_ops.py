@@ -2,13 +2,13 @@
 
 Dynamo cannot trace the chunk driver (data-dependent row counts, host-side checks), so
 under torch.compile the public functions route here: the ops run the same eager code
-(autograd.fused_forward, autograd.logits_forward) and register a fake impl for tracing and an
+(dense/ and sparse/ autograd's forwards) and register a fake impl for tracing and an
 autograd formula that scales the gradients computed during forward (the fused loss
 recomputes them for reduction='none').
 
 The loss options cross the op boundary as one object: each schema ends with the fields of
-the options dataclass (KDOptions; TopKOptions for the sparse ops, kdkernels/sparse/
-compiled.py), derived from ``dataclasses.fields``, and every function here reads its
+the options dataclass (KDOptions for dense/compiled.py; TopKOptions for
+sparse/compiled.py), derived from ``dataclasses.fields``, and every function here reads its
 arguments by name. A new option needs nothing in this module. ``FusedOp`` and ``LogitsOp``
 build an op, its fake, its backward and its autograd registration from an eager run.
 """
@@ -21,11 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .autograd import Plan, fused_forward, logits_forward, row_spec
-from .backends import registry
-from .gemm import logits_dtype
-from .options import KDOptions, option_fields
-from .reducer import LOCAL
+from ..options import KDOptions, option_fields
 
 _NAMESPACE = "kdkernels"
 # Schema types of the KDOptions field annotations (a new type needs a row here).
@@ -38,7 +34,7 @@ def _option_schema(fields: tuple) -> tuple[tuple[str, ...], str]:
     for f in fields:
         if f.type not in _SCHEMA_TYPES:
             raise TypeError(f"option {f.name}: no torch.library schema type for {f.type!r}; "
-                            f"add one to compiled._SCHEMA_TYPES")
+                            f"add one to engine/custom_ops._SCHEMA_TYPES")
         parts.append(f"{_SCHEMA_TYPES[f.type]} {f.name}")
     return tuple(f.name for f in fields), ", ".join(parts)
 
@@ -69,16 +65,6 @@ class _Schema:
         return self.kind(**{**{n: bound[n] for n in self.option_names}, **override})
 
 
-def _plan(h: Tensor, labels: Tensor | None, opts: KDOptions, cd_s, cd_t, label_vocab: int,
-          rows_dtype: torch.dtype | None = None) -> Plan:
-    """rows_dtype: the dtype the row kernels see (the logits' for kd_loss; by default the
-    fused loss's chunk-logits dtype)."""
-    spec = row_spec(opts, labels)
-    ld = logits_dtype(cd_s, h.device) if rows_dtype is None else rows_dtype
-    backend = registry.select(opts.impl, h.device, ld, spec)
-    return Plan(opts, spec, backend, LOCAL, cd_s, cd_t, label_vocab)
-
-
 def _empty_for_missing(like: Tensor, grads) -> tuple[Tensor, ...]:
     # Outputs may not alias each other: a fresh empty tensor per missing gradient.
     return tuple(like.new_empty(0) if t is None else t for t in grads)
@@ -92,6 +78,8 @@ def _define(schema: _Schema, body, fake):
 
 
 _FUSED_RETURNS = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
 _GRADS = 5  # the index of the first gradient output of either op
 
 
@@ -227,38 +215,3 @@ class LogitsOp:
 
     def __call__(self, lead: dict[str, Any], opts) -> Any:
         return self.schema.call(self.op, lead, opts)
-
-
-def _run_fused(a: dict[str, Any], opts: KDOptions):
-    vocab = min(a["w"].shape[0], a["u"].shape[0])
-    plan = _plan(a["h"], a["labels"], opts, a["cd_s"], a["cd_t"], vocab)
-    return fused_forward(*(a[n] for n in ("h", "w", "bs", "g", "u", "bt", "labels")), plan,
-                         *a["want"])
-
-
-def _run_logits(a: dict[str, Any], opts: KDOptions):
-    zs, zt, labels = a["zs"], a["zt"], a["labels"]
-    plan = _plan(zs, labels, opts, zs.dtype, zt.dtype, min(zs.shape[1], zt.shape[1]),
-                 rows_dtype=zs.dtype)
-    return logits_forward(zs, zt, labels, plan, a["want_grad"])
-
-
-FUSED_OP = FusedOp("fused_linear_kd", "Tensor h, Tensor w, Tensor? bs, Tensor g, Tensor u, "
-                   "Tensor? bt, Tensor? labels, bool[] want, ScalarType cd_s, "
-                   "ScalarType cd_t", _run_fused)
-LOGITS_OP = LogitsOp("kd_loss", "Tensor zs, Tensor zt, Tensor? labels, bool want_grad",
-                     _run_logits)
-FUSED, FUSED_BACKWARD, LOGITS = FUSED_OP.schema, FUSED_OP.backward_schema, LOGITS_OP.schema
-fused_linear_kd_op, fused_linear_kd_backward_op = FUSED_OP.op, FUSED_OP.backward_op
-kd_loss_op = LOGITS_OP.op
-
-
-def fused(h, w, bs, g, u, bt, labels, opts: KDOptions, cd_s, cd_t):
-    """Call the op from the public API (under torch.compile)."""
-    return FUSED_OP(dict(h=h, w=w, bs=bs, g=g, u=u, bt=bt, labels=labels, cd_s=cd_s,
-                         cd_t=cd_t), opts)
-
-
-def logits(zs: Tensor, zt: Tensor, labels: Tensor | None, opts: KDOptions, want_grad: bool):
-    """Call the logits op from the public API (under torch.compile)."""
-    return LOGITS_OP(dict(zs=zs, zt=zt, labels=labels, want_grad=want_grad), opts)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..integrations.logits import apply_logit_transform
-from ..train import models
+from ..hf import models
+from ..hf.logit_transform import apply_logit_transform
 
 CHUNK_ROWS = 256
 
