@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,176 @@ from kdkernels.parallel.loss_setup import settings_key
 from kdkernels.parallel.shard_layout import checksum
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---- Layers: read from every import (function-level ones included) with ast. ----------------
+PKG = ROOT / "kdkernels"
+APPLICATION = ("kdkernels.train", "kdkernels.cli")
+# Units are the package's top-level modules and subpackages; the application's own
+# subpackages and modules are units too, so that its layers are held to the same rules.
+SPLIT_DEEPER = ("kdkernels.train",)
+
+
+def _module_of(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    for deeper in SPLIT_DEEPER:
+        if module.startswith(deeper + "."):
+            return ".".join(parts[:3])
+    return ".".join(parts[:2])
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT.joinpath(*name.split("."))
+    return path.is_dir() or path.with_suffix(".py").is_file()
+
+
+def _imports(path: Path) -> list[tuple[str, str | None, int]]:
+    """(module imported, name taken from it or None, line) for every kdkernels import in the
+    file, at any depth of the syntax tree; ``from P import x`` of a submodule x counts as an
+    import of P.x."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, None, node.lineno) for a in node.names
+                      if a.name.split(".")[0] == "kdkernels"]
+        elif isinstance(node, ast.ImportFrom):
+            found += _imports_of(node, path)
+    return found
+
+
+def _imports_of(node: ast.ImportFrom, path: Path) -> list[tuple[str, str | None, int]]:
+    module = _module_of(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    if node.level:
+        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    if source.split(".")[0] != "kdkernels":
+        return []
+    found = []
+    for alias in node.names:
+        sub = f"{source}.{alias.name}"
+        found.append((sub, None, node.lineno) if _is_module(sub)
+                     else (source, alias.name, node.lineno))
+    return found
+
+
+def _unit_graph() -> dict[str, dict[str, list[str]]]:
+    """unit -> {imported unit: ["file:line", ...]}."""
+    graph: dict[str, dict[str, list[str]]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        here = _unit(_module_of(path))
+        for target, _, line in _imports(path):
+            there = _unit(target)
+            if there != here:
+                where = f"{path.relative_to(ROOT)}:{line}"
+                graph.setdefault(here, {}).setdefault(there, []).append(where)
+    return graph
+
+
+def test_nothing_below_the_application_imports_it():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        module = _module_of(path)
+        if module.startswith(APPLICATION):
+            continue
+        bad += [f"{path.relative_to(ROOT)}:{line} imports {target}"
+                for target, _, line in _imports(path) if target.startswith(APPLICATION)]
+    assert not bad, "the library imports the application:\n" + "\n".join(bad)
+
+
+def test_no_import_cycle_between_units():
+    graph = _unit_graph()
+    cycles = []
+    # A cycle is a unit that reaches itself again; report each one with its evidence.
+    for start in sorted(graph):
+        path, stack, seen = {start: None}, [start], set()
+        while stack:
+            unit = stack.pop()
+            for nxt in graph.get(unit, {}):
+                if nxt == start:
+                    chain, u = [start], unit
+                    while u is not None and u != start:
+                        chain.insert(1, u)
+                        u = path[u]
+                    cycles.append(" -> ".join(chain + [start]) + "  (" + "; ".join(
+                        f"{a}->{b}: {graph[a][b][0]}"
+                        for a, b in zip(chain, chain[1:] + [start], strict=True)) + ")")
+                elif nxt not in seen and nxt not in path:
+                    seen.add(nxt)
+                    path[nxt] = unit
+                    stack.append(nxt)
+    assert not cycles, "import cycles between units:\n" + "\n".join(sorted(set(cycles)))
+
+
+def test_no_private_name_or_module_is_imported_across_units():
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        here = _unit(_module_of(path))
+        for target, name, line in _imports(path):
+            if _unit(target) == here:
+                continue
+            private_module = any(p.startswith("_") and not p.startswith("__")
+                                 for p in target.split("."))
+            private_name = name is not None and name.startswith("_") and \
+                not name.startswith("__")
+            if private_module or private_name:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {target}"
+                           + (f".{name}" if name else ""))
+        bad += [f"{path.relative_to(ROOT)}:{line}: {target}.{attr}"
+                for target, attr, line in _private_attribute_uses(path)
+                if _unit(target) != here]
+    assert not bad, "private names imported across units:\n" + "\n".join(bad)
+
+
+def _private_attribute_uses(path: Path) -> list[tuple[str, str, int]]:
+    """``mod._name`` where ``mod`` is a kdkernels module imported by this file (a private name
+    reached through the module instead of imported)."""
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "kdkernels" and a.asname:
+                    aliases[a.asname] = a.name
+        elif isinstance(node, ast.ImportFrom):
+            for target, name, _line in _imports_of(node, path):
+                if name is None:
+                    aliases[next(a.asname or a.name for a in node.names
+                                 if target.endswith("." + a.name))] = target
+    return [(aliases[n.value.id], n.attr, n.lineno) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+            and n.value.id in aliases and n.attr.startswith("_")
+            and not n.attr.startswith("__")]
+
+
+@pytest.mark.parametrize("entry", ["kdkernels", "kdkernels.integrations.hf",
+                                   "kdkernels.integrations.trl_loss", "kdkernels.cache"])
+def test_importing_the_library_loads_no_application_module(entry):
+    code = (f"import sys, {entry}\n"
+            f"app = sorted(m for m in sys.modules if m.startswith({APPLICATION!r}))\n"
+            "print(app)\nassert not app, app\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_layer_rules_see_function_level_imports(tmp_path):
+    """The reader finds an import inside a function, relative or absolute."""
+    pkg = ROOT / "kdkernels" / "engine"
+    probe = pkg / "_layer_probe_test.py"
+    probe.write_text("def f():\n    from ..train import pipeline\n    import kdkernels.cli\n")
+    try:
+        found = {t for t, _, _ in _imports(probe)}
+    finally:
+        probe.unlink()
+    assert {"kdkernels.train.pipeline", "kdkernels.cli"} <= found
 
 
 def test_the_table_is_the_list_of_divergences():
