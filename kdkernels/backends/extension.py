@@ -136,15 +136,14 @@ def _library_path(build_dir: Path, name: str) -> Path:
 
 
 def _compile(kind: str, name: str, build_dir: Path, sources: list[str], **kwargs) -> Path:
+    lib = _library_path(build_dir, name)
+    if lib.exists():
+        return lib
     if "CUDA_HOME" not in os.environ and torch.version.cuda is not None:
         home = find_cuda_home()  # read by cpp_extension at import; avoids its bogus guess
         if home:
             os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
-
-    lib = _library_path(build_dir, name)
-    if lib.exists():
-        return lib
+    cpp_extension = _cpp_extension()
     if _env_flag("KDKERNELS_NO_BUILD"):
         raise ExtensionUnavailable(f"the {kind} extension is not built in {build_dir} and "
                                    "KDKERNELS_NO_BUILD=1 forbids compiling it")
@@ -204,10 +203,27 @@ def _cuda_build() -> tuple[str, Path, list[str], dict]:
     return name, build_dir, [str(SRC_DIR / s) for s in CUDA_SOURCES], kwargs
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without its "No CUDA runtime is found" warning on
+    machines without a GPU: a CPU user builds the C++ extension and needs no word on CUDA
+    (the CUDA extension's own availability is reported by ``kdkernels.info``)."""
+    import logging
+
+    log = logging.getLogger("torch.utils.cpp_extension")
+    quiet = not torch.cuda.is_available() and log.level < logging.ERROR
+    old = log.level
+    if quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(old)
+    return cpp_extension
+
+
 def _set_cuda_home(home: str) -> None:
     # cpp_extension reads CUDA_HOME once at import; point it at the real toolkit root.
-    from torch.utils import cpp_extension
-
+    cpp_extension = _cpp_extension()
     os.environ["CUDA_HOME"] = home
     cpp_extension.CUDA_HOME = home
 
