@@ -29,9 +29,8 @@ L, SHARD = 32, 4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random Llama teacher (vocab 400, hidden 32, 2 layers) with a local BPE, and text."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kdkernels.train.tokenizer import train_bpe
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("tiny")
     text = Path(argparse.__file__).read_text()[:12000]  # stdlib: the same text everywhere
@@ -320,6 +319,63 @@ def test_write_cache_rejects_bad_input(tmp_path, case, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         write_cache(tmp_path / "c", ids, t_ids, t_lp, meta=meta)
     assert not (tmp_path / "c" / fmt.MANIFEST).exists()
+
+
+def _small_targets(n=3, L=4, K=3, vocab=10, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, L), generator=gen)
+    t_ids = torch.stack([torch.randperm(vocab, generator=gen)[:K] for _ in range(n * L)])
+    t_lp = torch.log_softmax(torch.randn(n * L, vocab, generator=gen), -1).gather(1, t_ids)
+    return ids, t_ids.view(n, L, K), t_lp.view(n, L, K)
+
+
+def test_write_cache_refuses_more_slots_than_the_vocabulary(tmp_path):
+    ids, t_ids, t_lp = _small_targets(K=3, vocab=3)
+    t_ids = torch.cat([t_ids, torch.full_like(t_ids[..., :1], -1)], -1)  # K = V + 1
+    t_lp = torch.cat([t_lp, torch.zeros_like(t_lp[..., :1])], -1)
+    with pytest.raises(ValueError, match="K = 4 slots per position but vocab_size is 3"):
+        write_cache(tmp_path / "c", ids, t_ids, t_lp,
+                    meta={"tokenizer_hash": "t", "vocab_size": 3})
+    assert not (tmp_path / "c" / fmt.MANIFEST).exists()
+
+
+def test_write_cache_refuses_probabilities_above_one(tmp_path):
+    ids, t_ids, _ = _small_targets()
+    t_lp = torch.full(t_ids.shape, math.log(0.4))  # 3 x 0.4 = 1.2 per position
+    with pytest.raises(ValueError, match=r"exp-sum to at most 1.*1\.2 at sequence 0, "
+                                         r"position 0"):
+        write_cache(tmp_path / "c", ids, t_ids, t_lp, meta={"tokenizer_hash": "t"})
+    assert not (tmp_path / "c" / fmt.MANIFEST).exists()
+
+
+def test_write_cache_rerun_with_other_teacher_targets_is_refused(tmp_path):
+    ids, t_ids, t_lp = _small_targets()
+    meta = {"tokenizer_hash": "t", "teacher": "x"}
+    first = write_cache(tmp_path, ids, t_ids, t_lp, meta=meta)
+    assert write_cache(tmp_path, ids, t_ids, t_lp, meta=meta) == first  # same: a no-op
+    other_lp = torch.log_softmax(torch.randn(*t_lp.shape[:2], 10), -1)[..., :3]
+    for other in ((t_ids, other_lp), (t_ids.roll(1, -1), t_lp)):
+        with pytest.raises(ValueError, match="teacher_ids/teacher_logprobs"):
+            write_cache(tmp_path, ids, *other, meta=meta)
+    ds = TeacherCache(tmp_path)  # the old targets, untouched
+    assert torch.equal(ds[1]["teacher_logprobs"], t_lp[1])
+
+
+@pytest.mark.parametrize("dtype,name", [(torch.bfloat16, "bf16"), (torch.float16, "fp16"),
+                                        (torch.float32, "fp32")])
+def test_write_cache_keeps_the_logprob_dtype_without_meta_dtype(tmp_path, dtype, name):
+    ids, t_ids, t_lp = _small_targets()
+    m = write_cache(tmp_path, ids, t_ids, t_lp.to(dtype), meta={"tokenizer_hash": "t"})
+    assert m["dtype"] == name
+    got = TeacherCache(tmp_path)[0]["teacher_logprobs"]
+    assert got.dtype == dtype and torch.equal(got, t_lp[0].to(dtype))
+
+
+def test_write_cache_needs_no_teacher_name(tmp_path):
+    ids, t_ids, t_lp = _small_targets()
+    m = write_cache(tmp_path, ids, t_ids, t_lp, meta={"tokenizer_hash": "t"})
+    assert m["teacher"] is None and m["complete"]
+    assert len(TeacherCache(tmp_path)) == 3
 
 
 def test_jsonl_converter_round_trip(tiny, tmp_path):

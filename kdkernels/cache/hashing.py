@@ -36,3 +36,13 @@ def config_hash(config) -> str:
 def tokens_hash(ids: torch.Tensor) -> str:
     """sha256 of a token stream as little-endian int32 (what --data tokenised to)."""
     return hashlib.sha256(ids.to(torch.int32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def teacher_hash(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> str:
+    """sha256 of the teacher targets as stored (ids int32, log-probs in the cache dtype):
+    a rerun of write_cache with other targets must not keep the old ones."""
+    h = hashlib.sha256()
+    for t in (teacher_ids, teacher_logprobs):
+        h.update(str(t.dtype).encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

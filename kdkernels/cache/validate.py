@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..sparse.teacher import LOGPROB_TOLERANCE
+
 INT32_MAX = 2**31 - 1
 LOGPROB_TOL = 1e-3  # log-probs may exceed 0 by rounding (APIs print -0.0001 as 0.0001...)
 
@@ -16,7 +18,9 @@ def _where(mask: torch.Tensor) -> str:
 def check_arrays(input_ids: torch.Tensor, teacher_ids: torch.Tensor,
                  teacher_logprobs: torch.Tensor, vocab_size: int | None = None) -> None:
     """Shapes [n, L], [n, L, K], [n, L, K]; ids integral and in range (negative teacher ids
-    are empty slots); valid log-probs finite and <= LOGPROB_TOL; no id twice in a position."""
+    are empty slots); K <= vocab_size; valid log-probs finite and <= LOGPROB_TOL, their
+    probabilities summing to at most 1 per position; no id twice in a position. The loss
+    refuses what fails here, so a cache never holds targets it cannot train on."""
     for name, t in (("input_ids", input_ids), ("teacher_ids", teacher_ids),
                     ("teacher_logprobs", teacher_logprobs)):
         if not isinstance(t, torch.Tensor):
@@ -38,6 +42,10 @@ def check_arrays(input_ids: torch.Tensor, teacher_ids: torch.Tensor,
     if not teacher_logprobs.dtype.is_floating_point:
         raise TypeError(f"teacher_logprobs must be a floating-point tensor; got "
                         f"{teacher_logprobs.dtype}")
+    K = teacher_ids.shape[2]
+    if vocab_size is not None and K > vocab_size:
+        raise ValueError(f"teacher_ids holds K = {K} slots per position but vocab_size is "
+                         f"{vocab_size}; K must be <= vocab_size (the loss refuses more)")
     if n == 0 or L == 0:
         return
     top = INT32_MAX if vocab_size is None else vocab_size - 1
@@ -59,6 +67,14 @@ def check_arrays(input_ids: torch.Tensor, teacher_ids: torch.Tensor,
     if bad.any():
         raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0) in valid slots; "
                          f"{lp[bad][0].item()} at {_where(bad)}")
+    # the loss's own bound on the mass of a position, for the dtype the log-probs come in
+    tol = LOGPROB_TOLERANCE.get(teacher_logprobs.dtype, LOGPROB_TOLERANCE[torch.float32])
+    mass = torch.where(valid, teacher_logprobs.double().exp(), 0.0).sum(-1)
+    bad = mass > 1.0 + tol
+    if bad.any():
+        raise ValueError(f"teacher_logprobs of a position must exp-sum to at most 1 (tolerance "
+                         f"{tol} for {teacher_logprobs.dtype}); {mass[bad][0].item():.6g} at "
+                         f"{_where(bad)}")
     ids = torch.where(valid, teacher_ids.long(), -1).sort(dim=-1).values
     dup = ((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any(-1)
     if dup.any():

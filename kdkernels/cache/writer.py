@@ -17,18 +17,25 @@ from typing import Any
 import torch
 
 from . import format as fmt
-from .hashing import tokens_hash
+from .hashing import teacher_hash, tokens_hash
 from .validate import check_arrays, normalise
 
-# meta keys that write_cache fills when absent; tokenizer_hash and teacher are required.
-META_DEFAULTS: dict[str, Any] = {"teacher_config_hash": None, "vocab_size": None,
-                                 "mode": "topk", "samples": None, "seed": None, "dtype": "fp32",
-                                 "data": None}
-META_REQUIRED = ("tokenizer_hash", "teacher")
+# meta keys that write_cache fills when absent (dtype: the log-probs' own, see
+# write_cache); tokenizer_hash is required, as the cache is useless without it.
+META_DEFAULTS: dict[str, Any] = {"teacher": None, "teacher_config_hash": None,
+                                 "vocab_size": None, "mode": "topk", "samples": None,
+                                 "seed": None, "dtype": "fp32", "data": None}
+META_REQUIRED = ("tokenizer_hash",)
+# How write_cache names the hashes of its tensors when a rerun finds other ones.
+TENSOR_HASH_NAMES = {"data_hash": "input_ids (data_hash)",
+                     "teacher_hash": "teacher_ids/teacher_logprobs (teacher_hash)"}
 # settings that describe the run but may change between a run and its resume
 INFORMATIONAL = ("data",)
 # settings that follow from others: named only when nothing else explains the difference
 DERIVED = ("data_hash", "expected_sequences")
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in fmt.DTYPES.items()}
 
 
 def _short(value: Any) -> str:
@@ -168,7 +175,7 @@ def settings_from_meta(meta: Mapping[str, Any], *, seq_len: int, top_k: int,
     missing = [k for k in META_REQUIRED if meta.get(k) is None]
     if missing:
         raise ValueError(f"meta is missing required keys: {', '.join(missing)} (e.g. "
-                         "kdkernels.cache.tokenizer_hash(tokenizer) and a teacher name)")
+                         "kdkernels.cache.tokenizer_hash(tokenizer))")
     for key, actual in (("seq_len", seq_len), ("top_k", top_k)):
         if key in meta and meta[key] != actual:
             raise ValueError(f"meta[{key!r}] = {meta[key]!r} but the tensors have {actual}")
@@ -186,18 +193,24 @@ def write_cache(path: str | Path, input_ids: torch.Tensor, teacher_ids: torch.Te
     """Write your own teacher outputs as a cache (the format of `kdk cache-teacher`).
 
     input_ids [n, L], teacher_ids [n, L, K] (negative = empty slot), teacher_logprobs
-    [n, L, K] (natural-log probabilities at T = 1). ``meta`` needs ``tokenizer_hash`` and
-    ``teacher``; see META_DEFAULTS for the rest. Rerunning on the same directory with the
-    same inputs resumes or is a no-op; different ones raise. Returns the manifest.
+    [n, L, K] (natural-log probabilities at T = 1). ``meta`` needs ``tokenizer_hash``; see
+    META_DEFAULTS for the rest (``dtype`` defaults to the log-probs' own: bf16, fp16, else
+    fp32). Rerunning on the same directory with the same tensors resumes or is a no-op; other
+    input ids or teacher targets raise, naming which. Returns the manifest.
     """
     check_arrays(input_ids, teacher_ids, teacher_logprobs, meta.get("vocab_size"))
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1; got {shard_size}")
     n, L, K = teacher_ids.shape
+    if isinstance(meta, Mapping) and "dtype" not in meta:  # keep 16-bit log-probs 16-bit
+        meta = {**meta, "dtype": _DTYPE_NAMES.get(teacher_logprobs.dtype, "fp32")}
     settings = settings_from_meta(meta, seq_len=L, top_k=K, shard_size=shard_size)
     settings.setdefault("data_hash", tokens_hash(input_ids))
+    if settings["dtype"] in fmt.DTYPES:
+        stored = normalise(teacher_ids, teacher_logprobs, fmt.DTYPES[settings["dtype"]])
+        settings["teacher_hash"] = teacher_hash(*stored)
     settings["expected_sequences"] = n
-    writer = CacheWriter(path, settings)
+    writer = CacheWriter(path, settings, option_names=TENSOR_HASH_NAMES)
     for start in range(writer.done_sequences, n, shard_size):
         sl = slice(start, min(start + shard_size, n))
         writer.add_shard(input_ids[sl], teacher_ids[sl], teacher_logprobs[sl], checked=True)
