@@ -171,6 +171,7 @@ struct ScalarMath {
   KDK_HD static float set1(float x) { return x; }
   KDK_HD static float exp(float x) { return ::expf(x); }
   KDK_HD static float log1p(float x) { return ::log1pf(x); }
+  KDK_HD static float expm1(float x) { return ::expm1f(x); }
   KDK_HD static float tanh(float x) { return ::tanhf(x); }
   KDK_HD static float abs(float x) { return ::fabsf(x); }
   KDK_HD static float max(float a, float b) { return (a != a || a > b) ? a : b; }
@@ -216,6 +217,18 @@ KDK_HD typename M::V alpha_log_w(const RowParams& p, typename M::V logp, typenam
   using V = typename M::V;
   V lw = M::select(M::eq(logq, logp), logp, logp + V(p.w_q) * (logq - logp));
   return M::select(M::eq(logp, V(-INFINITY)), logp, lw);
+}
+
+// w - p of the alpha divergence without cancellation: p expm1(alpha (logq - logp)) where that
+// exponent is below 1 in magnitude (exactly 0 at q == p), else exp(log w) - p, which neither
+// cancels there nor overflows where p underflows (expm1 of a large exponent would).
+template <class M>
+KDK_HD typename M::V alpha_w_minus_p(const RowParams& p, typename M::V pr, typename M::V logp,
+                                     typename M::V logq) {
+  using V = typename M::V;
+  V ad = V(p.w_q) * (logq - logp);
+  V far = M::exp(alpha_log_w<M>(p, logp, logq)) - pr;
+  return M::select(M::lt(M::abs(ad), V(1.0f)), pr * M::expm1(ad), far);
 }
 
 // w * (logx - logm), and 0 where w == 0 (an underflowed probability); NaN stays NaN.
@@ -323,7 +336,8 @@ KDK_HD typename M::V grad_elem(const RowParams& p, const GradRow<M>& r, typename
     } else if (p.div == kTVD) {
       g = pr * (V(0.5f) * sign<M>(pr - M::exp(logq)) - r.aux);
     } else if (p.div == kAlpha) {
-      g = V(p.k_div) * (M::exp(alpha_log_w<M>(p, logp, logq)) - pr * r.aux);
+      // aux = c0 = 1 - sum w (exact 0 at q == p): G = k_div (w - p + p c0) = k_div (w - p sum w)
+      g = V(p.k_div) * (alpha_w_minus_p<M>(p, pr, logp, logq) + pr * r.aux);
     } else {
       V logm = log_mix<M>(p, logp, logq);
       // p * q / mix and p * p / mix are formed as exp(log p + log q - logm): bounded by q / wq

@@ -34,6 +34,7 @@ struct VecMath {
   // torch's fast exp (ULP 20, ~1e-6 relative) with NaN passed through (exp_u20 clamps NaN).
   static V exp(V x) { return V::blendv(x.exp_u20(), x, x.isnan()); }
   static V log1p(V x) { return x.log1p(); }
+  static V expm1(V x) { return x.expm1(); }
   static V tanh(V x) { return x.tanh(); }
   static V abs(V x) { return x.abs(); }
   static V max(V a, V b) { return at::vec::maximum(a, b); }
@@ -57,6 +58,7 @@ inline float lane0(Vec v) {
 struct LaneMath : ScalarMath {
   static float exp(float x) { return lane0(VecMath::exp(Vec(x))); }
   static float log1p(float x) { return lane0(Vec(x).log1p()); }
+  static float expm1(float x) { return lane0(Vec(x).expm1()); }
   static float tanh(float x) { return lane0(Vec(x).tanh()); }
 };
 

@@ -22,9 +22,9 @@ the row scalar ``aux`` is what the element-wise gradient needs besides the log-n
     tvd              0.5 sum |p - q|;  mix = (TVD, sum p g), g = 0.5 sign(p-q)   aux = sum p g
     alpha (alpha)    (1 - sum q^alpha p^(1-alpha)) / (alpha (1 - alpha)), with
                      w = q^alpha p^(1-alpha) = exp(log p + alpha (log q - log p)):
-                     mix = (sum p + alpha (q - p) - w, sum w)        aux = sum w
+                     mix = (sum p + alpha (q - p) - w, sum w)        aux = c0 (= 1 - sum w)
                      (the first sum has non-negative terms by weighted AM-GM and is exactly 0
-                     when q = p, unlike 1 - sum w)
+                     when q = p, unlike 1 - sum w, which cancels to about eps)
 
 The gradient with respect to the student logits (backends/base.py has the rest of the
 formula: dz = kd * G + the CE term, times the softcap derivative; logm is the log of the
@@ -38,9 +38,11 @@ divergence's mixture w_q q + (1 - w_q) p) uses, for each divergence, G =
         skew_reverse_kl  p * (log p - logm - aux) - exp(log_w_p + 2 log p - logm)
                          (skew p^2 / mix <= p, log_w_p = log skew; absent at skew 0)
         tvd              p * (0.5 * sign(p - q) - aux)
-        alpha            k_div * (w - p * aux)                            k_div = -1 / alpha
-                         w = exp(log p + alpha (log q - log p)), log p itself where
-                         log q == log p (exact at q = p, and -inf, not NaN, for -inf logits)
+        alpha            k_div * ((w - p) + p * aux)                      k_div = -1 / alpha
+                         (= k_div (w - p sum w)); w - p = p expm1(alpha (log q - log p))
+                         where |alpha (log q - log p)| < 1, else exp(log w) - p with log w =
+                         log p itself where log q == log p (-inf, not NaN, for -inf logits):
+                         exactly 0 at q = p, where w - p sum w was eps / alpha
 
 Adding a divergence: a row here, its element math in backends/torch_rows.py,
 triton_kernels/row_math.py and csrc/row_math.h, and the float64 oracle (reference.py). A
@@ -109,9 +111,9 @@ def _skew_reverse_kl(t: RowTotals, mix, p):
 
 
 def _alpha(t: RowTotals, mix, p):
-    c0, c1 = _mix(mix)
+    c0, _ = _mix(mix)
     a = p["alpha"]
-    return c0 / (a * (1.0 - a)), c1
+    return c0 / (a * (1.0 - a)), c0
 
 
 TABLE: tuple[Divergence, ...] = (

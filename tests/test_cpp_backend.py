@@ -278,7 +278,7 @@ def test_alpha_grad_matches_float64_autograd(alpha, temperature):
     kd = torch.linspace(0.2, 1.3, rows, dtype=torch.float64)
     (want,) = torch.autograd.grad((kd * div).sum(), a)  # d(kd * D)/da: what dz holds
     coef = coefficients(stats)
-    coef[:, COEF.aux] = mix[:, MIX.c1]  # aux = sum w (divergences.py)
+    coef[:, COEF.aux] = mix[:, MIX.c0]  # aux = c0 = 1 - sum w (divergences.py)
     coef[:, COEF.kd] = kd.float()
     coef[:, COEF.ce] = 0.0
     out = torch.empty_like(zs)
@@ -315,7 +315,7 @@ def test_alpha_with_minus_inf_logits_is_finite():
     torch.testing.assert_close(mix[:, MIX.c0].double(), c0, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(mix[:, MIX.c1].double(), c1, rtol=1e-5, atol=1e-6)
     coef = coefficients(stats)
-    coef[:, COEF.aux] = mix[:, MIX.c1]
+    coef[:, COEF.aux] = mix[:, MIX.c0]
     out = torch.full_like(zs, math.nan)
     CPP.grad(zs, zt, labels, coef, spec, out)
     assert torch.isfinite(out).all()

@@ -240,6 +240,20 @@ def mix(zs: torch.Tensor, zt: torch.Tensor, norms: torch.Tensor, spec: RowSpec) 
     return out
 
 
+def _alpha_w_minus_p_into(logq, logp, w_q: float, work) -> torch.Tensor:
+    """w - p of the alpha divergence into ``work``, without cancellation: p expm1(alpha
+    (log q - log p)) where that exponent is below 1 in magnitude (exactly 0 at q = p), else
+    exp(log w) - p (expm1 of a large exponent overflows where p underflows). Leaves p in
+    ``logp``; ``logq`` is clobbered."""
+    _log_geometric_into(logq, logp, w_q, work).exp_()  # w
+    x = logq.sub_(logp).mul_(w_q)
+    near = x.abs() < 1.0  # a bool [C, V]: a quarter of a chunk buffer
+    p = logp.exp_()
+    work.sub_(p)
+    near_val = x.masked_fill_(~near, 0.0).expm1_().mul_(p)
+    return torch.where(near, near_val, work, out=work)
+
+
 def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
     """kd_coef * G (G of the contract, base.py) + ce_p * p into `work`, for every divergence
     but forward_kl. ce_p is the CE coefficient when softmax(z) is p, else None. G is
@@ -248,16 +262,17 @@ def _soft_dz(logp, logq, c, ce_p, spec: RowSpec, work) -> torch.Tensor:
     div = spec.divergence
     kd, aux = c[:, COEF.kd, None], c[:, COEF.aux, None]
     k_div = spec.const("k_div")
-    if div in ("skew_forward_kl", "alpha"):  # G = k_div * (x - p * aux)
-        if div == "skew_forward_kl":
-            logm = _log_mix_into(logq, logp, spec, work)
-            # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
-            x = logq.add_(logp).sub_(logm).exp_()
-        else:  # w = q^alpha p^(1 - alpha)
-            x = _log_geometric_into(logq, logp, spec.const("w_q"), work).exp_()
+    if div == "skew_forward_kl":  # G = k_div * (x - p * aux)
+        logm = _log_mix_into(logq, logp, spec, work)
+        # p * q / mix as one exp: q / mix alone overflows where p underflows (0 * inf).
+        x = logq.add_(logp).sub_(logm).exp_()
         k = kd * k_div
         return torch.mul(x, k, out=work).addcmul_(
             logp.exp_(), -k * aux if ce_p is None else ce_p - k * aux)
+    if div == "alpha":  # G = k_div * ((w - p) + p * aux), aux = c0 = 1 - sum w
+        x = _alpha_w_minus_p_into(logq, logp, spec.const("w_q"), work)
+        k = kd * k_div
+        return x.mul_(k).addcmul_(logp, k * aux if ce_p is None else ce_p + k * aux)
     second = None
     if div == "reverse_kl":
         d, k = torch.sub(logp, logq, out=logq).sub_(aux), kd

@@ -71,6 +71,19 @@ def log_geo(logq, logp, w_q):
 
 
 @helper
+def alpha_w_minus_p(logp, logq, p, w_q):
+    """w - p of the alpha divergence without cancellation: p expm1(alpha (log q - log p))
+    where that exponent is below 1 in magnitude (exactly 0 at q == p), else exp(log w) - p.
+    expm1 by Kahan's identity (u - 1) x / log u, u = exp(x): Triton has no portable expm1."""
+    x = w_q * (logq - logp)
+    near = tl.abs(x) < 1.0
+    xs = tl.where(near, x, 0.0)
+    u = tl.exp(xs)
+    em1 = tl.where(u == 1.0, xs, (u - 1.0) * xs / tl.log(u))
+    return tl.where(near, p * em1, tl.exp(log_geo(logq, logp, w_q)) - p)
+
+
+@helper
 def mix_terms(logp, logq, w_q, log_w_q, log_w_p, DIV: tl.constexpr, MIX_KIND: tl.constexpr):
     """One element's contributions (t0, t1) to the two mix sums of divergences.py; masked
     lanes hold finite junk, which the caller masks out of its sums."""
@@ -114,8 +127,8 @@ def soft_grad(logp, logq, p, aux, w_q, log_w_q, log_w_p, k_div, DIV: tl.constexp
         diff = p - tl.exp(logq)
         half_sign = tl.where(diff > 0, 0.5, tl.where(diff < 0, -0.5, 0.0))
         g = p * (half_sign - aux)
-    elif DIV == ALPHA:  # w_q = alpha, k_div = -1 / alpha
-        g = k_div * (tl.exp(log_geo(logq, logp, w_q)) - p * aux)
+    elif DIV == ALPHA:  # w_q = alpha, k_div = -1 / alpha, aux = c0 = 1 - sum w
+        g = k_div * (alpha_w_minus_p(logp, logq, p, w_q) + p * aux)
     else:
         logm = log_mix(logq, logp, log_w_q, log_w_p, MIX_KIND)
         if DIV == JSD:
