@@ -1,4 +1,5 @@
-"""Benchmark building blocks shared by the CPU and GPU benchmarks: shapes, inputs, providers.
+"""Building blocks of the dense-teacher loss benchmark (bench/loss.py, CPU and CUDA): shapes,
+inputs, providers, the GEMM floor.
 
 Every provider computes the same loss, forward KL(teacher || student) at temperature 1 over
 the full vocabulary, averaged over tokens whose label is not ``IGNORE_INDEX``, and its
@@ -14,7 +15,6 @@ device sees the same values for a seed) and moved to the requested device.
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,12 +36,15 @@ class Shape:
         return f"{self.n},{self.vocab},{self.ds},{self.dt}"
 
 
-SHAPES = {"S1": Shape(2048, 32000, 512, 1024), "S2": Shape(8192, 128256, 512, 1024)}
+SHAPES = {"S1": Shape(2048, 32000, 512, 1024), "S2": Shape(8192, 128256, 512, 1024),
+          # GPU shapes: Liger's published one (BT 8192, Ds 2048, Dt 4096), other vocabularies
+          "liger": Shape(8192, 128256, 2048, 4096), "v32k": Shape(8192, 32000, 2048, 4096),
+          "v152k": Shape(8192, 151936, 2048, 4096), "v262k": Shape(8192, 262144, 2048, 4096)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_shape(text: str) -> Shape:
-    """'S1', 'S2' or 'N,V,Ds,Dt' (positive integers)."""
+    """A name of SHAPES or 'N,V,Ds,Dt' (positive integers)."""
     if text in SHAPES:
         return SHAPES[text]
     parts = text.split(",")
@@ -97,6 +100,17 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str | torch.device = "
     return Inputs(h, w, g, u, labels)
 
 
+def mask_prompts(inputs: Inputs, frac: float, seq_len: int = 512) -> None:
+    """Prompt-masked distillation: labels of the first ``frac`` of every ``seq_len``-token
+    sequence become IGNORE_INDEX (the common SFT-style mask)."""
+    n = inputs.labels.shape[0]
+    if n % seq_len:
+        raise ValueError(f"prompt masking needs N ({n}) to be a multiple of {seq_len}")
+    labels = inputs.labels.view(-1, seq_len).clone()
+    labels[:, : int(seq_len * frac)] = IGNORE_INDEX
+    inputs.labels = labels.view(-1)
+
+
 def naive_loss(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, u: torch.Tensor,
                labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Full [N, V] logits, upcast to fp32 (float64 stays float64), log_softmax + kl_div."""
@@ -112,69 +126,83 @@ def naive_loss(h: torch.Tensor, w: torch.Tensor, g: torch.Tensor, u: torch.Tenso
 class FloorPlan:
     chunk: int  # token rows per chunk
     logits_dtype: torch.dtype
-    dz_layout: str  # where the driver puts dL/dz: kdkernels.chunking.DZ_LAYOUTS
+    dz_layout: str  # where the driver puts dL/dz: kdkernels.engine.chunking.DZ_LAYOUTS
     mirrors: str  # the kdkernels backend whose chunking the floor uses
 
 
 def _selected_backend(inputs: Inputs, impl: str):
+    """The row backend ``impl`` resolves to for these inputs (as the loss selects it)."""
     from kdkernels.backends import registry
     from kdkernels.backends.base import RowSpec
     from kdkernels.engine import gemm
     from kdkernels.options import KDOptions
 
     h = inputs.student_hidden
-    opts = KDOptions(**KD_OPTIONS)
     cd = gemm.compute_dtype(h.dtype, h.device)  # fp32 on CPUs without native bf16 GEMMs
-    zs_dtype = gemm.logits_dtype(cd, h.device)
-    backend = registry.select(impl, h.device, zs_dtype, RowSpec.from_options(opts, True))
-    return opts, backend, cd, zs_dtype
+    spec = RowSpec.from_options(KDOptions(**KD_OPTIONS), True)
+    return registry.select(impl, h.device, gemm.logits_dtype(cd, h.device), spec)
 
 
-def floor_plan(inputs: Inputs, impl: str = "auto") -> FloorPlan:
-    """The chunking kdkernels' driver uses for these inputs with ``impl`` (the planner the
-    driver itself calls, kdkernels.driver.plan_fused)."""
-    from kdkernels.engine.driver import plan_fused
-    from kdkernels.engine.local_reducer import LOCAL
-    from kdkernels.engine.validation import scan_labels
-
-    opts, backend, cd, zs_dtype = _selected_backend(inputs, impl)
-    h, w, g = inputs.student_hidden, inputs.student_weight, inputs.teacher_hidden
-    rows = scan_labels(inputs.labels, h.shape[0], w.shape[0], IGNORE_INDEX)
-    plan = plan_fused(opts, backend, LOCAL, n_rows=rows.kept, vocab=w.shape[0],
-                      ds=h.shape[1], dt=g.shape[1], h_dtype=h.dtype, g_dtype=g.dtype,
-                      cd_s=cd, cd_t=cd, idx=rows.idx, need_grad=True, want_h=True,
-                      device=h.device)
-    return FloorPlan(plan.rows, zs_dtype, plan.dz_layout, backend.name)
-
-
-def build_floor(inputs: Inputs, impl: str = "auto") -> Callable[[Inputs], None]:
+class Floor:
     """The fused loss's GEMMs and nothing else: kdkernels' own driver and autograd path,
-    run with a null row backend (kdkernels.backends.null_rows) that plans chunks as the
-    ``impl`` backend does but does no row work. Per chunk Zs = h_c W^T, Zt = g_c U^T,
+    run with a null row backend (bench/null_rows.py) that plans chunks as the ``impl``
+    backend does but does no row work. Per chunk Zs = h_c W^T, Zt = g_c U^T,
     grad_h_c = dZ W, grad_W += dZ^T h_c (fp32 accumulator), dZ being whatever the driver's
-    dL/dz buffer holds; then grad_W cast to W's dtype. Returns None (there is no loss)."""
-    import kdkernels
-    from kdkernels.backends import registry
-    from kdkernels.backends.null_rows import null_like
+    dL/dz buffer holds; then grad_W cast to W's dtype. A call returns None (no loss)."""
 
-    _, backend, _, _ = _selected_backend(inputs, impl)
-    null = null_like(backend)
-    registry.register(null.name, backend=null, listed=False)
+    def __init__(self, inputs: Inputs, impl: str = "auto",
+                 max_workspace_bytes: int | None = None) -> None:
+        from bench.null_rows import Seen, null_like
+        from kdkernels.backends import registry
 
-    def run(inp: Inputs) -> None:
-        kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=null.name,
-                                       ignore_index=IGNORE_INDEX, **KD_OPTIONS).backward()
+        backend = _selected_backend(inputs, impl)
+        self.mirrors, self.seen = backend.name, Seen()
+        null = null_like(backend, self.seen)
+        registry.register(null.name, backend=null, listed=False)
+        extra = {} if max_workspace_bytes is None else {"max_workspace_bytes":
+                                                         max_workspace_bytes}
+        self.options = {"impl": null.name, "ignore_index": IGNORE_INDEX, **KD_OPTIONS,
+                        **extra}
+
+    def __call__(self, inp: Inputs) -> None:
+        import kdkernels
+
+        kdkernels.fused_linear_kd_loss(*inp.tensors(), **self.options).backward()
         return None
 
-    return run
+    def plan(self) -> FloorPlan:
+        """The driver's chunking, as its calls so far handed it to the row ops."""
+        if not self.seen.rows:
+            raise RuntimeError("the floor has not run yet: its chunking is not known")
+        return FloorPlan(self.seen.rows, self.seen.logits_dtype, self.seen.dz_layout,
+                         self.mirrors)
 
 
-def _kdkernels(impl: str) -> Callable[[Inputs], torch.Tensor]:
+def build_floor(inputs: Inputs, impl: str = "auto",
+                max_workspace_bytes: int | None = None) -> Floor:
+    return Floor(inputs, impl, max_workspace_bytes)
+
+
+def floor_plan(inputs: Inputs, impl: str = "auto",
+               max_workspace_bytes: int | None = None) -> FloorPlan:
+    """The chunking kdkernels' driver uses for these inputs with ``impl``: one floor call
+    (the gradients it leaves are cleared)."""
+    floor = Floor(inputs, impl, max_workspace_bytes)
+    floor(inputs)
+    inputs.clear_grads()
+    return floor.plan()
+
+
+def kdkernels_provider(impl: str, max_workspace_bytes: int | None = None
+                       ) -> Callable[[Inputs], torch.Tensor]:
+    """kdkernels' loss through its public API only (so it can time another checkout)."""
     import kdkernels
+
+    extra = {} if max_workspace_bytes is None else {"max_workspace_bytes": max_workspace_bytes}
 
     def run(inp: Inputs) -> torch.Tensor:
         loss = kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=impl,
-                                              ignore_index=IGNORE_INDEX, **KD_OPTIONS)
+                                              ignore_index=IGNORE_INDEX, **KD_OPTIONS, **extra)
         loss.backward()
         return loss.detach()
 
@@ -286,7 +314,7 @@ def build_provider(name: str, inputs: Inputs) -> Callable[[Inputs], torch.Tensor
     if name == "floor":
         return build_floor(inputs)
     if name.startswith(KDK_PREFIX):
-        return _kdkernels(name[len(KDK_PREFIX):])
+        return kdkernels_provider(name[len(KDK_PREFIX):])
     if name in ("naive", "naive-compiled"):
         return _naive(is_compiled(name))
     if name in ("liger", "liger-compiled"):
@@ -295,18 +323,3 @@ def build_provider(name: str, inputs: Inputs) -> Callable[[Inputs], torch.Tensor
         return _trl()
     raise ValueError(f"unknown provider {name!r}; expected floor, {KDK_PREFIX}<impl>, "
                      f"naive, naive-compiled, liger, liger-compiled or trl")
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued device work (a no-op on CPU), so host timers see it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def env_for_threads(threads: int | None) -> dict[str, str]:
-    """Environment for a worker process: thread count, and torch.compile without a pool of
-    compile subprocesses (their memory would blur the worker's own peak)."""
-    env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env

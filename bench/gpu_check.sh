@@ -12,9 +12,13 @@
 # machine lacks pytest or hypothesis. kdkernels itself runs from the checkout (PYTHONPATH).
 # Builds: `python -m kdkernels.info` compiles the C++/CUDA extensions (MAX_JOBS=16) in the
 # background while the Triton tests run; later steps only load the cache (KDKERNELS_NO_BUILD).
+# Benchmarks: bench/loss.py --device cuda (row kernels vs copy, then the dense loss's providers;
+# gpu_bench.csv, gpu_rowops.csv, gpu_env.json, summary.txt) and bench/loss.py --device cuda
+# --loss topk (gpu_topk.csv).
 # Output in OUTDIR: gpu_check.log, build.log, test_triton.log, test_gpu.log, bench.log,
-# gpu_bench.csv, gpu_rowops.csv, gpu_topk.csv, gpu_env.json, summary.txt. Exit status: 0 when every step
-# passed, else the first failing step's status (the table is printed either way).
+# bench_topk.log, gpu_bench.csv, gpu_rowops.csv, gpu_topk.csv, gpu_env.json, summary.txt. Exit
+# status: 0 when every step passed, else the first failing step's status (the table is printed
+# either way).
 # Env: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 345).
 set -uo pipefail
 
@@ -39,6 +43,8 @@ export PYTHONUNBUFFERED=1
 
 # The Triton backend's test files (step c1, all their tests; step c2 skips them).
 TRITON_TESTS=(tests/test_triton_backend.py tests/test_student_rows_triton.py)
+# The top-k providers timed on the GPU (bench/topk.py names them).
+TOPK_PROVIDERS=(floor topk_bucket topk_zero naive_topk)
 
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-345}))
@@ -63,10 +69,11 @@ if (( DRY )); then
     log "would build: $PY -m kdkernels.info ($( [[ -f kdkernels/info.py ]] && echo present \
         || echo 'missing: would fall back to registry.available()'))"
     log "would test: pytest ${TRITON_TESTS[*]}; pytest -m gpu tests"
-    KDKERNELS_NO_BUILD=1 timeout 60 "$PY" bench/topk_gpu.py --out "$OUT" --dry-run \
-        > "$OUT/bench_topk.log" 2>&1 || fail $?
-    log "would bench top-k: bench/topk_gpu.py ($(wc -l < "$OUT/bench_topk.log") rows)"
-    KDKERNELS_NO_BUILD=1 timeout 120 "$PY" bench/bench_gpu.py --out "$OUT" --dry-run \
+    KDKERNELS_NO_BUILD=1 timeout 60 "$PY" bench/loss.py --device cuda --loss topk \
+        --providers "${TOPK_PROVIDERS[@]}" --out "$OUT" --dry-run > "$OUT/bench_topk.log" 2>&1 \
+        || fail $?
+    log "would bench top-k: bench/loss.py --loss topk ($(wc -l < "$OUT/bench_topk.log") rows)"
+    KDKERNELS_NO_BUILD=1 timeout 120 "$PY" bench/loss.py --device cuda --out "$OUT" --dry-run \
         > "$OUT/bench.log" 2>&1 || fail $?
     cat "$OUT/bench.log"
     log "dry run done (status $STATUS)"
@@ -135,13 +142,15 @@ tail -20 "$OUT/build.log" | tee -a "$OUT/gpu_check.log"
 # (d) benchmark
 bench_cap=$(cap 175 55)
 log "bench: cap $bench_cap s"
-KDKERNELS_NO_BUILD=1 timeout "$bench_cap" "$PY" bench/bench_gpu.py --out "$OUT" \
-    --budget-s $(( bench_cap - 25 )) > "$OUT/bench.log" 2>&1
+KDKERNELS_NO_BUILD=1 timeout "$bench_cap" "$PY" bench/loss.py --device cuda --out "$OUT" \
+    --budget-s $(( bench_cap > 35 ? bench_cap - 25 : 10 )) > "$OUT/bench.log" 2>&1
 rc=$?; log "bench: status $rc"; (( rc )) && { tail -30 "$OUT/bench.log"; fail 6; }
 
 # (d2) the sparse-teacher (top-k) loss vs its floor and the naive top-k loss: gpu_topk.csv
 log "bench: top-k"
-KDKERNELS_NO_BUILD=1 timeout "$(cap 60 40)" "$PY" bench/topk_gpu.py --out "$OUT" \
+topk_cap=$(cap 60 40)
+KDKERNELS_NO_BUILD=1 timeout "$topk_cap" "$PY" bench/loss.py --device cuda --loss topk \
+    --providers "${TOPK_PROVIDERS[@]}" --out "$OUT" --budget-s $(( topk_cap > 20 ? topk_cap - 10 : 10 )) \
     > "$OUT/bench_topk.log" 2>&1
 rc=$?; log "bench top-k: status $rc"; (( rc )) && { tail -20 "$OUT/bench_topk.log"; fail 6; }
 

@@ -1,29 +1,33 @@
-"""GPU benchmark: the fused-linear KD loss, forward plus backward, bf16, side by side; and the
-Triton row kernels' bandwidth against a measured copy.
+"""The loss benchmark's CUDA path (bench/loss.py --device cuda): one process, bf16 by
+default, providers side by side; and, first, the Triton row kernels' bandwidth against a
+measured copy (bench/row_ops.py's CUDA part).
 
-    python bench/bench_gpu.py --out DIR [--dry-run] [--shapes liger,v32k] [--budget-s 170]
+    python bench/loss.py --device cuda --out DIR [--dry-run] [--shape liger v32k] [--budget-s 170]
+    python bench/loss.py --device cuda --loss topk --out DIR [--shape S1 S2]
 
-Loss: forward KL(teacher || student), T = 1, mean over tokens (bench/common.py KD_OPTIONS),
-gradients w.r.t. the student hidden states and head. Times are triton.testing.do_bench
-medians (L2 flushed between calls); peaks are torch.cuda.max_memory_allocated over one
-steady-state call, inputs included (`extra` = peak minus what was allocated before it).
-Order (priority when the --budget-s runs short): copy bandwidth, row kernels at their default
-configs, the Liger shape's providers, the row-kernel config sweep, the other shapes.
-Every provider runs in try/except: an OOM or an error is a row in the table, not the end.
-At the Liger shape, one extra call of `floor` and `kdk-triton` runs under the CUDA
-allocator's recorder; summary.txt lists what is live at each one's memory peak (`peak of`
-lines: size and the allocating kdkernels/bench line), so a peak over the model is explained
-in the same run.
+Dense loss: forward KL(teacher || student), T = 1, mean over tokens (bench/common.py
+KD_OPTIONS), gradients w.r.t. the student hidden states and head. Times are
+triton.testing.do_bench medians (L2 flushed between calls); peaks are
+torch.cuda.max_memory_allocated over one steady-state call, inputs included (`extra` = peak
+minus what was allocated before it). Order (priority when the --budget-s runs short): copy
+bandwidth, row kernels at their default configs, the Liger shape's providers, the
+row-kernel config sweep, the other shapes. Every provider runs in try/except: an OOM or an
+error is a row in the table, not the end. At the Liger shape, one extra call of `floor` and
+`kdk-triton` runs under the CUDA allocator's recorder; summary.txt lists what is live at
+each one's memory peak (`peak of` lines: size and the allocating kdkernels/bench line), so a
+peak over the model is explained in the same run. Writes DIR/gpu_bench.csv,
+DIR/gpu_rowops.csv, DIR/gpu_env.json and DIR/summary.txt, and prints the summary table last.
 
-Writes DIR/gpu_bench.csv, DIR/gpu_rowops.csv, DIR/gpu_env.json and DIR/summary.txt, and
-prints the summary table last. --dry-run needs no GPU: it parses the arguments, discovers
-the providers, writes the CSVs with status "dry-run" and prints the table.
+Top-k loss: bench/topk.py's providers (Triton backend) with the same timer; peak allocated
+above the inputs; DIR/gpu_topk.csv.
+
+--dry-run needs no GPU: it discovers the providers, writes the CSVs with status "dry-run"
+and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import gc
 import importlib.util
@@ -33,23 +37,15 @@ import platform
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+import torch
 
-import torch  # noqa: E402
+from bench import common, harness, row_ops, topk
+from bench.row_ops import RowOpRow
 
-from bench import common  # noqa: E402
-
-GPU_SHAPES = {  # BT tokens, V, Ds, Dt: Liger's published shape first, then other vocabularies
-    "liger": common.Shape(8192, 128256, 2048, 4096),
-    "v32k": common.Shape(8192, 32000, 2048, 4096),
-    "v152k": common.Shape(8192, 151936, 2048, 4096),
-    "v262k": common.Shape(8192, 262144, 2048, 4096),
-}
+GPU_SHAPES = ("liger", "v32k", "v152k", "v262k")  # common.SHAPES: Liger's first
 # Run order = priority when the time budget runs short.
 PROVIDERS = ("floor", "kdk-triton", "kdk-cuda", "trl", "liger-jsd", "naive", "floor-ws",
              "kdk-triton-ws", "liger-chunked", "kdk-torch")
@@ -57,11 +53,6 @@ LIGER_SHAPE_ONLY = ("floor-ws", "kdk-triton-ws")
 LIGER_COMPILED_SHAPES = ("liger",)  # torch.compile costs ~20 s per vocabulary: once only
 # kdk-triton-ws / floor-ws: a second workspace budget beside the default (KDK_BENCH_WS bytes)
 BIG_WORKSPACE = int(os.environ.get("KDK_BENCH_WS", 256 * 2**20))
-# Row-kernel sweep at the liger chunk: OVERRIDE settings of kdkernels.backends.triton_rows.
-ROW_SWEEP = (dict(block_v=1024, num_warps=4), dict(block_v=2048, num_warps=4),
-             dict(block_v=4096, num_warps=8), dict(block_v=4096, num_warps=16),
-             dict(block_v=8192, num_warps=16), dict(programs_per_sm=4),
-             dict(programs_per_sm=16), dict(n_split=1))
 TARGETS = dict(floor_ratio=1.25, peak_gb=4.0, vs_liger=1.6, bandwidth=0.75)
 GIB = 2**30
 # Providers whose memory peak is taken apart at the liger shape (summary.txt shows it).
@@ -84,41 +75,7 @@ class Row:
     note: str = ""
 
 
-@dataclass
-class RowOpRow:
-    what: str  # stats | grad | mix | copy
-    divergence: str
-    rows: int
-    vocab: int
-    logits: str
-    out: str
-    block_v: int | str
-    num_warps: int | str
-    n_split: int | str
-    config: str = "default"  # default (the backend's heuristic) | the sweep's OVERRIDE
-    us: float | None = None
-    gbytes: float | None = None
-    tb_per_s: float | None = None
-    of_copy: float | None = None
-    status: str = "ok"
-
-
 # ---- providers ------------------------------------------------------------------------------
-
-def _kdk(impl: str, max_workspace_bytes: int | None = None):
-    import kdkernels
-
-    extra = {} if max_workspace_bytes is None else {"max_workspace_bytes": max_workspace_bytes}
-
-    def run(inp: common.Inputs) -> torch.Tensor:
-        loss = kdkernels.fused_linear_kd_loss(*inp.tensors(), impl=impl,
-                                              ignore_index=common.IGNORE_INDEX,
-                                              **common.KD_OPTIONS, **extra)
-        loss.backward()
-        return loss.detach()
-
-    return run
-
 
 def _liger_jsd():
     from liger_kernel.transformers import LigerFusedLinearJSD
@@ -136,34 +93,17 @@ def _liger_jsd():
     return run
 
 
-@contextlib.contextmanager
-def _workspace(nbytes: int):
-    """common.build_floor sizes its chunks from common.KD_OPTIONS: add a workspace budget."""
-    saved = common.KD_OPTIONS
-    common.KD_OPTIONS = {**saved, "max_workspace_bytes": nbytes}
-    try:
-        yield
-    finally:
-        common.KD_OPTIONS = saved
-
-
 def build(provider: str, shape_name: str, inputs: common.Inputs):
-    if provider == "floor":
-        plan = common.floor_plan(inputs, impl="triton")
-        return common.build_floor(inputs, impl="triton"), f"4 GEMMs in chunks of {plan.chunk}"
-    if provider == "floor-ws":
-        with _workspace(BIG_WORKSPACE):
-            plan = common.floor_plan(inputs, impl="triton")
-            run = common.build_floor(inputs, impl="triton")
-        return run, f"4 GEMMs in chunks of {plan.chunk}"
-    if provider == "kdk-triton":
-        return _kdk("triton"), ""
+    """(run(inputs) -> loss or None, note). The floors' notes (their chunk) come after their
+    first call: common.Floor reads the chunking from the driver's own calls."""
+    if provider in ("floor", "floor-ws"):
+        ws = BIG_WORKSPACE if provider == "floor-ws" else None
+        return common.build_floor(inputs, impl="triton", max_workspace_bytes=ws), ""
     if provider == "kdk-triton-ws":
-        return _kdk("triton", BIG_WORKSPACE), f"max_workspace_bytes={BIG_WORKSPACE >> 20} MiB"
-    if provider == "kdk-cuda":
-        return _kdk("cuda"), ""
-    if provider == "kdk-torch":
-        return _kdk("torch"), ""
+        return (common.kdkernels_provider("triton", BIG_WORKSPACE),
+                f"max_workspace_bytes={BIG_WORKSPACE >> 20} MiB")
+    if provider in ("kdk-triton", "kdk-cuda", "kdk-torch"):
+        return common.kdkernels_provider(provider[4:]), ""
     if provider == "naive":
         return common.build_provider("naive", inputs), "full fp32 logits, log_softmax, kl_div"
     if provider == "liger-chunked":
@@ -274,10 +214,6 @@ def peak_breakdown(label: str, call, top: int = 8) -> list[str]:
     return lines
 
 
-def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err)
-
-
 def _free() -> None:
     gc.collect()
     torch.cuda.empty_cache()
@@ -303,7 +239,7 @@ def make_gpu_inputs(shape: common.Shape, dtype: torch.dtype, seed: int = 0,
 
 def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], deadline: float,
                 dtype: torch.dtype) -> list[Row]:
-    shape = GPU_SHAPES[shape_name]
+    shape = common.parse_shape(shape_name)
     _free()
     inputs = make_gpu_inputs(shape, dtype)
     rows, grads = [], {}
@@ -327,6 +263,8 @@ def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], dead
                 return run(inputs)
 
             call()  # compiles / autotunes
+            if isinstance(run, common.Floor):
+                row.note = f"4 GEMMs in chunks of {run.plan().chunk}"
             # Peak of one steady-state call (do_bench's own 256 MB L2-flush buffer would
             # count otherwise).
             torch.cuda.synchronize()
@@ -346,7 +284,7 @@ def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], dead
                     BREAKDOWN.append(f"peak of {provider}: breakdown failed: {err!r}"[:200])
             row.ms = _bench_ms(call, budget_ms=min(2000.0, left_ms / 8))
         except Exception as err:  # one provider's failure must not end the benchmark
-            row.status = "OOM" if _is_oom(err) else "error"
+            row.status = "OOM" if harness.is_oom(err) else "error"
             row.note = (row.note + "; " if row.note else "") + f"{type(err).__name__}: {err}"[:300]
             traceback.print_exc()
         finally:
@@ -370,88 +308,6 @@ def bench_shape(shape_name: str, providers: list[str], why: dict[str, str], dead
     return rows
 
 
-# ---- row kernels vs copy bandwidth ----------------------------------------------------------
-
-def copy_bandwidth() -> float:
-    """Bytes per second of a device-to-device copy of 2 GiB (read + write counted)."""
-    from triton.testing import do_bench
-
-    src = torch.empty(GIB, dtype=torch.uint8, device="cuda").fill_(1)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=25, rep=100, return_mode="median")
-    src = dst = None  # free before the next measurement
-    _free()
-    return 2 * GIB / (ms * 1e-3)
-
-
-def row_ops(copy_bps: float, deadline: float, vocab: int, chunk: int, sweep: bool,
-            default: bool = True, device: str = "cuda", layout: str = "own") -> list[RowOpRow]:
-    """Stats and grad kernels alone on a [chunk, vocab] fp32-logit workspace with bf16 dL/dz
-    laid out as the driver does (``layout`` "packed": over the fp32 logits, which the timed
-    grad calls then overwrite: times do not depend on the values; "own": its own buffer),
-    forward KL; and JSD's mix pass; plus a BLOCK_V x warps sweep when asked. Bytes are what
-    the kernels must move: stats and mix read zs and zt, grad reads both and writes dz."""
-    from triton.testing import do_bench
-
-    from kdkernels.backends import triton_rows
-    from kdkernels.backends.base import RowSpec
-    from kdkernels.row_stats import finish, norms
-
-    out_rows: list[RowOpRow] = []
-    zs = torch.randn(chunk, vocab, device=device) * 2
-    zt = torch.randn(chunk, vocab, device=device) * 2
-    dz = (zs.view(torch.bfloat16)[:, :vocab] if layout == "packed"
-          else torch.empty(chunk, vocab, device=device, dtype=torch.bfloat16))
-    labels = torch.full((chunk,), -1, device=device, dtype=torch.int64)
-    logit_bytes = chunk * vocab * (zs.element_size() + zt.element_size())
-    configs = ([None] if default else []) + (list(ROW_SWEEP) if sweep else [])
-    for config in configs:
-        if time.monotonic() > deadline:
-            break
-        triton_rows.OVERRIDE.clear()
-        triton_rows.OVERRIDE.update(config or {})
-        plan = triton_rows._plan(chunk, vocab, zs.device, 4)
-        for div in ("forward_kl", "jsd") if config is None else ("forward_kl",):
-            spec = RowSpec(div, 1.0, 0.5, 0.1, None, None, False)
-            try:
-                stats = triton_rows.stats(zs, zt, labels, spec)
-                totals = finish(stats)
-                ones = torch.ones(chunk, device=device)
-                coef = torch.stack((*norms(totals).unbind(1), totals.m_z, totals.log_s_z,
-                                    0 * ones, ones, 0 * ones), 1)
-                jobs = [("stats", lambda s=spec: triton_rows.stats(zs, zt, labels, s),
-                         logit_bytes),
-                        ("grad", lambda s=spec, c=coef: triton_rows.grad(zs, zt, labels, c, s,
-                                                                          dz),
-                         logit_bytes + dz.numel() * dz.element_size())]
-                if div == "jsd":
-                    nrm = norms(totals)
-                    jobs = [("mix", lambda s=spec, n=nrm: triton_rows.mix(zs, zt, n, s),
-                             logit_bytes)]
-                for what, fn, nbytes in jobs:
-                    ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
-                    bps = nbytes / (ms * 1e-3)
-                    out_rows.append(RowOpRow(what, div, chunk, vocab, "fp32", f"bf16 {layout}",
-                                             plan.block_v, plan.num_warps, plan.n_split,
-                                             _config_name(config),
-                                             ms * 1e3, nbytes / 1e9, bps / 1e12,
-                                             bps / copy_bps))
-            except Exception as err:
-                traceback.print_exc()
-                out_rows.append(RowOpRow("stats+grad", div, chunk, vocab, "fp32", "bf16",
-                                         plan.block_v, plan.num_warps, plan.n_split,
-                                         _config_name(config),
-                                         status=f"{type(err).__name__}: {err}"[:200]))
-    triton_rows.OVERRIDE.clear()
-    zs = zt = dz = None  # free before the next measurement
-    _free()
-    return out_rows
-
-
-def _config_name(config: dict | None) -> str:
-    return "default" if not config else " ".join(f"{k}={v}" for k, v in config.items())
-
-
 # ---- output ---------------------------------------------------------------------------------
 
 def _fmt(x, spec: str = ".2f") -> str:
@@ -459,18 +315,14 @@ def _fmt(x, spec: str = ".2f") -> str:
 
 
 def write_csv(path: Path, rows: list) -> None:
-    cls = type(rows[0]) if rows else Row
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(cls)])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
+    row_ops.write_rows_csv(path, rows, type(rows[0]) if rows else Row)
 
 
 def summary(rows: list[Row], ops: list[RowOpRow], env: dict) -> str:
     lines = [f"kdkernels GPU bench on {env.get('device', '?')} "
-             f"(torch {env.get('torch')}, triton {env.get('triton')}); bf16, forward KL, "
-             f"fwd+bwd; copy {_fmt(env.get('copy_tb_per_s'))} TB/s",
+             f"(torch {env.get('torch')}, triton {env.get('triton')}); "
+             f"{env.get('dtype', 'bf16')}, forward KL, fwd+bwd; copy "
+             f"{_fmt(env.get('copy_tb_per_s'))} TB/s",
              f"{'shape':7} {'provider':16} {'ms':>8} {'x floor':>8} {'peak GiB':>9} "
              f"{'loss diff':>9} {'dh diff':>8}  status"]
     for r in rows:
@@ -542,79 +394,138 @@ def environment(dry_run: bool) -> dict:
     return env
 
 
+# ---- top-k loss -----------------------------------------------------------------------------
+
+TOPK_CSV = ("shape", "dtype", "k", "provider", "status", "ms_median", "ratio_to_floor",
+            "peak_above_inputs_mib")
+
+
+def topk_shape(shape_name: str, providers: list[str], dtype: str, k: int,
+               deadline: float) -> list[dict]:
+    """bench/topk.py's providers (Triton backend) at one shape: do_bench median, CUDA peak
+    above the inputs of one steady-state call."""
+    shape = common.parse_shape(shape_name)
+    _free()
+    inputs = make_gpu_inputs(shape, common.DTYPES[dtype])
+    dev = inputs.student_hidden.device
+    ids, lps = (t.to(dev) for t in topk.make_teacher(shape.n, shape.vocab, k, 0))
+    rows = []
+    for provider in providers:
+        row = dict(shape=shape_name, dtype=dtype, k=k,
+                   provider=provider, status="ok")
+        rows.append(row)
+        left_ms = (deadline - time.monotonic()) * 1e3
+        if left_ms < 5e3:
+            row["status"] = "skipped: time budget spent"
+            continue
+        _free()
+        base = torch.cuda.memory_allocated()
+        try:
+            run, _ = topk.build(provider, inputs, ids, lps, impl="triton")
+
+            def call(run=run):
+                inputs.clear_grads()
+                return run()
+
+            call()  # warm-up (Triton compiles)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            call()
+            torch.cuda.synchronize()
+            row["peak_above_inputs_mib"] = round(
+                (torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            row["ms_median"] = _bench_ms(call, budget_ms=min(2000.0, left_ms / 8))
+        except Exception as err:  # one provider's failure must not end the benchmark
+            row["status"] = "OOM" if harness.is_oom(err) else f"error: {err!r}"[:200]
+            traceback.print_exc()
+        finally:
+            run = call = None  # noqa: F841  (drop the provider's closures before the next)
+            inputs.clear_grads()
+    floor = next((r.get("ms_median") for r in rows if r["provider"] == "floor"), None)
+    for r in rows:
+        if r.get("ms_median") and floor:
+            r["ratio_to_floor"] = round(r["ms_median"] / floor, 3)
+    inputs = ids = lps = None  # free before the next shape
+    _free()
+    return rows
+
+
+def run_topk(args: argparse.Namespace) -> int:
+    providers = list(args.providers or topk.PROVIDERS)
+    providers = ["floor"] + [p for p in providers if p != "floor"]
+    dtypes = ["bf16", "fp32"] if args.dtype == "both" else [args.dtype]
+    deadline = time.monotonic() + args.budget_s
+    rows = []
+    for name in args.shape:
+        for dtype in dtypes:
+            if args.dry_run:
+                rows += [dict(shape=name, dtype=dtype, k=args.k, provider=p, status="dry-run")
+                         for p in providers]
+            else:
+                rows += topk_shape(name, providers, dtype, args.k, deadline)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "gpu_topk.csv", "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=TOPK_CSV)
+        wr.writeheader()
+        wr.writerows({c: r.get(c) for c in TOPK_CSV} for r in rows)
+    for r in rows:
+        print(r)
+    return 0
+
+
 # ---- main -----------------------------------------------------------------------------------
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path, help="folder for the CSVs and summary")
-    ap.add_argument("--dry-run", action="store_true", help="no GPU work: discovery and files")
-    ap.add_argument("--shapes", default=",".join(GPU_SHAPES),
-                    help=f"comma-separated subset of {', '.join(GPU_SHAPES)}")
-    ap.add_argument("--providers", default=",".join(PROVIDERS),
-                    help=f"comma-separated subset of {', '.join(PROVIDERS)}")
-    ap.add_argument("--budget-s", type=float, default=170.0,
-                    help="stop starting new measurements after this many seconds")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the row-kernel config sweep")
-    args = ap.parse_args(argv)
-    args.shapes = [s for s in args.shapes.split(",") if s]
-    args.providers = [p for p in args.providers.split(",") if p]
-    for s in args.shapes:
-        if s not in GPU_SHAPES:
-            ap.error(f"--shapes: unknown shape {s!r}; expected some of {', '.join(GPU_SHAPES)}")
-    for p in args.providers:
-        if p not in PROVIDERS:
-            ap.error(f"--providers: unknown provider {p!r}; expected some of "
-                     f"{', '.join(PROVIDERS)}")
-    if args.budget_s <= 0:
-        ap.error(f"--budget-s must be > 0, got {args.budget_s}")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(args: argparse.Namespace) -> int:
+    """bench/loss.py --device cuda (arguments parsed and checked there)."""
     if args.dry_run:  # discovery must never start a C++/CUDA build on a CI machine
         os.environ.setdefault("KDKERNELS_NO_BUILD", "1")
+    elif not torch.cuda.is_available():
+        print("bench/loss.py: no CUDA device; use --dry-run on CPU", file=sys.stderr)
+        return 2
+    if args.loss == "topk":
+        return run_topk(args)
     start = time.monotonic()
     deadline = start + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
     env = environment(args.dry_run)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
-    why = discover(torch.device("cuda"), torch.bfloat16)
+    env["dtype"] = "fp32" if args.dtype == "fp32" else "bf16"
+    providers = list(args.providers or PROVIDERS)
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
+    why = discover(torch.device("cuda"), dtype)
     rows: list[Row] = []
     ops: list[RowOpRow] = []
     if args.dry_run:
-        for shape in args.shapes:
-            for p in args.providers:
+        for shape in args.shape:
+            for p in providers:
                 if p in LIGER_SHAPE_ONLY and shape != "liger":
                     continue
                 rows.append(Row(shape, p, status="dry-run", note=why[p] or "would run"))
     else:
-        if device.type != "cuda":
-            print("bench_gpu: no CUDA device; use --dry-run on CPU", file=sys.stderr)
-            return 2
         torch.backends.cuda.matmul.allow_tf32 = False
-        bps = copy_bandwidth()
+        bps = row_ops.copy_bandwidth()
         env["copy_tb_per_s"] = bps / 1e12
         print(f"copy bandwidth {bps / 1e12:.2f} TB/s", flush=True)
-        liger = GPU_SHAPES["liger"]
+        liger = common.SHAPES["liger"]
         run_rows = not why.get("kdk-triton")
         if run_rows:  # first: the bandwidth target must not wait behind Liger's compile
             chunk, layout = _driver_chunk(liger)
-            ops += row_ops(bps, deadline, liger.vocab, chunk, sweep=False, layout=layout)
-            ops += row_ops(bps, deadline, liger.vocab, 4096, sweep=False, layout=layout)
+            ops += row_ops.cuda_row_ops(bps, deadline, liger.vocab, chunk, sweep=False,
+                                        layout=layout)
+            ops += row_ops.cuda_row_ops(bps, deadline, liger.vocab, 4096, sweep=False,
+                                        layout=layout)
             write_csv(args.out / "gpu_rowops.csv", ops)
-        for i, shape in enumerate(args.shapes):
-            providers = [p for p in args.providers
-                         if p not in LIGER_SHAPE_ONLY or shape == "liger"]
-            print(f"== {shape} {GPU_SHAPES[shape]}", flush=True)
-            rows += bench_shape(shape, providers, why, deadline, torch.bfloat16)
+        for i, shape in enumerate(args.shape):
+            shape_providers = [p for p in providers
+                               if p not in LIGER_SHAPE_ONLY or shape == "liger"]
+            print(f"== {shape} {common.parse_shape(shape)}", flush=True)
+            rows += bench_shape(shape, shape_providers, why, deadline, dtype)
             write_csv(args.out / "gpu_bench.csv", rows)
             if i == 0 and run_rows and not args.no_sweep:
-                ops += row_ops(bps, deadline, liger.vocab, chunk, sweep=True, default=False,
-                               layout=layout)
+                ops += row_ops.cuda_row_ops(bps, deadline, liger.vocab, chunk, sweep=True,
+                                            default=False, layout=layout)
                 write_csv(args.out / "gpu_rowops.csv", ops)
     env["seconds"] = round(time.monotonic() - start, 1)
-    env["providers"] = {p: (why[p] or "ok") for p in args.providers}
+    env["providers"] = {p: (why[p] or "ok") for p in providers}
     write_csv(args.out / "gpu_bench.csv", rows)
     write_csv(args.out / "gpu_rowops.csv",
               ops or [RowOpRow("none", "-", 0, 0, "-", "-", "-", "-", "-",
@@ -629,11 +540,6 @@ def main(argv: list[str] | None = None) -> int:
 def _driver_chunk(shape: common.Shape) -> tuple[int, str]:
     """(rows per chunk, dL/dz layout) the driver picks for kdk-triton at this shape (default
     workspace)."""
-    inputs = common.make_inputs(common.Shape(shape.n, shape.vocab, shape.ds, shape.dt),
-                                torch.bfloat16, "cuda")
+    inputs = make_gpu_inputs(shape, torch.bfloat16)
     plan = common.floor_plan(inputs, impl="triton")
     return plan.chunk, plan.dz_layout
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,8 +21,15 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import torch
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import torch  # noqa: E402
+
+from bench import harness  # noqa: E402
 
 
 def _port() -> int:
@@ -127,7 +134,7 @@ def main() -> None:
         "tp2-1t": launch(dict(base, threads=1, port=_port()), world=2),
     }
     print(f"N={args.n} V={args.vocab} Ds={args.ds} Dt={args.dt} {args.dtype}, "
-          f"impl={args.impl}, fwd+bwd, median of {args.reps}; "
+          f"impl={args.impl}, fwd+bwd, median of {args.reps}; {harness.machine()}; "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| config | rank | loss ms | collectives ms (stats / mix / grad_h) | share |")
     print("|---|---|---|---|---|")

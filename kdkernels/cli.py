@@ -1,5 +1,6 @@
-"""`kdk`: the command line. `kdk distill` trains, `kdk bench` measures, `kdk info` lists
-backends and builds. With no arguments, `kdk distill` runs the embedded offline default."""
+"""`kdk`: the command line. `kdk distill` trains, `kdk info` lists backends and builds (the
+benchmarks are scripts of a source checkout: bench/README.md). With no arguments,
+`kdk distill` runs the embedded offline default."""
 
 from __future__ import annotations
 
@@ -7,11 +8,49 @@ import argparse
 import dataclasses
 import importlib.util
 import sys
-from pathlib import Path
+from typing import Any
 
-from .options import DIVERGENCES
+from . import divergences
 
-_REPO = Path(__file__).resolve().parent.parent
+# What each trainer command imports beyond the core install: the `[train]` extra.
+_TRAIN_EXTRA = {"distill": ("transformers", "tokenizers", "matplotlib", "tqdm"),
+                "cache-teacher": ("transformers", "tokenizers", "tqdm")}
+
+
+def _missing_train_extra(command: str) -> str | None:
+    """One line naming the missing packages and the extra that brings them, or None."""
+    missing = [m for m in _TRAIN_EXTRA.get(command, ()) if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"kdk {command}: error: needs {', '.join(missing)} (not installed); install the "
+            f"trainer's extra: pip install 'kdkernels[train]'")
+
+
+def divergence_parameters() -> dict[str, list[str]]:
+    """Each option a divergence of the table reads (its KDOptions field name) -> the
+    divergences that read it, in table order: the flags --beta, --skew, ... come from here,
+    so a new divergence parameter gets its flag with no edit."""
+    readers: dict[str, list[str]] = {}
+    for div in divergences.TABLE:
+        for name in div.params:
+            readers.setdefault(name, []).append(div.name)
+    return readers
+
+
+def _divergence_parameter_flags() -> list[tuple[str, dict[str, Any]]]:
+    """(flag, add_argument keywords) of each divergence parameter, its default the
+    trainer's (left unset here, so that presets and the config decide)."""
+    from .train.config import TrainConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    flags = []
+    for name, readers in divergence_parameters().items():
+        default = f" [{defaults[name]}]" if name in defaults else ""
+        plural = "s" if len(readers) > 1 else ""
+        flags.append((f"--{name.replace('_', '-')}",
+                      {"type": float, "help": f"{name} of the {', '.join(readers)} "
+                                              f"divergence{plural}{default}"}))
+    return flags
 
 
 def _distill_parser(sub) -> argparse.ArgumentParser:
@@ -54,8 +93,10 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
            "last 10%% of the cache's sequences (at least one), never trained on. --seq-len "
            "defaults to the cache's")
     g = p.add_argument_group("loss")
-    g.add_argument("--divergence", choices=DIVERGENCES, help="KD divergence [forward_kl]")
-    g.add_argument("--beta", type=float, help="JSD mixing weight [0.5]")
+    g.add_argument("--divergence", choices=[d.name for d in divergences.TABLE],
+                   help="KD divergence [forward_kl]")
+    for flag, options in _divergence_parameter_flags():
+        g.add_argument(flag, **options)
     g.add_argument("--tail", choices=["bucket", "renormalize", "zero"],
                    help="top-k students: the teacher's mass outside its K ids as one extra "
                         "outcome (bucket), dropped with both sides renormalised over the K "
@@ -137,7 +178,7 @@ def _distill(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.preset.startswith("on-policy"):
-        from .train import on_policy_preset
+        from .train.on_policy import preset as on_policy_preset
 
         given = [o for o, v in (("--teacher", args.teacher), ("--student", args.student),
                                 ("--data", args.data), ("--teacher-cache", args.teacher_cache))
@@ -149,7 +190,9 @@ def _distill(args: argparse.Namespace) -> int:
                                        preset=args.preset)
         return 130 if any(r.get("interrupted") for r in results.values()) else 0
     if args.teacher_cache and args.seq_len is None:  # the cache's windows, whole
-        cfg.seq_len = pipeline.cache_seq_len(args.teacher_cache)
+        from .train.sources import teacher_cache
+
+        cfg.seq_len = teacher_cache.seq_len(args.teacher_cache)
     results = pipeline.run(cfg, teacher_path=args.teacher, student_path=args.student,
                            data=args.data, teacher_cache=args.teacher_cache,
                            overwrite=args.overwrite, resume=args.resume,
@@ -173,22 +216,24 @@ def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
       "its corpus)")
     a("--text-field", default="text", help="the records' text field (JSONL, parquet, datasets)")
     a("--output", "-o", required=True, help="cache directory")
-    a("--top-k", type=int, default=64, help="K slots per position")
+    a("--top-k", type=int, default=64,
+      help="K slots per position (at most the teacher's vocabulary size)")
     a("--mode", choices=["topk", "sample"], default="topk",
       help="topk: the K most likely ids; sample: distinct ids of --samples seeded draws")
-    a("--samples", type=int, default=64, help="draws per position in sample mode")
+    a("--samples", type=int, default=64,
+      help="draws per position in sample mode (top-k mode ignores it)")
     a("--seq-len", type=int, default=512, help="tokens per sequence")
     a("--shard-size", type=int, default=1024, help="sequences per shard")
     a("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="log-prob dtype")
     a("--batch-size", type=int, default=8, help="sequences per teacher forward")
     a("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    a("--seed", type=int, default=0, help="sampling seed (sample mode)")
+    a("--seed", type=int, default=0, help="sampling seed (sample mode; top-k mode ignores it)")
     a("--no-progress", action="store_true", help="no tqdm bar")
     return p
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
-    from .train.cache_build import CacheOptions, cache_teacher
+    from .train.cache_teacher import CacheOptions, cache_teacher
 
     opts = CacheOptions(teacher=args.teacher, output=args.output, data=args.data,
                         text_field=args.text_field, top_k=args.top_k, mode=args.mode,
@@ -204,17 +249,11 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
-    path = _REPO / "bench" / "bench_cpu.py"
-    if not path.exists():
-        print(f"kdk bench: {path} not found; the benchmarks live in the source tree's bench/ "
-              "folder (git clone the repository and install it with pip install -e .)",
-              file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("kdkernels_bench_cpu", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return int(module.main(argv) or 0)
+def _bench_removed() -> int:
+    # The benchmarks are scripts of the source tree, which a wheel does not ship: say where.
+    print("kdk bench: removed; in a source checkout, run python bench/loss.py "
+          "(see bench/README.md)", file=sys.stderr)
+    return 2
 
 
 def _info(argv: list[str]) -> int:
@@ -229,22 +268,31 @@ def _info(argv: list[str]) -> int:
     return int(info.main(argv) or 0) if hasattr(info, "main") else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """The `kdk` parser with every subcommand (info parses its own options)."""
     parser = argparse.ArgumentParser(
         prog="kdk", description="kdkernels: knowledge distillation without the logits.")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,cache-teacher,bench,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{distill,cache-teacher,info}")
     _distill_parser(sub)
     _cache_teacher_parser(sub)
-    sub.add_parser("bench", add_help=False, help="run the CPU benchmarks in bench/ "
-                   "(kdk bench --help for their options)")
     sub.add_parser("info", add_help=False, help="list backends and builds")
-    if argv and argv[0] in ("bench", "info"):  # their own parsers own the rest of argv
-        return _bench(argv[1:]) if argv[0] == "bench" else _info(argv[1:])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv and argv[0] == "bench":
+        return _bench_removed()
+    if argv and argv[0] == "info":  # its own parser owns the rest of argv
+        return _info(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    if (missing := _missing_train_extra(args.command)) is not None:
+        print(missing, file=sys.stderr)
+        return 2
     if args.command == "cache-teacher":
         return _cache_teacher(args)
     try:

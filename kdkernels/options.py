@@ -144,6 +144,9 @@ _OPTION_FIELDS = tuple(f for f in fields(KDOptions) if f.init)
 _OPTION_NAMES = tuple(f.name for f in _OPTION_FIELDS)
 
 
-def option_fields() -> tuple:
-    """The user-facing fields of KDOptions, in order: the one list of the options."""
-    return _OPTION_FIELDS
+def option_fields(options_class: type | None = None) -> tuple:
+    """The user-facing fields of KDOptions, in order: the one list of the options. Given
+    another options dataclass (TopKOptions, a KDOptions subclass), its own such fields."""
+    if options_class is None:
+        return _OPTION_FIELDS
+    return tuple(f for f in fields(options_class) if f.init)

@@ -7,8 +7,8 @@ import json
 import sysconfig
 from pathlib import Path
 
-from kdkernels.hf.models import build_llama
 from kdkernels.train.config import ModelSize, TrainConfig
+from kdkernels.train.sources.tiny_llama import build_llama
 
 TOKENS = 1000  # the shared tokenizer; heads may be padded beyond it
 STUDENT = ModelSize(32, 1, 2, 64)
@@ -17,7 +17,7 @@ STUDENT = ModelSize(32, 1, 2, 64)
 @functools.lru_cache(maxsize=1)
 def tokenizer():
     """A byte-level BPE of exactly TOKENS entries, trained on a stdlib module (offline)."""
-    from kdkernels.train.tokenizer import train_bpe
+    from kdkernels.train.sources.tokenizer import train_bpe
 
     text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
     tok = train_bpe([text], TOKENS)

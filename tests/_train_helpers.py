@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kdkernels.train.config import ModelSize, TrainConfig
-from kdkernels.train.tiny_llama import build_llama
+from kdkernels.train.sources.tiny_llama import build_llama
 
 VOCAB = 97  # prime, so no power-of-two tiling hides a bug
 
@@ -51,7 +51,7 @@ def join_gloo(rank: int, world_size: int, port: int):
     World (gloo)."""
     import os
 
-    from kdkernels.train import distributed
+    from kdkernels.train.runtime import distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))

@@ -329,3 +329,87 @@ def test_dead_names_and_stale_pointers_are_gone():
                                                 .read_text())) if isinstance(n, ast.FunctionDef)]
     assert "test_reference_is_the_oracle_of_itself" not in names
     assert "test_reference_jsd_matches_trls_formula" in names
+
+
+# ---- Options spelled once: KDOptions' fields reach every consumer with no edit. ------------
+def _options_with_a_new_field() -> type:
+    """KDOptions plus a field ``new_knob``, as adding it to the dataclass would make it."""
+    return dataclasses.make_dataclass(
+        "KDOptions", [("new_knob", "float", dataclasses.field(default=0.25))],
+        bases=(KDOptions,), frozen=True, namespace={"__module__": KDOptions.__module__})
+
+
+def test_a_new_option_reaches_topk_options_and_the_integrations(monkeypatch, tmp_path):
+    """The top-k options are made from the dense dataclass, and each integration builds its
+    options object from the class it names (monkeypatched here to the extended one), taking
+    the option from its keywords with no edit."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate>=1.1")
+    from transformers import TrainingArguments
+
+    from kdkernels.integrations import hf, hf_topk, trl_loss
+    from kdkernels.sparse import options as sparse_options
+    from tests._train_helpers import tiny_pair
+
+    def dense_names(cls):
+        return [f.name for f in option_fields(cls)
+                if f.name not in sparse_options.TEACHER_LOGIT_OPTIONS]
+
+    extended = _options_with_a_new_field()
+    topk = sparse_options.topk_options_of(extended)
+    assert [f.name for f in option_fields(topk)] == ["tail", *dense_names(extended)]
+    assert [f.name for f in sparse_options.topk_option_fields()] == ["tail",
+                                                                    *dense_names(KDOptions)]
+    opts = topk(new_knob=0.5, temperature=2.0)
+    assert opts.new_knob == 0.5 and opts.dense.new_knob == 0.5 and opts.values()[-1] == 0.5
+    with pytest.raises(TypeError, match="teacher_logit_scale"):
+        topk(teacher_logit_scale=2.0)
+
+    monkeypatch.setattr(hf, "KDOptions", extended)
+    monkeypatch.setattr(hf_topk, "TopKOptions", topk)
+    monkeypatch.setattr(trl_loss, "KDOptions", extended)
+    student, teacher = tiny_pair()
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                             save_strategy="no", disable_tqdm=True)
+    trainer = hf.KDTrainer(model=student, teacher_model=teacher, args=args, new_knob=0.5,
+                           divergence="alpha", alpha=0.3)
+    assert isinstance(trainer.kd_options, extended)
+    assert (trainer.kd_options.new_knob, trainer.kd_options.alpha) == (0.5, 0.3)
+    topk_trainer = hf_topk.TopKKDTrainer(model=student, args=args, new_knob=0.5, tail="zero")
+    assert isinstance(topk_trainer.kd_options, topk) and topk_trainer.kd_options.new_knob == 0.5
+
+    assert "new_knob" in trl_loss.extra_options()  # what KDDistillationTrainer takes
+    seen = []
+    loss_entry = trl_loss.fused_linear_kd
+
+    def spy(*args, **kwargs):
+        seen.extend(a for a in args if isinstance(a, KDOptions))
+        return loss_entry(*args, **kwargs)
+
+    monkeypatch.setattr(trl_loss, "fused_linear_kd", spy)
+    g = torch.Generator().manual_seed(0)
+    h, t = torch.randn(2, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    w, u = torch.randn(11, 8, generator=g), torch.randn(11, 8, generator=g)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    trl_loss.fused_divergence_loss(h, t, w, u, mask, 0.3, temperature=2.0, new_knob=0.5)
+    assert len(seen) == 1 and isinstance(seen[0], extended)
+    assert (seen[0].new_knob, seen[0].beta, seen[0].temperature, seen[0].divergence) == (
+        0.5, 0.3, 2.0, "jsd")
+
+
+@pytest.mark.parametrize("name", ["FusedLinearKDLoss", "FusedLinearTopKKDLoss"])
+def test_loss_modules_show_every_option_with_its_default(name):
+    import inspect
+
+    from kdkernels.sparse.options import topk_option_fields
+
+    module = getattr(kdkernels, name)
+    fields = option_fields() if name == "FusedLinearKDLoss" else topk_option_fields()
+    function = (kdkernels.fused_linear_kd_loss if name == "FusedLinearKDLoss"
+                else kdkernels.fused_linear_topk_kd_loss)
+    params = inspect.signature(module).parameters
+    assert list(params) == [f.name for f in fields] + ["vocab_parallel"]
+    for f in fields:
+        p = params[f.name]
+        assert p.kind is p.KEYWORD_ONLY and p.default == f.default, f.name
+        assert p.default == inspect.signature(function).parameters[f.name].default, f.name
+    assert params["vocab_parallel"].default is None

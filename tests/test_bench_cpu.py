@@ -1,8 +1,10 @@
-"""Smoke tests of the CPU benchmark harness (bench/bench_cpu.py, bench/common.py).
+"""Smoke tests of the CPU benchmarks (bench/loss.py, bench/harness.py, bench/common.py,
+bench/topk.py, bench/before_after.py, bench/row_ops.py).
 
 They exercise the plumbing at tiny shapes: worker processes, the out-of-memory, failure and
-timeout paths, provider agreement, the table and the CSV. They time nothing and assert no
-timing: performance is measured by running the benchmark, not in tests.
+timeout paths, provider agreement, interleaved rounds, another checkout's kdkernels, the
+table and the CSV. They time nothing and assert no timing: performance is measured by
+running the benchmarks, not in tests.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import bench_cpu, common  # noqa: E402
+from bench import before_after, common, harness, loss, row_ops, topk  # noqa: E402
 
 TINY = "8,64,16,24"
-LIMITS = bench_cpu.Limits(mem_mib=8 * 1024, min_available_mib=0, timeout_s=600)
+LIMITS = harness.Limits(mem_mib=8 * 1024, min_available_mib=0, timeout_s=600)
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
 HAS_TRL = importlib.util.find_spec("trl") is not None
 
@@ -66,7 +68,7 @@ def test_eager_providers_agree_with_float64():
     assert ("liger" in names) == HAS_LIGER
     assert ("trl" in names) == HAS_TRL  # TRL's own chunked loss, checked like the others
     eager = [n for n in names if n != "floor" and not common.is_compiled(n)]
-    checks = bench_cpu._check_providers(eager, common.Shape(13, 257, 8, 12), "fp32", seed=1)
+    checks = loss.check_providers(eager, common.Shape(13, 257, 8, 12), "fp32", seed=1)
     assert set(checks) == set(eager)
     for name, c in checks.items():
         assert c.get("error") is None, (name, c)
@@ -77,7 +79,10 @@ def test_eager_providers_agree_with_float64():
 def test_floor_runs_the_gemms_into_the_gradients():
     inputs = common.make_inputs(common.Shape(10, 97, 8, 12), torch.float32, seed=2)
     plan = common.floor_plan(inputs)
-    assert 1 <= plan.chunk <= 10 and plan.logits_dtype == torch.float32
+    assert plan.chunk == 10 and plan.logits_dtype == torch.float32
+    assert plan.dz_layout in ("in_place", "packed", "own")
+    # A smaller workspace: the floor reads the driver's smaller chunks from its own calls.
+    assert common.floor_plan(inputs, max_workspace_bytes=3 * 97 * 4 * 3).chunk < 10
     assert common.build_floor(inputs)(inputs) is None
     h, w = inputs.student_hidden, inputs.student_weight
     # With dZ = Zs (what the floor feeds its gradient GEMMs), the grads are exact products.
@@ -87,33 +92,53 @@ def test_floor_runs_the_gemms_into_the_gradients():
 
 
 def test_loss_disagreement_is_reported():
-    def res(name, loss):
-        return bench_cpu.Result(name, "fp32", "S1", loss=loss)
+    def res(name, value):
+        return loss.Result(name, "fp32", "S1", loss=value)
 
     agree = [res("a", 1.0), res("b", 1.0 + 1e-6), res("c", 1.0 - 1e-6), res("floor", None)]
-    assert bench_cpu.loss_disagreements(agree, "fp32") == {}
+    assert loss.loss_disagreements(agree, "fp32") == {}
     off = [res("a", 1.0), res("b", 1.0 + 1e-6), res("c", 1.1), res("d", float("nan"))]
-    assert set(bench_cpu.loss_disagreements(off, "fp32")) == {"c", "d"}
-    assert bench_cpu.loss_disagreements(off[:1], "fp32") == {}
+    assert set(loss.loss_disagreements(off, "fp32")) == {"c", "d"}
+    assert loss.loss_disagreements(off[:1], "fp32") == {}
+    # top-k: only the providers that compute the same loss are compared
+    assert loss.loss_disagreements(off, "fp32", among=("a", "b")) == {}
 
 
 def test_exit_classification():
-    assert bench_cpu.classify_exit(-signal.SIGKILL)["status"] == "OOM"
-    crash = bench_cpu.classify_exit(-signal.SIGSEGV)
+    assert harness.classify_exit(-signal.SIGKILL)["status"] == "OOM"
+    crash = harness.classify_exit(-signal.SIGSEGV)
     assert crash["status"] == "crash" and "SIGSEGV" in crash["error"]
-    assert bench_cpu.classify_exit(1)["status"] == "crash"
-    assert bench_cpu.classify_exit(-signal.SIGKILL, "timeout after 5 s, killed")["status"] == (
+    assert harness.classify_exit(1)["status"] == "crash"
+    assert harness.classify_exit(-signal.SIGKILL, "timeout after 5 s, killed")["status"] == (
         "timeout")
-    assert bench_cpu.classify_exit(-signal.SIGKILL, "OOM: RSS 9 MiB > limit")["status"] == "OOM"
-    assert bench_cpu._is_oom(MemoryError())
-    assert bench_cpu._is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: ..."))
-    assert not bench_cpu._is_oom(ValueError("shape mismatch"))
+    assert harness.classify_exit(-signal.SIGKILL, "OOM: RSS 9 MiB > limit")["status"] == "OOM"
+    assert harness.is_oom(MemoryError())
+    assert harness.is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: ..."))
+    assert harness.is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not harness.is_oom(ValueError("shape mismatch"))
+
+
+def test_rounds_alternate_their_order():
+    assert harness.round_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert harness.round_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+
+
+def test_merge_rounds_pools_the_calls_and_keeps_the_highest_peak():
+    runs = [loss.Result("p", "fp32", "S1", status="ok", times_ms=[1.0, 2.0], peak_mib=10.0,
+                        base_mib=4.0, loss=0.5),
+            loss.Result("p", "fp32", "S1", status="OOM", error="killed"),
+            loss.Result("p", "fp32", "S1", status="ok", times_ms=[3.0, 4.0, 5.0],
+                        peak_mib=12.0, base_mib=5.0, loss=0.5)]
+    merged = loss.merge_rounds(runs)
+    assert merged.status == "ok" and merged.ms_median == 3.0 and merged.peak_mib == 12.0
+    assert merged.peak_above_inputs_mib == 8.0 and "1 of 3 rounds failed" in merged.note
+    assert loss.merge_rounds(runs[1:2]).status == "OOM"
 
 
 def test_end_to_end_table_and_csv(tmp_path, capfd):
     out = tmp_path / "r.csv"
-    rc = bench_cpu.main(["--shape", TINY, "--dtype", "fp32", "--providers", "kdkernels:torch",
-                         "--no-check", "--seed", "5", "--csv", str(out)])
+    rc = loss.main(["--shape", TINY, "--dtype", "fp32", "--providers", "kdkernels:torch",
+                    "--no-check", "--seed", "5", "--csv", str(out)])
     assert rc == 0
     rows = _read_csv(out)
     assert [r["provider"] for r in rows] == ["floor", "kdkernels:torch"]
@@ -121,6 +146,7 @@ def test_end_to_end_table_and_csv(tmp_path, capfd):
         assert r["status"] == "ok" and r["shape"] == TINY and r["dtype"] == "fp32", r
         assert len(r["times_ms"].split()) == 3
         assert float(r["peak_mib"]) >= float(r["base_mib"]) > 0
+        assert float(r["peak_above_inputs_mib"]) >= 0 and r["machine"]
     assert float(rows[0]["ratio_floor"]) == 1.0 and rows[0]["loss"] == ""
     assert rows[0]["note"].startswith("chunk ")
     # The worker drew the same inputs from the same seed as this process does.
@@ -135,8 +161,8 @@ def test_end_to_end_table_and_csv(tmp_path, capfd):
 def test_memory_watchdog_reports_oom_and_continues(tmp_path, capfd):
     out = tmp_path / "r.csv"
     # A 64 MiB cap is below what importing torch takes: every worker is killed by the parent.
-    rc = bench_cpu.main(["--shape", TINY, "--dtype", "bf16", "--providers", "naive",
-                         "--no-check", "--mem-limit-mib", "64", "--csv", str(out)])
+    rc = loss.main(["--shape", TINY, "--dtype", "bf16", "--providers", "naive",
+                    "--no-check", "--mem-limit-mib", "64", "--csv", str(out)])
     assert rc == 0  # an OOM is a result, not a failure of the benchmark
     rows = _read_csv(out)
     assert [r["provider"] for r in rows] == ["floor", "naive"]
@@ -147,9 +173,85 @@ def test_memory_watchdog_reports_oom_and_continues(tmp_path, capfd):
 
 def test_failed_and_timed_out_workers_are_reported():
     shape = common.parse_shape(TINY)
-    bad = bench_cpu.run_provider("no-such-provider", shape, "fp32", LIMITS)
+    bad = loss.run_provider("no-such-provider", shape, "fp32", LIMITS)
     assert bad.status == "error" and "unknown provider 'no-such-provider'" in bad.error
     assert bad.ms_median is None and bad.peak_mib and bad.peak_mib > 0
-    slow = bench_cpu.run_provider("floor", shape, "fp32",
-                                  bench_cpu.Limits(8 * 1024, 0, timeout_s=0.01))
+    slow = loss.run_provider("floor", shape, "fp32", harness.Limits(8 * 1024, 0, timeout_s=0.01))
     assert slow.status == "timeout" and slow.ms_median is None
+
+
+def test_topk_loss_in_interleaved_rounds(tmp_path, capfd):
+    out = tmp_path / "t.csv"
+    rc = loss.main(["--loss", "topk", "--shape", "16,300,8,12", "--dtype", "fp32", "--k", "8",
+                    "--providers", "topk_zero", "naive_topk", "--rounds", "2", "--repeats", "1",
+                    "--csv", str(out)])
+    assert rc == 0  # topk_zero and naive_topk compute the same loss: they agree
+    rows = _read_csv(out)
+    assert [r["provider"] for r in rows] == ["floor", "topk_zero", "naive_topk"]
+    for r in rows:
+        assert r["status"] == "ok" and r["k"] == "8" and len(r["times_ms"].split()) == 2, r
+    assert rows[0]["note"].startswith("chunk 16 rows")
+    assert abs(float(rows[1]["loss"]) - float(rows[2]["loss"])) < 1e-4
+    assert "| topk_zero | fp32 |" in capfd.readouterr().out
+
+
+def test_topk_teacher_ids_are_distinct_per_row():
+    ids, lps = topk.make_teacher(5, 101, 16, seed=0)
+    assert ids.shape == lps.shape == (5, 16)
+    assert all(len(set(row.tolist())) == 16 for row in ids)
+    torch.testing.assert_close(lps.exp().sum(-1), torch.full((5,), 0.9))
+
+
+def test_a_worker_times_another_checkout(tmp_path):
+    """--tree: the worker imports kdkernels from the named checkout (here a stub package
+    that only has the public loss), and the floor refuses to run against it."""
+    tree = tmp_path / "other"
+    (tree / "kdkernels").mkdir(parents=True)
+    (tree / "kdkernels" / "__init__.py").write_text(
+        "import torch\n"
+        "def fused_linear_kd_loss(h, w, g, u, labels=None, **kw):\n"
+        "    return (h @ w.t()).float().pow(2).mean() + 42.0\n")
+    shape = common.parse_shape(TINY)
+    opts = loss.RunOptions(repeats=1, warmup=0, tree=tree)
+    r = loss.run_provider("kdkernels:torch", shape, "fp32", LIMITS, opts)
+    assert r.status == "ok", r.error
+    assert Path(r.kdkernels) == tree.resolve() and r.loss > 42.0
+    floor = loss.run_provider("floor", shape, "fp32", LIMITS, opts)
+    assert floor.status == "error" and "this checkout only" in floor.error
+
+
+def test_before_after_summary():
+    runs = []
+    for rnd, (b, a, f) in enumerate([(100.0, 90.0, 50.0), (120.0, 96.0, 60.0)]):
+        for tree, prov, ms in (("before", "kdkernels:cpp", b), ("after", "kdkernels:cpp", a),
+                               ("this checkout", before_after.FLOOR, f)):
+            runs.append({"round": rnd, "tree": tree, "provider": prov, "dtype": "fp32",
+                         "status": "ok", "ms_median": ms, "peak_mib": 700.0})
+    summary = before_after.summarize(runs, ["kdkernels:cpp"], ["fp32"], no_floor=False)
+    floor, cpp = summary
+    assert floor["after_ms"] == 55.0 and cpp["rounds"] == 2
+    assert cpp["after_over_before"] == pytest.approx(93.0 / 110.0)
+    assert cpp["round_ratio_min"] == pytest.approx(0.8) and cpp["round_ratio_max"] == 0.9
+    assert cpp["after_over_floor"] == pytest.approx(93.0 / 55.0)
+    table = before_after.markdown(summary)
+    assert "| kdkernels:cpp | fp32 | 110 | 93 | 0.845 |" in table
+
+
+def test_row_ops_cpu_runs_every_op(tmp_path):
+    out = tmp_path / "r.csv"
+    assert row_ops.main(["--impl", "torch", "--shapes", "8,300", "--rounds", "1",
+                         "--dtypes", "float32", "--configs", "plain", "--csv", str(out)]) == 0
+    ops = [r["op"] for r in _read_csv(out)]
+    assert ops[:4] == ["copy", "exp fp32", "torch stats", "torch grad"]
+    assert "torch student/dense (stats+grad)" in ops
+
+
+def test_arguments_are_checked(capsys):
+    for argv in (["--shape", "S9"], ["--providers", "magic"], ["--loss", "topk", "--providers",
+                 "naive"], ["--rounds", "0"], ["--prompt-frac", "1.5"],
+                 ["--device", "cuda"]):
+        with pytest.raises(SystemExit) as info:
+            loss.parse_args(argv)
+        assert info.value.code == 2, argv
+    assert loss.parse_args(["--providers", "kdkernels:cpp"]).providers == ["kdkernels:cpp"]
+    assert [s.n for s in loss.parse_args(["--device", "cuda", "--out", "x"]).shapes] == [8192] * 4

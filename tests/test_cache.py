@@ -29,8 +29,9 @@ L, SHARD = 32, 4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random Llama teacher (vocab 400, hidden 32, 2 layers) with a local BPE, and text."""
-    from kdkernels.train.tokenizer import train_bpe
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kdkernels.train.sources.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("tiny")
     text = Path(argparse.__file__).read_text()[:12000]  # stdlib: the same text everywhere
@@ -218,6 +219,87 @@ def test_changed_options_are_refused(tiny, fp32_cache, capsys, extra, option):
     assert rc != 0 and option in err, err
 
 
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_top_k_above_the_vocabulary_is_refused_before_any_write(tiny, tmp_path, capsys, mode):
+    out = tmp_path / "c"
+    vocab = tiny.model.config.vocab_size
+    assert _run(tiny, out, "--top-k", str(vocab + 1), "--mode", mode) == 2
+    err = capsys.readouterr().err
+    assert f"--top-k {vocab + 1}" in err and f"vocabulary ({vocab} tokens" in err, err
+    assert not (out / fmt.MANIFEST).exists()  # no cache the loss would refuse, not even empty
+
+
+def test_seed_and_samples_change_nothing_in_topk_mode(tiny, fp32_cache, capsys):
+    """Top-k targets do not depend on --seed or --samples: a rerun with other values is the
+    same cache (a no-op), and the manifest records neither."""
+    m = read_manifest(fp32_cache)
+    assert m["mode"] == "topk" and m["seed"] is None and m["samples"] is None
+    for extra in (("--seed", "7"), ("--samples", "5"), ("--seed", "3", "--samples", "9")):
+        assert _run(tiny, fp32_cache, "--dtype", "fp32", "--top-k", "16", *extra) == 0
+        assert "already complete" in capsys.readouterr().out, extra
+    assert read_manifest(fp32_cache) == m
+
+
+def test_a_topk_cache_that_recorded_its_seed_still_resumes(tiny, fp32_cache, tmp_path, capsys):
+    """Top-k caches written before recorded --seed (default 0): any --seed resumes them."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(fp32_cache, old)
+    m = read_manifest(old)
+    fmt.write_manifest(old, {**m, "seed": 0})
+    assert _run(tiny, old, "--dtype", "fp32", "--top-k", "16", "--seed", "4") == 0
+    assert "already complete" in capsys.readouterr().out
+
+
+def test_seed_and_samples_are_refused_when_they_change_sampled_targets(tiny, tmp_path,
+                                                                       capsys):
+    out = tmp_path / "s"
+    opts = ("--mode", "sample", "--samples", "8", "--top-k", "8", "--seed", "1")
+    assert _run(tiny, out, *opts) == 0
+    capsys.readouterr()
+    for option, value in (("--seed", "2"), ("--samples", "16")):
+        changed = list(opts)
+        changed[changed.index(option) + 1] = value
+        assert _run(tiny, out, *changed) == 2
+        err = capsys.readouterr().err
+        assert f"{option}: cache has" in err and "different options" in err, err
+    assert _run(tiny, out, *opts) == 0  # the same options: already complete
+
+
+def test_a_changed_teacher_path_shows_both_paths(tiny, tmp_path, capsys):
+    """Two teacher directories whose paths differ only at the end (the same model): the
+    refusal shows each path whole, so that the two can be told apart."""
+    import shutil
+
+    parent = tmp_path / ("a-rather-long-directory-name-for-the-teachers-of-this-project")
+    one, two = parent / "teacher-checkpoint-one", parent / "teacher-checkpoint-two"
+    shutil.copytree(tiny.teacher, one)
+    shutil.copytree(tiny.teacher, two)
+    out = tmp_path / "c"
+    argv = ["cache-teacher", "--data", str(tiny.data), "--output", str(out), "--seq-len",
+            str(L), "--top-k", "4", "--no-progress", "--teacher"]
+    assert cli.main([*argv, str(one)]) == 0
+    capsys.readouterr()
+    assert cli.main([*argv, str(two)]) == 2
+    err = capsys.readouterr().err
+    assert f"--teacher: cache has {str(one.resolve())!r}, now {str(two.resolve())!r}" in err, err
+
+
+def test_long_refused_values_are_cut_where_they_differ(tmp_path):
+    from kdkernels.cache.writer import CacheWriter
+
+    base = {"teacher": "x", "teacher_config_hash": None, "tokenizer_hash": "t", "top_k": 2,
+            "mode": "topk", "samples": None, "seed": None, "seq_len": 4, "dtype": "fp32",
+            "shard_size": 8}
+    one, two = "/data/" + "deep/" * 100 + "model-one", "/data/" + "deep/" * 100 + "model-two"
+    CacheWriter(tmp_path, {**base, "teacher": one})
+    with pytest.raises(ValueError) as err:
+        CacheWriter(tmp_path, {**base, "teacher": two})
+    msg = str(err.value)
+    assert "model-one'" in msg and "model-two'" in msg and len(msg) < 1200, msg
+
+
 def test_flipped_byte_and_missing_shard_are_named(tiny, fp32_cache):
     bad = tiny.root / "corrupt"
     assert write_cache(bad, *(_tensors(fp32_cache)[k] for k in fmt.TENSORS),
@@ -391,8 +473,8 @@ def test_jsonl_converter_round_trip(tiny, tmp_path):
     text = [tok.convert_tokens_to_string([t]) for t in vocab]  # decoded, as an API prints
     assert len(set(text)) == 10
     chat = {"choices": [{"logprobs": {"content": [
-        {"token": text[j], "logprob": -0.1,
-         "top_logprobs": [{"token": text[(j + d) % 10], "logprob": -0.1 - d} for d in range(3)]}
+        {"token": text[j], "logprob": -0.5,  # a distribution: 0.61 + 0.22 + 0.08 <= 1
+         "top_logprobs": [{"token": text[(j + d) % 10], "logprob": -0.5 - d} for d in range(3)]}
         for j in range(5)]}}]}
     legacy = {"choices": [{"logprobs": {"tokens": text[:5], "top_logprobs": [
         {text[(j + 1) % 10]: -0.5, text[(j + 2) % 10]: -1.5, text[j]: -9999.0}
@@ -407,7 +489,7 @@ def test_jsonl_converter_round_trip(tiny, tmp_path):
     assert ds[0]["input_ids"].tolist() == ids[:5]
     # position t holds entry t + 1; the last position is empty
     assert ds[0]["teacher_ids"][0].tolist() == [ids[1], ids[2], ids[3]]
-    assert ds[0]["teacher_logprobs"][0].tolist() == pytest.approx([-0.1, -1.1, -2.1])
+    assert ds[0]["teacher_logprobs"][0].tolist() == pytest.approx([-0.5, -1.5, -2.5])
     assert (ds[0]["teacher_ids"][4] == -1).all()
     assert ds[1]["teacher_ids"][1].tolist() == [ids[3], ids[4], -1]  # -9999 dropped
     assert ds.manifest["tokenizer_hash"] == tokenizer_hash(tok)
@@ -419,8 +501,8 @@ def test_jsonl_converter_round_trip(tiny, tmp_path):
 
 def test_default_teacher_and_its_corpus(tmp_path, monkeypatch):
     """--teacher default: the embedded teacher (smoke preset here), trained then cached."""
-    from kdkernels.train.cache_build import CacheOptions, cache_teacher
-    from kdkernels.train.cache_sources import default_teacher
+    from kdkernels.train.cache_teacher import CacheOptions, cache_teacher
+    from kdkernels.train.sources.cache_sources import default_teacher
 
     monkeypatch.setenv("KDKERNELS_CACHE", str(tmp_path / "kdk"))
     model, tok, ids = default_teacher("cpu", "smoke")

@@ -1,4 +1,5 @@
-"""bench/gpu_check.sh --dry-run (CI, CPU): arguments, provider discovery, CSVs, the table."""
+"""bench/gpu_check.sh --dry-run (CI, CPU): arguments, provider discovery, CSVs, the table;
+bench/loss.py --device cuda's argument checks."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_dry_run_writes_csvs_and_prints_the_table_last(tmp_path):
     sys.path.insert(0, str(ROOT))
-    from bench import bench_gpu
+    from bench import loss_cuda, topk
 
     out = tmp_path / "out"
     proc = _run(str(out), "--dry-run")
@@ -30,13 +31,20 @@ def test_dry_run_writes_csvs_and_prints_the_table_last(tmp_path):
     with (out / "gpu_bench.csv").open() as f:
         rows = list(csv.DictReader(f))
     seen = {(r["shape"], r["provider"]) for r in rows}
-    for shape in bench_gpu.GPU_SHAPES:
+    for shape in loss_cuda.GPU_SHAPES:
         for provider in ("floor", "kdk-triton", "kdk-torch", "naive", "liger-chunked",
                          "liger-jsd", "trl"):
             assert (shape, provider) in seen
     assert {r["status"] for r in rows} == {"dry-run"}
     assert all(r["note"] for r in rows)  # each says why it would be skipped, or "would run"
     assert (out / "gpu_rowops.csv").read_text().startswith("what,divergence,rows,vocab")
+    with (out / "gpu_topk.csv").open() as f:
+        topk_rows = list(csv.DictReader(f))
+    assert list(topk_rows[0]) == ["shape", "dtype", "k", "provider", "status", "ms_median",
+                                  "ratio_to_floor", "peak_above_inputs_mib"]
+    assert {(r["shape"], r["provider"]) for r in topk_rows} == {
+        (s, p) for s in ("S1", "S2") for p in topk.PROVIDERS if p != "dense_fused"}
+    assert {r["status"] for r in topk_rows} == {"dry-run"}
     table = (out / "summary.txt").read_text().strip().splitlines()
     assert table[1].split()[:3] == ["shape", "provider", "ms"]
     lines = proc.stdout.strip().splitlines()
@@ -50,13 +58,13 @@ def test_bad_arguments_are_rejected(args, tmp_path):
     assert proc.returncode == 2 and "usage: bash bench/gpu_check.sh OUTDIR" in proc.stderr
 
 
-def test_bench_gpu_rejects_unknown_names(tmp_path, capsys):
+def test_loss_cuda_rejects_unknown_names(tmp_path, capsys):
     sys.path.insert(0, str(ROOT))
-    from bench import bench_gpu
+    from bench import loss
 
-    for argv in (["--shapes", "liger,v999k"], ["--providers", "floor,magic"],
-                 ["--budget-s", "0"]):
+    for argv in (["--shape", "liger", "v999k"], ["--providers", "floor", "magic"],
+                 ["--providers", "kdkernels:triton"], ["--budget-s", "0"]):
         with pytest.raises(SystemExit) as info:
-            bench_gpu.parse_args(["--out", str(tmp_path), *argv])
+            loss.parse_args(["--device", "cuda", "--out", str(tmp_path), *argv])
         assert info.value.code == 2
     assert "unknown provider 'magic'" in capsys.readouterr().err

@@ -154,6 +154,19 @@ def test_collator_pads_and_checks():
         col([])
 
 
+def test_options_the_trainer_sets_are_refused_the_rest_reach_it(tmp_path):
+    student, teacher = tiny_pair()
+    data = _examples(teacher, 2)
+    trainer = _trainer(tmp_path, student, data, tail="zero", alpha=0.3, skew=0.2)
+    opts = trainer.kd_options
+    assert (opts.tail, opts.alpha, opts.skew) == ("zero", 0.3, 0.2)
+    assert (opts.reduction, opts.return_components) == ("mean", True)
+    with pytest.raises(TypeError, match="TopKKDTrainer sets student_softcap itself"):
+        _trainer(tmp_path, student, data, student_softcap=3.0)
+    with pytest.raises(TypeError, match="teacher_logit_scale"):  # no top-k option
+        _trainer(tmp_path, student, data, teacher_logit_scale=2.0)
+
+
 def test_refusals(tmp_path):
     from kdkernels.integrations.hf import TopKKDTrainer
 

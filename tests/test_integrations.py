@@ -54,6 +54,26 @@ def test_kdtrainer_loss_matches_materialised_logits(tmp_path, scaled):
     torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-6)
 
 
+def test_kdtrainer_takes_alpha_and_refuses_what_it_sets(tmp_path):
+    """Every loss option reaches KDTrainer (alpha among them, once missing from its
+    signature); those it sets itself per batch are refused by name."""
+    student, teacher = tiny_pair()
+    opts = dict(divergence="alpha", alpha=0.3, temperature=1.5, kd_weight=0.7, ce_weight=0.3)
+    trainer, data = _trainer(tmp_path, student, teacher, **opts)
+    assert (trainer.kd_options.divergence, trainer.kd_options.alpha) == ("alpha", 0.3)
+    batch = {k: torch.stack([d[k] for d in data[:3]]) for k in data[0]}
+    loss = trainer.compute_loss(student, batch)
+    zs = student(input_ids=batch["input_ids"]).logits[:, :-1]
+    with torch.no_grad():
+        zt = teacher(input_ids=batch["input_ids"]).logits[:, :-1]
+    ref = reference.reference_kd_loss(zs, zt, batch["labels"][:, 1:], **opts)
+    torch.testing.assert_close(loss.double(), ref["loss"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="KDTrainer sets reduction itself"):
+        _trainer(tmp_path, student, teacher, reduction="sum")
+    with pytest.raises(ValueError, match="alpha must be in the open interval"):
+        _trainer(tmp_path, student, teacher, alpha=1.0)
+
+
 def test_kdtrainer_trains_two_steps(tmp_path):
     student, teacher = tiny_pair()
     before = {k: v.clone() for k, v in student.state_dict().items()}

@@ -106,7 +106,7 @@ def test_workspace_is_released_before_the_gradients_are_cast(impl, monkeypatch):
 
 def test_live_at_peak_replays_an_allocator_trace():
     sys.path.insert(0, str(ROOT))
-    from bench.bench_gpu import live_at_peak
+    from bench.loss_cuda import live_at_peak
 
     def frame(name):
         return [{"filename": "/x/torch/nn.py", "line": 1, "name": "inner"},

@@ -11,18 +11,12 @@ import pytest
 import torch
 
 from kdkernels import reference
-from kdkernels.train import (
-    checkpoint,
-    completions,
-    corpus,
-    distributed,
-    generation,
-    loop,
-    on_policy,
-    pipeline,
-    prompts,
-)
-from kdkernels.train.objective import DistillObjective, teacher_outputs
+from kdkernels.train import pipeline
+from kdkernels.train.batches import completions, windows
+from kdkernels.train.objectives.dense import DistillObjective, teacher_outputs
+from kdkernels.train.on_policy import batch_source, generation
+from kdkernels.train.runtime import checkpoint, distributed, loop, metrics
+from kdkernels.train.sources import prompts
 from tests._train_helpers import VOCAB, tiny_config, tiny_pair, token_stream
 
 EOS = 0  # build_llama's eos/pad id
@@ -39,13 +33,13 @@ def _stage(tmp_path, name, cfg, resume=None, gen=None):
 
 def _run(tmp_path, name, cfg, **kw):
     stage = _stage(tmp_path, name, cfg, **kw)
-    held = corpus.eval_batches(token_stream(seed=9), 2, 16, 1)
+    held = windows.eval_batches(token_stream(seed=9), 2, 16, 1)
     summary = loop.train(stage, cfg, token_stream(), held, distributed.World())
     return stage, summary
 
 
 def _losses(path):
-    return [r["loss"] for r in loop.metrics.read(path / "metrics.jsonl") if "loss" in r]
+    return [r["loss"] for r in metrics.read(path / "metrics.jsonl") if "loss" in r]
 
 
 def _weights(model):
@@ -53,7 +47,7 @@ def _weights(model):
 
 
 def _gen(cfg):
-    return on_policy.OnPolicy(cfg, eos_id=EOS, pad_id=EOS)
+    return batch_source.OnPolicy(cfg, eos_id=EOS, pad_id=EOS)
 
 
 # The pre-change trainer (commit be07e64, before these options existed) on this tiny run:
@@ -66,7 +60,7 @@ _PRE_CHANGE_LOSSES = ["0x1.25f4b10000000p+1", "0x1.2139080000000p+1", "0x1.165a9
 
 def test_on_policy_zero_is_the_pre_change_trainer(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=4, grad_accum=2)
-    assert not on_policy.enabled(cfg)
+    assert not batch_source.enabled(cfg)
     assert cfg.fingerprint() == {k: v for k, v in cfg.fingerprint().items()
                                  if k not in cfg.GENERATION_FIELDS}  # old runs still resume
     threads = torch.get_num_threads()
@@ -78,7 +72,7 @@ def test_on_policy_zero_is_the_pre_change_trainer(tmp_path):
     want = [float.fromhex(h) for h in _PRE_CHANGE_LOSSES]
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "zero")), torch.tensor(want),
                                rtol=1e-6, atol=0)
-    assert "gen_s" not in summary and "gen_s" not in loop.metrics.read(
+    assert "gen_s" not in summary and "gen_s" not in metrics.read(
         tmp_path / "zero" / "metrics.jsonl")[0]
 
 
@@ -111,7 +105,7 @@ def test_generation_is_seeded_reproducible_and_leaves_the_global_rng_alone():
     c = generation.sample(student, prompt, mask, s, seed=8, eos_id=None, pad_id=EOS)
     assert a.shape == (4, 12) and torch.equal(a, b) and not torch.equal(a, c)
     assert student.training  # eval mode only while generating
-    g = on_policy.OnPolicy(tiny_config(".", on_policy=0.5), eos_id=EOS, pad_id=EOS)
+    g = batch_source.OnPolicy(tiny_config(".", on_policy=0.5), eos_id=EOS, pad_id=EOS)
     coins = [g.source(0, step, m) for step in range(40) for m in range(2)]
     assert coins == [g.source(0, step, m) for step in range(40) for m in range(2)]
     assert 20 < coins.count("student") < 60 and set(coins) == {"student", None}
@@ -311,7 +305,7 @@ def test_seq_kd_batches_are_the_teachers_own_generate_output():
 def test_bad_options_raise_naming_the_option(tmp_path, kw, match):
     cfg = tiny_config(tmp_path, **kw)
     with pytest.raises(ValueError, match=match):
-        on_policy.check_options(cfg)
+        batch_source.check_options(cfg)
     with pytest.raises(ValueError, match=match):  # the whole run refuses before any work
         pipeline.run(cfg)
 
@@ -352,7 +346,7 @@ def test_prompts_file_records_and_errors(tmp_path):
         prompts.load(str(tmp_path / "missing.jsonl"), tok)
     # Drawn, end-truncated to --prompt-len and left-padded per micro-batch.
     cfg = tiny_config(tmp_path, on_policy=1.0, prompt_len=4, max_new_tokens=3)
-    g = on_policy.OnPolicy(cfg, eos_id=0, pad_id=0, prompts=prompts.load(str(good), tok))
+    g = batch_source.OnPolicy(cfg, eos_id=0, pad_id=0, prompts=prompts.load(str(good), tok))
     ids, mask = g._prompts({"input_ids": torch.zeros(6, 16, dtype=torch.int64)}, 0, 0, 0, 0)
     rows = {tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True)}
     assert rows <= {(1, 2, 3), (5, 12, 12, 15)} and ids.shape == (6, max(map(len, rows)))

@@ -10,11 +10,14 @@ import pytest
 import torch
 
 from kdkernels import cli
-from kdkernels.hf.models import build_llama
-from kdkernels.train import checkpoint, corpus, distributed, loop, on_policy, on_policy_preset
+from kdkernels.train.batches import windows
 from kdkernels.train.config import PRESETS, ModelSize, preset
-from kdkernels.train.objective import DistillObjective
-from kdkernels.train.tokenizer import train_bpe
+from kdkernels.train.objectives.dense import DistillObjective
+from kdkernels.train.on_policy import batch_source
+from kdkernels.train.on_policy import preset as on_policy_preset
+from kdkernels.train.runtime import checkpoint, distributed, loop, metrics
+from kdkernels.train.sources.tiny_llama import build_llama
+from kdkernels.train.sources.tokenizer import train_bpe
 from tests._train_helpers import join_gloo, spawn_gloo, tiny_config, tiny_pair, token_stream
 
 TEXT = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
@@ -57,7 +60,7 @@ def test_user_models_with_prompts_file_and_bf16(tmp_path, hf_models, monkeypatch
     kd = json.loads((out / "results.json").read_text())["results"]["kd"]
     assert kd["generated_batches"] > 0 and kd["gen_tokens_per_s"] > 0
     assert kd["train_tokens_per_s"] > 0 and kd["heldout_ce"] == kd["heldout_ce"]  # not NaN
-    recs = [r for r in loop.metrics.read(out / "kd" / "metrics.jsonl") if "loss" in r]
+    recs = [r for r in metrics.read(out / "kd" / "metrics.jsonl") if "loss" in r]
     assert all({"gen_tokens_per_s", "train_tokens_per_s"} <= set(r) for r in recs)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     # --resume with other generation options is refused; with the same ones it continues.
@@ -72,9 +75,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str, parallel: s
     cfg = tiny_config(Path(out_dir), max_steps=3, grad_accum=2, on_policy=0.5, prompt_len=6)
     student, teacher = tiny_pair()
     obj = DistillObjective(student, divergence="reverse_kl", kd_weight=0.5, ce_weight=0.5)
-    gen = on_policy.OnPolicy(cfg, eos_id=0, pad_id=0, synced=parallel == "fsdp")
+    gen = batch_source.OnPolicy(cfg, eos_id=0, pad_id=0, synced=parallel == "fsdp")
     stage = loop.Stage("ddp", obj, teacher, 3, 1e-2, 0, Path(out_dir) / "ddp", generation=gen)
-    held = corpus.eval_batches(token_stream(seed=9), 2, 16, 1)
+    held = windows.eval_batches(token_stream(seed=9), 2, 16, 1)
     summary = loop.train(stage, cfg, token_stream(), held, world, parallel)
     flat = torch.cat([p.detach().reshape(-1) for p in checkpoint.full_state_dict(student)
                       .values()])
@@ -100,8 +103,8 @@ def test_on_policy_presets_build():
     assert set(on_policy_preset.PRESET_NAMES) <= set(PRESETS)
     for name in ("on-policy", "on-policy-smoke"):
         cfg = preset(name)
-        assert on_policy.lengths(cfg)[0] < cfg.seq_len
-        on_policy.check_options(cfg)
+        assert batch_source.lengths(cfg)[0] < cfg.seq_len
+        batch_source.check_options(cfg)
 
 
 @pytest.mark.slow

@@ -15,12 +15,12 @@ from tests._rowop_cases import coefficients, make_labels, make_logits, norms_of,
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler on PATH: the ops cannot be built", allow_module_level=True)
 
-from kdkernels.backends import extension as _build
+from kdkernels.backends import extension  # noqa: E402
 
-_build.load_cpu()
+extension.load_cpu()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 if torch.cuda.is_available():
-    _build.load_cuda()
+    extension.load_cuda()
 OPS = torch.ops.kdkernels
 # (div, consts) of a few specs: the ops take the divergence code and RowSpec.consts.
 SPECS = {"forward_kl": spec_of("forward_kl"),

@@ -20,10 +20,12 @@ from .test_student_rows import _check, coefficients, oracle_grad, oracle_stats, 
 if shutil.which("c++") is None:
     pytest.skip("no C++ compiler on PATH: the ops cannot be built", allow_module_level=True)
 
-from kdkernels.backends import extension as _build
-from kdkernels.backends import registry  # noqa: E402
+from kdkernels.backends import (
+    extension,  # noqa: E402
+    registry,  # noqa: E402
+)
 
-_build.load_cpu()
+extension.load_cpu()
 OPS = torch.ops.kdkernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -15,14 +15,16 @@ import torch
 
 import kdkernels
 from kdkernels import cli
-from kdkernels.cache import TeacherCache, tokenizer_hash, write_cache
-from kdkernels.cache import teacher as scoring
-from kdkernels.train import checkpoint, distributed, loop, metrics, pipeline
-from kdkernels.train.cache_data import CacheData, check_student
+from kdkernels.cache import TeacherCache, scoring, tokenizer_hash, write_cache
+from kdkernels.train import pipeline
+from kdkernels.train import report as run_report
+from kdkernels.train.batches.cache_data import CacheData
 from kdkernels.train.config import ModelSize, TrainConfig
-from kdkernels.train.tiny_llama import build_llama
-from kdkernels.train.tokenizer import train_bpe
-from kdkernels.train.topk_objective import TopKObjective
+from kdkernels.train.objectives.topk import TopKObjective
+from kdkernels.train.runtime import checkpoint, distributed, loop, metrics
+from kdkernels.train.sources.teacher_cache import check_student
+from kdkernels.train.sources.tiny_llama import build_llama
+from kdkernels.train.sources.tokenizer import train_bpe
 
 SEQ = 16
 K = 8
@@ -100,6 +102,59 @@ def test_trains_from_a_cache_and_the_loss_goes_down(tmp_path, cache_dir, student
     assert "bytes per token" in report and "last ones" in report  # held out from the cache
 
 
+def _config_block(report: str) -> dict[str, str]:
+    block = report.split("Configuration:", 1)[1].split("```")[1]
+    return dict(line.split(" = ", 1) for line in block.strip().splitlines())
+
+
+def test_report_names_a_sampled_cache_by_its_samples(tmp_path, tok, student_dir):
+    """A sample-mode cache (12 draws per position in K = 8 slots) is reported as such, never
+    as top-8 (which it is not: its ids are the distinct sampled ones)."""
+    ids = _stream(tok, 8)
+    torch.manual_seed(2)
+    teacher = build_llama(ModelSize(48, 2, 2, 96), len(tok), SEQ).eval()
+    tids, tlps = scoring.score(teacher, scoring.Head.of(teacher), ids, mode="sample", k=K,
+                               samples=12, seed=0, first_index=0, device=torch.device("cpu"))
+    cache = tmp_path / "sampled"
+    write_cache(cache, ids, tids, tlps, meta={"tokenizer_hash": tokenizer_hash(tok),
+                                              "vocab_size": len(tok), "mode": "sample",
+                                              "samples": 12, "seed": 0})
+    out = tmp_path / "run"
+    res = pipeline.run(_cfg(out, max_steps=2), student_path=str(student_dir),
+                       teacher_cache=str(cache))
+    report = (out / "report.md").read_text()
+    assert "student, 12-sample KD (cache)" in report
+    assert "12 samples per position in K = 8 slots" in report
+    assert "top-8" not in report and "K = 8 bf16" not in report
+    assert res["topk"]["cache"]["mode"] == "sample" and res["topk"]["cache"]["samples"] == 12
+
+
+def test_report_lists_only_the_settings_the_run_used(tmp_path, cache_dir, student_dir):
+    """--student with --teacher-cache: none of the embedded default's model, tokenizer or
+    corpus settings, nor --teacher-dtype or generation options, in the Configuration."""
+    out = tmp_path / "run"
+    pipeline.run(_cfg(out, max_steps=2), student_path=str(student_dir),
+                 teacher_cache=str(cache_dir))
+    listed = _config_block((out / "report.md").read_text())
+    embedded = {"teacher_size", "student_size", "teacher_steps", "teacher_lr", "vocab_size",
+                "cache_top_k", "corpus_max_mb"}
+    unused = embedded | {"teacher_dtype", "text_field", "on_policy", "seq_kd", "prompts"}
+    assert not unused & set(listed), sorted(unused & set(listed))
+    assert listed["tail"] == "bucket" and listed["seq_len"] == str(SEQ)
+    assert {"lr", "max_steps", "kd_weight", "divergence", "heldout_fraction"} <= set(listed)
+    # the other sources: each keeps what it reads
+    cfg = _cfg(out).to_dict()
+    hf = run_report.run_settings(cfg, kind="hf", student=True, data=True, topk=False)
+    assert "teacher_dtype" in hf and "text_field" in hf and "corpus_max_mb" in hf  # --data's
+    assert not (embedded - {"corpus_max_mb"}) & set(hf)
+    assert "tail" not in hf
+    default = run_report.run_settings(cfg, kind="embedded", student=False, data=False, topk=True)
+    assert embedded <= set(default) and "teacher_dtype" not in default and "tail" in default
+    own = run_report.run_settings(cfg, kind="cache", student=False, data=False, topk=True)
+    assert {"student_size", "vocab_size", "corpus_max_mb"} <= set(own)
+    assert "teacher_size" not in own
+
+
 def test_heldout_sequences_are_never_trained_on(cache_dir):
     data = CacheData.open(cache_dir, heldout_fraction=0.1)
     assert data.train == range(0, 36) and data.held == range(36, 40)
@@ -148,6 +203,70 @@ def test_resume_is_bit_for_bit(tmp_path, cache_dir, student_dir, monkeypatch):
     assert _losses(full / "topk") == _losses(cut / "topk")
     with pytest.raises(ValueError, match="different configuration.*tail"):
         pipeline.run(_cfg(cut, max_steps=6, grad_accum=2, tail="zero"), resume=True, **kw)
+
+
+def _killed_at(point: str, argv: list[str]) -> None:
+    """Run `kdk argv` in a subprocess and SIGKILL it once it announces the checkpoint test
+    pause ``point`` (checkpoint.TEST_PAUSE): it is then inside that save."""
+    import queue
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    env = {**os.environ, checkpoint.TEST_PAUSE: point}
+    proc = subprocess.Popen([sys.executable, "-m", "kdkernels.cli", *argv], env=env,
+                            cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    seen: list[str] = []
+    deadline = time.monotonic() + 180
+    try:
+        while f"checkpoint test pause: {point}" not in "".join(seen[-1:]):
+            try:
+                seen.append(lines.get(timeout=0.5))
+            except queue.Empty:
+                if proc.poll() is not None and lines.empty():
+                    pytest.fail(f"the run ended before pausing at {point}: "
+                                f"{''.join(seen)[-2000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no pause at {point} within 180 s: {''.join(seen)[-2000:]}")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["before-marker", "before-rename"])
+def test_sigkill_during_a_save_then_resume_equals_an_uninterrupted_run(
+        tmp_path, cache_dir, student_dir, point):
+    """Killed inside the save of step 4 (its folder written but the marker not replaced, or
+    the marker's temporary file written but not renamed): the marker still names the
+    complete step-2 checkpoint, and --resume ends bit for bit where a run never killed ends."""
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["distill", "--teacher-cache", str(cache_dir), "--student", str(student_dir),
+                "--max-steps", "6", "--warmup-steps", "1", "--batch-size", "2", "--lr", "1e-2",
+                "--save-every", "2", "--eval-every", "0", "--threads", "1", "--no-progress",
+                "-o", str(out), *extra]
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert cli.main(argv(full)) == 0
+    _killed_at(f"{point}:4", argv(cut))
+    ckpts = cut / "topk" / "checkpoints"
+    assert (ckpts / "step-000004" / checkpoint.STATE).exists()  # the kill was inside step 4
+    assert checkpoint.latest(cut / "topk") == ckpts / "step-000002"
+    leftovers = [p.name for p in ckpts.iterdir() if ".tmp" in p.name]
+    assert bool(leftovers) == (point == "before-rename"), leftovers
+    assert cli.main([*argv(cut), "--resume"]) == 0
+    assert checkpoint.latest(cut / "topk") == ckpts / "step-000006"
+    assert not [p.name for p in ckpts.iterdir() if ".tmp" in p.name]
+    a, b = _weights(full / "topk"), _weights(cut / "topk")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(full / "topk") == _losses(cut / "topk") and len(_losses(cut / "topk")) == 6
+    ce = [json.loads((d / "results.json").read_text())["results"]["topk"]["heldout_ce"]
+          for d in (full, cut)]
+    assert ce[0] == ce[1]
 
 
 def test_grad_accumulation_with_num_items_equals_one_big_batch(cache_dir, student_dir):
@@ -280,8 +399,8 @@ def test_two_rank_gloo_ddp_from_a_cache_ends_identical(tmp_path, cache_dir, stud
 
 @pytest.mark.slow
 def test_embedded_smoke_run_adds_a_topk_student_on_the_dense_batches(tmp_path, monkeypatch):
-    from kdkernels.train import embedded_cache
     from kdkernels.train.config import preset
+    from kdkernels.train.sources import embedded_cache, training_data
 
     monkeypatch.setenv("KDKERNELS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -292,7 +411,7 @@ def test_embedded_smoke_run_adds_a_topk_student_on_the_dense_batches(tmp_path, m
     assert info["top_k"] == 8 and info["write_s"] > 0
     assert info["bytes_per_token"] > 4 + 8 * 6  # ids + bf16 log-probs, plus headers
     cache = TeacherCache(out / "topk-cache")
-    tok, train_ids, *_ = pipeline._data(cfg, None, None, distributed.World())
+    tok, train_ids, *_ = training_data.prepare(cfg, None, None, distributed.World())
     windows = embedded_cache.dense_windows(cfg, train_ids, 1)
     assert torch.equal(torch.stack([cache[i]["input_ids"] for i in range(len(cache))]).long(),
                        windows)

@@ -13,8 +13,10 @@ import torch
 from kdkernels import reference
 from kdkernels.data import documents
 from kdkernels.data.documents import Document
-from kdkernels.train import pipeline, split, streams
-from kdkernels.train.objective import DistillObjective, teacher_outputs
+from kdkernels.train import pipeline
+from kdkernels.train.batches import streams
+from kdkernels.train.objectives.dense import DistillObjective, teacher_outputs
+from kdkernels.train.sources import split
 from tests import _data_helpers as h
 
 
@@ -294,7 +296,7 @@ def _tok_with(extra: str):
 
 def test_every_rejected_pair_names_why(tmp_path):
     from kdkernels.hf import models
-    from kdkernels.train import hf_pair
+    from kdkernels.train.sources import hf_pair
 
     tok = h.tokenizer()
     s1000, s900 = (h.save_model(tmp_path / f"s{r}", r) for r in (1000, 900))

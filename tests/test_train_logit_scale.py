@@ -8,8 +8,9 @@ import torch
 from kdkernels import reference
 from kdkernels.cache.scoring import Head, topk_rows
 from kdkernels.hf import models
-from kdkernels.train.objective import DistillObjective, heldout_ce, teacher_outputs
-from kdkernels.train.topk_objective import TopKObjective
+from kdkernels.train.objectives.dense import DistillObjective, teacher_outputs
+from kdkernels.train.objectives.topk import TopKObjective
+from kdkernels.train.runtime.evaluation import heldout_ce
 from tests._train_helpers import tiny_pair, token_stream
 
 OPTS = dict(divergence="forward_kl", temperature=1.5, kd_weight=0.7, ce_weight=0.3)

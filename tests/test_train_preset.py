@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from kdkernels.train import threads
 from kdkernels.train.config import PRESETS, TrainConfig, preset
+from kdkernels.train.runtime import threads
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

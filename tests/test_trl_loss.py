@@ -103,6 +103,25 @@ def test_bad_options_are_named():
         fused_divergence_loss(h, t, w, u, mask, 0.0, labels=torch.zeros(B, K + 1))
 
 
+def test_extra_options_are_the_options_trl_does_not_set():
+    from kdkernels.integrations.trl_loss import (
+        CONTRACT_OPTIONS,
+        TRL_ARGUMENTS,
+        extra_options,
+    )
+    from kdkernels.options import option_fields
+
+    extra = extra_options()
+    assert {"divergence", "skew", "alpha", "scale_by_t2", "kd_weight", "ce_weight", "impl",
+            "chunk_size", "max_workspace_bytes"} <= set(extra)
+    assert sorted((*extra, *TRL_ARGUMENTS, *CONTRACT_OPTIONS)) == sorted(
+        f.name for f in option_fields())
+    assert check_extra_options({})["divergence"] == "jsd"
+    assert check_extra_options({"divergence": None})["divergence"] == "jsd"
+    with pytest.raises(TypeError, match="unknown loss option.*temperature"):
+        check_extra_options({"temperature": 2.0})  # TRL's own argument, not an extra
+
+
 def test_fsdp2_dtensor_heads_match_trl(tmp_path):
     # Two gloo ranks, heads sharded over the vocabulary as FSDP2 holds them: gathered once
     # (full_tensor) as TRL does, the gradients reduced back to the shards.

@@ -189,7 +189,9 @@ def test_chunks_match_a_single_process_of_the_widest_shard(parts, tmp_path_facto
     labels = x["labels"].clamp(max=widest - 1)
     labels[list(W.IGNORED_ROWS)] = W.IGNORE
     single: list = []
-    monkeypatch.setattr(kdkernels.driver, "plan_chunks", kdkernels.driver.plan_chunks)
+    from kdkernels.engine import driver
+
+    monkeypatch.setattr(driver, "plan_chunks", driver.plan_chunks)
     W.record_plans(single)  # undone by monkeypatch
     h = x["h"].clone().requires_grad_()
     w = x["w"][:widest].clone().requires_grad_()

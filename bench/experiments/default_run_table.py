@@ -2,7 +2,7 @@
 per seed the teacher / KD / CE-only / top-k held-out CE, the KD benefit, wall time and the
 thread count, read from each run's results.json and report.md.
 
-    python bench/default_run_table.py --csv OUT.csv --md OUT.md RUN_DIR [RUN_DIR ...]
+    python bench/experiments/default_run_table.py --csv OUT.csv --md OUT.md RUN_DIR [RUN_DIR ...]
 """
 
 from __future__ import annotations

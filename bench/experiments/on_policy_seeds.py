@@ -2,7 +2,7 @@
 and a Markdown table of held-out CE and the teacher's NLL of each student's own samples, with
 wall time and generation vs training throughput.
 
-    flock /tmp/kdk_heavy.lock python bench/on_policy_seeds.py --seeds 0 1 2 \
+    flock /tmp/kdk_heavy.lock python bench/experiments/on_policy_seeds.py --seeds 0 1 2 \
         --runs /tmp/on-policy-runs --out bench/results/cpu/on_policy_seeds
 """
 
@@ -134,8 +134,8 @@ def probe(seed: int, runs: Path, out: Path, steps: int | None) -> str:
     own samples (the quantity on-policy KD optimises)."""
     import dataclasses
 
-    from kdkernels.train import on_policy_preset
     from kdkernels.train.config import preset
+    from kdkernels.train.on_policy import preset as on_policy_preset
 
     cfg = preset("on-policy", seed=seed, output=str(runs / f"probe-{seed}"), progress=False,
                  **({"max_steps": steps} if steps else {}))
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         on = r["results"]["on-policy"]
         rows.append(_row(r, on["divergence"]))
         write(rows, on["divergence"], on["on_policy"], args.out,
-              "flock /tmp/kdk_heavy.lock python bench/on_policy_seeds.py "
+              "flock /tmp/kdk_heavy.lock python bench/experiments/on_policy_seeds.py "
               + " ".join(argv if argv is not None else sys.argv[1:]))
     return 0
 

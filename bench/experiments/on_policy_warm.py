@@ -1,9 +1,9 @@
 """On-policy KD from a warm student: continue the off-policy forward-KL students of a
-`bench/on_policy_seeds.py` sweep (RUNS/seed-S/kd, 120 steps) for a few more steps off-policy
-and on-policy, from the same weights, and score them like the preset.
+`bench/experiments/on_policy_seeds.py` sweep (RUNS/seed-S/kd, 120 steps) for a few more steps
+off-policy and on-policy, from the same weights, and score them like the preset.
 
-    flock /tmp/kdk_heavy.lock python bench/on_policy_warm.py --runs /tmp/on-policy-runs \
-        --seeds 0 1 2 --out bench/results/cpu/on_policy_warm
+    flock /tmp/kdk_heavy.lock python bench/experiments/on_policy_warm.py \
+        --runs /tmp/on-policy-runs --seeds 0 1 2 --out bench/results/cpu/on_policy_warm
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
-    from kdkernels.train import checkpoint, on_policy_preset
     from kdkernels.train.config import preset
+    from kdkernels.train.on_policy import preset as on_policy_preset
+    from kdkernels.train.runtime import checkpoint
 
     rows = []
     for seed in args.seeds:
@@ -77,7 +78,7 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
              ("warm-kd-reverse_kl", f"+{args.steps} steps off-policy, reverse KL"),
              ("warm-on-policy", f"+{args.steps} steps on-policy LAMBDA 0.5, reverse KL")]
     lines = [f"# On-policy KD from a warm student ({len(rows)} seeds)", "",
-             f"Command: `flock /tmp/kdk_heavy.lock python bench/on_policy_warm.py "
+             f"Command: `flock /tmp/kdk_heavy.lock python bench/experiments/on_policy_warm.py "
              f"{' '.join(sys.argv[1:])}`; lr {args.lr:g}, warm-up 5 then cosine, otherwise the "
              "on-policy preset's options and metrics.", "",
              "| student | held-out CE | teacher NLL of own samples |", "|---|---|---|"]

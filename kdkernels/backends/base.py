@@ -84,8 +84,6 @@ class RowSpec:
     divergence: str  # effective divergence (jsd with beta 0/1 already folded)
     code: int  # divergences.TABLE code: DIV in Triton, enum Div in csrc/row_math.h
     params: tuple[tuple[str, float], ...]  # the divergence's parameters, by name
-    inv_t: float  # 1 / temperature
-    tempered: bool  # T != 1: the one place that decides it
     student_softcap: float | None
     teacher_softcap: float | None
     has_ce: bool
@@ -98,14 +96,16 @@ class RowSpec:
         params = opts.divergence_params(div)
         t, scap, tcap = opts.temperature, opts.student_softcap, opts.teacher_softcap
         w_q, k_div = div.mixture(params)
+        # T lives in consts alone (inv_t and tempered read it back): every backend, the
+        # driver and the sparse teacher see the same 1 / T and the same T != 1 decision.
         named = dict(inv_t=1.0 / t, tempered=float(t != 1.0), cap_s=scap or 0.0,
                      cap_t=tcap or 0.0, k_div=k_div, scale_s=opts.student_logit_scale,
                      scale_t=opts.teacher_logit_scale,
                      stats_weight=float(getattr(STATS_WEIGHTS, div.stats_weight)),
                      **divergences.mixture_constants(w_q))
         return RowSpec(
-            divergence=div.name, code=div.code, params=tuple(params.items()), inv_t=1.0 / t,
-            tempered=t != 1.0, student_softcap=scap, teacher_softcap=tcap,
+            divergence=div.name, code=div.code, params=tuple(params.items()),
+            student_softcap=scap, teacher_softcap=tcap,
             has_ce=has_labels and opts.ce_weight > 0, needs_mix=div.needs_mix,
             consts=tuple(float(named[name]) for name in CONSTS))
 
@@ -118,6 +118,16 @@ class RowSpec:
 
     def const(self, name: str) -> float:
         return self.consts[getattr(CONSTS, name)]
+
+    @property
+    def inv_t(self) -> float:
+        """1 / temperature: what every tempered logit is multiplied by."""
+        return self.const("inv_t")
+
+    @property
+    def tempered(self) -> bool:
+        """T != 1 (decided once, in from_options)."""
+        return self.const("tempered") != 0.0
 
     @property
     def student_scale(self) -> float:

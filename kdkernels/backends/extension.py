@@ -262,6 +262,7 @@ def _load(kind: str) -> Path:
 def load_cpu() -> Path:
     """Build (first time) and load the CPU extension; raise ExtensionUnavailable with why not."""
     lib = _load("cpu")
+    from . import op_fakes  # noqa: F401  (fake impls of the ops, for torch.compile)
 
     return lib
 
@@ -269,6 +270,7 @@ def load_cpu() -> Path:
 def load_cuda() -> Path:
     """Build (first time) and load the CUDA extension (and the CPU one it depends on)."""
     lib = _load("cuda")
+    from . import op_fakes  # noqa: F401
 
     return lib
 

@@ -38,9 +38,21 @@ DERIVED = ("data_hash", "expected_sequences")
 _DTYPE_NAMES = {dtype: name for name, dtype in fmt.DTYPES.items()}
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 24 else text[:20] + "...'"
+def _shown(cached: Any, now: Any, limit: int = 400) -> tuple[str, str]:
+    """The two reprs of a refused setting: whole when short (paths, hashes); long ones cut
+    from a little before their first difference, so that the two never read the same."""
+    a, b = repr(cached), repr(now)
+    if max(len(a), len(b)) <= limit:
+        return a, b
+    first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                 min(len(a), len(b)))
+    start = max(0, first - limit // 4)
+
+    def cut(text: str) -> str:
+        return (("..." if start else "") + text[start:start + limit]
+                + ("..." if start + limit < len(text) else ""))
+
+    return cut(a), cut(b)
 
 
 def _is_ours(name: str) -> bool:
@@ -97,8 +109,9 @@ class CacheWriter:
         named = {self._names.get(k, k): k for k in reversed(diff)}  # one line per option
         diff = [k for k in diff if named[self._names.get(k, k)] == k]
         if diff:
-            detail = "; ".join(f"{self._names.get(k, k)}: cache has {_short(manifest.get(k))}, "
-                               f"now {_short(self.settings[k])}" for k in diff)
+            shown = {k: _shown(manifest.get(k), self.settings[k]) for k in diff}
+            detail = "; ".join(f"{self._names.get(k, k)}: cache has {shown[k][0]}, now "
+                               f"{shown[k][1]}" for k in diff)
             raise ValueError(f"{self.directory} holds a cache written with different options "
                              f"({detail}); rerun with the same options or choose another "
                              "output directory")

@@ -95,6 +95,25 @@ def fused_linear_kd_loss(
     """Distillation loss of a student LM head against a teacher's, without materialising
     the [tokens x vocab] logits. See README "API" for every option."""
     opts = _options(locals())
+    return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                           labels, opts, student_bias=student_bias, teacher_bias=teacher_bias,
+                           vocab_parallel=vocab_parallel)
+
+
+def fused_linear_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: KDOptions,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_parallel: VocabParallel | None = None,
+) -> torch.Tensor | KDComponents:
+    """fused_linear_kd_loss with its options as one KDOptions (for callers that build the
+    options once, as the trainer integrations do)."""
     vocab_parallel, heads = parallel.unwrap(vocab_parallel, {
         "student_weight": student_weight, "teacher_weight": teacher_weight,
         "student_bias": student_bias, "teacher_bias": teacher_bias}, 0)

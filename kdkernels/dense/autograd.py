@@ -21,7 +21,7 @@ from ..engine.autograd import (
     save_logits,
     scale_grad,
 )
-from ..engine.driver import RowResult, plan_fused
+from ..engine.driver import ChunkRun, RowResult
 from ..engine.local_reducer import Reducer
 from ..engine.validation import scan_labels
 from ..options import KDOptions
@@ -44,28 +44,20 @@ class Plan:
 def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: bool,
                   want_b: bool) -> FusedOutcome:
     """The fused loss on flat inputs h [N, Ds], g [N, Dt], labels [N] (plain tensors)."""
-    opts, spec = plan.opts, plan.spec
+    opts = plan.opts
     vocab = min(w.shape[0], u.shape[0])
     rows_kept = scan_labels(labels, h.shape[0], plan.label_vocab, opts.ignore_index)
-    idx, kept = rows_kept.idx, rows_kept.kept
-    cd_s, cd_t = plan.compute_dtype_s, plan.compute_dtype_t
+    run = ChunkRun(rows_kept.idx, rows_kept.kept, want_h, want_w, want_b, acc_dtype(h))
 
-    def rows(row_scale) -> RowResult:
-        need_grad = row_scale is not None and (want_h or want_w or want_b)
-        chunks = plan_fused(opts, plan.backend, plan.reducer, n_rows=kept, vocab=vocab,
-                            ds=h.shape[1], dt=g.shape[1], h_dtype=h.dtype, g_dtype=g.dtype,
-                            cd_s=cd_s, cd_t=cd_t, idx=idx, need_grad=need_grad,
-                            want_h=want_h, device=h.device)
-        # Heads cut to the shared vocabulary (views), cast only where the GEMMs need it.
-        return fused_rows(h, w[:vocab].to(cd_s), None if bs is None else bs[:vocab], g,
-                          u[:vocab].to(cd_t), None if bt is None else bt[:vocab], labels,
-                          opts, spec, plan.backend,
-                          idx=idx, n_kept=kept, chunks=chunks, cd_s=cd_s, cd_t=cd_t,
-                          row_scale=row_scale, want_h=want_h, want_w=want_w, want_b=want_b,
-                          reducer=plan.reducer, acc_dtype=acc_dtype(h))
+    def rows(run: ChunkRun) -> RowResult:
+        # Heads cut to the shared vocabulary (views), cast only where the GEMMs need it; the
+        # casts are made per pass, so that none outlives it (a recompute keeps ``rows``).
+        return fused_rows(plan, run, h, w[:vocab].to(plan.compute_dtype_s),
+                          None if bs is None else bs[:vocab], g,
+                          u[:vocab].to(plan.compute_dtype_t),
+                          None if bt is None else bt[:vocab], labels)
 
-    return run_fused(rows, h, w, bs, rows_kept, vocab, opts, spec.has_ce, want_h, want_w,
-                     want_b)
+    return run_fused(rows, run, h, w, bs, vocab, opts, plan.spec.has_ce)
 
 
 class FusedLinearKD(torch.autograd.Function):
@@ -95,8 +87,7 @@ def logits_forward(zs, zt, labels, plan: Plan, want_grad: bool) -> LogitsOutcome
         row_scale = torch.full((n,), unit, dtype=acc, device=zs.device)
         if keep is not None:
             row_scale = torch.where(keep, row_scale, torch.zeros_like(row_scale))
-    kd, ce, entropy, grad = logits_rows(zs, zt, labels, opts, plan.spec, plan.backend,
-                                        row_scale=row_scale, reducer=plan.reducer)
+    kd, ce, entropy, grad = logits_rows(plan, zs, zt, labels, row_scale)
     if keep is not None:
         kd = torch.where(keep, kd, torch.zeros_like(kd))
         entropy = torch.where(keep, entropy, torch.zeros_like(entropy))

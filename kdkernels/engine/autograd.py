@@ -15,7 +15,7 @@ import torch
 
 from ..backends.base import RowSpec
 from ..options import KDOptions
-from .driver import RowResult
+from .driver import ChunkRun, RowResult
 
 
 def normaliser(opts: KDOptions, kept: int) -> float:
@@ -69,27 +69,28 @@ def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def run_fused(rows: Callable[[float | torch.Tensor | None], RowResult], h, w, bs,
-              rows_kept, vocab: int, opts: KDOptions, has_ce: bool, want_h: bool,
-              want_w: bool, want_b: bool) -> FusedOutcome:
-    """Reductions and gradients of a fused loss whose kept rows ``rows(row_scale)`` computes
-    (the dense and the sparse teacher alike)."""
+def run_fused(rows: Callable[[ChunkRun], RowResult], run: ChunkRun, h, w, bs, vocab: int,
+              opts: KDOptions, has_ce: bool) -> FusedOutcome:
+    """Reductions and gradients of a fused loss whose kept rows ``rows`` computes for a run of
+    the chunk loop (``run`` with the row scale of the pass set): the dense and the sparse
+    teacher alike."""
     n = h.shape[0]
-    idx, kept = rows_kept.idx, rows_kept.kept
+    idx, kept = run.idx, run.n_kept
     norm = normaliser(opts, kept)
     shapes = (h.shape, h.dtype, w.shape, w.dtype, None if bs is None else bs.dtype)
-    want_b = want_b and bs is not None
-    acc = acc_dtype(h)
+    want_b = run.want_b and bs is not None
+    acc = run.acc_dtype
 
     def grads_for(go):
         if not kept:
             return full_grads(None, n, shapes, vocab, h.device, want_b)
-        res = rows(go if idx is None else go.index_select(0, idx))
+        res = rows(dataclasses.replace(run, row_scale=go if idx is None
+                                       else go.index_select(0, idx)))
         return full_grads(res, n, shapes, vocab, h.device, want_b)
 
-    eager_grad = opts.reduction != "none" and (want_h or want_w or want_b)
+    eager_grad = opts.reduction != "none" and (run.want_h or run.want_w or want_b)
     if kept:
-        res = rows(1.0 / norm if eager_grad else None)
+        res = rows(dataclasses.replace(run, row_scale=1.0 / norm if eager_grad else None))
         kd, ce, entropy = res.kd, res.ce, res.entropy
     else:
         res = None

@@ -4,11 +4,12 @@ nn.Module form of a loss function."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import torch
 
-from ..options import KDOptions
+from ..options import KDOptions, option_fields
 from ..parallel import VocabParallel
 
 
@@ -56,9 +57,22 @@ def finish_outputs(opts: KDOptions, outputs, lead_shape) -> torch.Tensor | KDCom
     return KDComponents(loss, kd, ce, n_tokens, entropy, -ce)
 
 
+def _init_signature(options_class: type) -> inspect.Signature:
+    """``(self, *, <every option with its default>, vocab_parallel=None)``, as the loss
+    functions spell them."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(f.name, keyword, default=f.default, annotation=f.type)
+               for f in option_fields(options_class)]
+    params.append(inspect.Parameter("vocab_parallel", keyword, default=None,
+                                    annotation="VocabParallel | None"))
+    return inspect.Signature(params, return_annotation=None)
+
+
 class LossModule(torch.nn.Module):
     """The nn.Module form of a loss function: options checked at construction (by the
-    options dataclass ``options_class``), kept as keywords for every call."""
+    options dataclass ``options_class``), kept as keywords for every call. Each subclass's
+    ``__init__`` shows the fields of its ``options_class`` in ``inspect.signature``."""
 
     options_class: type = KDOptions
 
@@ -67,6 +81,19 @@ class LossModule(torch.nn.Module):
         self.options_class(**options)  # reject bad options now, not at the first batch
         self.options = dict(options)
         self.vocab_parallel = vocab_parallel
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:  # a subclass that spells its own
+            return
+
+        def __init__(self, *, vocab_parallel: VocabParallel | None = None,
+                     **options: Any) -> None:
+            LossModule.__init__(self, vocab_parallel=vocab_parallel, **options)
+
+        __init__.__signature__ = _init_signature(cls.options_class)  # type: ignore[attr-defined]
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = __init__  # type: ignore[method-assign]
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

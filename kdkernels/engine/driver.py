@@ -14,8 +14,7 @@ from typing import Protocol
 
 import torch
 
-from ..backends.base import Backend
-from ..options import KDOptions
+from ..backends.base import Backend, RowSpec
 from . import gemm
 from .chunking import ChunkPlan, plan_chunks
 from .local_reducer import Reducer
@@ -31,6 +30,54 @@ class RowResult:
     entropy: torch.Tensor | None = None  # [K] entropy of the tempered student per kept row
 
 
+class ChunkOptions(Protocol):
+    """The options the chunk planner reads (KDOptions, TopKOptions)."""
+
+    @property
+    def chunk_size(self) -> int | None: ...
+
+    @property
+    def workspace_budget(self) -> int: ...
+
+
+class LossPlan(Protocol):
+    """What the driver reads of a loss's plan (dense.autograd.Plan, sparse.autograd.SparsePlan):
+    the options, the row spec, the row kernels, the reducer, the student's compute dtype."""
+
+    @property
+    def opts(self) -> ChunkOptions: ...
+
+    @property
+    def spec(self) -> RowSpec: ...
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def reducer(self) -> Reducer: ...
+
+    @property
+    def compute_dtype_s(self) -> torch.dtype: ...
+
+
+@dataclass(frozen=True)
+class ChunkRun:
+    """One run of the chunk loop: which rows of the flat inputs, and what to compute."""
+
+    idx: torch.Tensor | None  # [n_kept] the kept rows; None: every row
+    n_kept: int
+    want_h: bool
+    want_w: bool
+    want_b: bool
+    acc_dtype: torch.dtype  # of the row results and the gradient accumulators
+    # d(loss)/d(row loss): a float, or [n_kept] per kept row; None: no gradient.
+    row_scale: float | torch.Tensor | None = None
+
+    @property
+    def need_grad(self) -> bool:
+        return self.row_scale is not None and (self.want_h or self.want_w or self.want_b)
+
+
 class RowSource:
     """Chunks of the kept rows of x [N, D] in ``dtype``: views of x where they can be, else
     gathered (and cast) into one staging buffer of ``rows`` rows."""
@@ -43,8 +90,9 @@ class RowSource:
                                                           device=x.device)
 
     @staticmethod
-    def staged(idx: torch.Tensor | None, x_dtype: torch.dtype, dtype: torch.dtype) -> bool:
-        return idx is not None or x_dtype != dtype
+    def bytes_per_row(x: torch.Tensor, idx: torch.Tensor | None, dtype: torch.dtype) -> int:
+        """The staging bytes per row of a RowSource over x (0 where chunks are views of x)."""
+        return 0 if idx is None and x.dtype == dtype else x.shape[1] * dtype.itemsize
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         if self.direct:
@@ -68,23 +116,38 @@ def grad_hidden_dtype(out_dtype: torch.dtype, cd_s: torch.dtype) -> torch.dtype:
     return out_dtype if out_dtype.itemsize < cd_s.itemsize else cd_s
 
 
-def plan_fused(opts: KDOptions, backend: Backend, reducer: Reducer, *, n_rows: int,
-               vocab: int, ds: int, dt: int, h_dtype: torch.dtype, g_dtype: torch.dtype,
-               cd_s: torch.dtype, cd_t: torch.dtype, idx: torch.Tensor | None,
-               need_grad: bool, want_h: bool, device: torch.device) -> ChunkPlan:
-    """The chunk plan of one fused-linear loss call over ``n_rows`` kept rows."""
-    per_row = 0
-    if RowSource.staged(idx, h_dtype, cd_s):
-        per_row += ds * cd_s.itemsize
-    if RowSource.staged(idx, g_dtype, cd_t):
-        per_row += dt * cd_t.itemsize
-    if need_grad and want_h and (idx is not None or grad_hidden_dtype(h_dtype, cd_s) != cd_s):
-        per_row += ds * cd_s.itemsize  # grad_hidden rows before they are scattered or cast
-    return plan_chunks(n_rows=n_rows, width=reducer.chunk_width(vocab), backend=backend,
-                       logits_dtype=gemm.logits_dtype(cd_s, device),
-                       grad_dtype=cd_s if need_grad else None, device=device,
-                       budget=opts.workspace_budget, chunk_size=opts.chunk_size,
-                       bytes_per_row=per_row)
+def _stages_grad_hidden(run: ChunkRun, h_dtype: torch.dtype, cd_s: torch.dtype) -> bool:
+    """Whether grad_hidden rows pass through a [C, Ds] stage (to be scattered or cast)."""
+    return run.idx is not None or grad_hidden_dtype(h_dtype, cd_s) != cd_s
+
+
+def plan_fused(plan: LossPlan, run: ChunkRun, h: torch.Tensor, vocab: int,
+               teacher: tuple[torch.Tensor, torch.dtype] | None = None) -> ChunkPlan:
+    """The chunk plan of one fused-linear loss call over the ``run.n_kept`` kept rows of
+    h [N, Ds] against a head of ``vocab`` rows. ``teacher``: the teacher's hidden states
+    g [N, Dt] and their compute dtype; None: no teacher logits (sparse teachers)."""
+    cd_s = plan.compute_dtype_s
+    per_row = RowSource.bytes_per_row(h, run.idx, cd_s)
+    if teacher is not None:
+        g, cd_t = teacher
+        per_row += RowSource.bytes_per_row(g, run.idx, cd_t)
+    if run.need_grad and run.want_h and _stages_grad_hidden(run, h.dtype, cd_s):
+        per_row += h.shape[1] * cd_s.itemsize
+    return plan_chunks(n_rows=run.n_kept, width=plan.reducer.chunk_width(vocab),
+                       backend=plan.backend, logits_dtype=gemm.logits_dtype(cd_s, h.device),
+                       grad_dtype=cd_s if run.need_grad else None, device=h.device,
+                       budget=plan.opts.workspace_budget, chunk_size=plan.opts.chunk_size,
+                       bytes_per_row=per_row, student_only=teacher is None)
+
+
+def plan_logits(plan: LossPlan, zs: torch.Tensor, n_rows: int, vocab: int, *,
+                student_only: bool = False) -> int:
+    """Rows per chunk of a loss over materialised logits zs [N, V] (``vocab`` columns used):
+    dL/dz has a tensor of its own (the gradient returned to the caller), so no dz layout."""
+    return plan_chunks(n_rows=n_rows, width=plan.reducer.chunk_width(vocab),
+                       backend=plan.backend, logits_dtype=zs.dtype, grad_dtype=None,
+                       device=zs.device, budget=plan.opts.workspace_budget,
+                       chunk_size=plan.opts.chunk_size, student_only=student_only).rows
 
 
 def scale_slice(row_scale, start, stop, like):
@@ -107,18 +170,15 @@ class ChunkRows(Protocol):
         ...
 
 
-def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
-                   chunk_rows: ChunkRows, *, idx: torch.Tensor | None, n_kept: int,
-                   chunks: ChunkPlan, cd_s: torch.dtype,
-                   row_scale: float | torch.Tensor | None, want_h: bool, want_w: bool,
-                   want_b: bool, reducer: Reducer, acc_dtype: torch.dtype,
-                   has_ce: bool) -> RowResult:
-    """The chunk loop over the kept rows of h [N, Ds] (see fused_rows): the student's logits
-    GEMM, ``chunk_rows`` (the teacher's side and the row ops), the gradient GEMMs."""
-    n, k, vocab = h.shape[0], n_kept, w.shape[0]
-    device = h.device
+def student_chunks(plan: LossPlan, run: ChunkRun, chunks: ChunkPlan, h: torch.Tensor,
+                   w: torch.Tensor, bs: torch.Tensor | None, chunk_rows: ChunkRows) -> RowResult:
+    """Row losses (and gradients when ``run.need_grad``) over the kept rows of h [N, Ds]: for
+    each chunk of ``chunks``, the student's logits GEMM against w [V, Ds] (already in the
+    compute dtype), ``chunk_rows`` (the teacher's side and the row ops), the gradient GEMMs."""
+    idx, k, vocab = run.idx, run.n_kept, w.shape[0]
+    n, device, cd_s, acc_dtype = h.shape[0], h.device, plan.compute_dtype_s, run.acc_dtype
     zs_dtype = gemm.logits_dtype(cd_s, device)
-    need_grad = row_scale is not None and (want_h or want_w or want_b)
+    need_grad, row_scale = run.need_grad, run.row_scale
     c = chunks.rows
     src_h = RowSource(h, idx, cd_s, c)
     zs_buf = torch.empty(c, vocab, dtype=zs_dtype, device=device)
@@ -129,19 +189,20 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
         dz_buf = zs_buf.view(cd_s)[:, :vocab]
 
     kd = torch.empty(k, dtype=acc_dtype, device=device)
-    ce = torch.empty(k, dtype=acc_dtype, device=device) if has_ce else None
+    ce = torch.empty(k, dtype=acc_dtype, device=device) if plan.spec.has_ce else None
     entropy = torch.empty(k, dtype=acc_dtype, device=device)
     grad_h = gh_stage = None
-    if need_grad and want_h:
+    if need_grad and run.want_h:
         # grad_hidden is written in the output dtype a chunk at a time, even where the GEMMs
         # run wider (bf16 on CPUs without native half GEMMs): never a second [N, Ds] tensor.
         gh_dtype = grad_hidden_dtype(h.dtype, cd_s)
         fill = torch.empty if idx is None else torch.zeros  # ignored rows stay 0
         grad_h = fill(n, h.shape[1], dtype=gh_dtype, device=device)
-        if idx is not None or gh_dtype != cd_s:
+        if _stages_grad_hidden(run, h.dtype, cd_s):
             gh_stage = torch.empty(c, h.shape[1], dtype=cd_s, device=device)
-    grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=device) if need_grad and want_w else None
-    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=device) if need_grad and want_b else None
+    want_w, want_b = need_grad and run.want_w, need_grad and run.want_b
+    grad_w = torch.zeros(w.shape, dtype=acc_dtype, device=device) if want_w else None
+    grad_b = torch.zeros(vocab, dtype=acc_dtype, device=device) if want_b else None
     # fp16 cannot hold dL/dz already divided by N (it underflows at N ~ 1e4): the row ops
     # write it unscaled and the scalar goes on the GEMM results instead.
     post_scale = 1.0
@@ -184,7 +245,7 @@ def student_chunks(h: torch.Tensor, w: torch.Tensor, bs: torch.Tensor | None,
             if acc is not None:
                 acc *= post_scale
     if grad_h is not None:
-        grad_h = reducer.finish_grad_hidden(grad_h)
+        grad_h = plan.reducer.finish_grad_hidden(grad_h)
     return RowResult(kd, ce, grad_h, grad_w, grad_b, entropy)
 
 

@@ -20,8 +20,8 @@ _BLOCK_BYTES = 16 * 2**20
 @functools.cache
 def cpu_has_fast_half_gemm() -> bool:
     """Whether this CPU multiplies bf16/fp16 natively (AVX512-BF16/FP16 or AMX). Without it,
-    torch's half GEMMs fall back to paths several times slower than fp32 (docs/design_notes.md
-    has the figures). KDKERNELS_CPU_HALF_GEMM=1/0 overrides the detection."""
+    torch's half GEMMs fall back to paths several times slower than fp32 (docs/design.md has
+    the figures). KDKERNELS_CPU_HALF_GEMM=1/0 overrides the detection."""
     forced = os.environ.get("KDKERNELS_CPU_HALF_GEMM")
     if forced is not None:
         return forced == "1"

@@ -14,17 +14,18 @@ the Trainer's num_items_in_batch, so the loss equals one big batch's mean.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from ..dense.api import fused_linear_kd_loss
+from ..dense.api import fused_linear_kd
 from ..hf import models
 from ..hf.logit_transform import logit_transform, loss_transform_options
 from ..options import KDOptions
-from .hf_common import scaled_for_devices, student_hidden
+from .hf_common import pop_loss_options, scaled_for_devices, student_hidden
 from .hf_topk import TopKCollator, TopKKDTrainer
 
 __all__ = ["KDTrainer", "TopKKDTrainer", "TopKCollator", "logit_transform"]
@@ -33,24 +34,19 @@ __all__ = ["KDTrainer", "TopKKDTrainer", "TopKCollator", "logit_transform"]
 class KDTrainer(Trainer):
     """transformers.Trainer whose compute_loss is teacher->student logit distillation.
 
-    Keyword options (all optional): divergence, beta, skew, temperature, scale_by_t2,
-    kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes; logit scales and softcaps are
-    read from the models' configs (logit_transform: Cohere, Granite, Falcon-H1, Gemma-2, ...).
+    Keyword options (all optional): every option of fused_linear_kd_loss (KDOptions) but
+    those the trainer sets (hf_common.TRAINER_OPTIONS): divergence, beta, skew, alpha,
+    temperature, scale_by_t2, kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes;
+    logit scales and softcaps are read from the models' configs (logit_transform: Cohere,
+    Granite, Falcon-H1, Gemma-2, ...). ``kd_options`` holds them as one KDOptions.
     """
 
-    def __init__(self, *args: Any, teacher_model: nn.Module, divergence: str = "forward_kl",
-                 beta: float = 0.5, skew: float = 0.1, temperature: float = 1.0,
-                 scale_by_t2: bool = True, kd_weight: float = 1.0, ce_weight: float = 0.0,
-                 impl: str = "auto", chunk_size: int | None = None,
-                 max_workspace_bytes: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, teacher_model: nn.Module, **kwargs: Any) -> None:
         if teacher_model is None:
             raise ValueError("KDTrainer needs teacher_model (a Hugging Face causal LM)")
+        # Checked before the model work: a bad option raises before the first batch.
+        self.kd_options = pop_loss_options(KDOptions, kwargs, "KDTrainer")
         super().__init__(*args, **kwargs)
-        self.kd_options = dict(divergence=divergence, beta=beta, skew=skew,
-                               temperature=temperature, scale_by_t2=scale_by_t2,
-                               kd_weight=kd_weight, ce_weight=ce_weight, impl=impl,
-                               chunk_size=chunk_size, max_workspace_bytes=max_workspace_bytes)
-        KDOptions(**self.kd_options)  # reject bad options before the first batch
         student = self.accelerator.unwrap_model(self.model)
         models.check_pair(student, teacher_model, getattr(self, "processing_class", None),
                           getattr(self, "processing_class", None))
@@ -72,11 +68,11 @@ class KDTrainer(Trainer):
         weight, bias = models.head(student)
         t_weight, t_bias = models.head(self.teacher_model)
         num = None if num_items_in_batch is None else float(num_items_in_batch)
-        out = fused_linear_kd_loss(
-            hidden[:, :-1], weight, teacher_hidden[:, :-1], t_weight, labels[:, 1:],
-            student_bias=bias, teacher_bias=t_bias, reduction="mean",
-            **loss_transform_options(student.config, self.teacher_model.config),
-            num_items=num, return_components=True, **self.kd_options)
+        opts = dataclasses.replace(
+            self.kd_options, num_items=num,
+            **loss_transform_options(student.config, self.teacher_model.config))
+        out = fused_linear_kd(hidden[:, :-1], weight, teacher_hidden[:, :-1], t_weight,
+                              labels[:, 1:], opts, student_bias=bias, teacher_bias=t_bias)
         loss = scaled_for_devices(self, out.loss, num)
         self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
         return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss

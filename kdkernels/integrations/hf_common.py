@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import Trainer
 
 from ..hf import models
+from ..options import option_fields
+
+# The options a trainer sets itself: a mean over the Trainer's num_items_in_batch of labels
+# masked with -100 (as its collators pad them), the components for its logs, and each
+# model's logit scale and softcap from its config (logit_transform).
+TRAINER_OPTIONS = ("ignore_index", "reduction", "num_items", "return_components",
+                   "student_logit_scale", "teacher_logit_scale", "student_softcap",
+                   "teacher_softcap")
+
+
+def pop_loss_options(options_class: type, kwargs: dict[str, Any], trainer: str) -> Any:
+    """The loss options among a trainer's keyword arguments, taken out of ``kwargs`` (the
+    rest are transformers.Trainer's) and checked once as ``options_class``, with the fixed
+    ones of TRAINER_OPTIONS set (num_items and the logit transforms come per batch)."""
+    names = [f.name for f in option_fields(options_class)]
+    fixed = [name for name in names if name in TRAINER_OPTIONS and name in kwargs]
+    if fixed:
+        raise TypeError(f"{trainer} sets {', '.join(fixed)} itself (a mean over "
+                        f"num_items_in_batch with labels -100; each model's logit scale and "
+                        f"softcap from its config)")
+    options = {name: kwargs.pop(name) for name in names if name in kwargs}
+    return options_class(**options, reduction="mean", return_components=True)
 
 
 def student_hidden(trainer: Trainer, model: nn.Module, input_ids: torch.Tensor,

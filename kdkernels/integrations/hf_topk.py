@@ -16,6 +16,7 @@ lengths or K are padded by TopKCollator.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -25,9 +26,9 @@ from transformers import Trainer
 
 from ..hf import models
 from ..hf.logit_transform import loss_transform_options
-from ..sparse.api import fused_linear_topk_kd_loss
+from ..sparse.api import fused_linear_topk_kd
 from ..sparse.options import TopKOptions
-from .hf_common import scaled_for_devices, student_hidden
+from .hf_common import pop_loss_options, scaled_for_devices, student_hidden
 
 TEACHER_KEYS = ("teacher_ids", "teacher_logprobs")
 
@@ -95,26 +96,21 @@ class TopKKDTrainer(Trainer):
     """transformers.Trainer whose compute_loss is fused_linear_topk_kd_loss on the student's
     final hidden states and LM head against the batch's teacher_ids / teacher_logprobs.
 
-    Keyword options (all optional): tail, divergence, beta, skew, alpha, temperature,
-    scale_by_t2, kd_weight, ce_weight, impl, chunk_size, max_workspace_bytes; the student's
-    logit scale and softcap are read from its config (logit_transform). The dataset's extra
+    Keyword options (all optional): every option of fused_linear_topk_kd_loss (TopKOptions)
+    but those the trainer sets (hf_common.TRAINER_OPTIONS): tail, divergence, beta, skew,
+    alpha, temperature, scale_by_t2, kd_weight, ce_weight, impl, chunk_size,
+    max_workspace_bytes; the student's logit scale and softcap are read from its config
+    (logit_transform). ``kd_options`` holds them as one TopKOptions. The dataset's extra
     columns survive remove_unused_columns; without a data_collator, TopKCollator pads.
     """
 
-    def __init__(self, *args: Any, tail: str = "bucket", divergence: str = "forward_kl",
-                 beta: float = 0.5, skew: float = 0.1, alpha: float = 0.5,
-                 temperature: float = 1.0, scale_by_t2: bool = True, kd_weight: float = 1.0,
-                 ce_weight: float = 0.0, impl: str = "auto", chunk_size: int | None = None,
-                 max_workspace_bytes: int | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         if "teacher_model" in kwargs:
             raise ValueError("TopKKDTrainer reads the teacher from the batches "
                              "(teacher_ids / teacher_logprobs); for a teacher model use "
                              "kdkernels.integrations.hf.KDTrainer")
-        self.kd_options = dict(tail=tail, divergence=divergence, beta=beta, skew=skew,
-                               alpha=alpha, temperature=temperature, scale_by_t2=scale_by_t2,
-                               kd_weight=kd_weight, ce_weight=ce_weight, impl=impl,
-                               chunk_size=chunk_size, max_workspace_bytes=max_workspace_bytes)
-        TopKOptions(**self.kd_options)  # reject bad options before the model work
+        # Checked before the model work: a bad option raises before the first batch.
+        self.kd_options = pop_loss_options(TopKOptions, kwargs, "TopKKDTrainer")
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None)
@@ -148,10 +144,10 @@ class TopKKDTrainer(Trainer):
         student = self.accelerator.unwrap_model(model)
         weight, bias = models.head(student)
         num = None if num_items_in_batch is None else float(num_items_in_batch)
-        out = fused_linear_topk_kd_loss(
-            hidden[:, :-1], weight, ids[:, :-1], logprobs[:, :-1], labels[:, 1:],
-            student_bias=bias, reduction="mean", num_items=num, return_components=True,
-            **loss_transform_options(student.config), **self.kd_options)
+        opts = dataclasses.replace(self.kd_options, num_items=num,
+                                   **loss_transform_options(student.config))
+        out = fused_linear_topk_kd(hidden[:, :-1], weight, ids[:, :-1], logprobs[:, :-1],
+                                   labels[:, 1:], opts, student_bias=bias)
         loss = scaled_for_devices(self, out.loss, num)
         self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
         return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss

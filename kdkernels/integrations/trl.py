@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..hf.logit_transform import logit_transform
-from .trl_loss import EXTRA_OPTIONS, check_extra_options, fused_divergence_loss
+from .trl_loss import check_extra_options, extra_options, fused_divergence_loss
 
 TRL_REQUIREMENT = "trl>=1.16,<2"
 # DistillationTrainer's methods this class overrides or calls (present since trl 1.16).
@@ -71,16 +71,18 @@ else:  # keeps this module importable (docs, tests); construction raises TRL_MIS
 class KDDistillationTrainer(_Base):  # type: ignore[misc, valid-type]
     """trl.DistillationTrainer whose loss is kdkernels' fused_linear_kd_loss.
 
-    Takes DistillationTrainer's arguments, plus these loss options: divergence (default: the
-    generalised JSD with args.beta), skew, alpha, scale_by_t2 (default False, as in TRL),
-    kd_weight, ce_weight (a hard-label term on the sampled completion tokens; default 0),
-    impl, chunk_size, max_workspace_bytes.
+    Takes DistillationTrainer's arguments, plus the loss options TRL's do not set
+    (trl_loss.extra_options(): every KDOptions field but beta, temperature, the logit
+    transforms and the contract's): divergence (default: the generalised JSD with
+    args.beta), skew, alpha, scale_by_t2 (default False, as in TRL), kd_weight, ce_weight
+    (a hard-label term on the sampled completion tokens; default 0), impl, chunk_size,
+    max_workspace_bytes.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if TRL_MISSING is not None:
             raise ImportError(TRL_MISSING)
-        loss_options = {k: kwargs.pop(k) for k in list(kwargs) if k in EXTRA_OPTIONS}
+        loss_options = {k: kwargs.pop(k) for k in extra_options() if k in kwargs}
         self.kd_options = check_extra_options(loss_options)
         super().__init__(*args, **kwargs)
         if self.teacher_model is None:

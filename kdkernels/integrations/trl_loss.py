@@ -12,26 +12,41 @@ from typing import Any
 
 import torch
 
-from ..dense.api import fused_linear_kd_loss
-from ..options import KDOptions
+from ..dense.api import fused_linear_kd
+from ..options import KDOptions, option_fields
 
-# What TRL's loss does that kdkernels' defaults do not: no T**2 (TRL never scales by it), the
-# divergence only (no hard-label term).
-TRL_DEFAULTS: dict[str, Any] = dict(scale_by_t2=False, kd_weight=1.0, ce_weight=0.0)
-# Options a caller may set beyond TRL's own arguments (beta, temperature, scales, softcaps).
-EXTRA_OPTIONS = ("divergence", "skew", "alpha", "scale_by_t2", "kd_weight", "ce_weight", "impl",
-                 "chunk_size", "max_workspace_bytes")
+# What TRL's loss does that kdkernels' defaults do not: the generalised JSD, no T**2 (TRL
+# never scales by it), the divergence only (no hard-label term).
+TRL_DEFAULTS: dict[str, Any] = dict(divergence="jsd", scale_by_t2=False, kd_weight=1.0,
+                                    ce_weight=0.0)
+# Options set by TRL's own arguments of _chunked_divergence_loss (its config's beta and
+# temperature, each model's logit scale and softcap) or by its contract: a sum over the
+# completion mask, normalised here, with the entropy taken from the components.
+TRL_ARGUMENTS = ("beta", "temperature", "student_logit_scale", "teacher_logit_scale",
+                 "student_softcap", "teacher_softcap")
+CONTRACT_OPTIONS = ("ignore_index", "reduction", "num_items", "return_components")
+
+
+def extra_options() -> tuple[str, ...]:
+    """The options a caller may set beyond TRL's arguments: every other KDOptions field."""
+    taken = TRL_ARGUMENTS + CONTRACT_OPTIONS
+    return tuple(f.name for f in option_fields(KDOptions) if f.name not in taken)
+
+
+def _with_defaults(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(extra_options()))
+    if unknown:
+        raise TypeError(f"unknown loss option(s) {', '.join(unknown)}; the fused TRL loss "
+                        f"takes {', '.join(extra_options())}")
+    merged = {**TRL_DEFAULTS, **options}
+    merged["divergence"] = merged["divergence"] or TRL_DEFAULTS["divergence"]  # None: TRL's
+    return merged
 
 
 def check_extra_options(options: dict[str, Any]) -> dict[str, Any]:
     """The extra loss options with TRL's defaults filled in; bad ones raise (naming them)."""
-    unknown = sorted(set(options) - set(EXTRA_OPTIONS))
-    if unknown:
-        raise TypeError(f"unknown loss option(s) {', '.join(unknown)}; the fused TRL loss "
-                        f"takes {', '.join(EXTRA_OPTIONS)}")
-    merged = {**TRL_DEFAULTS, **options}
-    KDOptions(**{k: v for k, v in merged.items() if k != "divergence"},
-              divergence=merged.get("divergence") or "jsd")
+    merged = _with_defaults(options)
+    KDOptions(**merged)
     return merged
 
 
@@ -79,24 +94,24 @@ def fused_divergence_loss(
 
     Hidden states [B, K, H] aligned with the completion tokens, ``completion_mask`` [B, K]
     (non-zero = in the loss). The generalised JSD(beta) by default (beta 0 = forward KL,
-    1 = reverse KL, exactly); ``options`` (EXTRA_OPTIONS) may pick another divergence, add a
+    1 = reverse KL, exactly); ``options`` (extra_options()) may pick another divergence, add a
     hard-label term on ``labels`` (the completion ids) with ``ce_weight``, or tune the kernel.
     Returns (loss: the sum over kept tokens / num_items_in_batch, or their mean without it;
     the sum of the student's per-token entropy at the temperature, detached; the kept count).
     """
-    opts = check_extra_options(options)
-    if opts["ce_weight"] and labels is None:
+    opts = KDOptions(**_with_defaults(options), beta=beta, temperature=temperature,
+                     student_softcap=student_final_logit_softcapping,
+                     teacher_softcap=teacher_final_logit_softcapping,
+                     student_logit_scale=student_logit_scale,
+                     teacher_logit_scale=teacher_logit_scale, reduction="sum",
+                     return_components=True)
+    if opts.ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels (the completion token ids)")
     w, bs = _plain(student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype)
     u, bt = _plain(teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype)
-    out = fused_linear_kd_loss(
-        student_hidden_states, w, teacher_hidden_states, u,
-        _mask_labels(completion_mask, labels), student_bias=bs, teacher_bias=bt,
-        divergence=opts.pop("divergence", None) or "jsd", beta=beta, temperature=temperature,
-        student_softcap=student_final_logit_softcapping,
-        teacher_softcap=teacher_final_logit_softcapping,
-        student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
-        reduction="sum", return_components=True, **opts)
+    out = fused_linear_kd(student_hidden_states, w, teacher_hidden_states, u,
+                          _mask_labels(completion_mask, labels), opts, student_bias=bs,
+                          teacher_bias=bt)
     n_valid = out.n_tokens
     if num_items_in_batch is None:
         # Clamped as TRL does, so a rank whose tokens are all masked gives 0, not 0 / 0.

@@ -98,6 +98,24 @@ def fused_linear_topk_kd_loss(
     ``teacher_ids`` / ``teacher_logprobs`` [..., K], without the [tokens x vocab] logits.
     See README "Sparse teachers"."""
     opts = _options(locals())
+    return fused_linear_topk_kd(student_hidden, student_weight, teacher_ids, teacher_logprobs,
+                                labels, opts, student_bias=student_bias,
+                                vocab_parallel=vocab_parallel)
+
+
+def fused_linear_topk_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    opts: TopKOptions,
+    *,
+    student_bias: torch.Tensor | None = None,
+    vocab_parallel: VocabParallel | None = None,
+) -> torch.Tensor | KDComponents:
+    """fused_linear_topk_kd_loss with its options as one TopKOptions (for callers that build
+    the options once, as the trainer integrations do)."""
     vocab_parallel, heads = parallel.unwrap(vocab_parallel, {
         "student_weight": student_weight, "student_bias": student_bias}, 0)
     student_weight, student_bias = heads.values()

@@ -12,6 +12,7 @@ from ..backends.base import Backend, RowSpec
 from ..engine.autograd import (
     FusedOutcome,
     LogitsOutcome,
+    acc_dtype,
     combine,
     fused_backward,
     normaliser,
@@ -22,9 +23,7 @@ from ..engine.autograd import (
     scale_grad,
     scatter_rows,
 )
-from ..engine.chunking import ChunkPlan, plan_chunks
-from ..engine.driver import RowSource, student_chunks
-from ..engine.gemm import logits_dtype
+from ..engine.driver import ChunkRun, RowResult, plan_fused, plan_logits, student_chunks
 from ..engine.local_reducer import Reducer
 from ..engine.validation import scan_labels
 from .options import TopKOptions
@@ -40,12 +39,8 @@ class SparsePlan:
     spec: RowSpec
     backend: Backend
     reducer: Reducer
-    compute_dtype: torch.dtype
+    compute_dtype_s: torch.dtype  # the student's GEMMs' (there is no teacher GEMM)
     vocab: int  # teacher ids and labels must be in [0, vocab) (the global vocabulary)
-
-
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _kept(labels, ids, logprobs, n: int, plan: SparsePlan):
@@ -53,7 +48,7 @@ def _kept(labels, ids, logprobs, n: int, plan: SparsePlan):
     error = teacher = None
     try:
         rows_kept = scan_labels(labels, n, plan.vocab, opts.ignore_index)
-        teacher = prepare_teacher(ids, logprobs, rows_kept.idx, plan.vocab, opts.temperature)
+        teacher = prepare_teacher(ids, logprobs, rows_kept.idx, plan.vocab, plan.spec)
     except ValueError as err:  # vocab-parallel: every rank raises, none waits in a chunk
         error = err
     plan.reducer.raise_together(error)
@@ -63,40 +58,19 @@ def _kept(labels, ids, logprobs, n: int, plan: SparsePlan):
     return rows_kept, teacher, lab
 
 
-def _plan(plan: SparsePlan, n_rows: int, vocab: int, logits: torch.dtype, grad, device,
-          bytes_per_row: int = 0) -> ChunkPlan:
-    opts = plan.opts.dense
-    return plan_chunks(n_rows=n_rows, width=plan.reducer.chunk_width(vocab),
-                       backend=plan.backend, logits_dtype=logits, grad_dtype=grad,
-                       device=device, budget=opts.workspace_budget, chunk_size=opts.chunk_size,
-                       bytes_per_row=bytes_per_row, student_only=True)
-
-
 def topk_fused_forward(h, w, bs, ids, logprobs, labels, plan: SparsePlan, want_h: bool,
                        want_w: bool, want_b: bool) -> FusedOutcome:
     """The fused top-k loss on flat h [N, Ds], ids / logprobs [N, K], labels [N]."""
     rows_kept, teacher, lab = _kept(labels, ids, logprobs, h.shape[0], plan)
-    idx, kept = rows_kept.idx, rows_kept.kept
-    cd = plan.compute_dtype
+    run = ChunkRun(rows_kept.idx, rows_kept.kept, want_h, want_w, want_b, acc_dtype(h))
 
-    def rows(row_scale):
-        need_grad = row_scale is not None and (want_h or want_w or want_b)
-        per_row = 0
-        if RowSource.staged(idx, h.dtype, cd):
-            per_row += h.shape[1] * cd.itemsize
-        if need_grad and want_h and idx is not None:
-            per_row += h.shape[1] * cd.itemsize
-        chunks = _plan(plan, kept, w.shape[0], logits_dtype(cd, h.device),
-                       cd if need_grad else None, h.device, per_row)
-        chunk_rows = SparseChunks(teacher, lab, plan.opts, plan.spec, plan.backend,
-                                  plan.reducer)
-        return student_chunks(h, w.to(cd), bs, chunk_rows, idx=idx, n_kept=kept,
-                              chunks=chunks, cd_s=cd, row_scale=row_scale, want_h=want_h,
-                              want_w=want_w, want_b=want_b, reducer=plan.reducer,
-                              acc_dtype=_acc(h), has_ce=plan.spec.has_ce)
+    def rows(run: ChunkRun) -> RowResult:
+        chunks = plan_fused(plan, run, h, w.shape[0])
+        chunk_rows = SparseChunks(plan, teacher, lab)
+        return student_chunks(plan, run, chunks, h, w.to(plan.compute_dtype_s), bs,
+                              chunk_rows)
 
-    return run_fused(rows, h, w, bs, rows_kept, w.shape[0], plan.opts.dense, plan.spec.has_ce,
-                     want_h, want_w, want_b)
+    return run_fused(rows, run, h, w, bs, w.shape[0], plan.opts.dense, plan.spec.has_ce)
 
 
 def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
@@ -110,9 +84,9 @@ def topk_logits_forward(zs, ids, logprobs, labels, plan: SparsePlan,
     row_scale = None
     if want_grad:
         unit = 1.0 if opts.reduction == "none" else 1.0 / norm
-        row_scale = torch.full((kept,), unit, dtype=_acc(zs), device=zs.device)
-    chunk = _plan(plan, kept, zs.shape[1], zs.dtype, None, zs.device).rows
-    rows = SparseChunks(teacher, lab, plan.opts, plan.spec, plan.backend, plan.reducer)
+        row_scale = torch.full((kept,), unit, dtype=acc_dtype(zs), device=zs.device)
+    chunk = plan_logits(plan, zs, kept, zs.shape[1], student_only=True)
+    rows = SparseChunks(plan, teacher, lab)
     kd, ce, entropy, grad = logits_rows(zs, idx, chunk, rows, row_scale)
     if grad is None and want_grad:
         grad = torch.zeros_like(zs)

@@ -1,56 +1,42 @@
-"""Options of the sparse-teacher losses: the dense loss's options that apply, plus ``tail``."""
+"""Options of the sparse-teacher losses: ``tail``, then the dense loss's options that apply.
+
+The fields are generated from KDOptions' (``topk_options_of``), so a new dense option is a
+top-k option too, with its default, its check and its place in the torch.compile schema.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import field, make_dataclass
+from typing import Any
 
-from ..options import KDOptions
+from ..options import KDOptions, option_fields
 from .tails import TAILS, get
 
-# Options the top-k loss shares with the dense one, validated by KDOptions itself.
-_SHARED = ("divergence", "beta", "skew", "alpha", "temperature", "scale_by_t2", "kd_weight",
-           "ce_weight", "student_softcap", "student_logit_scale", "ignore_index", "reduction",
-           "num_items", "chunk_size", "max_workspace_bytes", "impl", "return_components")
+# Dense options with no meaning for a teacher given as log-probs: they arrive normalised,
+# with no logit scale or softcap of their own (passing one is an unexpected keyword).
+TEACHER_LOGIT_OPTIONS = ("teacher_softcap", "teacher_logit_scale")
 
 
-@dataclass(frozen=True)
-class TopKOptions:
-    """Every scalar option of the top-k loss, checked at construction (the same messages as
-    the dense loss for the shared options; a divergence that a tail does not define raises
-    naming the tail's rule)."""
+class _TopKBehaviour:
+    """The checks and views of TopKOptions; the generated dataclass adds the fields."""
 
-    tail: str = "bucket"
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    skew: float = 0.1
-    alpha: float = 0.5
-    temperature: float = 1.0
-    scale_by_t2: bool = True
-    kd_weight: float = 1.0
-    ce_weight: float = 0.0
-    student_softcap: float | None = None
-    # No teacher_logit_scale: the teacher arrives as log-probs, already normalised (the
-    # dense option keeps its default 1 here, and passing it is an unexpected keyword).
-    student_logit_scale: float = 1.0
-    ignore_index: int = -100
-    reduction: str = "mean"
-    num_items: float | None = None
-    chunk_size: int | None = None
-    max_workspace_bytes: int | None = None
-    impl: str = "auto"
-    return_components: bool = False
+    tail: str  # a generated field (annotated here for readers; dataclass ignores this base)
+    _dense_class: type  # the options dataclass the shared fields come from
+    _shared: tuple[str, ...]  # their names, in field order
+    _names: tuple[str, ...]  # every field's, in order (read once: compile traces names)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tail, str) or self.tail not in TAILS:
             raise ValueError(f"tail must be one of {', '.join(TAILS)}; got {self.tail!r}")
-        dense = KDOptions(**{name: getattr(self, name) for name in _SHARED})
-        for name in _SHARED:  # the normalised values (floats, folded skew, ...)
+        # The shared options are checked by the dense dataclass itself: the same messages.
+        dense = self._dense_class(**{name: getattr(self, name) for name in self._shared})
+        for name in self._shared:  # the normalised values (floats, folded skew, ...)
             object.__setattr__(self, name, getattr(dense, name))
         object.__setattr__(self, "_dense", dense)
         tail = get(self.tail)
         if dense.effective_divergence not in tail.divergences:  # jsd at beta 0 is forward KL
             raise ValueError(
-                f"divergence={self.divergence!r} is not defined under tail={self.tail!r}: "
+                f"divergence={dense.divergence!r} is not defined under tail={self.tail!r}: "
                 f"{tail.rule}; it takes divergence in {{{', '.join(tail.divergences)}}}")
 
     @property
@@ -63,11 +49,38 @@ class TopKOptions:
         """The shared options as a KDOptions (reductions, budgets, the row spec)."""
         return self._dense  # type: ignore[attr-defined]
 
+    @property
+    def workspace_budget(self) -> int:
+        """max_workspace_bytes, or the documented default (what the chunk planner reads)."""
+        return self.dense.workspace_budget
+
     def values(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in _FIELDS)
+        """Every option, in field order (what ranks and the compile ops agree on)."""
+        return tuple(getattr(self, name) for name in self._names)
 
 
-_FIELDS = tuple(fields(TopKOptions))
+def topk_options_of(dense: type = KDOptions) -> type:
+    """The top-k options dataclass over the dense options dataclass ``dense``: ``tail``, then
+    each of its user-facing fields (same type and default) but TEACHER_LOGIT_OPTIONS."""
+    shared = [f for f in option_fields(dense) if f.name not in TEACHER_LOGIT_OPTIONS]
+    specs: list[tuple[str, Any, Any]] = [("tail", "str", field(default="bucket"))]
+    specs += [(f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+              for f in shared]
+    namespace = {
+        "__module__": __name__,
+        "__doc__": "Every scalar option of the top-k loss, checked at construction (the "
+                   "same messages as the dense loss for the shared options; a divergence "
+                   "that a tail does not define raises naming the tail's rule).",
+        "_dense_class": dense,
+        "_shared": tuple(f.name for f in shared),
+        "_names": tuple(name for name, _, _ in specs),
+    }
+    return make_dataclass("TopKOptions", specs, bases=(_TopKBehaviour,), frozen=True,
+                          namespace=namespace)
+
+
+TopKOptions = topk_options_of(KDOptions)
+_FIELDS = option_fields(TopKOptions)
 
 
 def topk_option_fields() -> tuple:

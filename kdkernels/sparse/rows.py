@@ -15,16 +15,17 @@ Per chunk of C kept rows with student logits ``zs`` [C, V_local] (a writable wor
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import divergences
-from ..backends.base import Backend, RowSpec
-from ..engine.local_reducer import Reducer
 from ..layouts import SCOEF, SSTATS
-from .options import TopKOptions
 from .tails import TailInputs, get, signed_log, signed_sum
 from .teacher import SparseTeacher
+
+if TYPE_CHECKING:  # autograd.py imports this module
+    from .autograd import SparsePlan
 
 
 def _add_at(x: torch.Tensor, col: torch.Tensor, vals: torch.Tensor) -> None:
@@ -57,12 +58,13 @@ def _entropy(s: dict[str, torch.Tensor], lse: torch.Tensor, lp: torch.Tensor) ->
 class SparseChunks:
     """ChunkRows (driver.py) of the sparse-teacher loss over kept rows."""
 
-    def __init__(self, teacher: SparseTeacher, lab: torch.Tensor | None, opts: TopKOptions,
-                 spec: RowSpec, backend: Backend, reducer: Reducer) -> None:
-        self.t, self.lab, self.opts, self.spec = teacher, lab, opts, spec
-        self.backend, self.reducer = backend, reducer
-        self.rule = get(opts.tail).rules[opts.effective_divergence]
-        self.params = opts.dense.divergence_params(divergences.get(opts.effective_divergence))
+    def __init__(self, plan: SparsePlan, teacher: SparseTeacher,
+                 lab: torch.Tensor | None) -> None:
+        self.t, self.lab, self.opts, self.spec = teacher, lab, plan.opts, plan.spec
+        self.backend, self.reducer = plan.backend, plan.reducer
+        div = self.opts.effective_divergence
+        self.rule = get(self.opts.tail).rules[div]
+        self.params = self.opts.dense.divergence_params(divergences.get(div))
 
     def release(self) -> None:
         pass

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..backends.base import RowSpec
 from .tails import REST_EPS
 
 # How far the served log-probs may exceed what a distribution allows, by storage dtype: a
@@ -107,9 +108,9 @@ def _raise_bad(kind: int, ids, lp, valid, rows, flags, vocab, tol) -> None:
 
 
 def prepare_teacher(ids: torch.Tensor, logprobs: torch.Tensor, rows: torch.Tensor | None,
-                    vocab: int, temperature: float) -> SparseTeacher:
+                    vocab: int, spec: RowSpec) -> SparseTeacher:
     """Check the kept rows (``rows`` [kept] of the flat [N, K] inputs; None: all) and form the
-    tempered teacher. One host sync when every check passes."""
+    teacher tempered by ``spec``'s 1 / T. One host sync when every check passes."""
     if rows is not None:
         ids, logprobs = ids.index_select(0, rows), logprobs.index_select(0, rows)
     tol = LOGPROB_TOLERANCE[logprobs.dtype]
@@ -131,8 +132,8 @@ def prepare_teacher(ids: torch.Tensor, logprobs: torch.Tensor, rows: torch.Tenso
             _raise_bad(kind, ids64, logprobs, valid, rows, flags, vocab, tol)
     lp = torch.where(valid, lp.clamp(max=0.0), torch.full_like(lp, -math.inf))
     log_mass = torch.logsumexp(lp, 1)  # log Q (-inf for a row without valid ids)
-    if temperature != 1.0:
-        scaled = lp / temperature
+    if spec.tempered:  # multiplied by 1 / T, as the kernels temper every logit
+        scaled = lp * spec.inv_t
         lse = torch.logsumexp(scaled, 1, keepdim=True)
         safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
         lp = torch.where(valid, log_mass[:, None] + scaled - safe, lp)

@@ -1,6 +1,7 @@
 """The reference distillation trainer behind `kdk distill` (see README "Training")."""
 
 from .config import PRESETS, ModelSize, TrainConfig, preset
-from .objective import DistillObjective, heldout_ce
+from .objectives.dense import DistillObjective
+from .runtime.evaluation import heldout_ce
 
 __all__ = ["PRESETS", "DistillObjective", "ModelSize", "TrainConfig", "heldout_ce", "preset"]

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from ..cache import format as fmt
 from ..cache import scoring as teacher
 from ..cache.hashing import config_hash, tokenizer_hash, tokens_hash
 from ..cache.writer import CacheWriter
 from ..hf import models
-from . import cache_sources as sources
+from .sources import cache_sources as sources
 
 # manifest key -> the option a user changes to change it (named in a refusal)
 OPTION_NAMES = {"teacher": "--teacher", "teacher_config_hash": "--teacher (its config)",
@@ -56,16 +57,37 @@ class CacheOptions:
             raise ValueError(f"--device {self.device} but torch sees no CUDA device")
 
 
-def _inputs(opts: CacheOptions, device: torch.device):
+def _teacher(opts: CacheOptions, device: torch.device):
+    """The teacher, its tokenizer, the embedded corpus (--teacher default) and its name."""
     if opts.teacher == sources.DEFAULT:
         model, tok, corpus_ids = sources.default_teacher(device, opts.default_preset)
-        name = sources.DEFAULT
-    else:
-        model, tok = sources.load_teacher(opts.teacher, device)
-        corpus_ids, name = None, str(Path(opts.teacher).resolve())
-    ids = (corpus_ids if opts.data is None
-           else sources.encode_texts(tok, sources.read_data(opts.data, opts.text_field)))
-    return model, tok, ids, name
+        return model, tok, corpus_ids, sources.DEFAULT
+    model, tok = sources.load_teacher(opts.teacher, device)
+    return model, tok, None, str(Path(opts.teacher).resolve())
+
+
+def check_top_k(opts: CacheOptions, vocab_size: int, name: str) -> None:
+    """K slots of distinct ids cannot exceed the vocabulary (the loss refuses such a cache):
+    refused before any sequence is scored or any file written."""
+    if opts.top_k > vocab_size:
+        raise ValueError(f"--top-k {opts.top_k} is larger than the teacher's vocabulary "
+                         f"({vocab_size} tokens, teacher {name}); pass --top-k {vocab_size} "
+                         "or less")
+
+
+def _unused_settings(opts: CacheOptions) -> dict:
+    """--samples and --seed in top-k mode: they change no target (top-k is deterministic),
+    so they are recorded as None and a resume with other values is accepted. A top-k cache
+    written before this recorded its --seed; its value is kept so that it still resumes."""
+    if opts.mode == "sample":
+        return {"samples": opts.samples, "seed": opts.seed}
+    try:
+        old = fmt.read_manifest(Path(opts.output))
+    except ValueError:  # none yet, or unreadable: CacheWriter names the problem
+        return {"samples": None, "seed": None}
+    if old.get("mode") != "topk":
+        return {"samples": None, "seed": None}
+    return {"samples": old.get("samples"), "seed": old.get("seed")}
 
 
 def cache_teacher(opts: CacheOptions) -> dict:
@@ -73,7 +95,11 @@ def cache_teacher(opts: CacheOptions) -> dict:
     opts.check()
     t0 = time.perf_counter()
     device = torch.device(opts.device)
-    model, tok, ids, name = _inputs(opts, device)
+    model, tok, corpus_ids, name = _teacher(opts, device)
+    head = teacher.Head.of(model)
+    check_top_k(opts, head.vocab_size, name)
+    ids = (corpus_ids if opts.data is None
+           else sources.encode_texts(tok, sources.read_data(opts.data, opts.text_field)))
     L = opts.seq_len
     n = ids.numel() // L
     if n == 0:
@@ -81,15 +107,13 @@ def cache_teacher(opts: CacheOptions) -> dict:
                          f"of --seq-len {L}")
     models.check_seq_len(model, L, "teacher")
     seqs = ids[:n * L].view(n, L)
-    head = teacher.Head.of(model)
     if opts.mode == "sample" and opts.top_k < opts.samples:
         print(f"kdk cache-teacher: --top-k {opts.top_k} < --samples {opts.samples}: positions "
               f"with more than {opts.top_k} distinct sampled ids keep the {opts.top_k} most "
               "frequent (their log-probs then sum to less than 1)", file=sys.stderr)
     settings = {"teacher": name, "teacher_config_hash": config_hash(model.config),
                 "tokenizer_hash": tokenizer_hash(tok), "vocab_size": head.vocab_size,
-                "top_k": opts.top_k, "mode": opts.mode,
-                "samples": opts.samples if opts.mode == "sample" else None, "seed": opts.seed,
+                "top_k": opts.top_k, "mode": opts.mode, **_unused_settings(opts),
                 "seq_len": L, "dtype": opts.dtype, "shard_size": opts.shard_size,
                 "data": None if opts.data is None else str(Path(opts.data).resolve()),
                 "data_hash": tokens_hash(seqs), "expected_sequences": n}

@@ -1,4 +1,9 @@
-"""Run configuration: one dataclass for every trainer option, and the named presets."""
+"""Run configuration: one dataclass for every trainer option, and the named presets.
+
+The loss options are not listed here: TrainConfig takes every KDOptions field except the
+ones the trainer sets itself (SET_BY_THE_TRAINER), so a new loss option becomes a trainer
+option, part of the fingerprint and of the objectives' options with no edit here.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,33 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..options import KDOptions
+
+# KDOptions fields the trainer fills in itself: the logit transforms are read from the
+# models, the ignore index is the one the label masks write, reduction / num_items /
+# return_components are the loop's normalisation, the chunking is the loss's own memory
+# budget, and impl is --impl (a TrainConfig field of its own, outside the fingerprint).
+SET_BY_THE_TRAINER = frozenset({
+    "student_softcap", "teacher_softcap", "student_logit_scale", "teacher_logit_scale",
+    "ignore_index", "reduction", "num_items", "return_components", "chunk_size",
+    "max_workspace_bytes", "impl"})
+# Where the trainer's default differs from the loss's: KD with a hard-label share.
+TRAINER_DEFAULTS: dict[str, Any] = {"kd_weight": 0.8, "ce_weight": 0.2}
+
+
+def _loss_field(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+    if f.name in TRAINER_DEFAULTS:
+        return f.name, f.type, field(default=TRAINER_DEFAULTS[f.name])
+    return f.name, f.type, field(default=f.default, default_factory=f.default_factory)
+
+
+# The loss options of a run, in KDOptions' order: the first fields of TrainConfig.
+LossConfig = dataclasses.make_dataclass(
+    "LossConfig", [_loss_field(f) for f in dataclasses.fields(KDOptions)
+                   if f.init and f.name not in SET_BY_THE_TRAINER])
+LossConfig.__module__ = __name__  # pickled configs (spawned ranks) find it here
+LOSS_OPTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(LossConfig))
 
 
 @dataclass(frozen=True)
@@ -22,16 +54,11 @@ class ModelSize:
 
 
 @dataclass
-class TrainConfig:
-    """Every option of `kdk distill`. Fields that change the numbers are part of the
-    fingerprint that --resume checks; output/logging fields are not."""
+class TrainConfig(LossConfig):
+    """Every option of `kdk distill`: the loss options (LossConfig, from KDOptions), then
+    the trainer's own. Fields that change the numbers are part of the fingerprint that
+    --resume checks; output/logging fields are not."""
 
-    # KD loss
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    kd_weight: float = 0.8
-    ce_weight: float = 0.2
     tail: str = "bucket"  # top-k students (--teacher-cache): the teacher's mass outside its K
     # optimisation
     max_steps: int = 120
@@ -49,7 +76,7 @@ class TrainConfig:
     baseline: str = "fused"  # "fused" or "naive" (materialised logits)
     impl: str = "auto"
     threads: int = 0  # CPU threads per rank; 0 = all available cores not busy now
-    # on-policy / sequence-level KD (kdkernels/train/on_policy.py); None = derived from seq_len
+    # on-policy / sequence-level KD (on_policy/batch_source.py); None = derived from seq_len
     on_policy: float = 0.0  # probability that a micro-batch is student-generated
     seq_kd: bool = False  # the teacher generates the (other) micro-batches
     prompt_len: int | None = None  # default seq_len // 2
@@ -67,7 +94,7 @@ class TrainConfig:
     vocab_size: int = 8192
     corpus_max_mb: float = 6.0
     heldout_fraction: float = 0.1
-    # --data (kdkernels/train/documents.py): the JSONL/table field with the text to train on
+    # --data (kdkernels/data/documents.py): the JSONL/table field with the text to train on
     text_field: str = "text"
     # --teacher: the dtype it is loaded in (fp32, bf16, fp16); the student stays fp32
     teacher_dtype: str = "fp32"
@@ -98,6 +125,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    def loss_options(self) -> dict[str, Any]:
+        """The options the objectives pass to the loss, by KDOptions field name."""
+        return {**{name: getattr(self, name) for name in LOSS_OPTIONS}, "impl": self.impl}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         d = dict(d)
@@ -125,7 +156,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   cache_top_k=0,
                   teacher_size=ModelSize(64, 2, 2, 128), student_size=ModelSize(32, 1, 2, 64)),
 }
-# `--preset on-policy` (kdkernels/train/on_policy_preset.py): off-policy vs on-policy KD from
+# `--preset on-policy` (on_policy/preset.py): off-policy vs on-policy KD from
 # the embedded teacher, pinned to the one the default cached (seq 128, batch 16, warm-up 25
 # are part of its cache key), so the preset trains no teacher when that cache exists.
 # bench/results/cpu/on_policy_probe.md has the measurements behind LAMBDA and the divergence,
@@ -137,6 +168,16 @@ PRESETS["on-policy"] = dict(_ON_POLICY_TEACHER, on_policy=0.5, divergence="rever
                             max_steps=120, eval_every=0)
 PRESETS["on-policy-smoke"] = dict(PRESETS["smoke"], on_policy=0.5, divergence="reverse_kl",
                                   eval_every=0)
+
+
+def saved_fingerprint(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint a run wrote, with the options it predates (in ``now``, absent from
+    ``saved``) at their defaults, which is what that run used: runs written before an option
+    existed still resume, unless the option is now set to something else."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                if f.default is not dataclasses.MISSING}
+    older = {k: defaults[k] for k in now if k not in saved and k in defaults}
+    return {**older, **saved}
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

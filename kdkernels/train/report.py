@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
-from . import metrics
+from .config import TrainConfig
+from .runtime import metrics
+from .sources.run_inputs import CACHE, EMBEDDED, HF_PAIR
 
 
 def _evaluated(results: dict[str, dict[str, Any]], *names: str) -> bool:
@@ -43,26 +45,71 @@ def topk_benefit(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     return out
 
 
+def loss_agreement(out: Path) -> dict[str, str]:
+    """How close the fused and the naive students' training losses stayed, step by step."""
+    fused = {r["step"]: r["loss"] for r in metrics.read(out / "kd" / "metrics.jsonl")
+             if "loss" in r}
+    naive = {r["step"]: r["loss"] for r in metrics.read(out / "naive" / "metrics.jsonl")
+             if "loss" in r}
+    both = sorted(set(fused) & set(naive))
+    if not both:
+        return {}
+    diffs = [abs(fused[s] - naive[s]) / max(abs(naive[s]), 1e-12) for s in both]
+    return {"step-1 loss relative difference (fused vs naive)": f"{diffs[0]:.2e}",
+            "max relative training-loss difference over all steps": f"{max(diffs):.2e}"}
+
+
 _LABELS = {"teacher": "teacher", "kd": "student, KD (fused)", "ce": "student, CE only",
            "naive": "student, KD (naive baseline)", "topk": "student, top-k KD (cache)"}
 _COLORS = {"teacher": "#555", "kd": "#1f77b4", "ce": "#ff7f0e", "naive": "#2ca02c",
            "topk": "#9467bd"}
 
 
+def _sampled(info: dict[str, Any]) -> bool:
+    return info.get("mode") == "sample"
+
+
+def cache_kind(info: dict[str, Any]) -> str:
+    """What a cache holds per position, from its manifest's mode: "top-64", or "64-sample"
+    (the distinct ids of that many seeded draws), so a sampled cache is never called top-k."""
+    if not _sampled(info):
+        return f"top-{info['top_k']}"
+    return f"{info['samples']}-sample" if info.get("samples") else "sampled"
+
+
 def _label(key: str, r: dict[str, Any]) -> str:
     cache = r.get("cache")
-    return f"student, top-{cache['top_k']} KD (cache)" if cache else _LABELS.get(key, key)
+    return f"student, {cache_kind(cache)} KD (cache)" if cache else _LABELS.get(key, key)
 
 
 def cache_line(info: dict[str, Any]) -> str:
-    """The cache's K, dtype, size on disk, bytes per token and write time, in one line."""
+    """The cache's mode, K, dtype, size on disk, bytes per token and write time, one line."""
     written = (f", written in {info['write_s']:.1f} s" if info.get("write_s") is not None
                else "")
     covered = (f", covering {info['covered_mass']:.0%} of the teacher's mass"
                if info.get("covered_mass") is not None else "")
-    return (f"K = {info['top_k']} {info['dtype']}, {info['tokens']:,} tokens, "
+    slots = f"K = {info['top_k']}"
+    if _sampled(info):
+        drawn = f"{info['samples']} samples" if info.get("samples") else "sampled ids"
+        slots = f"{drawn} per position in K = {info['top_k']} slots,"
+    return (f"{slots} {info['dtype']}, {info['tokens']:,} tokens, "
             f"{info['bytes'] / 2**20:.1f} MiB on disk, {info['bytes_per_token']:.1f} bytes per "
             f"token{written}{covered}")
+
+
+def run_settings(cfg: dict[str, Any], *, kind: str, student: bool, data: bool,
+                 topk: bool) -> dict[str, Any]:
+    """The configuration (TrainConfig.to_dict()) less what this run never read: the
+    embedded default's models and tokenizer with --student, the --teacher dtype without one,
+    the tail without a top-k student, generation options with generation off."""
+    applies = dict.fromkeys(("teacher_size", "teacher_steps", "teacher_lr", "cache_top_k"),
+                            kind == EMBEDDED)
+    applies.update(student_size=not student, vocab_size=not student,  # embedded student, BPE
+                   corpus_max_mb=not (kind == CACHE and student and not data),
+                   text_field=data, teacher_dtype=kind == HF_PAIR, tail=topk)
+    generation = bool(cfg.get("on_policy") or cfg.get("seq_kd"))
+    applies.update(dict.fromkeys(TrainConfig.GENERATION_FIELDS, generation))
+    return {k: v for k, v in cfg.items() if applies.get(k, True)}
 
 
 def generation_lines(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -110,7 +157,8 @@ def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str,
     if topk is not None:
         kept = (f", keeping {topk['kept']:.0%} of the dense KD benefit "
                 "((CE_only - CE_topk) / (CE_only - CE_dense))" if "kept" in topk else "")
-        lines += ["", f"**Top-k KD benefit: {topk['nats']:+.4f} nats/token held-out CE over "
+        what = "Top-k" if not _sampled(results["topk"].get("cache") or {}) else "Sampled-cache"
+        lines += ["", f"**{what} KD benefit: {topk['nats']:+.4f} nats/token held-out CE over "
                       f"the CE student{kept}.**"]
     if "topk" in results and results["topk"].get("cache"):
         info = results["topk"]["cache"]
@@ -163,7 +211,7 @@ def _plot(out_dir: Path, results: dict[str, dict[str, Any]]) -> None:
     cache = results.get("topk", {}).get("cache")
     fig.tight_layout(rect=(0, 0.05, 1, 1) if cache else None)
     if cache:
-        fig.text(0.99, 0.01, "top-k cache: " + cache_line(cache), ha="right", va="bottom",
+        fig.text(0.99, 0.01, "teacher cache: " + cache_line(cache), ha="right", va="bottom",
                  fontsize=8)
     fig.savefig(out_dir / "report.png", dpi=110)
     plt.close(fig)

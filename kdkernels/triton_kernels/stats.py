@@ -1,7 +1,7 @@
 """Stats pass: per-row partial statistics (layouts.STATS) over one vocab split.
 
 Grid (row blocks, vocab splits). Each program walks its split in BLOCK_V steps keeping the
-online triples (max, sum exp, weighted sum exp) of DESIGN.md in fp32 and writes one
+online triples (max, sum exp, weighted sum exp) of docs/design.md in fp32 and writes one
 [N_STATS] partial per row to part[split, row]; merge_kernel folds the splits with the same
 rescale. The kernel knows no divergence: STATS_WEIGHT (the divergence's stats_weight) says
 which weighted sum it keeps, so one compiled variant serves every divergence of that kind.

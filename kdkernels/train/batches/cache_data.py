@@ -1,7 +1,7 @@
 """Training batches from a teacher-logit cache (`kdk distill --teacher-cache`).
 
 A batch holds cached sequences (input ids with the teacher's top-K ids and log-probs per
-position) as windows of --seq-len tokens. Like corpus.train_batch, a batch is a pure function
+position) as windows of --seq-len tokens. Like windows.train_batch, a batch is a pure function
 of (seed, step, micro-batch, rank), so --resume needs no loader state: micro-batch g =
 (step * grad_accum + micro) * world + rank takes items g*B ... g*B + B - 1 of an endless
 stream that visits the training sequences once per epoch, in a seeded per-epoch order
@@ -51,7 +51,7 @@ class CacheData:
              verify: bool = True) -> CacheData:
         """The cache at ``path``; with heldout_fraction > 0 its last ceil(fraction * n)
         sequences (at least one) are held out and never trained on."""
-        from ..cache import TeacherCache
+        from ...cache import TeacherCache
 
         cache = TeacherCache(path, verify=verify)
         if not cache.complete:
@@ -118,59 +118,3 @@ class CacheData:
         picks = [self.held.start + (i * n) // take for i in range(take)]
         windows = torch.stack([self.cache[i]["input_ids"][:seq_len] for i in picks]).long()
         return list(windows.split(batch_size))
-
-
-def cache_identity(path: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """What --resume must find unchanged: the cache's path, data and shard hashes."""
-    import hashlib
-
-    shards = hashlib.sha256("".join(s.get("sha256", "") for s in manifest["shards"])
-                            .encode()).hexdigest()[:16]
-    return {"path": str(Path(path).resolve()), "data_hash": manifest.get("data_hash"),
-            "shards": shards, "top_k": manifest.get("top_k")}
-
-
-def check_student(cache, student: torch.nn.Module, student_tok, student_name: str) -> None:
-    """Refuse a cache that does not share the student's tokenizer, or whose ids (teacher or
-    input) do not fit the student's head and embeddings; the messages name both sides."""
-    from ..cache import tokenizer_hash
-    from ..hf import models
-
-    m = cache.manifest
-    where = f"--teacher-cache {cache.path}"
-    if student_tok is None:
-        raise ValueError(f"{student_name} has no tokenizer to compare with {where} (teacher "
-                         f"{m.get('teacher')!r}, tokenizer_hash {m.get('tokenizer_hash')}); save "
-                         "the tokenizer with the student")
-    ours = tokenizer_hash(student_tok)
-    if m.get("tokenizer_hash") != ours:
-        raise ValueError(f"{where} was written with another tokenizer than the student's: cache "
-                         f"tokenizer_hash {m.get('tokenizer_hash')} (teacher "
-                         f"{m.get('teacher')!r}) vs student {student_name} tokenizer_hash "
-                         f"{ours}; distil from a cache of a teacher with the student's tokenizer")
-    rows = int(models.head(student)[0].shape[0])
-    vocab = m.get("vocab_size")
-    if vocab is not None:
-        if int(vocab) > rows:
-            raise ValueError(f"{where} has vocab_size {vocab} (teacher {m.get('teacher')!r}) but "
-                             f"the student {student_name} head has {rows} rows; the student "
-                             f"needs at least {vocab}")
-        return
-    top = max_ids(cache)  # no vocab_size in the manifest: read the ids themselves
-    if top >= rows:
-        raise ValueError(f"{where} holds token id {top} (teacher {m.get('teacher')!r}) but the "
-                         f"student {student_name} head has {rows} rows (ids 0..{rows - 1})")
-
-
-def max_ids(cache) -> int:
-    """The largest input or teacher id over every shard (one pass, shard by shard)."""
-    from safetensors import safe_open
-
-    top = -1
-    for entry in cache.manifest["shards"]:
-        with safe_open(str(Path(cache.path) / entry["file"]), framework="pt") as f:
-            for name in ("input_ids", "teacher_ids"):
-                t = f.get_tensor(name)
-                if t.numel():
-                    top = max(top, int(t.max()))
-    return top

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hf import models
+from ...hf import models
 from .streams import IGNORE_INDEX
 
 

@@ -5,7 +5,7 @@ A document becomes prompt tokens + text tokens + EOS. ``targets[j]`` says whethe
 trained on, i.e. whether the label that predicts it (at position j - 1) counts; the others
 reach the loss as IGNORE_INDEX, so they add nothing to the loss, its gradient or num_items.
 The EOS after a completion is a target (the student learns to stop). Windows are drawn at the
-offsets corpus.train_batch would use, so a stream without prompts gives the same batches as
+offsets windows.train_batch would use, so a stream without prompts gives the same batches as
 the plain token tensor.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.documents import Document
-from . import corpus
+from ...data.documents import Document
+from . import windows
 
 IGNORE_INDEX = -100  # fused_linear_kd_loss's default ignore_index
 
@@ -40,11 +40,20 @@ class TokenStream:
         return cls(d["ids"], d["targets"])
 
 
+def encode_texts(tokenizer, texts: list[str], eos_id: int) -> torch.Tensor:
+    """All documents as one stream of token ids, an EOS after each."""
+    ids: list[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(texts):
+        ids.extend(enc.ids)
+        ids.append(eos_id)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
 def encode(tokenizer, docs: list[Document], eos_id: int) -> torch.Tensor | TokenStream:
-    """A plain id tensor when no document has a prompt (what corpus.encode gives), else a
+    """A plain id tensor when no document has a prompt (what encode_texts gives), else a
     TokenStream whose prompt tokens are not targets."""
     if not any(d.prompt for d in docs):
-        return corpus.encode(tokenizer, [d.text for d in docs], eos_id)
+        return encode_texts(tokenizer, [d.text for d in docs], eos_id)
     backend = tokenizer.backend_tokenizer
     # The prompt gets the tokenizer's special tokens (a BOS, if it adds one) and the
     # completion none, so that prompt + completion reads as one sequence.
@@ -72,7 +81,7 @@ def labels_of(stream: TokenStream, starts: list[int], seq_len: int) -> torch.Ten
 def train_batch(stream: TokenStream, batch_size: int, seq_len: int, *, seed: int, step: int,
                 micro: int = 0, rank: int = 0) -> dict[str, torch.Tensor]:
     """input_ids [B, S] and labels [B, S - 1], a function of the arguments only."""
-    starts = corpus.window_starts(stream.numel(), batch_size, seq_len, seed=seed, step=step,
+    starts = windows.window_starts(stream.numel(), batch_size, seq_len, seed=seed, step=step,
                                   micro=micro, rank=rank)
     ids = torch.stack([stream.ids[s:s + seq_len] for s in starts])
     return {"input_ids": ids, "labels": labels_of(stream, starts, seq_len)}
@@ -80,11 +89,11 @@ def train_batch(stream: TokenStream, batch_size: int, seq_len: int, *, seed: int
 
 def eval_batches(tokens: torch.Tensor | TokenStream, batch_size: int, seq_len: int,
                  n_batches: int) -> list:
-    """corpus.eval_batches for a plain stream; (input_ids, labels) pairs for a masked one,
+    """windows.eval_batches for a plain stream; (input_ids, labels) pairs for a masked one,
     so held-out CE counts completion tokens only."""
     if isinstance(tokens, torch.Tensor):
-        return corpus.eval_batches(tokens, batch_size, seq_len, n_batches)
-    starts = corpus.eval_starts(tokens.numel(), batch_size, seq_len, n_batches)
+        return windows.eval_batches(tokens, batch_size, seq_len, n_batches)
+    starts = windows.eval_starts(tokens.numel(), batch_size, seq_len, n_batches)
     ids = torch.stack([tokens.ids[s:s + seq_len] for s in starts])
     labels = labels_of(tokens, starts, seq_len)
     if not bool((labels != IGNORE_INDEX).any()):

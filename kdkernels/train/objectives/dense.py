@@ -4,14 +4,19 @@ teacher's hidden states and head; labels are the inputs shifted the Hugging Face
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .. import reference
-from ..dense.api import KDComponents, fused_linear_kd_loss
-from ..hf import models
-from ..hf.logit_transform import apply_logit_transform
-from . import completions
+from ... import reference
+from ...dense.api import KDComponents, fused_linear_kd_loss
+from ...hf import models
+from ...options import KDOptions
+from ..batches import completions
+
+# Half KD, half hard-label CE unless told (the loss alone defaults to KD only).
+DEFAULT_WEIGHTS = {"kd_weight": 0.5, "ce_weight": 0.5}
 
 
 class DistillObjective(nn.Module):
@@ -22,21 +27,19 @@ class DistillObjective(nn.Module):
     baseline="naive" materialises both [tokens, V] logits and uses the plain loss.
     """
 
-    def __init__(self, student: nn.Module, *, divergence: str = "forward_kl", beta: float = 0.5,
-                 temperature: float = 1.0, kd_weight: float = 0.5, ce_weight: float = 0.5,
-                 impl: str = "auto", teacher_softcap: float | None = None,
-                 teacher_logit_scale: float = 1.0, baseline: str = "fused") -> None:
+    def __init__(self, student: nn.Module, *, baseline: str = "fused", **options: Any) -> None:
+        """options: any KDOptions field (divergence, beta, temperature, kd_weight, impl,
+        teacher_softcap, ...), passed to the loss as given; the student's logit transform
+        is read from the student. Checked here, before any step."""
         super().__init__()
         if baseline not in ("fused", "naive"):
             raise ValueError(f"--baseline must be 'fused' or 'naive'; got {baseline!r}")
         self.student = student
         self.baseline = baseline
         scale, softcap = models.logit_transform(student)
-        self.options = dict(divergence=divergence, beta=beta, temperature=temperature,
-                            kd_weight=kd_weight, ce_weight=ce_weight,
-                            student_softcap=softcap, teacher_softcap=teacher_softcap,
-                            student_logit_scale=scale, teacher_logit_scale=teacher_logit_scale)
-        self.impl = impl
+        self.options = {**DEFAULT_WEIGHTS, **options, "student_softcap": softcap,
+                        "student_logit_scale": scale}
+        KDOptions(**self.options)
 
     @staticmethod
     def targets(teacher: nn.Module | None, batch: dict[str, torch.Tensor]):
@@ -64,8 +67,7 @@ class DistillObjective(nn.Module):
         if self.baseline == "naive":
             return _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts)
         return fused_linear_kd_loss(hidden, weight, teacher_hidden, teacher_weight, labels,
-                                    student_bias=bias, impl=self.impl, return_components=True,
-                                    **opts)
+                                    student_bias=bias, return_components=True, **opts)
 
 
 def _naive(hidden, weight, bias, teacher_hidden, teacher_weight, labels, opts) -> KDComponents:
@@ -92,30 +94,3 @@ def teacher_outputs(teacher: nn.Module, input_ids: torch.Tensor,
     """Teacher hidden states (shifted like the student's) and head, in eval mode."""
     teacher.eval()
     return _hidden(teacher, input_ids, attention_mask)[:, :-1], models.head(teacher)[0]
-
-
-@torch.no_grad()
-def heldout_ce(model: nn.Module, batches: list, device: torch.device,
-               autocast: bool = False, chunk: int = 1024) -> float:
-    """Mean next-token cross-entropy (nats/token) over fixed held-out windows. Logits are
-    built a chunk of tokens at a time, never for the whole batch."""
-    was_training = model.training
-    model.eval()
-    weight, bias = models.head(model)
-    scale, cap = models.logit_transform(model)
-    total, count = 0.0, 0
-    for batch in batches:
-        # a tensor of windows, or (windows, labels) where prompt tokens are ignore_index
-        ids, y = batch if isinstance(batch, tuple) else (batch, batch[:, 1:])
-        ids, y = ids.to(device), y.reshape(-1).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            h = models.hidden_states(model, ids)[:, :-1].reshape(-1, weight.shape[1])
-        for hc, yc in zip(h.split(chunk), y.split(chunk), strict=True):
-            z = nn.functional.linear(hc.float(), weight.float(),
-                                     None if bias is None else bias.float())
-            z = apply_logit_transform(z, scale, cap)
-            total += float(nn.functional.cross_entropy(
-                z, yc, reduction="sum", ignore_index=completions.IGNORE_INDEX))
-            count += int((yc != completions.IGNORE_INDEX).sum())
-    model.train(was_training)
-    return total / count

@@ -5,22 +5,30 @@ input_ids[t + 1]; the last position has no label and is dropped, as in DistillOb
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import nn
 
-from ..dense.api import KDComponents
-from ..hf import models
-from ..sparse.api import fused_linear_topk_kd_loss
-from ..sparse.options import TopKOptions
+from ...dense.api import KDComponents
+from ...hf import models
+from ...sparse.api import fused_linear_topk_kd_loss
+from ...sparse.options import TopKOptions
+from .dense import DEFAULT_WEIGHTS
 
 
-def check_options(*, tail: str, divergence: str, temperature: float, kd_weight: float,
-                  ce_weight: float, impl: str, beta: float = 0.5) -> None:
+def check_options(**options: Any) -> None:
     """Refuse options the top-k loss cannot take (e.g. --divergence jsd under --tail zero:
-    no top-k form) before any model work, naming the tail's rule."""
+    no top-k form, or an option it does not have) before any model work, naming the tail's
+    rule."""
+    tail = options.get("tail", "bucket")
+    unknown = set(options) - {f.name for f in dataclasses.fields(TopKOptions)}
+    if unknown:
+        raise ValueError(f"a top-k student (--tail {tail}): the top-k loss takes no "
+                         f"{', '.join(sorted(unknown))} option")
     try:
-        TopKOptions(tail=tail, divergence=divergence, beta=beta, temperature=temperature,
-                    kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
+        TopKOptions(**options)
     except ValueError as err:
         raise ValueError(f"a top-k student (--tail {tail}): {err}") from None
 
@@ -28,18 +36,16 @@ def check_options(*, tail: str, divergence: str, temperature: float, kd_weight: 
 class TopKObjective(nn.Module):
     """forward(input_ids, teacher_ids, teacher_logprobs, num_items) -> KDComponents."""
 
-    def __init__(self, student: nn.Module, *, tail: str = "bucket",
-                 divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                 kd_weight: float = 0.5, ce_weight: float = 0.5, impl: str = "auto") -> None:
+    def __init__(self, student: nn.Module, **options: Any) -> None:
+        """options: any TopKOptions field (tail, divergence, beta, kd_weight, impl, ...),
+        passed to the loss as given; the student's logit transform is read from the
+        student. Checked here, before any step."""
         super().__init__()
         self.student = student
         scale, softcap = models.logit_transform(student)
-        self.options = dict(tail=tail, divergence=divergence, beta=beta, temperature=temperature,
-                            kd_weight=kd_weight, ce_weight=ce_weight, student_softcap=softcap,
-                            student_logit_scale=scale)
-        self.impl = impl
-        check_options(tail=tail, divergence=divergence, beta=beta, temperature=temperature,
-                      kd_weight=kd_weight, ce_weight=ce_weight, impl=impl)
+        self.options = {**DEFAULT_WEIGHTS, **options, "student_softcap": softcap,
+                        "student_logit_scale": scale}
+        check_options(**self.options)
 
     @staticmethod
     def targets(teacher: nn.Module | None, batch: dict[str, torch.Tensor]):
@@ -52,5 +58,5 @@ class TopKObjective(nn.Module):
         weight, bias = models.head(self.student)
         return fused_linear_topk_kd_loss(
             hidden, weight, teacher_ids[:, :-1], teacher_logprobs[:, :-1], input_ids[:, 1:],
-            student_bias=bias, impl=self.impl, return_components=True, reduction="mean",
-            num_items=num_items, **self.options)
+            student_bias=bias, return_components=True, reduction="mean", num_items=num_items,
+            **self.options)

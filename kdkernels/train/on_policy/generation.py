@@ -5,7 +5,7 @@ runs inside `torch.random.fork_rng` with the global generator seeded from a key 
 micro-batch, rank): the samples are a pure function of that key and of the model's weights,
 and the trainer's own RNG stream (dropout, anything else) is left exactly as it was. A
 resumed run therefore needs no sampler state: it re-derives the same seeds for the same
-steps, like the data batches (corpus.train_batch). This is the "fork/restore" option; its
+steps, like the data batches (windows.train_batch). This is the "fork/restore" option; its
 cost is nothing, and it keeps every generate feature (caches of any model type, synced_gpus
 for FSDP).
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import completions
+from ..batches import completions
 
 
 @dataclass(frozen=True)

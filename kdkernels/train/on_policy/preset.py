@@ -27,22 +27,17 @@ from typing import Any
 
 import torch
 
-from . import (
-    checkpoint,
-    completions,
-    corpus,
-    distributed,
-    generation,
-    metrics,
-    objective,
-    on_policy,
-    pipeline,
-    report,
-    threads,
-    tiny_llama,
-)
-from .config import TrainConfig
-from .loop import Stage, train
+from .. import report
+from ..batches import completions, windows
+from ..config import TrainConfig
+from ..objectives.from_config import distill_objective
+from ..runtime import checkpoint, distributed, metrics, threads
+from ..runtime.evaluation import heldout_ce
+from ..runtime.loop import Stage, train
+from ..runtime.run_dir import prepare_output
+from ..sources import embedded_teacher, tiny_llama, training_data
+from ..sources.run_inputs import EMBEDDED
+from . import batch_source, generation
 
 PRESET_NAMES = ("on-policy", "on-policy-smoke")
 
@@ -77,16 +72,16 @@ def teacher_nll_of_samples(sampler: torch.nn.Module, teacher: torch.nn.Module,
         batches.append((b["input_ids"], b["labels"]))
     count = sum(int((y != completions.IGNORE_INDEX).sum()) for _, y in batches)
     rows = sum(y.shape[0] for _, y in batches)
-    nll = objective.heldout_ce(teacher, batches, device, autocast=bf16) if count else math.nan
+    nll = heldout_ce(teacher, batches, device, autocast=bf16) if count else math.nan
     return {"teacher_nll": nll, "completion_len": count / max(rows, 1)}
 
 
 def _stage(name: str, cfg: TrainConfig, student: torch.nn.Module, teacher, tok, out: Path,
            fingerprint: dict[str, Any], resume: bool) -> Stage:
     gen = None
-    if on_policy.enabled(cfg):
-        gen = on_policy.OnPolicy(cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    return Stage(name, pipeline._objective(cfg, student, teacher), teacher, cfg.max_steps,
+    if batch_source.enabled(cfg):
+        gen = batch_source.OnPolicy(cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    return Stage(name, distill_objective(cfg, student, teacher), teacher, cfg.max_steps,
                  cfg.lr, cfg.seed, out / name, tok,
                  resume=checkpoint.latest(out / name) if resume else None,
                  fingerprint={**fingerprint, "stage": name, "divergence": cfg.divergence,
@@ -100,7 +95,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     cfg's teacher and data) from one initialisation (`init`, e.g. a trained student, or a
     fresh one seeded by cfg.seed) and write OUTPUT/report.md and results.json."""
     t0 = time.perf_counter()
-    on_policy.check_options(cfg)
+    batch_source.check_options(cfg)
     if not cfg.on_policy > 0 or cfg.seq_kd:
         raise ValueError(f"--preset {preset} compares off-policy with on-policy KD: it needs "
                          "--on-policy LAMBDA > 0 and no --seq-kd")
@@ -113,17 +108,17 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     print(f"kdk distill: torch threads {choice.reason}", file=sys.stderr)
     out = Path(cfg.output)
     fingerprint = {**cfg.fingerprint(), "preset": preset}
-    pipeline.prepare_output(out, overwrite=overwrite, resume=resume, world=world,
-                            fingerprint=fingerprint)
-    tok, train_ids, held_ids, data_key, texts = pipeline._data(cfg, None, None, world)
-    held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    teacher, teacher_summary = pipeline._teacher(cfg, tok, train_ids, held, data_key, out, world,
-                                                 "ddp")
+    prepare_output(out, overwrite=overwrite, resume=resume, world=world,
+                   fingerprint=fingerprint)
+    data = training_data.prepare(cfg, None, None, world)
+    tok = data.tok
+    held = windows.eval_batches(data.held, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    teacher, teacher_summary = embedded_teacher.load_or_train(cfg, data, held, out, world, "ddp")
     results: dict[str, dict[str, Any]] = {"teacher": teacher_summary}
     torch.manual_seed(cfg.seed)
     student0 = init if init is not None else tiny_llama.build_llama(
         cfg.student_size, len(tok), cfg.seq_len, eos_id=tok.eos_token_id)
-    prompt_len, new = on_policy.lengths(cfg)
+    prompt_len, new = batch_source.lengths(cfg)
     sampling = generation.Sampling(new, cfg.gen_temperature, cfg.gen_top_p)
     score = dict(heldout=held, sampling=sampling, prompt_len=prompt_len, seed=cfg.seed,
                  eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, device=world.device,
@@ -134,7 +129,7 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
     for name, scfg in students(cfg) if variants is None else variants:
         student = copy.deepcopy(student0)
         stage = _stage(name, scfg, student, teacher, tok, out, fingerprint, resume)
-        results[name] = train(stage, scfg, train_ids, held, world)
+        results[name] = train(stage, scfg, data.train, held, world)
         results[name].update(dir=str(out / name), divergence=scfg.divergence,
                              on_policy=scfg.on_policy)
         if results[name]["interrupted"]:
@@ -142,8 +137,8 @@ def run(cfg: TrainConfig, *, overwrite: bool = False, resume: bool = False,
         t_eval = time.perf_counter()
         results[name].update(teacher_nll_of_samples(student, teacher, **score))
         eval_s += time.perf_counter() - t_eval
-    context = {"preset": preset, "corpus": pipeline._source(texts), "seed": cfg.seed,
-               "on-policy": on_policy.describe(cfg),
+    context = {"preset": preset, "corpus": data.summary, "seed": cfg.seed,
+               "on-policy": batch_source.describe(cfg),
                "sampling metric": f"{sum(len(b) for b in held)} held-out prompts of "
                                   f"{prompt_len} tokens, {new} new tokens at T = "
                                   f"{cfg.gen_temperature:g}, top-p {cfg.gen_top_p:g}, the "
@@ -198,7 +193,9 @@ def write_report(out: Path, cfg: TrainConfig, results: dict[str, dict[str, Any]]
             f"{r.get('gen_tokens_per_s', 0):,.0f} |")
     lines += report.generation_lines(results)
     lines += ["", f"**{verdict(results)}.**", "", "Configuration:", "", "```",
-              *(f"{k} = {v}" for k, v in cfg.to_dict().items()), "```", ""]
+              *(f"{k} = {v}" for k, v in report.run_settings(
+                  cfg.to_dict(), kind=EMBEDDED, student=False, data=False, topk=False).items()),
+              "```", ""]
     md = out / "report.md"
     md.write_text("\n".join(lines))
     summary = {k: {kk: vv for kk, vv in v.items() if kk != "evals"} for k, v in results.items()}

@@ -1,17 +1,35 @@
 """Checkpoints that resume bit-for-bit: the model through save_pretrained (loadable with
-AutoModelForCausalLM.from_pretrained), plus optimizer, scheduler and every RNG state."""
+AutoModelForCausalLM.from_pretrained), plus optimizer, scheduler and every RNG state.
+
+Each checkpoint is a folder of its own; ``checkpoints/latest`` names the newest complete one.
+A save writes the folder (every rank its files, each fsynced), waits for every rank, then
+replaces the marker atomically (temporary file, fsync, rename, fsync of the directory), so a
+kill at any point leaves a marker naming a complete checkpoint: the new one or the one before.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...cache.format import TMP_MARK, atomic_write_bytes, fsync_dir
+from ..config import saved_fingerprint
+
 STATE = "trainer_state.pt"
+MARKER = "latest"
+# Tests only: "<point>:<step>" holds the save of that step at that point (announced on
+# stderr) so that a test can kill the process there: "before-marker" (the folder written,
+# the marker not yet), "before-rename" (the marker's temporary file written, not renamed).
+TEST_PAUSE = "KDKERNELS_CHECKPOINT_TEST_PAUSE"
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -46,10 +64,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state(state["numpy"])
 
 
+def _test_pause(point: str, step: int) -> None:
+    if os.environ.get(TEST_PAUSE) == f"{point}:{step}":
+        print(f"kdkernels checkpoint test pause: {point}:{step}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def save(ckpt_dir: Path, student: nn.Module, tokenizer, optimizer, scheduler, *, step: int,
-         fingerprint: dict[str, Any], rank: int = 0, extra: dict | None = None) -> Path:
+         fingerprint: dict[str, Any], rank: int = 0, extra: dict | None = None,
+         barrier: Callable[[], None] | None = None) -> Path:
     """Every rank calls this (the state-dict gather is collective under FSDP); rank 0 writes
-    the model, each rank its own optimizer shard and RNG state."""
+    the model, each rank its own optimizer shard and RNG state. ``barrier`` (the world's)
+    holds rank 0's marker until every rank's files are on disk."""
     state = full_state_dict(student)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
@@ -58,11 +89,36 @@ def save(ckpt_dir: Path, student: nn.Module, tokenizer, optimizer, scheduler, *,
             tokenizer.save_pretrained(str(ckpt_dir))
         torch.save({"step": step, "scheduler": scheduler.state_dict(),
                     "fingerprint": fingerprint, "extra": extra or {}}, ckpt_dir / STATE)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()},
-               ckpt_dir / f"rank{rank}.pt")
-    if rank == 0:  # written last: its presence marks a complete checkpoint
-        (ckpt_dir.parent / "latest").write_text(ckpt_dir.name)
+    own = ckpt_dir / f"rank{rank}.pt"
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state()}, own)
+    # durable before the marker names them (a power cut must not leave it naming holes)
+    mine = [own] + ([p for p in ckpt_dir.iterdir() if p.is_file()
+                     and not p.name.startswith("rank")] if rank == 0 else [])
+    for p in mine:
+        _fsync(p)
+    if barrier is not None:
+        barrier()
+    if rank == 0:
+        fsync_dir(ckpt_dir)
+        _test_pause("before-marker", step)
+        _write_marker(ckpt_dir.parent, ckpt_dir.name, step)
     return ckpt_dir
+
+
+def _write_marker(checkpoints: Path, name: str, step: int) -> None:
+    """Replace checkpoints/latest atomically (not atomic_write_bytes: a test pauses between
+    the temporary file and its rename); leftovers of a killed save go first."""
+    marker = checkpoints / MARKER
+    for stale in checkpoints.glob(f"{MARKER}{TMP_MARK}*"):
+        stale.unlink()
+    tmp = checkpoints / f"{MARKER}{TMP_MARK}{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    _test_pause("before-rename", step)
+    os.replace(tmp, marker)
+    fsync_dir(checkpoints)
 
 
 def latest(run_dir: Path) -> Path | None:
@@ -70,7 +126,7 @@ def latest(run_dir: Path) -> Path | None:
     a checkpoint."""
     if (run_dir / STATE).exists():
         return run_dir
-    marker = run_dir / "checkpoints" / "latest"
+    marker = run_dir / "checkpoints" / MARKER
     if marker.exists():
         return run_dir / "checkpoints" / marker.read_text().strip()
     return None
@@ -79,7 +135,7 @@ def latest(run_dir: Path) -> Path | None:
 def check_fingerprint(ckpt_dir: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The saved trainer state, after refusing a checkpoint written by another config."""
     state = torch.load(ckpt_dir / STATE, weights_only=False)
-    saved = state["fingerprint"]
+    saved = saved_fingerprint(state["fingerprint"], fingerprint)
     diff = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
     if diff:
         pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
@@ -117,4 +173,6 @@ def load_rank_state(ckpt_dir: Path, rank: int, optimizer) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    """A run's JSON file (run.json, results.json...), replaced atomically: a kill leaves the
+    old file or the new one, never a torn one that a --resume could not read."""
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())

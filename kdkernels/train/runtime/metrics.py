@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ...cache.format import atomic_write_bytes
+
 
 class JsonlLog:
     """Append-only metrics; on resume, records after the resumed step are dropped so the
@@ -20,9 +22,9 @@ class JsonlLog:
         if resume_step is None:
             path.write_text("")
         elif path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(f"{line}\n" for line in keep))
+            keep = [line for line, rec in _records(path) if rec.get("step", 0) <= resume_step]
+            # replaced atomically: a kill now must not lose the records up to resume_step
+            atomic_write_bytes(path, "".join(f"{line}\n" for line in keep).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -30,10 +32,24 @@ class JsonlLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every line; a last line cut short by a kill mid-append is dropped
+    (that step is trained again on resume), any other bad line raises."""
+    lines = [line for line in path.read_text().splitlines() if line]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return out
+
+
 def read(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+    return [rec for _, rec in _records(path)]
 
 
 def plot_loss_curves(runs: dict[str, Path], out_png: Path, title: str = "training") -> None:

@@ -41,7 +41,7 @@ def read_data(path: str | Path, text_field: str = "text") -> list[str]:
     """The texts of --data: records (a .jsonl/.json or .parquet file, a datasets save_to_disk
     folder, or a folder of only .jsonl or only .parquet files: the `kdk distill --data`
     reader, field ``text_field``), else a text file or a folder read whole (read_texts)."""
-    from ..data import documents
+    from ...data import documents
 
     root = Path(path)
     if not _holds_records(root, documents):
@@ -95,14 +95,15 @@ def load_teacher(path: str, device: torch.device):
 def default_teacher(device: torch.device | str = "cpu", preset: str = "default"):
     """(teacher model, tokenizer, training-corpus token ids) of the embedded `kdk distill`
     default, from ~/.cache/kdkernels; the teacher is trained (and cached) if it is not."""
-    from . import corpus, distributed, pipeline
-    from .config import preset as make_preset
+    from ..batches import windows
+    from ..config import preset as make_preset
+    from ..runtime import distributed
+    from . import embedded_teacher, training_data
 
     cfg = make_preset(preset, device=str(device), progress=False)
     world = distributed.init(str(device))
-    tok, train_ids, held_ids, data_key, _ = pipeline._data(cfg, None, None, world)
-    held = corpus.eval_batches(held_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    data = training_data.prepare(cfg, None, None, world)
+    held = windows.eval_batches(data.held, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     with tempfile.TemporaryDirectory(prefix="kdk-teacher-") as out:  # training checkpoints
-        teacher, _ = pipeline._teacher(cfg, tok, train_ids, held, data_key, Path(out), world,
-                                       "ddp")
-    return teacher.eval(), tok, train_ids
+        teacher, _ = embedded_teacher.load_or_train(cfg, data, held, Path(out), world, "ddp")
+    return teacher.eval(), data.tok, data.train

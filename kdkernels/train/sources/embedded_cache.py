@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from ..hf import models
-from . import corpus, distributed
-from .cache_data import CacheData
-from .config import TrainConfig
+from ...hf import models
+from ..batches import windows
+from ..batches.cache_data import CacheData
+from ..config import TrainConfig
+from ..runtime import checkpoint, distributed
 
 DTYPE = "bf16"  # what `kdk cache-teacher` writes by default: 4 + 6 K bytes per token
 SCORE_BATCH = 16  # sequences per teacher forward
@@ -28,15 +29,15 @@ SCORE_BATCH = 16  # sequences per teacher forward
 def dense_windows(cfg: TrainConfig, train_ids: torch.Tensor, world_size: int) -> torch.Tensor:
     """Every window the dense student reads, in CacheData's sequential order: micro-batch
     g = (step * grad_accum + micro) * world + rank."""
-    return torch.cat([corpus.train_batch(train_ids, cfg.batch_size, cfg.seq_len, seed=cfg.seed,
-                                         step=s, micro=m, rank=r)
+    return torch.cat([windows.train_batch(train_ids, cfg.batch_size, cfg.seq_len,
+                                          seed=cfg.seed, step=s, micro=m, rank=r)
                       for s in range(cfg.max_steps) for m in range(cfg.grad_accum)
                       for r in range(world_size)])
 
 
 def _settings(cfg: TrainConfig, teacher, tok, seqs: torch.Tensor, world_size: int) -> dict:
-    from ..cache.hashing import config_hash, tokenizer_hash, tokens_hash
-    from ..cache.writer import settings_from_meta
+    from ...cache.hashing import config_hash, tokenizer_hash, tokens_hash
+    from ...cache.writer import settings_from_meta
 
     meta = {"teacher": "default", "teacher_config_hash": config_hash(teacher.config),
             "tokenizer_hash": tokenizer_hash(tok),
@@ -54,8 +55,8 @@ def _write(directory: Path, settings: dict, teacher, seqs: torch.Tensor, k: int,
            device: torch.device) -> float | None:
     """Write (or finish) the cache; returns the mean teacher mass its K ids cover over the
     rows written now (None when nothing was left to write)."""
-    from ..cache import teacher as scoring
-    from ..cache.writer import CacheWriter
+    from ...cache import scoring
+    from ...cache.writer import CacheWriter
 
     manifest = directory / "manifest.json"
     if manifest.exists():  # e.g. --resume with more --max-steps: other windows, rewrite
@@ -103,7 +104,7 @@ def build(cfg: TrainConfig, teacher, tok, train_ids: torch.Tensor, out: Path,
                     "tokens": tokens, "bytes": size, "bytes_per_token": size / tokens,
                     "write_s": time.perf_counter() - t0, "covered_mass": covered,
                     "dir": str(directory)}
-            info_path.write_text(json.dumps(info, indent=2))
+            checkpoint.write_json(info_path, info)  # atomic: a resume reads it whole
     world.barrier()
     info = json.loads(info_path.read_text())
     return CacheData.open(directory, order="sequential", verify=True), info

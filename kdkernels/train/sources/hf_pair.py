@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hf import models
+from ...hf import models
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-from ..data.documents import Document
+from ...data.documents import Document
 
 
 def check_fraction(fraction: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import ModelSize
+from ..config import ModelSize
 
 
 def build_llama(size: ModelSize, vocab_size: int, max_positions: int, *,

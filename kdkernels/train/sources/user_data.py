@@ -12,9 +12,11 @@ from typing import Any
 
 import torch
 
-from ..data import documents
-from . import distributed, split, streams, tokenizer
-from .config import TrainConfig
+from ...data import documents
+from ..batches import streams
+from ..config import TrainConfig
+from ..runtime import distributed
+from . import split, tokenizer
 
 FORMAT = 2  # bump when the cached streams change meaning
 
@@ -57,7 +59,7 @@ def describe(source: str, n_train: int, n_held: int, train, held, *, truncated: 
 
 
 def _key(cfg: TrainConfig, docs: documents.Documents, tok) -> str:
-    from ..cache.hashing import tokenizer_hash
+    from ...cache.hashing import tokenizer_hash
 
     ident = {"format": FORMAT, "docs": docs.digest, "heldout": cfg.heldout_fraction,
              "vocab": cfg.vocab_size, "tok": None if tok is None else tokenizer_hash(tok)}

@@ -1,0 +1,99 @@
+"""The models and data of one `kdk distill` run, from one of three sources: the embedded
+default (its corpus, tokenizer, cached teacher and a fresh student), --teacher/--student
+with --data (or the embedded corpus), or --teacher-cache (a cache and a student, no teacher
+model). Refusals of option combinations that a source cannot serve are raised here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...hf import models
+from ..batches import streams
+from ..batches.cache_data import CacheData
+from ..config import TrainConfig
+from ..objectives.from_config import topk_refusal
+from ..runtime import distributed
+from ..runtime.evaluation import heldout_ce
+from . import embedded_teacher, hf_pair, teacher_cache, tiny_llama, training_data
+
+EMBEDDED, HF_PAIR, CACHE = "embedded", "hf", "cache"
+
+
+@dataclass
+class RunInputs:
+    kind: str  # EMBEDDED, HF_PAIR or CACHE
+    student: nn.Module  # the initial weights every student starts from
+    tok: Any
+    teacher: nn.Module | None  # None with a teacher cache
+    train: torch.Tensor | streams.TokenStream | CacheData  # what the students train on
+    held: list  # held-out batches, the same for every model
+    summary: str  # the data, for the report
+    compare_ce: bool  # whether a CE-only student is trained too
+    teacher_summary: dict[str, Any] | None  # the teacher's row of the report
+
+
+def open_inputs(cfg: TrainConfig, *, teacher_path: str | None, student_path: str | None,
+                data: str | None, teacher_cache: str | None, compare_ce: bool | None,
+                out: Path, world: distributed.World, parallel: str) -> RunInputs:
+    """The run's inputs (compare_ce None: the source's default), the models' context length
+    checked against --seq-len."""
+    if teacher_cache is not None:
+        inputs = _from_cache(cfg, teacher_cache, student_path, data, compare_ce, world)
+    elif teacher_path is None:
+        if student_path is not None:
+            raise ValueError("--student needs --teacher or --teacher-cache (the embedded "
+                             "default builds both)")
+        inputs = _embedded(cfg, data, compare_ce, out, world, parallel)
+    else:
+        if student_path is None:
+            raise ValueError("--teacher needs --student (a Hugging Face checkpoint to train)")
+        inputs = _hf_pair(cfg, teacher_path, student_path, data, compare_ce, world)
+    models.check_seq_len(inputs.student, cfg.seq_len, "student")
+    if inputs.teacher is not None:
+        models.check_seq_len(inputs.teacher, cfg.seq_len, "teacher")
+    return inputs
+
+
+def _from_cache(cfg: TrainConfig, path: str, student_path: str | None, data: str | None,
+                compare_ce: bool | None, world: distributed.World) -> RunInputs:
+    refusal = topk_refusal(cfg)
+    if refusal:
+        raise ValueError(refusal)
+    if cfg.baseline == "naive":
+        raise ValueError("--baseline naive compares the fused dense loss with materialised "
+                         "teacher logits; a --teacher-cache run has no teacher model")
+    c = teacher_cache.open_inputs(cfg, path, student_path, data, world)
+    # the CE student (if any) reads the same cached sequences
+    return RunInputs(CACHE, c.student, c.tok, None, c.data, c.held, c.summary,
+                     (student_path is None) if compare_ce is None else compare_ce, None)
+
+
+def _embedded(cfg: TrainConfig, data: str | None, compare_ce: bool | None, out: Path,
+              world: distributed.World, parallel: str) -> RunInputs:
+    d = training_data.prepare(cfg, data, None, world)
+    held = streams.eval_batches(d.held, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    teacher, summary = embedded_teacher.load_or_train(cfg, d, held, out, world, parallel)
+    torch.manual_seed(cfg.seed)
+    student = tiny_llama.build_llama(cfg.student_size, len(d.tok), cfg.seq_len,
+                                     eos_id=d.tok.eos_token_id)
+    return RunInputs(EMBEDDED, student, d.tok, teacher, d.train, held, d.summary,
+                     True if compare_ce is None else compare_ce, summary)
+
+
+def _hf_pair(cfg: TrainConfig, teacher_path: str, student_path: str, data: str | None,
+             compare_ce: bool | None, world: distributed.World) -> RunInputs:
+    torch.manual_seed(cfg.seed)
+    pair = hf_pair.load(teacher_path, student_path, dtype=cfg.teacher_dtype,
+                        device=world.device)
+    d = training_data.prepare(cfg, data, pair.tok, world)
+    held = streams.eval_batches(d.held, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+    summary = {"heldout_ce": heldout_ce(pair.teacher, held, world.device, cfg.bf16),
+               "params": sum(p.numel() for p in pair.teacher.parameters()),
+               "steps": 0, "cached": False}
+    return RunInputs(HF_PAIR, pair.student, d.tok, pair.teacher, d.train, held, d.summary,
+                     False if compare_ce is None else compare_ce, summary)

@@ -1,0 +1,96 @@
+"""The models a `kdk distill` run trains, one after the other, from the same initial weights
+on the same batches: the student distilled from the teacher ("kd"), a top-k student ("topk":
+from --teacher-cache, or from the embedded default's own cache of its teacher, written just
+before it), the CE-only student ("ce") and the --baseline naive yardstick ("naive")."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .batches import streams
+from .config import TrainConfig
+from .objectives.from_config import FUSED, NAIVE, TOPK, for_stage, topk_refusal
+from .on_policy import batch_source
+from .runtime import checkpoint, distributed
+from .runtime.loop import Stage, train
+from .sources import embedded_cache, prompts, teacher_cache
+from .sources.run_inputs import CACHE, EMBEDDED, RunInputs
+
+
+@dataclass
+class StagePlan:
+    name: str
+    teacher: nn.Module | None
+    kind: str  # the objective: FUSED, NAIVE or TOPK
+    data: Any  # what it trains on; None: the embedded top-k cache, written on its turn
+
+
+def plan(cfg: TrainConfig, inputs: RunInputs, notes: dict[str, str]) -> list[StagePlan]:
+    """The stages this run's inputs allow; a top-k student the embedded default cannot have
+    is noted in ``notes`` with the reason."""
+    if inputs.kind == CACHE:
+        plans = [StagePlan("topk", None, TOPK, inputs.train)]
+    else:
+        plans = [StagePlan("kd", inputs.teacher, FUSED, inputs.train)]
+        embedded = inputs.kind == EMBEDDED and cfg.cache_top_k > 0
+        refusal = topk_refusal(cfg) if embedded else None
+        if embedded and isinstance(inputs.train, streams.TokenStream):
+            refusal = "prompt/completion data: the top-k cache holds no prompt mask"
+        if refusal:
+            notes["top-k student"] = f"skipped: {refusal}"
+        elif embedded:
+            plans.append(StagePlan("topk", inputs.teacher, TOPK, None))
+    if inputs.compare_ce:
+        plans.append(StagePlan("ce", None, FUSED, inputs.train))
+    if cfg.baseline == "naive" and inputs.teacher is not None:
+        plans.append(StagePlan("naive", inputs.teacher, NAIVE, inputs.train))
+    return plans
+
+
+def train_all(cfg: TrainConfig, inputs: RunInputs, plans: list[StagePlan], *, out: Path,
+              world: distributed.World, parallel: str, resume: bool,
+              fingerprint: dict[str, Any], notes: dict[str, str]) -> dict[str, dict]:
+    """Each stage's summary, in order; an interrupted stage (Ctrl-C) ends the run."""
+    results: dict[str, dict] = {}
+    for p in plans:
+        teacher, data, info = p.teacher, p.data, None
+        if p.kind == TOPK:
+            if data is None:
+                data, info = embedded_cache.build(cfg, teacher, inputs.tok, inputs.train, out,
+                                                  world)
+            else:
+                info = teacher_cache.facts(data)
+            teacher = None  # a top-k student never runs a teacher
+        student = copy.deepcopy(inputs.student)  # identical initial weights for every student
+        stage = Stage(p.name, for_stage(cfg, p.kind, student, teacher), teacher, cfg.max_steps,
+                      cfg.lr, cfg.seed, out / p.name, inputs.tok,
+                      resume=checkpoint.latest(out / p.name) if resume else None,
+                      fingerprint={**fingerprint, "stage": p.name},
+                      generation=_generation(cfg, inputs.tok, teacher, world, parallel, notes))
+        results[p.name] = train(stage, cfg, data, inputs.held, world, parallel)
+        results[p.name]["dir"] = str(out / p.name)
+        if info is not None:
+            results[p.name]["cache"] = info
+        if results[p.name]["interrupted"]:
+            print(f"\ninterrupted: checkpoint saved under {out / p.name / 'checkpoints'}; "
+                  f"continue with the same command plus --resume", file=sys.stderr)
+            break
+    return results
+
+
+def _generation(cfg: TrainConfig, tok, teacher, world: distributed.World, parallel: str,
+                notes: dict[str, str]) -> batch_source.OnPolicy | None:
+    """The on-policy / seq-KD batch source of a student distilled from a teacher model (the
+    CE-only student has no teacher to score completions and stays on the dataset)."""
+    if teacher is None or not batch_source.enabled(cfg):
+        return None
+    notes["on-policy"] = batch_source.describe(cfg)
+    loaded = prompts.load(cfg.prompts, tok) if cfg.prompts else None
+    return batch_source.OnPolicy(cfg, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                 prompts=loaded, synced=parallel == "fsdp" and world.size > 1)
