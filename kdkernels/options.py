@@ -15,7 +15,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # impl names are validated against the backend table at dispatch time (backends/registry.py).
 
 # The same on every device: bigger chunks pay (fewer re-reads of the fp32 grad_weight
-# accumulator, fuller GEMM tiles); README "Memory" has the measurements.
+# accumulator, fuller GEMM tiles); bench/README.md has the measurements.
 DEFAULT_MAX_WORKSPACE_BYTES = 2**30
 
 

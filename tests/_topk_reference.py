@@ -1,4 +1,4 @@
-"""A float64 reference of the top-k loss, written from the README's formulas and
+"""A float64 reference of the top-k loss, written from the formulas of docs/sparse_teachers.md and
 independent of kdkernels/sparse: it materialises the full student log-softmax, forms each
 tail's distributions explicitly and lets autograd differentiate it."""
 
@@ -8,7 +8,7 @@ import math
 
 import torch
 
-REST_EPS = 1e-6  # README "Sparse teachers": the teacher's rest is clamped below at 1e-6
+REST_EPS = 1e-6  # docs/sparse_teachers.md: the teacher's rest is clamped below at 1e-6
 
 
 def _outcome_div(student, teacher, divergence, beta, skew, alpha):

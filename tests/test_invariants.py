@@ -1,4 +1,4 @@
-"""Invariants of DESIGN.md, gradcheck, and parity with the peers' published formulas."""
+"""Invariants of docs/design.md, gradcheck, and parity with the peers' published formulas."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ _MODULES: dict[str, str] = {
     "cpp": "kdkernels.backends.cpp_rows",
     "cuda": "kdkernels.backends.cuda_rows",
 }
-# Fastest first; README "Backends" has the measurements behind the order (on an H200 triton
+# Fastest first; bench/README.md has the measurements behind the order (on an H200 triton
 # was as fast as or faster than cuda at every vocabulary, so it leads on CUDA).
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cuda": ("triton", "cuda", "torch"),

@@ -5,8 +5,8 @@ block's math runs in a few preallocated scratch buffers with in-place / ``out=``
 op allocates a [C, V] result. On CPUs a block's buffers are a few MiB: they stay in cache,
 every pass but the exps costs little, and no fresh pages are faulted in per op (a newly
 allocated 256 MiB temporary cost more than the exp written into it). Elsewhere a block is
-normally the whole chunk (README "Backends" has the measurements, bench/row_ops_cpu.py
-takes them).
+normally the whole chunk (bench/README.md has the measurements, bench/row_ops.py takes
+them).
 """
 
 from __future__ import annotations

@@ -51,8 +51,8 @@ _PROGRAMS_PER_SM = 8  # enough resident programs to hide load latency in the sta
 _MIN_BLOCKS_PER_SPLIT = 4  # a vocab split walks at least this many blocks
 _MERGE_TILE = 1024  # partials per merge program (len(STATS) loads each: few registers)
 # Elements each thread loads per step and tensor: a reduction loop needs that many loads in
-# flight to approach copy bandwidth (8 per thread fell well short on an H200; README
-# "Backends" has the figures).
+# flight to approach copy bandwidth (8 per thread fell well short on an H200; bench/
+# README.md has the figures).
 _ELEMS_PER_THREAD = 16
 # Interpreter: each program instance costs milliseconds of Python, so use big tiles.
 _CPU_BLOCK_V = 8192

@@ -93,7 +93,7 @@ def fused_linear_kd_loss(
     vocab_parallel: VocabParallel | None = None,
 ) -> torch.Tensor | KDComponents:
     """Distillation loss of a student LM head against a teacher's, without materialising
-    the [tokens x vocab] logits. See README "API" for every option."""
+    the [tokens x vocab] logits. See docs/api.md for every option."""
     opts = _options(locals())
     return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight,
                            labels, opts, student_bias=student_bias, teacher_bias=teacher_bias,

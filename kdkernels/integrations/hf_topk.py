@@ -7,7 +7,7 @@ log-probs carried in the batches: a kdkernels teacher cache, or any dataset with
                             kd_weight=0.8, ce_weight=0.2)
     trainer.train()
 
-Positions follow the cache (README "Sparse teachers"): ``teacher_ids[:, t]`` describes the
+Positions follow the cache (docs/sparse_teachers.md): ``teacher_ids[:, t]`` describes the
 token after ``input_ids[:, t]``, as a causal LM's ``logits[:, t]`` does, so it is paired with
 the label ``input_ids[:, t + 1]``. (vLLM's ``prompt_logprobs`` entry t describes token t
 itself: shift it by one, as examples/cache_from_logprobs.py does.) Batches of different

@@ -1,5 +1,5 @@
 """Public entry points of the sparse-teacher losses: fused_linear_topk_kd_loss, topk_kd_loss
-and the FusedLinearTopKKDLoss module (README "Sparse teachers")."""
+and the FusedLinearTopKKDLoss module (docs/sparse_teachers.md)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def fused_linear_topk_kd_loss(
 ) -> torch.Tensor | KDComponents:
     """Distillation of a student LM head from the teacher's top-K (or sampled) log-probs
     ``teacher_ids`` / ``teacher_logprobs`` [..., K], without the [tokens x vocab] logits.
-    See README "Sparse teachers"."""
+    See docs/sparse_teachers.md."""
     opts = _options(locals())
     return fused_linear_topk_kd(student_hidden, student_weight, teacher_ids, teacher_logprobs,
                                 labels, opts, student_bias=student_bias,

@@ -284,7 +284,7 @@ def _kl_only(rule: Callable[[TailInputs], TailResult]
 @dataclass(frozen=True)
 class Tail:
     name: str
-    rule: str  # what it does, for messages and the README
+    rule: str  # what it does, for messages and the docs
     rules: dict[str, Callable[[TailInputs, Params], TailResult]]  # divergence -> math
 
     @property

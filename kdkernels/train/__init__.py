@@ -1,4 +1,4 @@
-"""The reference distillation trainer behind `kdk distill` (see README "Training")."""
+"""The reference distillation trainer behind `kdk distill` (see docs/trainer.md)."""
 
 from .config import PRESETS, ModelSize, TrainConfig, preset
 from .objectives.dense import DistillObjective

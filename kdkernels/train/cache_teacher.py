@@ -75,17 +75,16 @@ def check_top_k(opts: CacheOptions, vocab_size: int, name: str) -> None:
                          "or less")
 
 
-def _unused_settings(opts: CacheOptions) -> dict:
-    """--samples and --seed in top-k mode: they change no target (top-k is deterministic),
-    so they are recorded as None and a resume with other values is accepted. A top-k cache
-    written before this recorded its --seed; its value is kept so that it still resumes."""
+def _sampling_settings(opts: CacheOptions) -> dict:
+    """--samples and --seed as the manifest records them. Top-k targets depend on neither, so
+    a top-k cache records None and a rerun with other values resumes it (refusing them would
+    refuse a cache identical to the one asked for); an existing cache keeps what it holds
+    (top-k caches written before this recorded --seed; a sample cache is refused by --mode)."""
     if opts.mode == "sample":
         return {"samples": opts.samples, "seed": opts.seed}
     try:
         old = fmt.read_manifest(Path(opts.output))
     except ValueError:  # none yet, or unreadable: CacheWriter names the problem
-        return {"samples": None, "seed": None}
-    if old.get("mode") != "topk":
         return {"samples": None, "seed": None}
     return {"samples": old.get("samples"), "seed": old.get("seed")}
 
@@ -113,7 +112,7 @@ def cache_teacher(opts: CacheOptions) -> dict:
               "frequent (their log-probs then sum to less than 1)", file=sys.stderr)
     settings = {"teacher": name, "teacher_config_hash": config_hash(model.config),
                 "tokenizer_hash": tokenizer_hash(tok), "vocab_size": head.vocab_size,
-                "top_k": opts.top_k, "mode": opts.mode, **_unused_settings(opts),
+                "top_k": opts.top_k, "mode": opts.mode, **_sampling_settings(opts),
                 "seq_len": L, "dtype": opts.dtype, "shard_size": opts.shard_size,
                 "data": None if opts.data is None else str(Path(opts.data).resolve()),
                 "data_hash": tokens_hash(seqs), "expected_sequences": n}
