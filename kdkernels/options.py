@@ -19,8 +19,25 @@ REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_WORKSPACE_BYTES = 2**30
 
 
+def is_symbolic(value: Any) -> bool:
+    """Whether ``value`` may be a torch.compile symbol (a number that changed between calls
+    of a compiled function), whose value is unknown until the graph runs. Dynamo shows a
+    SymFloat to the code it traces as a float (isinstance cannot tell them apart), so while
+    it traces, every number counts."""
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):
+        return True
+    return (torch.compiler.is_compiling() and isinstance(value, (int, float))
+            and not isinstance(value, bool))
+
+
 def _check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> float:
+                low_open: bool = False) -> Any:
+    if is_symbolic(value):
+        # No check while tracing (math.isfinite cannot trace a symbol, and a comparison
+        # would guard on the value: a recompile per value). The compile op rebuilds the
+        # options from the concrete values when the graph runs (engine/custom_ops.py), so
+        # a bad value raises there, with the same message.
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise TypeError(f"{name} must be a Python number, got a tensor of shape "
@@ -51,6 +68,10 @@ class KDOptions:
 
     ``divergence`` keeps the name the user gave; ``effective_divergence`` folds the exact
     special cases (jsd with beta 0 or 1 is forward or reverse KL, as in TRL).
+
+    While torch.compile traces a loss, a number option may be symbolic (``is_symbolic``):
+    its value checks and folds wait for the compile op, which rebuilds the options from the
+    concrete values when the graph runs (engine/custom_ops.py).
     """
 
     divergence: str = "forward_kl"
@@ -72,7 +93,7 @@ class KDOptions:
     max_workspace_bytes: int | None = None
     impl: str = "auto"
     return_components: bool = False
-    effective_divergence: str = field(init=False, repr=False, compare=False)
+    effective_divergence: str | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -88,9 +109,9 @@ class KDOptions:
         skew = _check_real("skew", self.skew, low=0.0, high=1.0)
         # A weight below fp64 resolution next to 1 (1 - skew == 1) cannot enter a mixture
         # weighted (1 - skew, skew) consistently in every backend: it is exactly 0.
-        set_("skew", 0.0 if 1.0 - skew == 1.0 else skew)
+        set_("skew", skew if is_symbolic(skew) or 1.0 - skew != 1.0 else 0.0)
         alpha = _check_real("alpha", self.alpha)
-        if not 0.0 < alpha < 1.0:
+        if not is_symbolic(alpha) and not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must be in the open interval (0, 1), got {alpha}")
         set_("alpha", alpha)
         set_("temperature", _check_real("temperature", self.temperature, low=0.0, low_open=True))
@@ -113,7 +134,11 @@ class KDOptions:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         div = _table.get(self.divergence)
-        set_("effective_divergence", div.fold(self.divergence_params(div)) or div.name)
+        params = self.divergence_params(div)
+        # Folding compares the parameters with exact values (jsd at beta 0 or 1): unknown
+        # while torch.compile traces a symbolic one (None), decided by the op at run time.
+        set_("effective_divergence", None if any(map(is_symbolic, params.values()))
+             else div.fold(params) or div.name)
 
     def divergence_params(self, div: _table.Divergence | None = None) -> dict[str, float]:
         """The values of the options that parameterise ``div`` (default: the chosen one)."""

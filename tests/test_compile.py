@@ -214,13 +214,15 @@ def test_kd_loss_compiled_vocab_parallel_not_supported():
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_kd_loss_opcheck(reduction):
     zs, zt, labels = _logits((7,), 23, 19, seed=5)
+    from kdkernels.dense.compiled import LOGITS
     from kdkernels.options import KDOptions
 
     opts = KDOptions(divergence="jsd", beta=0.4, temperature=1.5, ce_weight=0.2,
                      teacher_softcap=10.0, student_logit_scale=0.5, teacher_logit_scale=3.0,
                      reduction=reduction, chunk_size=3, impl="torch")
-    # the op's options are KDOptions' fields in order: no hand-written list
-    args = (zs.detach().requires_grad_(), zt, labels, True, *opts.values())
+    # the op's options are KDOptions' fields in order (the floats as 0-d tensors): no
+    # hand-written list
+    args = (zs.detach().requires_grad_(), zt, labels, True, *LOGITS.option_args(opts))
     torch.library.opcheck(torch.ops.kdkernels.kd_loss.default, args)
 
 

@@ -102,7 +102,7 @@ def test_opcheck(reduction):
     w = case["w"].clone().requires_grad_()
     lead = [h, w, None, case["ids"], case["lps"], case["labels"], [True, True, False],
             torch.float32]
-    torch.library.opcheck(FUSED_TOPK_OP.op, (*lead, *opts.values()))
+    torch.library.opcheck(FUSED_TOPK_OP.op, (*lead, *FUSED_TOPK_OP.schema.option_args(opts)))
     zs = (case["h"] @ case["w"].T).detach().requires_grad_()
     torch.library.opcheck(LOGITS_TOPK_OP.op, (zs, case["ids"], case["lps"], case["labels"],
-                                              True, *opts.values()))
+                                              True, *LOGITS_TOPK_OP.schema.option_args(opts)))

@@ -11,6 +11,27 @@ the options dataclass (KDOptions for dense/compiled.py; TopKOptions for
 sparse/compiled.py), derived from ``dataclasses.fields``, and every function here reads its
 arguments by name. A new option needs nothing in this module. ``FusedOp`` and ``LogitsOp``
 build an op, its fake, its backward and its autograd registration from an eager run.
+
+Options that change between calls (a temperature schedule, a beta sweep, num_items per
+step) are kept symbolic rather than specialised. Dynamo compiles a Python float argument
+as a constant first and, when a call brings another value, once more as a symbolic float
+(automatic dynamic), which then serves every later value. Two things make that graph hold:
+
+* KDOptions defers its checks and folds while dynamo traces (``options.is_symbolic``):
+  math.isfinite cannot trace a symbol, and a comparison would guard on the value.
+* The float options cross the op boundary as 0-d float64 CPU tensors (schema ``Tensor``),
+  made as ``ones * value``. A ``float`` or ``Scalar`` schema argument is specialised
+  (dynamo's tensorify pass keeps a float symbolic only where it enters tensor
+  arithmetic): a guard on the exact value, i.e. a recompile for every value of the
+  schedule until dynamo's recompile limit. On CPU, reading the value back costs no sync.
+
+So a schedule compiles twice (static, then dynamic), and every later value runs the same
+graph. The op's real implementation reads the concrete values and rebuilds the options
+dataclass (``_Schema.options``): a bad value passed on a later call raises the eager
+ValueError, naming the option, when the graph runs (a NaN is the exception that
+recompiles: dynamo guards float inputs against NaN itself). Deliberate specialisation
+(a guard per value) was the alternative; it is what the int options get (schema ``int``:
+ignore_index, chunk_size, max_workspace_bytes), which a training run does not schedule.
 """
 
 from __future__ import annotations
@@ -24,22 +45,38 @@ from torch import Tensor
 from ..options import KDOptions, option_fields
 
 _NAMESPACE = "kdkernels"
-# Schema types of the KDOptions field annotations (a new type needs a row here).
-_SCHEMA_TYPES = {"str": "str", "float": "float", "bool": "bool", "int": "int",
-                 "float | None": "float?", "int | None": "int?"}
+# Schema types of the KDOptions field annotations (a new type needs a row here). Float
+# options travel as 0-d float64 tensors, so that a symbolic one stays symbolic (above).
+_SCHEMA_TYPES = {"str": "str", "float": "Tensor", "bool": "bool", "int": "int",
+                 "float | None": "Tensor?", "int | None": "int?"}
+_AS_TENSOR = frozenset({"float", "float | None"})
 
 
-def _option_schema(fields: tuple) -> tuple[tuple[str, ...], str]:
+def _option_schema(fields: tuple) -> tuple[tuple[str, ...], str, frozenset[str]]:
+    """(names, schema text, names of the options carried as tensors)."""
     parts = []
     for f in fields:
         if f.type not in _SCHEMA_TYPES:
             raise TypeError(f"option {f.name}: no torch.library schema type for {f.type!r}; "
                             f"add one to engine/custom_ops._SCHEMA_TYPES")
         parts.append(f"{_SCHEMA_TYPES[f.type]} {f.name}")
-    return tuple(f.name for f in fields), ", ".join(parts)
+    tensors = frozenset(f.name for f in fields if f.type in _AS_TENSOR)
+    return tuple(f.name for f in fields), ", ".join(parts), tensors
 
 
-OPTION_NAMES, _OPTIONS = _option_schema(option_fields())
+OPTION_NAMES, _OPTIONS, _TENSOR_OPTIONS = _option_schema(option_fields())
+
+
+def _to_op(value: Any) -> Tensor | None:
+    """A float option as the op takes it: an exact float64 0-d tensor. ``ones * value``,
+    not ``torch.tensor(value)``: only arithmetic lets the tensorify pass turn a symbolic
+    float back into the graph's float input; anything else specialises it."""
+    return None if value is None else torch.ones((), dtype=torch.float64) * value
+
+
+def _from_op(value: Any) -> Any:
+    """The concrete number in the op's real implementation (None stays None)."""
+    return value.item() if isinstance(value, Tensor) else value
 
 
 class _Schema:
@@ -48,9 +85,10 @@ class _Schema:
 
     def __init__(self, name: str, leading: str, returns: str, kind: type = KDOptions,
                  fields: tuple | None = None) -> None:
-        option_names, options = ((OPTION_NAMES, _OPTIONS) if fields is None
-                                 else _option_schema(fields))
+        option_names, options, tensors = ((OPTION_NAMES, _OPTIONS, _TENSOR_OPTIONS)
+                                          if fields is None else _option_schema(fields))
         self.name, self.kind, self.option_names = name, kind, option_names
+        self.tensor_options = tensors
         self.leading = tuple(arg.split()[-1] for arg in leading.split(", "))
         self.names = (*self.leading, *option_names)
         self.text = f"({leading}, {options}) -> {returns}"
@@ -58,11 +96,22 @@ class _Schema:
     def bind(self, args: Sequence[Any]) -> dict[str, Any]:
         return dict(zip(self.names, args, strict=True))
 
+    def option_args(self, opts) -> tuple:
+        """The op's trailing arguments for the options ``opts`` (each float a tensor)."""
+        return tuple(_to_op(v) if n in self.tensor_options else v
+                     for n, v in zip(self.option_names, opts.values(), strict=True))
+
     def call(self, op, lead: dict[str, Any], opts) -> Any:
-        return op(*(lead[n] for n in self.leading), *opts.values())
+        return op(*(lead[n] for n in self.leading), *self.option_args(opts))
+
+    def call_bound(self, op, bound: dict[str, Any]) -> Any:
+        """Call ``op`` with the arguments of this schema, bound by name."""
+        return op(*(bound[n] for n in self.names))
 
     def options(self, bound: dict[str, Any], **override: Any):
-        return self.kind(**{**{n: bound[n] for n in self.option_names}, **override})
+        """The options dataclass from concrete op arguments (in the real implementation):
+        its checks raise here for a value that was symbolic while tracing."""
+        return self.kind(**{**{n: _from_op(bound[n]) for n in self.option_names}, **override})
 
 
 def _empty_for_missing(like: Tensor, grads) -> tuple[Tensor, ...]:
@@ -151,9 +200,9 @@ class FusedOp:
             grads = [t * g_loss.to(t.dtype) if w else None
                      for t, w in zip(ctx.saved_tensors, want, strict=True)]
         else:
-            grads = list(self.backward_schema.call(self.backward_op,
-                                                   {**a, "grad_rows": g_loss},
-                                                   self.schema.options(a)))
+            # The option tensors as bound: rebuilding the options here would read symbols.
+            grads = list(self.backward_schema.call_bound(self.backward_op,
+                                                         {**a, "grad_rows": g_loss}))
             grads = [t if w else None for t, w in zip(grads, want, strict=True)]
         if a["bs"] is None:
             grads[2] = None

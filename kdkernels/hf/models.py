@@ -28,6 +28,11 @@ def head(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return out.weight, getattr(out, "bias", None)
 
 
+def rows(weight: torch.Tensor) -> int:
+    """A weight's first dimension, also while ZeRO-3 partitions it (its shape is then [0])."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     """(scale, softcap) the model applies to its LM-head output (Cohere's logit_scale,
     Granite's logits_scaling, Gemma-2's final_logit_softcapping, ...); (1.0, None) for none."""
@@ -67,7 +72,7 @@ def check_pair(student: nn.Module, teacher: nn.Module, student_tok=None, teacher
     - no tokenizer at all: the heads must have equal rows, as nothing shows which rows of
       a larger head are real tokens.
     """
-    vs, vt = head(student)[0].shape[0], head(teacher)[0].shape[0]
+    vs, vt = rows(head(student)[0]), rows(head(teacher)[0])
     if student_tok is not None and teacher_tok is not None:
         a, b = student_tok.get_vocab(), teacher_tok.get_vocab()
         if a != b:
@@ -87,8 +92,8 @@ def check_pair(student: nn.Module, teacher: nn.Module, student_tok=None, teacher
     short = [f"the {name} head has {rows} rows" for name, rows in
              (("student", vs), ("teacher", vt)) if rows < n]
     emb = student.get_input_embeddings()
-    if emb is not None and emb.weight.shape[0] < n:
-        short.append(f"the student's input embeddings have {emb.weight.shape[0]} rows")
+    if emb is not None and rows(emb.weight) < n:
+        short.append(f"the student's input embeddings have {rows(emb.weight)} rows")
     if short:
         raise ValueError(f"the {whose} tokenizer has {n} tokens but {' and '.join(short)}; "
                          f"every head needs at least {n} rows (padded vocabularies may be "

@@ -22,10 +22,10 @@ from torch import nn
 from transformers import Trainer
 
 from ..dense.api import fused_linear_kd
-from ..hf import models
+from ..hf import engine_heads, models
 from ..hf.logit_transform import logit_transform, loss_transform_options
 from ..options import KDOptions
-from .hf_common import pop_loss_options, scaled_for_devices, student_hidden
+from .hf_common import pop_loss_options, scaled_for_devices, shard_teacher, student_hidden
 from .hf_topk import TopKCollator, TopKKDTrainer
 
 __all__ = ["KDTrainer", "TopKKDTrainer", "TopKCollator", "logit_transform"]
@@ -52,6 +52,7 @@ class KDTrainer(Trainer):
                           getattr(self, "processing_class", None))
         self.teacher_model = teacher_model.to(self.args.device).eval()
         self.teacher_model.requires_grad_(False)
+        self.teacher_engine = shard_teacher(self, self.teacher_model)
         self.kd_log: dict[str, float] = {}
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
@@ -61,18 +62,25 @@ class KDTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
-        hidden = student_hidden(self, model, input_ids, mask)
-        with torch.no_grad():
-            teacher_hidden = models.hidden_states_masked(self.teacher_model, input_ids, mask)
-        student = self.accelerator.unwrap_model(model)
-        weight, bias = models.head(student)
-        t_weight, t_bias = models.head(self.teacher_model)
         num = None if num_items_in_batch is None else float(num_items_in_batch)
+        student = self.accelerator.unwrap_model(model)
+        # Inside the wrapper's forward, so DDP/FSDP/ZeRO-3 reduce the head's gradient too.
+        loss, kd, ce = engine_heads.run_in_forward(model, student, self._loss, student,
+                                                   input_ids, mask, labels, num)
+        loss = scaled_for_devices(self, loss, num)
+        self.kd_log = {"kd": float(kd), "ce": float(ce)}
+        return (loss, {"loss": loss, "kd": kd, "ce": ce}) if return_outputs else loss
+
+    def _loss(self, student: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None,
+              labels: torch.Tensor, num: float | None) -> tuple[torch.Tensor, ...]:
+        hidden = student_hidden(student, input_ids, mask)
+        teacher_hidden = engine_heads.teacher_hidden(self.teacher_engine, self.teacher_model,
+                                                     input_ids, mask)
         opts = dataclasses.replace(
             self.kd_options, num_items=num,
             **loss_transform_options(student.config, self.teacher_model.config))
-        out = fused_linear_kd(hidden[:, :-1], weight, teacher_hidden[:, :-1], t_weight,
-                              labels[:, 1:], opts, student_bias=bias, teacher_bias=t_bias)
-        loss = scaled_for_devices(self, out.loss, num)
-        self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
-        return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss
+        with engine_heads.heads(student, self.teacher_model) as pair:
+            (weight, bias), (t_weight, t_bias) = pair
+            out = fused_linear_kd(hidden[:, :-1], weight, teacher_hidden[:, :-1], t_weight,
+                                  labels[:, 1:], opts, student_bias=bias, teacher_bias=t_bias)
+        return out.loss, out.kd, out.ce

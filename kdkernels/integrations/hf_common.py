@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..hf import models
+from ..hf import engine_heads, models
 from ..options import option_fields
 
 # The options a trainer sets itself: a mean over the Trainer's num_items_in_batch of labels
@@ -33,19 +33,26 @@ def pop_loss_options(options_class: type, kwargs: dict[str, Any], trainer: str) 
     return options_class(**options, reduction="mean", return_components=True)
 
 
-def student_hidden(trainer: Trainer, model: nn.Module, input_ids: torch.Tensor,
+def student_hidden(model: nn.Module, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """The student's final hidden states [B, L, D], never its full logits."""
-    unwrapped = trainer.accelerator.unwrap_model(model)
-    if model is unwrapped:
-        return models.base_model(unwrapped)(input_ids=input_ids,
-                                            attention_mask=attention_mask,
-                                            use_cache=False).last_hidden_state
-    # Wrapped (DDP/FSDP): go through the wrapper so its gradient hooks run; the final
-    # hidden state comes back in hidden_states, and logits are built for 1 position only.
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    return out.hidden_states[-1]
+    """The student's final hidden states [B, L, D], never its full logits; called inside the
+    wrapped model's forward (engine_heads.run_in_forward), so the engine's hooks run."""
+    return models.base_model(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
+
+
+def zero3_enabled(trainer: Trainer) -> bool:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return bool(trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
+
+
+def shard_teacher(trainer: Trainer, teacher: nn.Module) -> nn.Module | None:
+    """Under ZeRO-3 the teacher is partitioned like the student, by a ZeRO-3 inference engine
+    (returned; its forward gathers the teacher); None for the other engines, which replicate it."""
+    if not zero3_enabled(trainer):
+        return None
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    return engine_heads.zero3_inference(teacher, config)
 
 
 def scaled_for_devices(trainer: Trainer, loss: torch.Tensor, num: float | None) -> torch.Tensor:

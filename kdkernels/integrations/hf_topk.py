@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..hf import models
+from ..hf import engine_heads
 from ..hf.logit_transform import loss_transform_options
 from ..sparse.api import fused_linear_topk_kd
 from ..sparse.options import TopKOptions
@@ -140,14 +140,22 @@ class TopKKDTrainer(Trainer):
         labels = inputs.get("labels")
         if labels is None:
             labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
-        hidden = student_hidden(self, model, input_ids, mask)
-        student = self.accelerator.unwrap_model(model)
-        weight, bias = models.head(student)
         num = None if num_items_in_batch is None else float(num_items_in_batch)
+        student = self.accelerator.unwrap_model(model)
+        # Inside the wrapper's forward, so DDP/FSDP/ZeRO-3 reduce the head's gradient too.
+        loss, kd, ce = engine_heads.run_in_forward(model, student, self._loss, student,
+                                                   input_ids, mask, ids, logprobs, labels, num)
+        loss = scaled_for_devices(self, loss, num)
+        self.kd_log = {"kd": float(kd), "ce": float(ce)}
+        return (loss, {"loss": loss, "kd": kd, "ce": ce}) if return_outputs else loss
+
+    def _loss(self, student: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor | None,
+              ids: torch.Tensor, logprobs: torch.Tensor, labels: torch.Tensor,
+              num: float | None) -> tuple[torch.Tensor, ...]:
+        hidden = student_hidden(student, input_ids, mask)
         opts = dataclasses.replace(self.kd_options, num_items=num,
                                    **loss_transform_options(student.config))
-        out = fused_linear_topk_kd(hidden[:, :-1], weight, ids[:, :-1], logprobs[:, :-1],
-                                   labels[:, 1:], opts, student_bias=bias)
-        loss = scaled_for_devices(self, out.loss, num)
-        self.kd_log = {"kd": float(out.kd), "ce": float(out.ce)}
-        return (loss, {"loss": loss, "kd": out.kd, "ce": out.ce}) if return_outputs else loss
+        with engine_heads.heads(student) as [(weight, bias)]:
+            out = fused_linear_topk_kd(hidden[:, :-1], weight, ids[:, :-1], logprobs[:, :-1],
+                                       labels[:, 1:], opts, student_bias=bias)
+        return out.loss, out.kd, out.ce

@@ -116,6 +116,8 @@ class KDDistillationTrainer(_Base):  # type: ignore[misc, valid-type]
             raise ValueError(f"the student's lm_head is on {device} but the teacher's is on "
                              f"{teacher_head.weight.device}; place both on one device in their "
                              "device_map")
+        # The heads go as they are: fused_divergence_loss gathers ZeRO-3 and FSDP2 ones
+        # (engine_heads), and TRL's compute_loss runs this inside the student wrapper's forward.
         scale, softcap = logit_transform(unwrapped_student.config)
         t_scale, t_softcap = logit_transform(unwrapped_teacher.config)
         loss, entropy_sum, n_valid = fused_divergence_loss(

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from ..dense.api import fused_linear_kd
+from ..hf import engine_heads
 from ..options import KDOptions, option_fields
 
 # What TRL's loss does that kdkernels' defaults do not: the generalised JSD, no T**2 (TRL
@@ -48,17 +49,6 @@ def check_extra_options(options: dict[str, Any]) -> dict[str, Any]:
     merged = _with_defaults(options)
     KDOptions(**merged)
     return merged
-
-
-def _plain(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An FSDP2 DTensor head as one plain tensor, gathered once (its backward reduces the
-    gradient back to the shards), in the hidden states' dtype, as TRL does."""
-    if isinstance(weight, torch.distributed.tensor.DTensor):
-        weight = weight.full_tensor().to(dtype)
-        if bias is not None:
-            bias = bias.full_tensor()
-    return weight, bias
 
 
 def _mask_labels(completion_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -107,11 +97,17 @@ def fused_divergence_loss(
                      return_components=True)
     if opts.ce_weight and labels is None:
         raise ValueError("ce_weight > 0 needs labels (the completion token ids)")
-    w, bs = _plain(student_lm_head_weight, student_lm_head_bias, student_hidden_states.dtype)
-    u, bt = _plain(teacher_lm_head_weight, teacher_lm_head_bias, teacher_hidden_states.dtype)
-    out = fused_linear_kd(student_hidden_states, w, teacher_hidden_states, u,
-                          _mask_labels(completion_mask, labels), opts, student_bias=bs,
-                          teacher_bias=bt)
+    # ZeRO-3 heads are gathered for this call only, FSDP2 DTensor heads once (engine_heads); the
+    # caller runs this inside the wrapped model's forward, as TRL's trainer does.
+    with engine_heads.gathered(student_lm_head_weight, student_lm_head_bias,
+                               teacher_lm_head_weight, teacher_lm_head_bias):
+        w, bs = engine_heads.full(student_lm_head_weight, student_lm_head_bias,
+                                  student_hidden_states.dtype)
+        u, bt = engine_heads.full(teacher_lm_head_weight, teacher_lm_head_bias,
+                                  teacher_hidden_states.dtype)
+        out = fused_linear_kd(student_hidden_states, w, teacher_hidden_states, u,
+                              _mask_labels(completion_mask, labels), opts, student_bias=bs,
+                              teacher_bias=bt)
     n_valid = out.n_tokens
     if num_items_in_batch is None:
         # Clamped as TRL does, so a rank whose tokens are all masked gives 0, not 0 / 0.

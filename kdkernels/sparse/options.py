@@ -34,14 +34,18 @@ class _TopKBehaviour:
             object.__setattr__(self, name, getattr(dense, name))
         object.__setattr__(self, "_dense", dense)
         tail = get(self.tail)
-        if dense.effective_divergence not in tail.divergences:  # jsd at beta 0 is forward KL
+        # jsd at beta 0 is forward KL; with a symbolic beta (torch.compile tracing) the
+        # compile op checks this when the graph runs, from the concrete options.
+        effective = dense.effective_divergence
+        if effective is not None and effective not in tail.divergences:
             raise ValueError(
                 f"divergence={dense.divergence!r} is not defined under tail={self.tail!r}: "
                 f"{tail.rule}; it takes divergence in {{{', '.join(tail.divergences)}}}")
 
     @property
-    def effective_divergence(self) -> str:
-        """The divergence the tail rule computes (jsd at beta 0 / 1 folded to the KL)."""
+    def effective_divergence(self) -> str | None:
+        """The divergence the tail rule computes (jsd at beta 0 / 1 folded to the KL); None
+        while torch.compile traces a symbolic parameter."""
         return self.dense.effective_divergence
 
     @property
