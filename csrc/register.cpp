@@ -44,6 +44,7 @@ RowParams make_params(const std::string& op, int64_t div, at::ArrayRef<double> c
   const double cap_s = consts[kConstCapS], cap_t = consts[kConstCapT];
   const double w_q = consts[kConstWQ];
   const double mix_kind = consts[kConstMixKind], weight = consts[kConstStatsWeight];
+  const double want_e = consts[kConstWantEntropy];
   const float inv_t32 = static_cast<float>(inv_t);  // the kernels' value: fp32 math
   TORCH_CHECK(inv_t32 > 0 && std::isfinite(inv_t32), op, ": consts[inv_t] (1 / temperature) "
               "must be > 0 and finite in float32, got ", inv_t);
@@ -58,6 +59,8 @@ RowParams make_params(const std::string& op, int64_t div, at::ArrayRef<double> c
   TORCH_CHECK(weight == std::floor(weight) && weight >= 0 && weight < int{kWeights}, op,
               ": consts[stats_weight] must be a STATS_WEIGHTS index in [0, ", kWeights,
               "), got ", weight);
+  TORCH_CHECK(want_e == 0 || want_e == 1, op, ": consts[want_entropy] must be 0 or 1, got ",
+              want_e);
   const float scale_s = static_cast<float>(consts[kConstScaleS]);
   const float scale_t = static_cast<float>(consts[kConstScaleT]);
   TORCH_CHECK(scale_s > 0 && std::isfinite(scale_s) && scale_t > 0 && std::isfinite(scale_t),
@@ -78,6 +81,7 @@ RowParams make_params(const std::string& op, int64_t div, at::ArrayRef<double> c
   }
   p.has_ce = has_ce;
   p.ce_separate = has_ce && tempered != 0;
+  p.want_e = want_e != 0;
   p.mix_kind = static_cast<int>(mix_kind);
   p.stats_weight = static_cast<int>(weight);
   p.w_q = static_cast<float>(w_q);

@@ -84,7 +84,8 @@ enum Const : int {
   kConstStatsWeight = 9,
   kConstScaleS = 10,
   kConstScaleT = 11,
-  kConsts = 12,
+  kConstWantEntropy = 12,
+  kConsts = 13,
 };
 
 // Student-only row ops of the sparse (top-k) teacher losses (layouts.SSTATS, SCOEF).
@@ -140,6 +141,7 @@ struct RowParams {
   float tcap;         // teacher softcap
   bool has_ce;
   bool ce_separate;   // has_ce and T != 1: the CE softmax needs its own exp and its own stats
+  bool want_e;        // the stats passes sum e_a (the entropy); else they skip it, e_a = 0
   int mix_kind;       // MixKind
   int stats_weight;   // Weight
   float w_q;          // weight of q in the mixture (alpha for kAlpha)
@@ -412,7 +414,8 @@ KDK_HD void put_stats(float* out, MaxSum a, MaxSum b, MaxSum z, float label) {
 }
 
 // Merge stats partials [n, kStats] into one [kStats] row (vocab-split blocks of one row).
-KDK_HD void merge_stats(const float* parts, int n, int stride, float* out) {
+// Without want_e the partials' e_a is 0, which the rescale would not keep at 0: it stays 0.
+KDK_HD void merge_stats(const float* parts, int n, int stride, bool want_e, float* out) {
   MaxSum a{parts[kStatMA], parts[kStatSA], parts[kStatWA], parts[kStatEA]};
   MaxSum b{parts[kStatMB], parts[kStatSB], parts[kStatWB], 0.0f};
   MaxSum z{parts[kStatMZ], parts[kStatSZ], 0.0f, 0.0f};
@@ -424,6 +427,7 @@ KDK_HD void merge_stats(const float* parts, int n, int stride, float* out) {
     z = merge_max_sum(z, MaxSum{q[kStatMZ], q[kStatSZ], 0.0f, 0.0f});
     label += q[kStatZLabel];
   }
+  if (!want_e) a.e = 0.0f;
   put_stats(out, a, b, z, label);
 }
 
@@ -498,7 +502,8 @@ KDK_HD void put_student_stats(float* out, MaxSum a, MaxSum z) {
 }
 
 // Merge student stats partials [n, kSStats] (rows of `stride` floats) into one [kSStats] row.
-KDK_HD void merge_student_stats(const float* parts, int n, int stride, float* out) {
+KDK_HD void merge_student_stats(const float* parts, int n, int stride, bool want_e,
+                                float* out) {
   MaxSum a{parts[kSStatMA], parts[kSStatSA], 0.0f, parts[kSStatEA]};
   MaxSum z{parts[kSStatMZ], parts[kSStatSZ], 0.0f, 0.0f};
   for (int i = 1; i < n; ++i) {
@@ -506,6 +511,7 @@ KDK_HD void merge_student_stats(const float* parts, int n, int stride, float* ou
     a = merge_max_sum(a, MaxSum{q[kSStatMA], q[kSStatSA], 0.0f, q[kSStatEA]});
     z = merge_max_sum(z, MaxSum{q[kSStatMZ], q[kSStatSZ], 0.0f, 0.0f});
   }
+  if (!want_e) a.e = 0.0f;
   put_student_stats(out, a, z);
 }
 

@@ -190,13 +190,17 @@ struct Online {
   float s_tail = 0.0f, w_tail = 0.0f, e_tail = 0.0f;
 
   // Raise the max to cover a tile whose max is tm; false if every value so far is -inf.
+  // kEnt: e is kept (else it stays 0 and is not rescaled).
+  template <bool kEnt = true>
   bool raise(float tm) {
     float m_new = ScalarMath::max(m, tm);
     if (!(m_new == m)) {
       if (m != -INFINITY) {
         const float f = LaneMath::exp(m - m_new), d = m - m_new;
-        e = at::vec::fmadd(s, Vec(d), e) * Vec(f);  // e^(m-m') (e + (m - m') s), before s
-        e_tail = (e_tail + d * s_tail) * f;
+        if constexpr (kEnt) {
+          e = at::vec::fmadd(s, Vec(d), e) * Vec(f);  // e^(m-m') (e + (m - m') s), before s
+          e_tail = (e_tail + d * s_tail) * f;
+        }
         s = s * Vec(f);
         w = w * Vec(f);
         s_tail *= f;
@@ -211,7 +215,9 @@ struct Online {
   }
 };
 
-// Partial stats [kStats] of columns [c0, c1) of `row`.
+// Partial stats [kStats] of columns [c0, c1) of `row`; e_a (the entropy) only with kEnt, a
+// template parameter so that the skipped path has no per-element work (p.want_e picks it).
+template <bool kEnt>
 void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t, float* out) {
   const RowParams& p = g.p;
   const bool rev = p.stats_weight == kWeightStudent, fwd = p.stats_weight == kWeightTeacher;
@@ -220,7 +226,7 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
   for (int64_t col = c0; col < c1; col += kTile) {
     const int64_t n = std::min(kTile, c1 - col);
     load_tile(g, row, col, n, cez, t);
-    const bool la = A.raise(tile_max(t.a, n));
+    const bool la = A.raise<kEnt>(tile_max(t.a, n));
     const bool lb = B.raise(tile_max(t.b, n));
     const bool lz = cez && Z.raise(tile_max(t.z, n));
     const Vec ma(A.m), mb(B.m), mz(Z.m);
@@ -231,7 +237,7 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
         const Vec d = a - ma;
         const Vec e = VecMath::exp(d);
         A.s = A.s + e;
-        A.e = A.e + xexp_term<VecMath>(e, d);
+        if constexpr (kEnt) A.e = A.e + xexp_term<VecMath>(e, d);
         if (rev) A.w = at::vec::fmadd(e, a - b, A.w);
       }
       if (lb) {
@@ -246,7 +252,7 @@ void stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
       if (la) {
         const float d = a - A.m, e = LaneMath::exp(d);
         A.s_tail += e;
-        A.e_tail += xexp_term<LaneMath>(e, d);
+        if constexpr (kEnt) A.e_tail += xexp_term<LaneMath>(e, d);
         if (rev) A.w_tail += e * (a - b);
       }
       if (lb) {
@@ -347,7 +353,8 @@ void load_student_tile(const RowArgs& g, int64_t row, int64_t c0, int64_t n, boo
 }
 
 // Partial student stats [kSStats] of columns [c0, c1) of `row`: online at tile granularity,
-// one read of the logits, one exp per distribution per element.
+// one read of the logits, one exp per distribution per element; e_a only with kEnt.
+template <bool kEnt>
 void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, Tile& t,
                          float* out) {
   const bool cez = g.p.ce_separate;
@@ -355,7 +362,7 @@ void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, 
   for (int64_t col = c0; col < c1; col += kTile) {
     const int64_t n = std::min(kTile, c1 - col);
     load_student_tile(g, row, col, n, cez, t);
-    const bool la = A.raise(tile_max(t.a, n));
+    const bool la = A.raise<kEnt>(tile_max(t.a, n));
     const bool lz = cez && Z.raise(tile_max(t.z, n));
     const Vec ma(A.m), mz(Z.m);
     int64_t i = 0;
@@ -364,7 +371,7 @@ void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, 
         const Vec d = Vec::loadu(t.a + i) - ma;
         const Vec e = VecMath::exp(d);
         A.s = A.s + e;
-        A.e = A.e + xexp_term<VecMath>(e, d);  // masked columns: d = -inf, term 0
+        if constexpr (kEnt) A.e = A.e + xexp_term<VecMath>(e, d);  // masked: d = -inf, 0
       }
       if (lz) Z.s = Z.s + VecMath::exp(Vec::loadu(t.z + i) - mz);
     }
@@ -372,7 +379,7 @@ void student_stats_block(const RowArgs& g, int64_t row, int64_t c0, int64_t c1, 
       if (la) {
         const float d = t.a[i] - A.m, e = LaneMath::exp(d);
         A.s_tail += e;
-        A.e_tail += xexp_term<LaneMath>(e, d);
+        if constexpr (kEnt) A.e_tail += xexp_term<LaneMath>(e, d);
       }
       if (lz) Z.s_tail += LaneMath::exp(t.z[i] - Z.m);
     }
@@ -445,6 +452,7 @@ void for_blocks(int64_t rows, int64_t cols, int threads, int64_t nb, F fn) {
 
 void cpu_row_stats(const RowArgs& g, float* out, int threads) {
   const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  const auto stats_block = g.p.want_e ? &kdk::stats_block<true> : &kdk::stats_block<false>;
   if (nb == 1) {
     for_blocks(g.rows, g.cols, threads, 1, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
                                                 Tile& t) { stats_block(g, r, c0, c1, t,
@@ -463,7 +471,8 @@ void cpu_row_stats(const RowArgs& g, float* out, int threads) {
     }
   });
   for (int64_t r = 0; r < g.rows; ++r)
-    merge_stats(parts.data() + r * nb * kStats, static_cast<int>(nb), kStats, out + r * kStats);
+    merge_stats(parts.data() + r * nb * kStats, static_cast<int>(nb), kStats, g.p.want_e,
+                out + r * kStats);
 }
 
 void cpu_row_mix(const RowArgs& g, float* out, int threads) {
@@ -492,6 +501,8 @@ void cpu_row_grad(const RowArgs& g, int threads) {
 
 void cpu_student_stats(const RowArgs& g, float* out, int threads) {
   const int64_t nb = blocks_per_row(g.rows, g.cols, threads);
+  const auto student_stats_block =
+      g.p.want_e ? &kdk::student_stats_block<true> : &kdk::student_stats_block<false>;
   if (nb == 1) {
     for_blocks(g.rows, g.cols, threads, 1, [&](int64_t r, int64_t c0, int64_t c1, int64_t,
                                                 Tile& t) {
@@ -512,7 +523,7 @@ void cpu_student_stats(const RowArgs& g, float* out, int threads) {
   });
   for (int64_t r = 0; r < g.rows; ++r)
     merge_student_stats(parts.data() + r * nb * kSStats, static_cast<int>(nb), kSStats,
-                        out + r * kSStats);
+                        g.p.want_e, out + r * kSStats);
 }
 
 void cpu_student_grad(const RowArgs& g, int threads) {

@@ -130,12 +130,14 @@ __device__ __forceinline__ void walk(const RowArgs& g, const Span& s, bool out_a
 }
 
 // Online max/sum per thread: raise the max to cover x, false while everything is -inf.
+// kEnt: e is kept (else it stays 0 and is not rescaled).
+template <bool kEnt = true>
 __device__ __forceinline__ bool raise(MaxSum& acc, float x) {
   const float m_new = ScalarMath::max(acc.m, x);
   if (!(m_new == acc.m)) {
     if (acc.m != -INFINITY) {
       const float f = __expf(acc.m - m_new);
-      acc.e = f * (acc.e + (acc.m - m_new) * acc.s);  // before s is rescaled
+      if (kEnt) acc.e = f * (acc.e + (acc.m - m_new) * acc.s);  // before s is rescaled
       acc.s *= f;
       acc.w *= f;
     }
@@ -184,6 +186,9 @@ __device__ __forceinline__ void tempered(const RowParams& p, float zr, float tr,
   b = softcap<ScalarMath>(tr * p.scale_t, p.tcap, p.inv_tcap) * p.inv_t;
 }
 
+// kEnt: sum e_a (the entropy); a template parameter so that the skipped path (p.want_e
+// false) has no per-element work for it.
+template <bool kEnt>
 __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, float* work,
                                                          int nb) {
   const Span s = block_span(g, nb);
@@ -199,12 +204,13 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
       mb = ScalarMath::max(mb, bv[i]);
       if (cez) mz = ScalarMath::max(mz, zv[i]);
     }
-    const bool la = raise(acc[0], ma), lb = raise(acc[1], mb), lz = cez && raise(acc[2], mz);
+    const bool la = raise<kEnt>(acc[0], ma), lb = raise(acc[1], mb);
+    const bool lz = cez && raise(acc[2], mz);
     for (int i = 0; i < n; ++i) {
       if (la) {
         const float d = av[i] - acc[0].m, e = __expf(d);
         acc[0].s += e;
-        acc[0].e += xexp_term<ScalarMath>(e, d);
+        if (kEnt) acc[0].e += xexp_term<ScalarMath>(e, d);
         if (rev) acc[0].w += e * (av[i] - bv[i]);
       }
       if (lb) {
@@ -231,6 +237,7 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
   float label_z = 0.0f;
   block_reduce<3>(acc, label_z);
   if (threadIdx.x != 0) return;
+  if (!kEnt) acc[0].e = 0.0f;  // the reduction's rescale moved the zeros
   const int64_t label = p.has_ce && g.labels ? g.labels[s.row] : -1;
   if (label >= s.c0 && label < s.c1) {
     const float zr = load1(row_ptr(g.zs, g.zs_dtype, g.zs_stride, s.row), g.zs_dtype, label);
@@ -243,9 +250,10 @@ __global__ void __launch_bounds__(kThreads) stats_kernel(RowArgs g, float* out, 
             label_z);
 }
 
-__global__ void merge_stats_kernel(const float* work, float* out, int64_t rows, int nb) {
+__global__ void merge_stats_kernel(const float* work, float* out, int64_t rows, int nb,
+                                   bool want_e) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r < rows) merge_stats(work + r * nb * kStats, nb, kStats, out + r * kStats);
+  if (r < rows) merge_stats(work + r * nb * kStats, nb, kStats, want_e, out + r * kStats);
 }
 
 __global__ void __launch_bounds__(kThreads) mix_kernel(RowArgs g, float* out, float* work,
@@ -333,6 +341,7 @@ __device__ __forceinline__ void walk_student(const RowArgs& g, const Span& s, bo
     fn1(c, load1(zs, g.zs_dtype, c));
 }
 
+template <bool kEnt>
 __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, float* out,
                                                                  float* work, int nb) {
   const Span s = block_span(g, nb);
@@ -348,12 +357,12 @@ __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, floa
       ma = ScalarMath::max(ma, a[i]);
       if (cez) mz = ScalarMath::max(mz, z[i]);
     }
-    const bool la = raise(acc[0], ma), lz = cez && raise(acc[1], mz);
+    const bool la = raise<kEnt>(acc[0], ma), lz = cez && raise(acc[1], mz);
     for (int i = 0; i < n; ++i) {
       if (la) {
         const float d = a[i] - acc[0].m, e = __expf(d);
         acc[0].s += e;
-        acc[0].e += xexp_term<ScalarMath>(e, d);  // masked columns: d = -inf, term 0
+        if (kEnt) acc[0].e += xexp_term<ScalarMath>(e, d);  // masked: d = -inf, term 0
       }
       if (lz) acc[1].s += __expf(z[i] - acc[1].m);
     }
@@ -364,14 +373,16 @@ __global__ void __launch_bounds__(kThreads) student_stats_kernel(RowArgs g, floa
   float none = 0.0f;
   block_reduce<2>(acc, none);
   if (threadIdx.x != 0) return;
+  if (!kEnt) acc[0].e = 0.0f;  // the reduction's rescale moved the zeros
   put_student_stats(nb == 1 ? out + s.row * kSStats : work + blockIdx.x * kSStats, acc[0],
                     cez ? acc[1] : acc[0]);
 }
 
 __global__ void merge_student_stats_kernel(const float* work, float* out, int64_t rows,
-                                           int nb) {
+                                           int nb, bool want_e) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r < rows) merge_student_stats(work + r * nb * kSStats, nb, kSStats, out + r * kSStats);
+  if (r < rows)
+    merge_student_stats(work + r * nb * kSStats, nb, kSStats, want_e, out + r * kSStats);
 }
 
 __global__ void __launch_bounds__(kThreads) student_grad_kernel(RowArgs g, int nb) {
@@ -430,9 +441,13 @@ cudaError_t cuda_blocks_per_row(int64_t rows, int64_t cols, int device, int* nb)
 cudaError_t cuda_row_stats(const RowArgs& g, float* out, float* work, int nb,
                            cudaStream_t stream) {
   if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
-  stats_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  if (g.p.want_e)
+    stats_kernel<true><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  else
+    stats_kernel<false><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
-  merge_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows, nb);
+  merge_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows, nb,
+                                                                  g.p.want_e);
   return cudaGetLastError();
 }
 
@@ -454,10 +469,13 @@ cudaError_t cuda_row_grad(const RowArgs& g, int nb, cudaStream_t stream) {
 cudaError_t cuda_student_stats(const RowArgs& g, float* out, float* work, int nb,
                                cudaStream_t stream) {
   if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
-  student_stats_kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  if (g.p.want_e)
+    student_stats_kernel<true><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  else
+    student_stats_kernel<false><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
   merge_student_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows,
-                                                                          nb);
+                                                                          nb, g.p.want_e);
   return cudaGetLastError();
 }
 

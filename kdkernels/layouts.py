@@ -70,8 +70,11 @@ COEF = Columns("Coef", ("m_a", "log_s_a", "m_b", "log_s_b", "m_z", "log_s_z", "a
 #   stats_weight  STATS_WEIGHTS index: which weighted sum the stats pass keeps
 #   scale_s       student logit scale: z = softcap(scale_s * raw) (1 for none)
 #   scale_t       teacher logit scale, the same before the teacher's softcap
+#   want_entropy  1.0: the stats passes sum e_a (STATS, SSTATS); 0.0: they skip that work
+#                 (return_components=False never reports the entropy) and leave e_a at 0
 CONSTS = Columns("Const", ("inv_t", "tempered", "cap_s", "cap_t", "w_q", "log_w_q", "log_w_p",
-                           "k_div", "mix_kind", "stats_weight", "scale_s", "scale_t"))
+                           "k_div", "mix_kind", "stats_weight", "scale_s", "scale_t",
+                           "want_entropy"))
 
 # Student-only row ops of the sparse (top-k) teacher losses: partial stats over the columns
 # whose raw logit is not -inf (the driver masks the teacher's ids), merged like STATS.

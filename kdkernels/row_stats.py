@@ -4,7 +4,10 @@ A stats pass over a block of vocabulary columns returns, per row, fp32 partials 
 layout ``layouts.STATS`` that merge across vocab blocks or ranks with the online-softmax
 rescale (docs/design.md): each max column rescales the sums that belong to it, ``z_label`` is a
 plain sum. ``e_a`` = sum exp(a - m_a) (a - m_a) is relative to its max too, so moving it to a
-larger max M adds the shift: e <- exp(m_a - M) (e + (m_a - M) s_a).
+larger max M adds the shift: e <- exp(m_a - M) (e + (m_a - M) s_a). Without
+RowSpec.want_entropy the passes leave e_a at 0; merged, it is then finite but meaningless
+(the shift moves it), and the rows report an entropy of 0 instead (dense/rows.py,
+sparse/rows.py).
 The mix pass returns the plain sums of ``layouts.MIX``, merged by addition.
 """
 

@@ -226,15 +226,18 @@ def test_before_after_summary():
         for tree, prov, ms in (("before", "kdkernels:cpp", b), ("after", "kdkernels:cpp", a),
                                ("this checkout", before_after.FLOOR, f)):
             runs.append({"round": rnd, "tree": tree, "provider": prov, "dtype": "fp32",
-                         "status": "ok", "ms_median": ms, "peak_mib": 700.0})
+                         "status": "ok", "ms_median": ms, "peak_mib": 700.0,
+                         "times_ms": f"{ms + 1:.1f} {ms:.1f} {ms + 2:.1f}"})
     summary = before_after.summarize(runs, ["kdkernels:cpp"], ["fp32"], no_floor=False)
     floor, cpp = summary
     assert floor["after_ms"] == 55.0 and cpp["rounds"] == 2
     assert cpp["after_over_before"] == pytest.approx(93.0 / 110.0)
     assert cpp["round_ratio_min"] == pytest.approx(0.8) and cpp["round_ratio_max"] == 0.9
     assert cpp["after_over_floor"] == pytest.approx(93.0 / 55.0)
+    assert (cpp["before_best_ms"], cpp["after_best_ms"], floor["after_best_ms"]) == (
+        100.0, 90.0, 50.0)
     table = before_after.markdown(summary)
-    assert "| kdkernels:cpp | fp32 | 110 | 93 | 0.845 |" in table
+    assert "| kdkernels:cpp | fp32 | 110 | 93 | 0.845 |" in table and "| 100, 90 |" in table
 
 
 def test_row_ops_cpu_runs_every_op(tmp_path):

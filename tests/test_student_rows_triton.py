@@ -375,10 +375,12 @@ cc._PTRS.update(student_stats=("zs_ptr", "part_ptr"), student_merge=("part_ptr",
 flags = dict(HAS_CAP_S=False, TEMPERED=False, SEPARATE_Z=False)
 on = dict(HAS_CAP_S=True, TEMPERED=True, SEPARATE_Z=True)
 cases = [
-    ("student_stats", ("fp32", "fp32"), dict(BLOCK_R=1, BLOCK_V=2048, **flags)),
-    ("student_stats", ("bf16", "fp32"), dict(BLOCK_R=1, BLOCK_V=4096, **on)),
-    ("student_stats", ("fp16", "fp32"), dict(BLOCK_R=8, BLOCK_V=256, **on)),
-    ("student_merge", ("fp32", "fp32"), dict(BLOCK_R=128, BLOCK_P=8)),
+    ("student_stats", ("fp32", "fp32"), dict(BLOCK_R=1, BLOCK_V=2048, WANT_ENTROPY=True,
+                                             **flags)),
+    ("student_stats", ("bf16", "fp32"), dict(BLOCK_R=1, BLOCK_V=4096, WANT_ENTROPY=False,
+                                             **on)),
+    ("student_stats", ("fp16", "fp32"), dict(BLOCK_R=8, BLOCK_V=256, WANT_ENTROPY=True, **on)),
+    ("student_merge", ("fp32", "fp32"), dict(BLOCK_R=128, BLOCK_P=8, WANT_ENTROPY=True)),
     ("student_grad", ("fp32", "i64", "fp32", "bf16"),
      dict(HAS_CE=True, BLOCK_R=1, BLOCK_V=2048, ROUND_BF16=False, PACKED=False, **flags)),
     ("student_grad", ("bf16", "i64", "fp32", "bf16"),

@@ -5,6 +5,7 @@ with unit column stride (row stride may exceed V), any float dtype; all math in 
 
 ``stats(zs, zt, labels, spec) -> [C, len(STATS)] fp32``
     Partial row statistics over these V columns (layouts.STATS; row_stats.py merges them).
+    Without ``spec.want_entropy`` the entropy sum e_a is not computed: the column is 0.
     ``labels`` is int64 [C]: the column of the row's hard label inside this block, or -1 if
     the label is not in it (or there is no CE term).
 ``mix(zs, zt, norms, spec) -> [C, len(MIX)] fp32``
@@ -47,9 +48,9 @@ softcap, adds nothing to the sums and gets exactly 0 in ``out`` (the driver mask
 teacher's ids this way and handles those columns itself).
 
 ``student_stats(zs, spec) -> [C, len(SSTATS)] fp32``
-    (m_a, s_a, m_z, s_z): max and sum exp(x - max) of a = z * inv_t and, when
+    (m_a, s_a, m_z, s_z, e_a): max and sum exp(x - max) of a = z * inv_t and, when
     spec.ce_separate, of the untempered z (else m_z, s_z repeat m_a, s_a), over the unmasked
-    columns; a row with none has m = -inf, s = 0. Merged like STATS.
+    columns; a row with none has m = -inf, s = 0. Merged like STATS; e_a as in stats.
 ``student_grad(zs, labels, coef, spec, out) -> None``
     ``coef`` [C, len(SCOEF)] fp32 = (m_a, log_s_a, m_z, log_s_z, kd, ce). Writes
 
@@ -91,7 +92,9 @@ class RowSpec:
     consts: tuple[float, ...]  # layouts.CONSTS
 
     @staticmethod
-    def from_options(opts: KDOptions, has_labels: bool) -> RowSpec:
+    def from_options(opts: KDOptions, has_labels: bool, want_entropy: bool = True) -> RowSpec:
+        """``want_entropy`` False lets the stats passes skip the student entropy's sum e_a
+        (engine/autograd.row_spec: only return_components reports it)."""
         div = divergences.get(opts.effective_divergence)
         params = opts.divergence_params(div)
         t, scap, tcap = opts.temperature, opts.student_softcap, opts.teacher_softcap
@@ -102,6 +105,7 @@ class RowSpec:
                      cap_t=tcap or 0.0, k_div=k_div, scale_s=opts.student_logit_scale,
                      scale_t=opts.teacher_logit_scale,
                      stats_weight=float(getattr(STATS_WEIGHTS, div.stats_weight)),
+                     want_entropy=float(want_entropy),
                      **divergences.mixture_constants(w_q))
         return RowSpec(
             divergence=div.name, code=div.code, params=tuple(params.items()),
@@ -110,11 +114,13 @@ class RowSpec:
             consts=tuple(float(named[name]) for name in CONSTS))
 
     @staticmethod
-    def build(divergence: str = "forward_kl", *, has_ce: bool = False, **options) -> RowSpec:
+    def build(divergence: str = "forward_kl", *, has_ce: bool = False,
+              want_entropy: bool = True, **options) -> RowSpec:
         """A spec from loss options (tests, benchmarks): ``has_ce`` says the rows carry a CE
-        term; the other keywords are KDOptions fields."""
+        term, ``want_entropy`` that the stats passes sum e_a; the other keywords are
+        KDOptions fields."""
         return RowSpec.from_options(KDOptions(divergence=divergence, ce_weight=float(has_ce),
-                                              **options), has_ce)
+                                              **options), has_ce, want_entropy)
 
     def const(self, name: str) -> float:
         return self.consts[getattr(CONSTS, name)]
@@ -134,6 +140,11 @@ class RowSpec:
         """The student logit scale: dL/d(raw logit) = student_scale * dL/d(scaled logit),
         so the driver multiplies the gradient coefficients by it (no kernel applies it)."""
         return self.const("scale_s")
+
+    @property
+    def want_entropy(self) -> bool:
+        """The stats passes sum e_a (layouts.STATS, SSTATS); else they leave it at 0."""
+        return self.const("want_entropy") != 0.0
 
     def param(self, name: str) -> float:
         return dict(self.params)[name]

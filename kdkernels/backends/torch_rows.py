@@ -130,7 +130,8 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
             a = z
         m_a, e = _row_max_exp(a, buf_e)
         o[:, STATS.m_a], o[:, STATS.s_a] = m_a, e.sum(1)
-        o[:, STATS.e_a] = _xexp_sum(a, m_a, e, buf_b)  # buf_b is free until b
+        if spec.want_entropy:  # else e_a stays 0 (base.py)
+            o[:, STATS.e_a] = _xexp_sum(a, m_a, e, buf_b)  # buf_b is free until b
         if not separate_z:
             o[:, STATS.m_z], o[:, STATS.s_z] = o[:, STATS.m_a], o[:, STATS.s_a]
         b = _prepare(zt[rows], spec.teacher_softcap, inv_t, buf_b, scale_t)
@@ -395,7 +396,11 @@ def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
         if spec.ce_separate:
             o[:, SSTATS.m_z], o[:, SSTATS.s_z] = _max_sum(z, buf_e)
         a = z.mul_(spec.inv_t) if spec.tempered else z
-        o[:, SSTATS.m_a], o[:, SSTATS.s_a], o[:, SSTATS.e_a] = _max_sum(a, buf_e, buf_d)
+        if spec.want_entropy:
+            o[:, SSTATS.m_a], o[:, SSTATS.s_a], o[:, SSTATS.e_a] = _max_sum(a, buf_e, buf_d)
+        else:
+            o[:, SSTATS.m_a], o[:, SSTATS.s_a] = _max_sum(a, buf_e)
+            o[:, SSTATS.e_a] = 0.0
         if not spec.ce_separate:
             o[:, SSTATS.m_z], o[:, SSTATS.s_z] = o[:, SSTATS.m_a], o[:, SSTATS.s_a]
     return out

@@ -124,6 +124,7 @@ SPEC_FLAGS = {
     "SEPARATE_Z": lambda spec: spec.ce_separate,
     "MIX_KIND": lambda spec: int(spec.const("mix_kind")),
     "STATS_WEIGHT": lambda spec: int(spec.const("stats_weight")),
+    "WANT_ENTROPY": lambda spec: spec.want_entropy,
 }
 
 
@@ -155,7 +156,8 @@ def stats(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, spec: RowSpe
         block_p = triton.next_power_of_2(plan.n_split)
         block_r = max(1, min(triton.next_power_of_2(n_rows), _MERGE_TILE // block_p))
         merge_kernel[(triton.cdiv(n_rows, block_r),)](
-            part, out, n_rows, plan.n_split, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
+            part, out, n_rows, plan.n_split, **_spec_args(merge_kernel, spec),
+            BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
     return out
 
 
@@ -198,7 +200,7 @@ def grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, coef: torch.T
 
 
 def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
-    """(m_a, s_a, m_z, s_z) of the student alone over its unmasked (not -inf) columns
+    """(m_a, s_a, m_z, s_z, e_a) of the student alone over its unmasked (not -inf) columns
     (backends/base.py), on the stats pass's grid and merge."""
     _check("zs", zs)
     n_rows, n_cols = zs.shape
@@ -221,7 +223,8 @@ def student_stats(zs: torch.Tensor, spec: RowSpec) -> torch.Tensor:
         block_p = triton.next_power_of_2(plan.n_split)
         block_r = max(1, min(triton.next_power_of_2(n_rows), _MERGE_TILE // block_p))
         student_merge_kernel[(triton.cdiv(n_rows, block_r),)](
-            part, out, n_rows, plan.n_split, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
+            part, out, n_rows, plan.n_split, **_spec_args(student_merge_kernel, spec),
+            BLOCK_R=block_r, BLOCK_P=block_p, num_warps=4)
     return out
 
 

@@ -61,7 +61,9 @@ def _chunk_rows(plan: Plan, zs, zt, labels_local, row_scale, grad_out):
     if grad_out is not None:
         coef = _row_coefficients(plan, totals, aux, row_scale)
         backend.grad(zs, zt, labels_local, coef, spec, grad_out)
-    return kd, ce, totals.entropy
+    # Without want_entropy the stats hold no e_a (and its vocab merge moved their zeros):
+    # report 0, never a half-formed entropy (only return_components reports it at all).
+    return kd, ce, totals.entropy if spec.want_entropy else torch.zeros_like(kd)
 
 
 class DenseChunks:

@@ -122,7 +122,9 @@ class SparseChunks:
         if dz is not None:
             self._gradient(zs, dz, scale.double(), res, a_s, zc_s, z_s, valid, here, col,
                            kernel_labels, in_s, s, lse, lse1)
-        return res.div, ce, _entropy(s, lse, lp)
+        # Without want_entropy the stats hold no e_a: 0, as the dense rows report it.
+        entropy = _entropy(s, lse, lp) if spec.want_entropy else torch.zeros_like(res.div)
+        return res.div, ce, entropy
 
     def _gradient(self, zs, dz, scale, res, a_s, zc_s, z_s, valid, here, col, kernel_labels,
                   in_s, s, lse, lse1) -> None:

@@ -66,9 +66,10 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
                  span, inv_t, cap_s, cap_t, scale_s, scale_t,
                  STATS_WEIGHT: tl.constexpr, HAS_CE: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_V: tl.constexpr, HAS_CAP_S: tl.constexpr, HAS_CAP_T: tl.constexpr,
-                 TEMPERED: tl.constexpr, SEPARATE_Z: tl.constexpr):
+                 TEMPERED: tl.constexpr, SEPARATE_Z: tl.constexpr,
+                 WANT_ENTROPY: tl.constexpr):
     """SEPARATE_Z: the untempered student gets its own (max, sum) (CE at T != 1); else
-    m_z, s_z repeat m_a, s_a."""
+    m_z, s_z repeat m_a, s_a. WANT_ENTROPY: sum e_a, else leave it 0 (no work)."""
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -97,7 +98,8 @@ def stats_kernel(zs_ptr, zt_ptr, labels_ptr, part_ptr, n_rows, n_cols, stride_s,
         # a, b, whose masked lanes get e = 0.
         m_prev = m_a
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(mask, a, _NEG_INF))
-        ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
+        if WANT_ENTROPY:
+            ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if STATS_WEIGHT == WEIGHT_STUDENT:
             w_a = w_a * alpha_a + _weighted(e_a, a - b)
@@ -166,15 +168,19 @@ def _merge_group(base, mask, out, row_ok, M_COL: tl.constexpr, C1: tl.constexpr,
 
 @triton.jit
 def merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constexpr,
-                 BLOCK_P: tl.constexpr):
-    """out[row] = merge of part[0:n_parts, row] (row_stats.merge_partials in one launch)."""
+                 BLOCK_P: tl.constexpr, WANT_ENTROPY: tl.constexpr):
+    """out[row] = merge of part[0:n_parts, row] (row_stats.merge_partials in one launch);
+    without WANT_ENTROPY e_a stays 0 (the rescale would move the partials' zeros)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     parts = tl.arange(0, BLOCK_P).to(tl.int64)
     row_ok = rows < n_rows
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
     base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_STATS
     out = out_ptr + rows * N_STATS
-    merge_entropy(base, mask, out, row_ok, S_M_A, S_S_A, S_E_A)  # reads the partial s_a
+    if WANT_ENTROPY:
+        merge_entropy(base, mask, out, row_ok, S_M_A, S_S_A, S_E_A)  # reads the partial s_a
+    else:
+        tl.store(out + S_E_A, tl.zeros([BLOCK_R], tl.float32), mask=row_ok)
     _merge_group(base, mask, out, row_ok, S_M_A, S_S_A, S_W_A, True)
     _merge_group(base, mask, out, row_ok, S_M_B, S_S_B, S_W_B, True)
     _merge_group(base, mask, out, row_ok, S_M_Z, S_S_Z, S_S_Z, False)

@@ -58,10 +58,11 @@ def _load_student(ptr, row_off, cols, mask, cap, inv_t, scale, HAS_CAP: tl.const
 def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t, cap_s,
                          scale_s, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
                          HAS_CAP_S: tl.constexpr, TEMPERED: tl.constexpr,
-                         SEPARATE_Z: tl.constexpr):
+                         SEPARATE_Z: tl.constexpr, WANT_ENTROPY: tl.constexpr):
     """Online (max, sum exp) of a = z * inv_t, and with SEPARATE_Z of the untempered z (else
     m_z, s_z repeat m_a, s_a), over the unmasked columns of one vocab split; a row with none
-    gets (-inf, 0). One [N_SSTATS] partial per row to part[split, row]."""
+    gets (-inf, 0). With WANT_ENTROPY e_a too, else 0. One [N_SSTATS] partial per row to
+    part[split, row]."""
     split = tl.program_id(1)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
@@ -81,7 +82,8 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
                                     HAS_CAP_S, TEMPERED)
         m_prev = m_a
         m_a, alpha_a, e_a = _online_step(m_a, tl.where(valid, a, _NEG_INF))
-        ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
+        if WANT_ENTROPY:
+            ent = _entropy_step(ent, s_a, m_prev, m_a, alpha_a, e_a, a)
         s_a = s_a * alpha_a + tl.sum(e_a, axis=1)
         if SEPARATE_Z:
             m_z, alpha_z, e_z = _online_step(m_z, tl.where(valid, z, _NEG_INF))
@@ -100,7 +102,7 @@ def student_stats_kernel(zs_ptr, part_ptr, n_rows, n_cols, stride_s, span, inv_t
 
 @triton.jit
 def student_merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constexpr,
-                         BLOCK_P: tl.constexpr):
+                         BLOCK_P: tl.constexpr, WANT_ENTROPY: tl.constexpr):
     """out[row] = merge of part[0:n_parts, row]: each (max, sum) pair rescaled to the row's
     max, as merge_kernel folds the stats partials (row_stats.merge_student_partials)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -109,7 +111,10 @@ def student_merge_kernel(part_ptr, out_ptr, n_rows, n_parts, BLOCK_R: tl.constex
     mask = row_ok[:, None] & (parts < n_parts)[None, :]
     base = part_ptr + (parts[None, :] * n_rows + rows[:, None]) * N_SSTATS
     out = out_ptr + rows * N_SSTATS
-    merge_entropy(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_E_A)  # reads the partial s_a
+    if WANT_ENTROPY:
+        merge_entropy(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_E_A)  # reads partial s_a
+    else:
+        tl.store(out + SS_E_A, tl.zeros([BLOCK_R], tl.float32), mask=row_ok)
     _merge_group(base, mask, out, row_ok, SS_M_A, SS_S_A, SS_S_A, False)
     _merge_group(base, mask, out, row_ok, SS_M_Z, SS_S_Z, SS_S_Z, False)
 
