@@ -30,7 +30,8 @@ from ..engine.validation import (
 from ..options import KDOptions, option_fields
 from ..parallel import VocabParallel
 from . import compiled
-from .autograd import FusedLinearKD, LogitsKD, Plan
+from .autograd import FusedLinearKD, LogitsKD
+from .plan import Plan
 
 
 def _options(arguments: dict[str, Any]) -> KDOptions:

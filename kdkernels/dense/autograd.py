@@ -3,11 +3,8 @@ engine/autograd.py (gradients computed in forward, scaled by grad_output in back
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..backends.base import Backend, RowSpec
 from ..engine.autograd import (
     FusedOutcome,
     LogitsOutcome,
@@ -22,23 +19,9 @@ from ..engine.autograd import (
     scale_grad,
 )
 from ..engine.driver import ChunkRun, RowResult
-from ..engine.local_reducer import Reducer
 from ..engine.validation import scan_labels
-from ..options import KDOptions
+from .plan import Plan
 from .rows import fused_rows, logits_rows
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Everything the Functions need besides tensors."""
-
-    opts: KDOptions
-    spec: RowSpec
-    backend: Backend
-    reducer: Reducer
-    compute_dtype_s: torch.dtype
-    compute_dtype_t: torch.dtype
-    label_vocab: int  # labels must be ids in [0, label_vocab) (the global shared vocabulary)
 
 
 def fused_forward(h, w, bs, g, u, bt, labels, plan: Plan, want_h: bool, want_w: bool,

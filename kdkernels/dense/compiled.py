@@ -14,7 +14,8 @@ from ..engine.custom_ops import FusedOp, LogitsOp
 from ..engine.gemm import logits_dtype
 from ..engine.local_reducer import LOCAL
 from ..options import KDOptions
-from .autograd import Plan, fused_forward, logits_forward
+from .autograd import fused_forward, logits_forward
+from .plan import Plan
 
 
 def _plan(h: Tensor, labels: Tensor | None, opts: KDOptions, cd_s, cd_t, label_vocab: int,

@@ -4,8 +4,6 @@ materialised logits)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..backends.base import RowSpec
@@ -22,9 +20,7 @@ from ..engine.driver import (
 )
 from ..layouts import COEF
 from ..row_stats import finish, norms
-
-if TYPE_CHECKING:  # autograd.py imports this module
-    from .autograd import Plan
+from .plan import Plan
 
 
 def local_labels(labels: torch.Tensor | None, spec: RowSpec, start: int, width: int,

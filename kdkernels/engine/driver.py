@@ -41,7 +41,7 @@ class ChunkOptions(Protocol):
 
 
 class LossPlan(Protocol):
-    """What the driver reads of a loss's plan (dense.autograd.Plan, sparse.autograd.SparsePlan):
+    """What the driver reads of a loss's plan (dense.plan.Plan, sparse.plan.SparsePlan):
     the options, the row spec, the row kernels, the reducer, the student's compute dtype."""
 
     @property

@@ -31,8 +31,9 @@ from ..engine.validation import (
 )
 from ..parallel import VocabParallel
 from . import compiled
-from .autograd import SparsePlan, TopKFusedLinear, TopKLogits
+from .autograd import TopKFusedLinear, TopKLogits
 from .options import TopKOptions, topk_option_fields
+from .plan import SparsePlan
 from .teacher import check_teacher_tensors
 
 

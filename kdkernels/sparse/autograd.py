@@ -4,11 +4,8 @@ reduction='none' the fused loss recomputes its chunks with grad_output as row we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..backends.base import Backend, RowSpec
 from ..engine.autograd import (
     FusedOutcome,
     LogitsOutcome,
@@ -24,23 +21,10 @@ from ..engine.autograd import (
     scatter_rows,
 )
 from ..engine.driver import ChunkRun, RowResult, plan_fused, plan_logits, student_chunks
-from ..engine.local_reducer import Reducer
 from ..engine.validation import scan_labels
-from .options import TopKOptions
+from .plan import SparsePlan
 from .rows import SparseChunks, logits_rows
 from .teacher import prepare_teacher
-
-
-@dataclass(frozen=True)
-class SparsePlan:
-    """Everything the Functions need besides tensors."""
-
-    opts: TopKOptions
-    spec: RowSpec
-    backend: Backend
-    reducer: Reducer
-    compute_dtype_s: torch.dtype  # the student's GEMMs' (there is no teacher GEMM)
-    vocab: int  # teacher ids and labels must be in [0, vocab) (the global vocabulary)
 
 
 def _kept(labels, ids, logprobs, n: int, plan: SparsePlan):

@@ -12,8 +12,9 @@ from ..engine.autograd import row_spec
 from ..engine.custom_ops import FusedOp, LogitsOp
 from ..engine.gemm import logits_dtype
 from ..engine.local_reducer import LOCAL
-from .autograd import SparsePlan, topk_fused_forward, topk_logits_forward
+from .autograd import topk_fused_forward, topk_logits_forward
 from .options import TopKOptions, topk_option_fields
+from .plan import SparsePlan
 
 
 def _plan(x: torch.Tensor, labels, opts: TopKOptions, cd, rows_dtype, vocab) -> SparsePlan:

@@ -15,17 +15,14 @@ Per chunk of C kept rows with student logits ``zs`` [C, V_local] (a writable wor
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 
 from .. import divergences
 from ..layouts import SCOEF, SSTATS
+from .plan import SparsePlan
 from .tails import TailInputs, get, signed_log, signed_sum
 from .teacher import SparseTeacher
-
-if TYPE_CHECKING:  # autograd.py imports this module
-    from .autograd import SparsePlan
 
 
 def _add_at(x: torch.Tensor, col: torch.Tensor, vals: torch.Tensor) -> None:
