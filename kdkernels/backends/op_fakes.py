@@ -87,13 +87,7 @@ def _row_grad_fake(zs, zt, labels, coef, div, consts, has_ce, out):
     _check_call(op, zs, zt, div, consts)
     _check_rows(op, "labels", labels, zs, None, torch.int64)
     _check_rows(op, "coef", coef, zs, len(COEF), torch.float32)
-    torch._check(out.dim() == 2, lambda: f"{op}: out must have shape {tuple(zs.shape)} (as "
-                 f"zs), got {tuple(out.shape)}")
-    for d in range(2):
-        torch._check(out.shape[d] == zs.shape[d], lambda: f"{op}: out must have shape "
-                     f"{tuple(zs.shape)} (as zs), got {tuple(out.shape)}")
-    torch._check(out.dtype in _LOGIT_DTYPES, lambda: f"{op}: out must be float32, bfloat16 "
-                 f"or float16, got {out.dtype}")
+    _check_out(op, out, zs)
     return None
 
 
