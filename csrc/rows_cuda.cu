@@ -441,10 +441,9 @@ cudaError_t cuda_blocks_per_row(int64_t rows, int64_t cols, int device, int* nb)
 cudaError_t cuda_row_stats(const RowArgs& g, float* out, float* work, int nb,
                            cudaStream_t stream) {
   if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
-  if (g.p.want_e)
-    stats_kernel<true><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
-  else
-    stats_kernel<false><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  // One launch site (each launch is followed by its checked cudaGetLastError).
+  const auto kernel = g.p.want_e ? stats_kernel<true> : stats_kernel<false>;
+  kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
   merge_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows, nb,
                                                                   g.p.want_e);
@@ -469,10 +468,8 @@ cudaError_t cuda_row_grad(const RowArgs& g, int nb, cudaStream_t stream) {
 cudaError_t cuda_student_stats(const RowArgs& g, float* out, float* work, int nb,
                                cudaStream_t stream) {
   if (!grid_fits(g, nb)) return cudaErrorInvalidConfiguration;
-  if (g.p.want_e)
-    student_stats_kernel<true><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
-  else
-    student_stats_kernel<false><<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
+  const auto kernel = g.p.want_e ? student_stats_kernel<true> : student_stats_kernel<false>;
+  kernel<<<grid_of(g, nb), kThreads, 0, stream>>>(g, out, work, nb);
   if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess || nb == 1) return err;
   merge_student_stats_kernel<<<merge_grid(g), kMergeThreads, 0, stream>>>(work, out, g.rows,
                                                                           nb, g.p.want_e);
