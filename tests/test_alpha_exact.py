@@ -54,3 +54,17 @@ def test_gradient_away_from_q_equal_p_is_the_oracles(impl):
         reference_kd_loss(x64, zt.double(), divergence="alpha", alpha=alpha)["loss"].backward()
         # fp32 row math: log-probs of a few nats carry ~1e-6 absolute error, times 1/alpha
         torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=2e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("impl", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_gradient_is_exactly_zero_at_q_equal_p(impl, dtype):
+    """The expm1 path of the compiled Triton and CUDA kernels (gpu_check.sh runs -m gpu)."""
+    gen = torch.Generator().manual_seed(7)
+    z = (torch.randn(9, 4099, generator=gen) * 4).to(dtype).cuda()
+    zs = z.clone().requires_grad_()
+    kdkernels.kd_loss(zs, z.clone(), divergence="alpha", alpha=1e-4, temperature=2.5,
+                      impl=impl).backward()
+    assert torch.equal(zs.grad, torch.zeros_like(zs.grad)), zs.grad.abs().max()
