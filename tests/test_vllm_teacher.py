@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
+from kdkernels.train.config import ModelSize
 from tests import _data_helpers as data
 from tests import _servers
-from kdkernels.train.config import ModelSize
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
