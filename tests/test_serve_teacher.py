@@ -318,6 +318,21 @@ def test_text_prompt_is_tokenised_by_the_server(server, ref):
     check_prompt_logprobs(choice["prompt_logprobs"], ids, reference_logprobs(ref, ids), 2)
 
 
+def test_tokenize_route_is_vllms(server, ref):
+    """/tokenize (vLLM's shape, no model forward: the clients' tokenizer probe) answers for a
+    text longer than max_model_len, which /v1/completions would refuse."""
+    _, tok = ref
+    (m,) = ok_json(server, "/v1/models")["data"]
+    text = "def parse_args(self, args=None): return ['é', '中文', '🙂'] " * 8
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > m["max_model_len"]
+    body = ok_json(server, "/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert body["tokens"] == ids and body["count"] == len(ids)
+    assert body["max_model_len"] == m["max_model_len"]
+    status, data = call(server, "/tokenize", {"prompt": 3})
+    assert status == 400 and json.loads(data)["error"]["param"] == "prompt"
+
+
 # ---- generation ------------------------------------------------------------------------------
 def test_greedy_generation_matches_the_model(server, ref):
     model, tok = ref
@@ -581,6 +596,23 @@ def test_default_smoke_teacher_is_served(smoke_launch):
     block = body["choices"][0]["logprobs"]
     token = body["choices"][0]["token_ids"][0]
     assert abs(block["token_logprobs"][0] - float(want[-1, token])) <= 1e-5
+    # The client's tokenizer probe runs (no "tokenizes no probe text" warning) and passes
+    # against the embedded tokenizer, and refuses another tokenizer naming both.
+    import warnings
+
+    from kdkernels.teachers import KDKTeacher
+    from kdkernels.train.sources.cache_sources import default_teacher
+
+    _, tok, _ = default_teacher("cpu", "smoke")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with KDKTeacher(srv.url, top_k=4, tokenizer=tok) as t:
+            t.check()
+    from tests._data_helpers import tokenizer as other_tokenizer
+
+    with KDKTeacher(srv.url, top_k=4, tokenizer=other_tokenizer()) as t:
+        with pytest.raises(ValueError, match="default"):
+            t.check()
     # SIGTERM: uvicorn shuts down, then re-raises the signal it caught (exit -15)
     assert srv.stop() in (0, -15)
     assert "Traceback" not in srv.log.read_text()

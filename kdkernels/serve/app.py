@@ -111,6 +111,22 @@ def _add_info_routes(app: FastAPI, served: ServedModel, limits: protocol.Limits,
             "max_model_len": served.max_model_len, "vocab_size": served.vocab_size,
             "hidden_size": served.hidden_size, "max_logprobs": limits.max_logprobs}]})
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        # vLLM's route (the clients' tokenizer probe): text -> the served tokenizer's ids, with
+        # no model forward, so a probe longer than max_model_len still answers
+        body = await _body(request)
+        protocol.check_model(body, limits)
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise RequestError("'prompt' must be a string", "prompt")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise RequestError("'add_special_tokens' must be true or false", "add_special_tokens")
+        ids = _tokenizer(served)(text, special)
+        return _json({"count": len(ids), "max_model_len": served.max_model_len, "tokens": ids,
+                      "token_strs": None})
+
     @app.get("/v1/stats")
     async def stats() -> Response:
         return _json(batcher.stats.as_dict())
