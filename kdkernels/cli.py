@@ -92,6 +92,24 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
            "if given; else the embedded corpus's held-out files (embedded student); else the "
            "last 10%% of the cache's sequences (at least one), never trained on. --seq-len "
            "defaults to the cache's")
+    g = p.add_argument_group("served teacher (a teacher in an inference server)")
+    g.add_argument("--teacher-url", metavar="URL",
+                   help="train from the teacher served at URL (kdk serve-teacher, vLLM or "
+                        "SGLang) instead of a --teacher model: the student (--student, or the "
+                        "embedded one) trains on --data (or the embedded corpus), each batch "
+                        "labelled by the server, the next batch's request in flight while the "
+                        "current one trains")
+    g.add_argument("--teacher-server", choices=["vllm", "sglang", "kdk"],
+                   help="the server's kind (its API) [kdk]")
+    g.add_argument("--teacher-mode", choices=["topk", "hidden"],
+                   help="topk: the server's top-K ids and log-probs, top-k loss (--tail); "
+                        "hidden: its final hidden states and LM head, the exact dense loss "
+                        "(--teacher-server kdk only) [topk]")
+    g.add_argument("--top-k", type=int, help="K ids per position in topk mode [64]")
+    g.add_argument("--teacher-api-key", metavar="KEY",
+                   help="bearer token of a server started with --api-key")
+    g.add_argument("--teacher-timeout", type=float, metavar="S",
+                   help="seconds per request before the client retries it [60]")
     g = p.add_argument_group("loss")
     g.add_argument("--divergence", choices=[d.name for d in divergences.TABLE],
                    help="KD divergence [forward_kl]")
@@ -177,11 +195,13 @@ def _distill(args: argparse.Namespace) -> int:
     from .train import pipeline
 
     cfg = _config(args)
+    served = _served_teacher(args)
     if args.preset.startswith("on-policy"):
         from .train.on_policy import preset as on_policy_preset
 
         given = [o for o, v in (("--teacher", args.teacher), ("--student", args.student),
-                                ("--data", args.data), ("--teacher-cache", args.teacher_cache))
+                                ("--data", args.data), ("--teacher-cache", args.teacher_cache),
+                                ("--teacher-url", args.teacher_url))
                  if v]
         if given:
             raise ValueError(f"--preset {args.preset} runs on the embedded models and corpus; "
@@ -189,7 +209,7 @@ def _distill(args: argparse.Namespace) -> int:
         results = on_policy_preset.run(cfg, overwrite=args.overwrite, resume=args.resume,
                                        preset=args.preset)
         return 130 if any(r.get("interrupted") for r in results.values()) else 0
-    if args.teacher_cache and args.seq_len is None:  # the cache's windows, whole
+    if args.teacher_cache and args.seq_len is None and served is None:  # the cache's windows
         from .train.sources import teacher_cache
 
         cfg.seq_len = teacher_cache.seq_len(args.teacher_cache)
@@ -197,8 +217,29 @@ def _distill(args: argparse.Namespace) -> int:
                            data=args.data, teacher_cache=args.teacher_cache,
                            overwrite=args.overwrite, resume=args.resume,
                            parallel=args.parallel,
-                           compare_ce=False if args.no_compare_ce else None, preset=args.preset)
+                           compare_ce=False if args.no_compare_ce else None, preset=args.preset,
+                           served=served)
     return 130 if any(r.get("interrupted") for r in results.values()) else 0
+
+
+def _served_teacher(args: argparse.Namespace):
+    """The --teacher-url options (kdkernels.train.sources.served_teacher.ServedTeacher), or
+    None; the other served-teacher flags are refused without --teacher-url."""
+    flags = {"--teacher-server": args.teacher_server, "--teacher-mode": args.teacher_mode,
+             "--top-k": args.top_k, "--teacher-api-key": args.teacher_api_key,
+             "--teacher-timeout": args.teacher_timeout}
+    if args.teacher_url is None:
+        given = [f for f, v in flags.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure a served teacher: pass "
+                             "--teacher-url URL too")
+        return None
+    from .train.sources.served_teacher import ServedTeacher
+
+    given = {k: v for k, v in (("server", args.teacher_server), ("mode", args.teacher_mode),
+                               ("top_k", args.top_k), ("api_key", args.teacher_api_key),
+                               ("timeout", args.teacher_timeout)) if v is not None}
+    return ServedTeacher(args.teacher_url, **given)
 
 
 def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
@@ -209,8 +250,9 @@ def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
         "manifest. Resumable: rerun the same command after an interruption.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--teacher", required=True,
-      help="local Hugging Face causal-LM directory, or 'default' for the embedded teacher")
+    a("--teacher",
+      help="local Hugging Face causal-LM directory, or 'default' for the embedded teacher "
+      "(or --teacher-url: a served teacher)")
     a("--data", help="text file or folder of them, or text records: a .jsonl, .parquet or "
       "datasets save_to_disk folder, as for kdk distill (optional with --teacher default: "
       "its corpus)")
@@ -222,31 +264,158 @@ def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
       help="topk: the K most likely ids; sample: distinct ids of --samples seeded draws")
     a("--samples", type=int, default=64,
       help="draws per position in sample mode (top-k mode ignores it)")
-    a("--seq-len", type=int, default=512, help="tokens per sequence")
+    a("--seq-len", type=int,
+      help="tokens per sequence [512; with --generate: the longest prompt + N]")
     a("--shard-size", type=int, default=1024, help="sequences per shard")
     a("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="log-prob dtype")
-    a("--batch-size", type=int, default=8, help="sequences per teacher forward")
+    a("--batch-size", type=int, default=8,
+      help="sequences per teacher forward (--teacher-url: per call to the server; with "
+      "--generate: prompts in flight)")
     a("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    a("--seed", type=int, default=0, help="sampling seed (sample mode; top-k mode ignores it)")
+    a("--seed", type=int, default=0, help="sampling seed (sample mode; top-k mode ignores it; "
+      "with --generate, prompt i's request carries seed SEED + i)")
     a("--no-progress", action="store_true", help="no tqdm bar")
+    a("--preset", default="default",
+      help="the kdk distill preset whose embedded teacher (--teacher default) or tokenizer "
+      "(--tokenizer default) is used")
+    g = p.add_argument_group(
+        "served teacher", "score --data with a teacher in an inference server (the same cache; "
+        "resumable), or cache its generations of --prompts (sequence-level KD)")
+    g.add_argument("--teacher-url", metavar="URL",
+                   help="the server (kdk serve-teacher, vLLM, SGLang; with --generate any "
+                   "OpenAI-compatible endpoint) instead of --teacher")
+    g.add_argument("--teacher-server", choices=["vllm", "sglang", "kdk"], default="kdk",
+                   help="the server's API when scoring --data (--generate uses the OpenAI API)")
+    g.add_argument("--tokenizer", metavar="DIR|default",
+                   help="local tokenizer (required with --teacher-url): tokenises --data or "
+                   "--prompts, maps the server's tokens; 'default': the embedded one of --preset")
+    g.add_argument("--teacher-api-key", metavar="KEY", help="bearer token of the server")
+    g.add_argument("--teacher-model", metavar="NAME",
+                   help="the served model to ask for [the one /v1/models lists]")
+    g.add_argument("--teacher-timeout", type=float, default=60.0, metavar="S",
+                   help="seconds per request before it is retried (3 retries, then an error)")
+    g.add_argument("--prompts", metavar="FILE",
+                   help="with --generate: prompts, one a line (text), or .jsonl strings or "
+                   "{\"prompt\": ...} objects")
+    g.add_argument("--generate", type=int, metavar="N",
+                   help="generate up to N tokens per prompt at T = 1 with the top --top-k "
+                   "log-probs of each and cache prompt + generation (generated positions only "
+                   "carry targets). Hosted APIs return at most 20 top_logprobs: --top-k <= 20")
+    g.add_argument("--api-style", choices=["completions", "chat"], default="completions",
+                   help="with --generate: /v1/completions (prompt as token ids; logprobs: K) "
+                   "or /v1/chat/completions (one user message; logprobs: true, "
+                   "top_logprobs: K)")
     return p
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
     from .train.cache_teacher import CacheOptions, cache_teacher
 
+    if args.teacher_url is not None or args.teacher is None:
+        return _cache_teacher_served(args)
     opts = CacheOptions(teacher=args.teacher, output=args.output, data=args.data,
                         text_field=args.text_field, top_k=args.top_k, mode=args.mode,
                         samples=args.samples,
-                        seq_len=args.seq_len, shard_size=args.shard_size, dtype=args.dtype,
+                        seq_len=512 if args.seq_len is None else args.seq_len,
+                        shard_size=args.shard_size, dtype=args.dtype,
                         batch_size=args.batch_size, device=args.device, seed=args.seed,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, default_preset=args.preset)
+    served = [f for f, v in (("--tokenizer", args.tokenizer), ("--prompts", args.prompts),
+                             ("--generate", args.generate),
+                             ("--teacher-api-key", args.teacher_api_key),
+                             ("--teacher-model", args.teacher_model)) if v is not None]
     try:
+        if served:
+            raise ValueError(f"{', '.join(served)} configure a served teacher: pass "
+                             "--teacher-url URL (instead of --teacher)")
         cache_teacher(opts)
     except ValueError as err:
         print(f"kdk cache-teacher: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _cache_teacher_served(args: argparse.Namespace) -> int:
+    """--teacher-url: score --data (cache_from_server) or generate from --prompts
+    (cache_generated)."""
+    from .train.cache_from_server import ServedCacheOptions, cache_from_server
+    from .train.cache_generated import cache_generated
+
+    try:
+        if args.teacher is not None:
+            raise ValueError("--teacher and --teacher-url are alternatives: pass one")
+        if args.teacher_url is None:
+            raise ValueError("pass --teacher DIR|default, or --teacher-url URL for a served "
+                             "teacher")
+        if args.mode != "topk":
+            raise ValueError("--mode sample needs the teacher's full distribution; a served "
+                             "teacher returns its top-K only: use --mode topk")
+        opts = ServedCacheOptions(
+            url=args.teacher_url, output=args.output, tokenizer=args.tokenizer,
+            server=args.teacher_server, api_key=args.teacher_api_key, model=args.teacher_model,
+            data=args.data, text_field=args.text_field, top_k=args.top_k,
+            seq_len=args.seq_len, shard_size=args.shard_size, dtype=args.dtype,
+            batch_size=args.batch_size, timeout=args.teacher_timeout,
+            progress=not args.no_progress, default_preset=args.preset, prompts=args.prompts,
+            generate=args.generate, api_style=args.api_style, seed=args.seed)
+        (cache_from_server if args.generate is None else cache_generated)(opts)
+    except ValueError as err:
+        print(f"kdk cache-teacher: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve_teacher_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve-teacher", help="serve a teacher LM over HTTP for served-teacher distillation",
+        description="Serve a causal-LM teacher over HTTP: vLLM's /v1/completions subset "
+        "(prompt_logprobs, generation; TRL's VLLMClient works against it), /v1/topk and "
+        "/v1/hidden (kdkernels' KDKTeacher), /v1/head, /v1/models, /health. Concurrent "
+        "requests are batched per forward. Needs the [serve] extra.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--teacher", required=True,
+      help="local Hugging Face causal-LM directory, or 'default' for the embedded teacher of "
+      "--preset; the served model id is this argument as given")
+    a("--preset", default="default",
+      help="the kdk distill preset whose embedded teacher --teacher default serves")
+    a("--host", default="127.0.0.1", help="address to bind (0.0.0.0 serves every interface)")
+    a("--port", type=int, default=8000, help="TCP port; 0 picks a free one")
+    a("--port-file", metavar="FILE", help="write the bound port to FILE (for --port 0)")
+    a("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    a("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="the model's dtype")
+    a("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/*")
+    a("--max-logprobs", type=int, default=256,
+      help="the most log-probs per position a request may ask for (top_k, prompt_logprobs)")
+    a("--max-batch-tokens", type=int, default=8192,
+      help="tokens (rows x longest row) per batched forward")
+    a("--max-request-tokens", type=int, default=65536, help="tokens per request")
+    a("--max-new-tokens", type=int, default=1024, help="the largest max_tokens of a completion")
+    return p
+
+
+def _serve_teacher(args: argparse.Namespace) -> int:
+    need = {"fastapi": "serve", "uvicorn": "serve", "transformers": "train",
+            "tokenizers": "train"}
+    missing = [m for m in need if importlib.util.find_spec(m) is None]
+    if missing:
+        extras = ",".join(sorted({need[m] for m in missing}))  # serve, train or both
+        print(f"kdk serve-teacher: error: needs {', '.join(missing)} (not installed); install "
+              f"the server's extra: pip install 'kdkernels[{extras}]'", file=sys.stderr)
+        return 2
+    from .serve.main import ServeOptions, serve
+
+    opts = ServeOptions(teacher=args.teacher, preset=args.preset, host=args.host,
+                        port=args.port, device=args.device, api_key=args.api_key,
+                        dtype=args.dtype, max_logprobs=args.max_logprobs,
+                        max_batch_tokens=args.max_batch_tokens,
+                        max_request_tokens=args.max_request_tokens,
+                        max_new_tokens=args.max_new_tokens, port_file=args.port_file)
+    try:
+        return serve(opts)
+    except ValueError as err:
+        print(f"kdk serve-teacher: error: {err}", file=sys.stderr)
+        return 2
 
 
 def _bench_removed() -> int:
@@ -272,9 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The `kdk` parser with every subcommand (info parses its own options)."""
     parser = argparse.ArgumentParser(
         prog="kdk", description="kdkernels: knowledge distillation without the logits.")
-    sub = parser.add_subparsers(dest="command", metavar="{distill,cache-teacher,info}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{distill,cache-teacher,serve-teacher,info}")
     _distill_parser(sub)
     _cache_teacher_parser(sub)
+    _serve_teacher_parser(sub)
     sub.add_parser("info", add_help=False, help="list backends and builds")
     return parser
 
@@ -290,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "serve-teacher":  # its own extras check: [serve] and [train]
+        return _serve_teacher(args)
     if (missing := _missing_train_extra(args.command)) is not None:
         print(missing, file=sys.stderr)
         return 2

@@ -12,6 +12,16 @@ token after ``input_ids[:, t]``, as a causal LM's ``logits[:, t]`` does, so it i
 the label ``input_ids[:, t + 1]``. (vLLM's ``prompt_logprobs`` entry t describes token t
 itself: shift it by one, as examples/cache_from_logprobs.py does.) Batches of different
 lengths or K are padded by TopKCollator.
+
+Online, from a served teacher (kdkernels.teachers: VLLMTeacher, SGLangTeacher, KDKTeacher):
+
+    trainer = TopKKDTrainer(model=student, args=..., train_dataset=ds_of_input_ids,
+                            teacher_client=KDKTeacher(url, top_k=64))
+
+asks ``teacher_client.score(input_ids)`` for each batch's targets instead of reading dataset
+columns. ``score`` returns the same convention (position t: the token after input_ids[t]; a
+client that cannot fill the last position leaves it empty, and the last position has no label
+anyway), so the loss equals the one with the same targets passed as columns.
 """
 
 from __future__ import annotations
@@ -37,47 +47,57 @@ class TopKCollator:
     """Pads a list of examples {input_ids [L], teacher_ids [L, K], teacher_logprobs [L, K],
     optional labels [L] and attention_mask [L]} (tensors or lists) to the longest L and the
     largest K: input_ids with ``pad_token_id``, attention_mask 0, labels -100 (labels default
-    to input_ids), teacher_ids -1 (an empty slot) and teacher_logprobs 0."""
+    to input_ids), teacher_ids -1 (an empty slot) and teacher_logprobs 0. With
+    ``teacher=False`` (a trainer with a teacher_client) the examples need no teacher columns
+    and the batch has none."""
 
-    def __init__(self, pad_token_id: int = 0, ignore_index: int = -100) -> None:
+    def __init__(self, pad_token_id: int = 0, ignore_index: int = -100, *,
+                 teacher: bool = True) -> None:
         self.pad_token_id, self.ignore_index = int(pad_token_id), int(ignore_index)
+        self.teacher = teacher
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not features:
             raise ValueError("TopKCollator got an empty list of examples")
-        rows = [_example(f, i) for i, f in enumerate(features)]
+        rows = [_example(f, i, self.teacher) for i, f in enumerate(features)]
         length = max(r["input_ids"].shape[0] for r in rows)
-        k = max(r["teacher_ids"].shape[1] for r in rows)
         n = len(rows)
         out = {
             "input_ids": torch.full((n, length), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((n, length), dtype=torch.long),
             "labels": torch.full((n, length), self.ignore_index, dtype=torch.long),
-            "teacher_ids": torch.full((n, length, k), -1, dtype=torch.long),
-            "teacher_logprobs": torch.zeros((n, length, k),
-                                            dtype=rows[0]["teacher_logprobs"].dtype),
         }
+        if self.teacher:
+            k = max(r["teacher_ids"].shape[1] for r in rows)
+            out["teacher_ids"] = torch.full((n, length, k), -1, dtype=torch.long)
+            out["teacher_logprobs"] = torch.zeros((n, length, k),
+                                                  dtype=rows[0]["teacher_logprobs"].dtype)
         for i, r in enumerate(rows):
-            size, width = r["teacher_ids"].shape
+            size = r["input_ids"].shape[0]
             out["input_ids"][i, :size] = r["input_ids"]
             out["attention_mask"][i, :size] = r.get("attention_mask", 1)
             out["labels"][i, :size] = r.get("labels", r["input_ids"])
-            out["teacher_ids"][i, :size, :width] = r["teacher_ids"]
-            out["teacher_logprobs"][i, :size, :width] = r["teacher_logprobs"]
+            if self.teacher:
+                width = r["teacher_ids"].shape[1]
+                out["teacher_ids"][i, :size, :width] = r["teacher_ids"]
+                out["teacher_logprobs"][i, :size, :width] = r["teacher_logprobs"]
         return out
 
 
-def _example(feature: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
-    missing = [k for k in ("input_ids",) + TEACHER_KEYS if k not in feature]
+def _example(feature: Mapping[str, Any], index: int,
+             teacher: bool = True) -> dict[str, torch.Tensor]:
+    missing = [k for k in ("input_ids",) + (TEACHER_KEYS if teacher else ()) if k not in feature]
     if missing:
         raise ValueError(f"example {index} has no {', '.join(missing)}: TopKCollator needs "
                          f"input_ids [L], teacher_ids [L, K] and teacher_logprobs [L, K]; it "
                          f"has {sorted(feature)}")
     row = {k: torch.as_tensor(v) for k, v in feature.items()
-           if k in ("input_ids", "labels", "attention_mask") + TEACHER_KEYS}
+           if k in ("input_ids", "labels", "attention_mask") + (TEACHER_KEYS if teacher else ())}
     length = row["input_ids"].shape
     if row["input_ids"].dim() != 1:
         raise ValueError(f"example {index}: input_ids must be [L]; got {list(length)}")
+    if not teacher:
+        return _checked_extras(row, index, length)
     for key in TEACHER_KEYS:
         if row[key].dim() != 2 or row[key].shape[0] != length[0]:
             raise ValueError(f"example {index}: {key} must be [L, K] with L = {length[0]} "
@@ -85,6 +105,11 @@ def _example(feature: Mapping[str, Any], index: int) -> dict[str, torch.Tensor]:
     if row["teacher_ids"].shape != row["teacher_logprobs"].shape:
         raise ValueError(f"example {index}: teacher_ids {list(row['teacher_ids'].shape)} and "
                          f"teacher_logprobs {list(row['teacher_logprobs'].shape)} differ")
+    return _checked_extras(row, index, length)
+
+
+def _checked_extras(row: dict[str, torch.Tensor], index: int,
+                    length: torch.Size) -> dict[str, torch.Tensor]:
     for key in ("labels", "attention_mask"):
         if key in row and row[key].shape != length:
             raise ValueError(f"example {index}: {key} must be [L] like input_ids "
@@ -102,19 +127,33 @@ class TopKKDTrainer(Trainer):
     max_workspace_bytes; the student's logit scale and softcap are read from its config
     (logit_transform). ``kd_options`` holds them as one TopKOptions. The dataset's extra
     columns survive remove_unused_columns; without a data_collator, TopKCollator pads.
+
+    ``teacher_client`` (a kdkernels.teachers client, or anything with ``score(input_ids)
+    -> (ids, logprobs) [B, L, K]``): the targets of each batch come from it, online; the
+    dataset then needs only input_ids (and optional labels / attention_mask), and teacher
+    columns in it are ignored. Batches must be right-padded (TopKCollator pads right): the
+    server sees input_ids without the mask, so a real token must never follow a pad; the
+    columns after the longest row are not sent.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, teacher_client: Any = None, **kwargs: Any) -> None:
         if "teacher_model" in kwargs:
             raise ValueError("TopKKDTrainer reads the teacher from the batches "
-                             "(teacher_ids / teacher_logprobs); for a teacher model use "
+                             "(teacher_ids / teacher_logprobs) or from teacher_client (a "
+                             "served teacher); for a teacher model use "
                              "kdkernels.integrations.hf.KDTrainer")
+        if teacher_client is not None and not callable(getattr(teacher_client, "score", None)):
+            raise TypeError(f"teacher_client must have score(input_ids) -> (teacher_ids, "
+                            f"teacher_logprobs), like kdkernels.teachers.KDKTeacher; got "
+                            f"{type(teacher_client).__name__}")
+        self.teacher_client = teacher_client
         # Checked before the model work: a bad option raises before the first batch.
         self.kd_options = pop_loss_options(TopKOptions, kwargs, "TopKKDTrainer")
         if kwargs.get("data_collator") is None:
             tok = kwargs.get("processing_class")
             pad = getattr(tok, "pad_token_id", None)
-            kwargs["data_collator"] = TopKCollator(0 if pad is None else pad)
+            kwargs["data_collator"] = TopKCollator(0 if pad is None else pad,
+                                                   teacher=teacher_client is None)
         super().__init__(*args, **kwargs)
         self.kd_log: dict[str, float] = {}
 
@@ -125,15 +164,19 @@ class TopKKDTrainer(Trainer):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                      return_outputs: bool = False, num_items_in_batch=None):
-        missing = [k for k in TEACHER_KEYS if k not in inputs]
-        if missing:
-            raise ValueError(f"TopKKDTrainer reads the teacher from each batch: it needs "
-                             f"teacher_ids and teacher_logprobs [B, L, K] (as "
-                             f"kdkernels.cache.TeacherCache yields them); this batch has no "
-                             f"{', '.join(missing)} (keys: {sorted(inputs)})")
         input_ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
-        ids, logprobs = inputs["teacher_ids"], inputs["teacher_logprobs"]
+        if self.teacher_client is not None:
+            ids, logprobs = served_targets(self.teacher_client, input_ids, mask)
+        else:
+            missing = [k for k in TEACHER_KEYS if k not in inputs]
+            if missing:
+                raise ValueError(f"TopKKDTrainer reads the teacher from each batch: it needs "
+                                 f"teacher_ids and teacher_logprobs [B, L, K] (as "
+                                 f"kdkernels.cache.TeacherCache yields them) or a "
+                                 f"teacher_client; this batch has no {', '.join(missing)} "
+                                 f"(keys: {sorted(inputs)})")
+            ids, logprobs = inputs["teacher_ids"], inputs["teacher_logprobs"]
         if ids.shape[:2] != input_ids.shape or ids.dim() != 3:
             raise ValueError(f"teacher_ids must be [B, L, K] with [B, L] = "
                              f"{list(input_ids.shape)} (input_ids); got {list(ids.shape)}")
@@ -159,3 +202,30 @@ class TopKKDTrainer(Trainer):
             out = fused_linear_topk_kd(hidden[:, :-1], weight, ids[:, :-1], logprobs[:, :-1],
                                        labels[:, 1:], opts, student_bias=bias)
         return out.loss, out.kd, out.ce
+
+
+def served_targets(client: Any, input_ids: torch.Tensor,
+                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``client.score`` of a right-padded batch, on the batch's device: the columns up to the
+    longest row are scored (the rest are pads: empty slots), rows with a pad before a real
+    token are refused (the server reads no mask, so the pad would condition the teacher)."""
+    width = input_ids.shape[1]
+    if mask is not None:
+        lengths = mask.sum(1)
+        right = torch.arange(width, device=mask.device)[None, :] < lengths[:, None]
+        if not bool((right == (mask != 0)).all()):
+            raise ValueError("TopKKDTrainer with a teacher_client needs right-padded batches "
+                             "(attention_mask a run of 1s, then 0s): the served teacher reads "
+                             "no mask; pad on the right (tokenizer.padding_side = 'right')")
+        width = max(int(lengths.max()), 1)
+    ids, logprobs = client.score(input_ids[:, :width].detach().cpu())
+    b = input_ids.shape[0]
+    if ids.dim() != 3 or tuple(ids.shape[:2]) != (b, width) or logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_client.score returned teacher_ids {list(ids.shape)} and "
+                         f"teacher_logprobs {list(logprobs.shape)} for input_ids "
+                         f"[{b}, {width}]; expected [{b}, {width}, K] each")
+    if width < input_ids.shape[1]:
+        pad = input_ids.shape[1] - width
+        ids = torch.nn.functional.pad(ids, (0, 0, 0, pad), value=-1)
+        logprobs = torch.nn.functional.pad(logprobs, (0, 0, 0, pad), value=0.0)
+    return ids.to(input_ids.device), logprobs.to(input_ids.device)

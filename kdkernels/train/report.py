@@ -78,6 +78,8 @@ def cache_kind(info: dict[str, Any]) -> str:
 
 
 def _label(key: str, r: dict[str, Any]) -> str:
+    if r.get("label"):  # a stage that names itself (a served teacher's student)
+        return r["label"]
     cache = r.get("cache")
     return f"student, {cache_kind(cache)} KD (cache)" if cache else _LABELS.get(key, key)
 

@@ -1,6 +1,7 @@
 """The models a `kdk distill` run trains, one after the other, from the same initial weights
-on the same batches: the student distilled from the teacher ("kd"), a top-k student ("topk":
-from --teacher-cache, or from the embedded default's own cache of its teacher, written just
+on the same batches: the student distilled from the teacher ("kd": from a teacher model, or
+from a --teacher-url server's hidden states), a top-k student ("topk": from --teacher-cache, a
+--teacher-url server's top-K, or the embedded default's own cache of its teacher, written just
 before it), the CE-only student ("ce") and the --baseline naive yardstick ("naive")."""
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from typing import Any
 
 from torch import nn
 
+from ..teachers.errors import TeacherError
 from .batches import streams
+from .batches.served import ServedBatches
 from .config import TrainConfig
 from .objectives.from_config import FUSED, NAIVE, TOPK, for_stage, topk_refusal
+from .objectives.served import hidden_objective
 from .on_policy import batch_source
 from .runtime import checkpoint, distributed
 from .runtime.loop import Stage, train
-from .sources import embedded_cache, prompts, teacher_cache
-from .sources.run_inputs import CACHE, EMBEDDED, RunInputs
+from .sources import embedded_cache, prompts, served_teacher, teacher_cache
+from .sources.run_inputs import CACHE, EMBEDDED, SERVED, RunInputs
 
 
 @dataclass
@@ -36,6 +40,10 @@ def plan(cfg: TrainConfig, inputs: RunInputs, notes: dict[str, str]) -> list[Sta
     is noted in ``notes`` with the reason."""
     if inputs.kind == CACHE:
         plans = [StagePlan("topk", None, TOPK, inputs.train)]
+    elif inputs.kind == SERVED:
+        hidden = inputs.served.head is not None
+        plans = [StagePlan(inputs.served.options.stage(), None, FUSED if hidden else TOPK,
+                           inputs.train)]
     else:
         plans = [StagePlan("kd", inputs.teacher, FUSED, inputs.train)]
         embedded = inputs.kind == EMBEDDED and cfg.cache_top_k > 0
@@ -46,8 +54,9 @@ def plan(cfg: TrainConfig, inputs: RunInputs, notes: dict[str, str]) -> list[Sta
             notes["top-k student"] = f"skipped: {refusal}"
         elif embedded:
             plans.append(StagePlan("topk", inputs.teacher, TOPK, None))
-    if inputs.compare_ce:
-        plans.append(StagePlan("ce", None, FUSED, inputs.train))
+    if inputs.compare_ce:  # a served teacher's windows without its targets: no requests
+        plain = inputs.train.tokens if isinstance(inputs.train, ServedBatches) else inputs.train
+        plans.append(StagePlan("ce", None, FUSED, plain))
     if cfg.baseline == "naive" and inputs.teacher is not None:
         plans.append(StagePlan("naive", inputs.teacher, NAIVE, inputs.train))
     return plans
@@ -64,16 +73,24 @@ def train_all(cfg: TrainConfig, inputs: RunInputs, plans: list[StagePlan], *, ou
             if data is None:
                 data, info = embedded_cache.build(cfg, teacher, inputs.tok, inputs.train, out,
                                                   world)
-            else:
+            elif not isinstance(data, ServedBatches):
                 info = teacher_cache.facts(data)
             teacher = None  # a top-k student never runs a teacher
         student = copy.deepcopy(inputs.student)  # identical initial weights for every student
-        stage = Stage(p.name, for_stage(cfg, p.kind, student, teacher), teacher, cfg.max_steps,
+        served = inputs.served if isinstance(data, ServedBatches) else None
+        if served is not None and p.kind == FUSED:  # hidden mode: the served head
+            objective = hidden_objective(cfg, student, served.head, served.logit_transform)
+        else:
+            objective = for_stage(cfg, p.kind, student, teacher)
+        stage = Stage(p.name, objective, teacher, cfg.max_steps,
                       cfg.lr, cfg.seed, out / p.name, inputs.tok,
                       resume=checkpoint.latest(out / p.name) if resume else None,
                       fingerprint={**fingerprint, "stage": p.name},
                       generation=_generation(cfg, inputs.tok, teacher, world, parallel, notes))
-        results[p.name] = train(stage, cfg, data, inputs.held, world, parallel)
+        if served is None:
+            results[p.name] = train(stage, cfg, data, inputs.held, world, parallel)
+        else:
+            results[p.name] = _train_served(stage, cfg, data, inputs, world, parallel, served)
         results[p.name]["dir"] = str(out / p.name)
         if info is not None:
             results[p.name]["cache"] = info
@@ -82,6 +99,30 @@ def train_all(cfg: TrainConfig, inputs: RunInputs, plans: list[StagePlan], *, ou
                   f"continue with the same command plus --resume", file=sys.stderr)
             break
     return results
+
+
+def _train_served(stage: Stage, cfg: TrainConfig, data: ServedBatches, inputs: RunInputs,
+                  world: distributed.World, parallel: str,
+                  served: served_teacher.ServedInputs) -> dict[str, Any]:
+    """train() on a served teacher's batches: a server that fails for good (after the
+    client's retries) stops the run with an error naming its URL and the checkpoint left
+    intact; the summary gets the teacher's URL and the time spent waiting on it."""
+    try:
+        summary = train(stage, cfg, data, inputs.held, world, parallel)
+    except TeacherError as err:  # unreachable or answering garbage after the retries
+        if data.failed_step is None:  # not raised by a request
+            raise
+        raise served_teacher.stopped(err, served.options, stage.out_dir,
+                                     data.failed_step) from err
+    finally:
+        data.close()
+    timing = data.timing()
+    summary["label"] = served.options.label()
+    summary["teacher_server"] = {**served.options.fingerprint(), **timing,
+                                 "model": getattr(served.client, "model_id", None),
+                                 "wait_share": timing["wait_s"] / summary["wall_s"]
+                                 if summary["wall_s"] > 0 else 0.0}
+    return summary
 
 
 def _generation(cfg: TrainConfig, tok, teacher, world: distributed.World, parallel: str,

@@ -7,6 +7,13 @@ of (seed, step, micro-batch, rank), so --resume needs no loader state: micro-bat
 stream that visits the training sequences once per epoch, in a seeded per-epoch order
 ("shuffle") or in cache order ("sequential": the embedded default writes its cache in the
 dense student's batch order). Ranks read disjoint sequences.
+
+A position whose K slots are all empty has no teacher target (the prompt and padding of a
+generated cache, kdk cache-teacher --generate): such a batch also carries labels [B, S - 1]
+with ignore_index there, so that neither KD nor CE nor the token count covers it. Caches with
+a target at every position (kdk cache-teacher over text) get no labels: batches unchanged.
+A shorter --seq-len cuts generated sequences at their end (the prompt is kept), other cached
+sequences at a random window.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .streams import IGNORE_INDEX
 
 ORDERS = ("shuffle", "sequential")
 
@@ -96,7 +105,10 @@ class CacheData:
         g = (step * grad_accum + micro) * world_size + rank
         rows = [self.cache[self._index(seed, g * batch_size + j)] for j in range(batch_size)]
         slack = self.seq_len - seq_len
-        if slack:  # a random window of each longer cached sequence
+        if slack and self.cache.manifest.get("layout") == "generated":
+            # a prompt and its generation: cut at seq_len, never cut from the prompt's side
+            starts = torch.zeros(batch_size, dtype=torch.int64)
+        elif slack:  # a random window of each longer cached sequence
             starts = torch.randint(0, slack + 1, (batch_size,), generator=_generator(seed, g))
         else:
             starts = torch.zeros(batch_size, dtype=torch.int64)
@@ -104,6 +116,9 @@ class CacheData:
         out = {name: torch.stack([r[name][s:s + seq_len] for r, s in win])
                for name in ("input_ids", "teacher_ids", "teacher_logprobs")}
         out["input_ids"] = out["input_ids"].long()  # embeddings and labels want int64
+        labels = labels_of(out["input_ids"], out["teacher_ids"])
+        if labels is not None:
+            out["labels"] = labels
         return out
 
     def heldout_batches(self, batch_size: int, seq_len: int,
@@ -116,5 +131,19 @@ class CacheData:
             raise ValueError("this teacher cache has no held-out sequences")
         take = min(n, batch_size * n_batches)
         picks = [self.held.start + (i * n) // take for i in range(take)]
-        windows = torch.stack([self.cache[i]["input_ids"][:seq_len] for i in picks]).long()
-        return list(windows.split(batch_size))
+        rows = [self.cache[i] for i in picks]
+        windows = torch.stack([r["input_ids"][:seq_len] for r in rows]).long()
+        labels = labels_of(windows, torch.stack([r["teacher_ids"][:seq_len] for r in rows]))
+        if labels is None:
+            return list(windows.split(batch_size))
+        # generated sequences: held-out CE over the generated tokens only, as trained
+        return list(zip(windows.split(batch_size), labels.split(batch_size), strict=True))
+
+
+def labels_of(input_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor | None:
+    """[B, S - 1] next-token labels with IGNORE_INDEX where position t has no valid slot
+    (no teacher target), or None when every position has one."""
+    has_target = (teacher_ids[:, :-1] >= 0).any(-1)
+    if bool(has_target.all()):
+        return None
+    return input_ids[:, 1:].masked_fill(~has_target, IGNORE_INDEX)

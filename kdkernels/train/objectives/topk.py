@@ -1,7 +1,9 @@
 """The objective of a student trained from cached teacher top-K log-probs: student hidden
 states + head through fused_linear_topk_kd_loss. Position t of a cached sequence holds the
 teacher's distribution of the token after input_ids[t], so it pairs with the label
-input_ids[t + 1]; the last position has no label and is dropped, as in DistillObjective."""
+input_ids[t + 1]; the last position has no label and is dropped, as in DistillObjective.
+A cache with positions that hold no target (generated sequences: prompt and padding) comes with
+labels that ignore them (batches/cache_data.py)."""
 
 from __future__ import annotations
 
@@ -53,10 +55,14 @@ class TopKObjective(nn.Module):
         return batch["teacher_ids"], batch["teacher_logprobs"]
 
     def forward(self, input_ids: torch.Tensor, teacher_ids: torch.Tensor,
-                teacher_logprobs: torch.Tensor, num_items: float) -> KDComponents:
+                teacher_logprobs: torch.Tensor, num_items: float,
+                labels: torch.Tensor | None = None) -> KDComponents:
+        """labels [B, L - 1]: the shifted inputs unless given (ignore_index where a cached
+        position has no target)."""
         hidden = models.hidden_states(self.student, input_ids)[:, :-1]
         weight, bias = models.head(self.student)
+        labels = input_ids[:, 1:] if labels is None else labels
         return fused_linear_topk_kd_loss(
-            hidden, weight, teacher_ids[:, :-1], teacher_logprobs[:, :-1], input_ids[:, 1:],
+            hidden, weight, teacher_ids[:, :-1], teacher_logprobs[:, :-1], labels,
             student_bias=bias, return_components=True, reduction="mean", num_items=num_items,
             **self.options)

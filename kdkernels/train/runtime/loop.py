@@ -97,9 +97,9 @@ def _sync_replicated_grads(params: list[nn.Parameter], world: distributed.World)
 def _batch(data: torch.Tensor | streams.TokenStream | CacheData, cfg: TrainConfig, seed: int,
            step: int, micro: int, world: distributed.World) -> dict[str, torch.Tensor]:
     """One micro-batch on the device: windows of a token stream (with labels when it masks
-    prompts), or of a teacher cache (with the cached teacher tensors); a pure function of
-    (seed, step, micro, rank)."""
-    if isinstance(data, CacheData):
+    prompts), or of a teacher cache or a served teacher (with the teacher's tensors); a pure
+    function of (seed, step, micro, rank)."""
+    if hasattr(data, "train_batch"):  # CacheData, or batches/served.py's ServedBatches
         b = data.train_batch(cfg.batch_size, cfg.seq_len, seed=seed, step=step, micro=micro,
                              rank=world.rank, grad_accum=cfg.grad_accum, world_size=world.size)
     elif isinstance(data, streams.TokenStream):

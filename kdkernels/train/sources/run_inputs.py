@@ -1,7 +1,8 @@
-"""The models and data of one `kdk distill` run, from one of three sources: the embedded
+"""The models and data of one `kdk distill` run, from one of four sources: the embedded
 default (its corpus, tokenizer, cached teacher and a fresh student), --teacher/--student
-with --data (or the embedded corpus), or --teacher-cache (a cache and a student, no teacher
-model). Refusals of option combinations that a source cannot serve are raised here."""
+with --data (or the embedded corpus), --teacher-cache (a cache and a student, no teacher
+model), or --teacher-url (a served teacher and a student). Refusals of option combinations
+that a source cannot serve are raised here."""
 
 from __future__ import annotations
 
@@ -15,39 +16,45 @@ from torch import nn
 from ...hf import models
 from ..batches import streams
 from ..batches.cache_data import CacheData
+from ..batches.served import ServedBatches
 from ..config import TrainConfig
 from ..objectives.from_config import topk_refusal
 from ..runtime import distributed
 from ..runtime.evaluation import heldout_ce
-from . import embedded_teacher, hf_pair, teacher_cache, tiny_llama, training_data
+from . import embedded_teacher, hf_pair, served_teacher, teacher_cache, tiny_llama, training_data
 
-EMBEDDED, HF_PAIR, CACHE = "embedded", "hf", "cache"
+EMBEDDED, HF_PAIR, CACHE, SERVED = "embedded", "hf", "cache", "served"
 
 
 @dataclass
 class RunInputs:
-    kind: str  # EMBEDDED, HF_PAIR or CACHE
+    kind: str  # EMBEDDED, HF_PAIR, CACHE or SERVED
     student: nn.Module  # the initial weights every student starts from
     tok: Any
-    teacher: nn.Module | None  # None with a teacher cache
-    train: torch.Tensor | streams.TokenStream | CacheData  # what the students train on
+    teacher: nn.Module | None  # None with a teacher cache or a served teacher
+    # what the students train on (ServedBatches: the windows with the server's targets)
+    train: torch.Tensor | streams.TokenStream | CacheData | ServedBatches
     held: list  # held-out batches, the same for every model
     summary: str  # the data, for the report
     compare_ce: bool  # whether a CE-only student is trained too
     teacher_summary: dict[str, Any] | None  # the teacher's row of the report
+    served: served_teacher.ServedInputs | None = None  # --teacher-url: client, head
 
 
 def open_inputs(cfg: TrainConfig, *, teacher_path: str | None, student_path: str | None,
                 data: str | None, teacher_cache: str | None, compare_ce: bool | None,
-                out: Path, world: distributed.World, parallel: str) -> RunInputs:
+                out: Path, world: distributed.World, parallel: str,
+                served: served_teacher.ServedTeacher | None = None) -> RunInputs:
     """The run's inputs (compare_ce None: the source's default), the models' context length
     checked against --seq-len."""
-    if teacher_cache is not None:
+    if served is not None:
+        inputs = _from_server(cfg, served, student_path, data, compare_ce, world)
+    elif teacher_cache is not None:
         inputs = _from_cache(cfg, teacher_cache, student_path, data, compare_ce, world)
     elif teacher_path is None:
         if student_path is not None:
-            raise ValueError("--student needs --teacher or --teacher-cache (the embedded "
-                             "default builds both)")
+            raise ValueError("--student needs --teacher, --teacher-cache or --teacher-url "
+                             "(the embedded default builds both)")
         inputs = _embedded(cfg, data, compare_ce, out, world, parallel)
     else:
         if student_path is None:
@@ -71,6 +78,19 @@ def _from_cache(cfg: TrainConfig, path: str, student_path: str | None, data: str
     # the CE student (if any) reads the same cached sequences
     return RunInputs(CACHE, c.student, c.tok, None, c.data, c.held, c.summary,
                      (student_path is None) if compare_ce is None else compare_ce, None)
+
+
+def _from_server(cfg: TrainConfig, served: served_teacher.ServedTeacher,
+                 student_path: str | None, data: str | None, compare_ce: bool | None,
+                 world: distributed.World) -> RunInputs:
+    if served.mode == served_teacher.TOPK:
+        refusal = topk_refusal(cfg)
+        if refusal:
+            raise ValueError(refusal)
+    s = served_teacher.open_inputs(cfg, served, student_path, data, world)
+    # like a cache run: the embedded student gets a CE-only twin unless told otherwise
+    return RunInputs(SERVED, s.student, s.tok, None, s.batches, s.held, s.summary,
+                     (student_path is None) if compare_ce is None else compare_ce, None, s)
 
 
 def _embedded(cfg: TrainConfig, data: str | None, compare_ce: bool | None, out: Path,
