@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -222,6 +223,28 @@ def test_the_tokenizer_probe(server):
         assert_expected(server, t.score(PROMPTS))
     with vllm(server, tokenizer=CharTokenizer(V, "local-tok", shift=2)) as t, \
             pytest.raises(ValueError, match="local-tok"):
+        t.score(PROMPTS)
+
+
+def test_the_probe_fits_a_short_context(server):
+    """Without /tokenize, the completions probe is cut to the served max_model_len: a server
+    that refuses longer prompts (as kdk serve-teacher and vLLM do) is still checked."""
+    server.tokenizer = CharTokenizer(V)
+    server.models_extra = {"max_model_len": 12}
+    server.on("/tokenize", lambda req, n: Reply(404, {"detail": "Not Found"}))
+
+    def short_only(req, n):
+        if isinstance(req.body.get("prompt"), str) and len(req.body["prompt"]) + 1 > 12:
+            return Reply(400, {"error": {"message": "prompt too long", "code": 400}})
+        return None  # the default answer
+
+    server.on("/v1/completions", short_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "tokenizes no probe text" would be a failure here
+        with vllm(server, tokenizer=CharTokenizer(V)) as t:
+            assert_expected(server, t.score(PROMPTS))
+    with vllm(server, tokenizer=CharTokenizer(V, "local-tok", shift=1)) as t, \
+            pytest.raises(ValueError, match="tokenizer mismatch"):
         t.score(PROMPTS)
 
 

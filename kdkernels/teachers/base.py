@@ -50,6 +50,19 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
     return [int(i) for i in getattr(out, "ids", out)]  # tokenizers.Tokenizer gives an Encoding
 
 
+def _probe_text(tokenizer: Any, max_model_len: Any) -> str:
+    """PROBE_TEXT, cut at a space to the longest prefix that fits the served model's context
+    (a short-context teacher refuses a longer prompt on the completions route)."""
+    if not isinstance(max_model_len, int) or isinstance(max_model_len, bool):
+        return PROBE_TEXT
+    words = PROBE_TEXT.split(" ")
+    for n in range(len(words), 0, -1):
+        text = " ".join(words[:n])
+        if len(_encode(tokenizer, text, True)) < max_model_len:
+            return text
+    return words[0]
+
+
 class TeacherClient:
     """A teacher behind an HTTP server. Subclasses implement ``_score_rows`` (one request)
     and name their tokenizer probe routes in ``probe_routes``."""
@@ -153,10 +166,11 @@ class TeacherClient:
     # ---- the tokenizer probe ----------------------------------------------------------------
     def _check_tokenizer(self) -> None:
         tok = self.tokenizer
-        local = [_encode(tok, PROBE_TEXT, False), _encode(tok, PROBE_TEXT, True)]
+        text = _probe_text(tok, self._model_entry().get("max_model_len"))
+        local = [_encode(tok, text, False), _encode(tok, text, True)]
         server_ids, route = None, None
         for route in self.probe_routes:
-            server_ids = self._server_tokens(route, PROBE_TEXT)
+            server_ids = self._server_tokens(route, text)
             if server_ids is not None:
                 break
         name = getattr(tok, "name_or_path", None) or type(tok).__name__
@@ -169,7 +183,7 @@ class TeacherClient:
             raise ValueError(
                 f"tokenizer mismatch: the teacher at {self.url} serves {self.model_id!r}, whose "
                 f"tokenizer ({route} route) gives {server_ids[:24]} for the probe text "
-                f"{PROBE_TEXT!r}; the local tokenizer {name!r} gives {local[0][:24]}. Pass the "
+                f"{text!r}; the local tokenizer {name!r} gives {local[0][:24]}. Pass the "
                 f"teacher's own tokenizer (the ids sent are read as the teacher's tokens)")
 
     def _server_tokens(self, route: str, text: str) -> list[int] | None:
