@@ -6,6 +6,8 @@ from .options import DEFAULT_MAX_WORKSPACE_BYTES, DIVERGENCES, REDUCTIONS, KDOpt
 from .parallel import VocabParallel
 from .sparse.api import FusedLinearTopKKDLoss, fused_linear_topk_kd_loss, topk_kd_loss
 from .sparse.tails import TAILS
+from .uld.fused import fused_linear_uld_loss
+from .uld.logits import uld_loss
 
 __all__ = [
     "DEFAULT_MAX_WORKSPACE_BYTES",
@@ -22,5 +24,7 @@ __all__ = [
     "kd_loss",
     "topk_kd_loss",
     "fused_linear_topk_kd_loss",
+    "uld_loss",
+    "fused_linear_uld_loss",
 ]
 __version__ = "0.1.0"

