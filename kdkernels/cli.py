@@ -65,10 +65,15 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--preset", default="default",
-      choices=["default", "smoke", "on-policy", "on-policy-smoke"],
+      choices=["default", "smoke", "on-policy", "on-policy-smoke", "cross-tokenizer",
+               "cross-tokenizer-smoke"],
       help="option set for the embedded run; smoke finishes in under a minute; on-policy "
            "compares off-policy with on-policy KD (held-out CE and the teacher's NLL of each "
-           "student's own samples), on-policy-smoke is its one-minute version")
+           "student's own samples), on-policy-smoke is its one-minute version; "
+           "cross-tokenizer distils the embedded teacher into a student with its own BPE "
+           "(another vocabulary size, trained on the spot) and compares CE-only, ULD and "
+           "hybrid students in held-out bits per byte; cross-tokenizer-smoke is its "
+           "one-minute version")
     a("--teacher", help="Hugging Face teacher (hub id or directory); default: embedded")
     a("--student", help="Hugging Face student to train (needs --teacher or --teacher-cache)")
     a("--data", help="a text file, a folder of text files, a .jsonl file of {'text': ...} "
@@ -127,6 +132,21 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
                    help="naive: also train with a plain materialised-logits KD loss and "
                         "compare memory, speed and losses")
     g.add_argument("--impl", help="kdkernels backend (auto, torch, cpp, triton, cuda)")
+    g.add_argument("--cross-tokenizer", choices=["uld", "hybrid"],
+                   help="teacher and student with different tokenizers: uld (sorted-L1 "
+                        "Universal Logit Distillation) or hybrid (GOLD: generalized JSD with "
+                        "--beta on the token strings both vocabularies share, sorted L1 on the "
+                        "rest). Default: hybrid when the vocabularies overlap by more than "
+                        "half, overlap = teacher tokens whose string is also a student token / "
+                        "the teacher's vocabulary (exact string match), else uld. "
+                        "--temperature sets both sides', --kd-weight / --ce-weight weigh it "
+                        "and the student's CE; held-out quality is in bits per byte. Refused "
+                        "when the two share one tokenizer (the exact KD loss runs)")
+    g.add_argument("--merge", choices=["observed", "bayesian"],
+                   help="cross-tokenizer runs: the distribution of a text span that one side "
+                        "splits into several tokens: the first token's row times the others' "
+                        "probabilities (observed), or the last one's, from logits one position "
+                        "earlier (bayesian) [observed]")
     g = p.add_argument_group("optimisation")
     g.add_argument("--max-steps", type=int, help="optimizer steps per student [preset]")
     g.add_argument("--lr", type=float, help="peak learning rate [preset]")
@@ -196,6 +216,13 @@ def _distill(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     served = _served_teacher(args)
+    if args.preset.startswith("cross-tokenizer"):
+        from .train import cross_tokenizer_preset
+
+        _embedded_only(args)
+        results = cross_tokenizer_preset.run(cfg, overwrite=args.overwrite,
+                                             resume=args.resume, preset=args.preset)
+        return 130 if any(r.get("interrupted") for r in results.values()) else 0
     if args.preset.startswith("on-policy"):
         from .train.on_policy import preset as on_policy_preset
 
@@ -220,6 +247,15 @@ def _distill(args: argparse.Namespace) -> int:
                            compare_ce=False if args.no_compare_ce else None, preset=args.preset,
                            served=served)
     return 130 if any(r.get("interrupted") for r in results.values()) else 0
+
+
+def _embedded_only(args: argparse.Namespace) -> None:
+    given = [o for o, v in (("--teacher", args.teacher), ("--student", args.student),
+                            ("--data", args.data), ("--teacher-cache", args.teacher_cache),
+                            ("--teacher-url", args.teacher_url)) if v]
+    if given:
+        raise ValueError(f"--preset {args.preset} runs on the embedded models and corpus; "
+                         f"drop {', '.join(given)}")
 
 
 def _served_teacher(args: argparse.Namespace):

@@ -98,6 +98,11 @@ class TrainConfig(LossConfig):
     text_field: str = "text"
     # --teacher: the dtype it is loaded in (fp32, bf16, fp16); the student stays fp32
     teacher_dtype: str = "fp32"
+    # teacher and student with different tokenizers (sources/cross_pair.py): the loss, "uld"
+    # or "hybrid" (None: hybrid when the vocabularies overlap by more than half), and the
+    # merge of multi-token spans, "observed" or "bayesian" (None: observed)
+    cross_tokenizer: str | None = None
+    merge: str | None = None
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(192, 4, 4, 512))
     student_size: ModelSize = field(default_factory=lambda: ModelSize(96, 2, 4, 256))
     teacher_steps: int = 500
@@ -168,6 +173,12 @@ PRESETS["on-policy"] = dict(_ON_POLICY_TEACHER, on_policy=0.5, divergence="rever
                             max_steps=120, eval_every=0)
 PRESETS["on-policy-smoke"] = dict(PRESETS["smoke"], on_policy=0.5, divergence="reverse_kl",
                                   eval_every=0)
+# `--preset cross-tokenizer` (cross_tokenizer_preset.py): a student with its own BPE distilled
+# from the embedded default teacher (whose cache it reuses: the teacher is trained with the
+# default's teacher options whatever the students use), CE-only vs ULD vs hybrid students.
+PRESETS["cross-tokenizer"] = dict(max_steps=100, warmup_steps=20, batch_size=8, eval_every=0,
+                                  cache_top_k=0)
+PRESETS["cross-tokenizer-smoke"] = dict(PRESETS["smoke"], eval_every=0)
 
 
 def saved_fingerprint(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .runtime import metrics
-from .sources.run_inputs import CACHE, EMBEDDED, HF_PAIR
+from .runtime import bits_per_byte, metrics
+from .sources.run_inputs import CACHE, CROSS, EMBEDDED, HF_PAIR
 
 
 def _evaluated(results: dict[str, dict[str, Any]], *names: str) -> bool:
@@ -27,7 +27,10 @@ def kd_benefit(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
     kd, ce = results["kd"]["heldout_ce"], results["ce"]["heldout_ce"]
     out = {"nats": ce - kd, "relative": (ce - kd) / ce}
     if "teacher" in results:
-        gap = ce - results["teacher"]["heldout_ce"]
+        # across tokenizers the teacher's CE counts other tokens: compare in bits per byte
+        key = "bits_per_byte" if "bits_per_byte" in results["teacher"] else "heldout_ce"
+        kd, ce = results["kd"].get(key), results["ce"].get(key)
+        gap = ce - results["teacher"][key] if kd is not None and ce is not None else 0.0
         out["gap_closed"] = (ce - kd) / gap if gap > 0 else float("nan")
     return out
 
@@ -108,7 +111,8 @@ def run_settings(cfg: dict[str, Any], *, kind: str, student: bool, data: bool,
                             kind == EMBEDDED)
     applies.update(student_size=not student, vocab_size=not student,  # embedded student, BPE
                    corpus_max_mb=not (kind == CACHE and student and not data),
-                   text_field=data, teacher_dtype=kind == HF_PAIR, tail=topk)
+                   text_field=data, teacher_dtype=kind in (HF_PAIR, CROSS), tail=topk,
+                   cross_tokenizer=kind == CROSS, merge=kind == CROSS)
     generation = bool(cfg.get("on_policy") or cfg.get("seq_kd"))
     applies.update(dict.fromkeys(TrainConfig.GENERATION_FIELDS, generation))
     return {k: v for k, v in cfg.items() if applies.get(k, True)}
@@ -148,6 +152,7 @@ def write(out_dir: Path, results: dict[str, dict[str, Any]], cfg_dict: dict[str,
                      f"{r.get('wall_s', 0):.1f} | {r.get('tokens_per_s', 0):,.0f} | "
                      f"{r.get('peak_mem_mib', 0):,.0f} |")
     lines += generation_lines(results)
+    lines += bits_per_byte.report_lines(results, _label)
     benefit = kd_benefit(results)
     if benefit is not None:
         verdict = "KD beats CE" if benefit["nats"] > 0 else "KD does NOT beat CE"

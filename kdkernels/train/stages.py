@@ -18,20 +18,21 @@ from ..teachers.errors import TeacherError
 from .batches import streams
 from .batches.served import ServedBatches
 from .config import TrainConfig
+from .objectives import cross_tokenizer
 from .objectives.from_config import FUSED, NAIVE, TOPK, for_stage, topk_refusal
 from .objectives.served import hidden_objective
 from .on_policy import batch_source
 from .runtime import checkpoint, distributed
 from .runtime.loop import Stage, train
 from .sources import embedded_cache, prompts, served_teacher, teacher_cache
-from .sources.run_inputs import CACHE, EMBEDDED, SERVED, RunInputs
+from .sources.run_inputs import CACHE, CROSS, EMBEDDED, SERVED, RunInputs
 
 
 @dataclass
 class StagePlan:
     name: str
     teacher: nn.Module | None
-    kind: str  # the objective: FUSED, NAIVE or TOPK
+    kind: str  # the objective: FUSED, NAIVE, TOPK or CROSS (ULD / hybrid across tokenizers)
     data: Any  # what it trains on; None: the embedded top-k cache, written on its turn
 
 
@@ -44,6 +45,9 @@ def plan(cfg: TrainConfig, inputs: RunInputs, notes: dict[str, str]) -> list[Sta
         hidden = inputs.served.head is not None
         plans = [StagePlan(inputs.served.options.stage(), None, FUSED if hidden else TOPK,
                            inputs.train)]
+    elif inputs.kind == CROSS:
+        plans = [StagePlan("kd", inputs.teacher, CROSS, inputs.train)]
+        notes["cross-tokenizer"] = inputs.cross.describe()
     else:
         plans = [StagePlan("kd", inputs.teacher, FUSED, inputs.train)]
         embedded = inputs.kind == EMBEDDED and cfg.cache_top_k > 0
@@ -80,6 +84,9 @@ def train_all(cfg: TrainConfig, inputs: RunInputs, plans: list[StagePlan], *, ou
         served = inputs.served if isinstance(data, ServedBatches) else None
         if served is not None and p.kind == FUSED:  # hidden mode: the served head
             objective = hidden_objective(cfg, student, served.head, served.logit_transform)
+        elif p.kind == CROSS:
+            objective = cross_tokenizer.from_config(cfg, student, teacher, inputs.cross.mode,
+                                                    inputs.cross.vocab_map)
         else:
             objective = for_stage(cfg, p.kind, student, teacher)
         stage = Stage(p.name, objective, teacher, cfg.max_steps,
@@ -92,6 +99,8 @@ def train_all(cfg: TrainConfig, inputs: RunInputs, plans: list[StagePlan], *, ou
         else:
             results[p.name] = _train_served(stage, cfg, data, inputs, world, parallel, served)
         results[p.name]["dir"] = str(out / p.name)
+        if inputs.cross is not None:  # bits per byte (and the distilled student's label)
+            inputs.cross.finish(results[p.name], p.name)
         if info is not None:
             results[p.name]["cache"] = info
         if results[p.name]["interrupted"]:

@@ -1,7 +1,8 @@
 """--teacher/--student as users have them: Hugging Face directories (or hub ids), each with or
 without a tokenizer, heads possibly padded beyond the tokenizer, the teacher in fp32, bf16 or
-fp16. Loads both, checks the pair (models.check_pair states the rule) and picks the
-tokenizer that reads --data."""
+fp16. Loads both, checks the pair (models.check_pair states the rule for one vocabulary;
+different tokenizers go to the cross-tokenizer loss, cross_pair.py) and picks the tokenizer
+that reads --data."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ...hf import models
+from . import cross_pair
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,7 +22,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class Pair:
     teacher: nn.Module
     student: nn.Module
-    tok: Any  # the teacher's tokenizer, else the student's
+    tok: Any  # the teacher's tokenizer, else the student's (cross: the student's)
+    cross: bool = False  # different tokenizers: the cross-tokenizer loss (cross_pair.py)
+    student_tok: Any = None
+    teacher_tok: Any = None
 
 
 def teacher_dtype(name: str) -> torch.dtype:
@@ -55,6 +60,9 @@ def load(teacher_path: str, student_path: str, *, dtype: str = "fp32",
         raise ValueError(f"neither --teacher {teacher_path} nor --student {student_path} has a "
                          "tokenizer; the trainer needs one to read --data: save it with "
                          "either model (tokenizer.save_pretrained)")
+    if cross_pair.differ(student_tok, teacher_tok):  # no longer refused: ULD / hybrid
+        cross_pair.check_heads(student, teacher, student_tok, teacher_tok)
+        return Pair(teacher, student, student_tok, True, student_tok, teacher_tok)
     models.check_pair(student, teacher, student_tok, teacher_tok)
     tok = teacher_tok if teacher_tok is not None else student_tok
     if tok.eos_token_id is None:

@@ -21,9 +21,18 @@ from ..config import TrainConfig
 from ..objectives.from_config import topk_refusal
 from ..runtime import distributed
 from ..runtime.evaluation import heldout_ce
-from . import embedded_teacher, hf_pair, served_teacher, teacher_cache, tiny_llama, training_data
+from . import (
+    cross_pair,
+    embedded_teacher,
+    hf_pair,
+    served_teacher,
+    teacher_cache,
+    tiny_llama,
+    training_data,
+)
 
 EMBEDDED, HF_PAIR, CACHE, SERVED = "embedded", "hf", "cache", "served"
+CROSS = "cross"  # --teacher/--student with different tokenizers (sources/cross_pair.py)
 
 
 @dataclass
@@ -39,6 +48,7 @@ class RunInputs:
     compare_ce: bool  # whether a CE-only student is trained too
     teacher_summary: dict[str, Any] | None  # the teacher's row of the report
     served: served_teacher.ServedInputs | None = None  # --teacher-url: client, head
+    cross: cross_pair.CrossInputs | None = None  # CROSS: mode, windows, held-out bytes
 
 
 def open_inputs(cfg: TrainConfig, *, teacher_path: str | None, student_path: str | None,
@@ -47,6 +57,9 @@ def open_inputs(cfg: TrainConfig, *, teacher_path: str | None, student_path: str
                 served: served_teacher.ServedTeacher | None = None) -> RunInputs:
     """The run's inputs (compare_ce None: the source's default), the models' context length
     checked against --seq-len."""
+    if teacher_path is None or teacher_cache is not None or served is not None:
+        cross_pair.refuse_flags(cfg, "this run has no --teacher/--student pair (the embedded "
+                                     "default, --teacher-cache or --teacher-url)")
     if served is not None:
         inputs = _from_server(cfg, served, student_path, data, compare_ce, world)
     elif teacher_cache is not None:
@@ -110,6 +123,10 @@ def _hf_pair(cfg: TrainConfig, teacher_path: str, student_path: str, data: str |
     torch.manual_seed(cfg.seed)
     pair = hf_pair.load(teacher_path, student_path, dtype=cfg.teacher_dtype,
                         device=world.device)
+    if pair.cross:
+        return _cross_pair(cfg, pair, data, compare_ce, world)
+    cross_pair.refuse_flags(cfg, "these two share one tokenizer, so the exact token-level KD "
+                                 "loss runs")
     d = training_data.prepare(cfg, data, pair.tok, world)
     held = streams.eval_batches(d.held, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     summary = {"heldout_ce": heldout_ce(pair.teacher, held, world.device, cfg.bf16),
@@ -117,3 +134,17 @@ def _hf_pair(cfg: TrainConfig, teacher_path: str, student_path: str, data: str |
                "steps": 0, "cached": False}
     return RunInputs(HF_PAIR, pair.student, d.tok, pair.teacher, d.train, held, d.summary,
                      False if compare_ce is None else compare_ce, summary)
+
+
+def _cross_pair(cfg: TrainConfig, pair: hf_pair.Pair, data: str | None,
+                compare_ce: bool | None, world: distributed.World) -> RunInputs:
+    """Different tokenizers: text windows read by both, the cross-tokenizer loss."""
+    cross_pair.check_options(cfg)
+    train_docs, held_docs, source = cross_pair.documents_of(cfg, data)
+    rows = models.rows(models.head(pair.teacher)[0])
+    c = cross_pair.build(cfg, pair.student_tok, pair.teacher_tok, rows, train_docs, held_docs,
+                         source)
+    summary = c.teacher_summary(pair.teacher, world.device, cfg.bf16)
+    return RunInputs(CROSS, pair.student, pair.student_tok, pair.teacher, c.windows,
+                     c.held.student, c.summary, False if compare_ce is None else compare_ce,
+                     summary, cross=c)
