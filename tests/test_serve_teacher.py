@@ -6,8 +6,6 @@ VLLMClient for its route), never through kdkernels.teachers."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import sysconfig
 import threading
 import time
@@ -26,8 +24,8 @@ from safetensors.torch import load as load_safetensors  # noqa: E402
 
 from kdkernels.cache.scoring import Head, topk_rows  # noqa: E402
 from kdkernels.hf import models  # noqa: E402
+from kdkernels.serve.launch import KdkLaunch, Server  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "test-key"
 MAX_LOGPROBS = 32
 MAX_REQUEST_TOKENS = 600
@@ -63,69 +61,22 @@ def ref(model_dir):
     return model, AutoTokenizer.from_pretrained(str(model_dir))
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log: Path, announced: str):
-        self.proc, self.url, self.log, self.announced = proc, url, log, announced
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-class Launch:
-    """A `kdk serve-teacher --port 0 --port-file F` subprocess, not yet known to be up."""
-
-    def __init__(self, teacher: str, tmp: Path, *extra: str):
-        self.port_file, self.log = tmp / "port", tmp / "server.log"
-        cmd = [sys.executable, "-m", "kdkernels.cli", "serve-teacher", "--teacher", teacher,
-               "--port", "0", "--port-file", str(self.port_file), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log.open("w"),
-                                     stderr=subprocess.STDOUT)
-
-    def ready(self, timeout: float = 180.0) -> Server:
-        """The server once the port file is written and /health answers."""
-        deadline = time.monotonic() + timeout
-        while not self.port_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                pytest.fail(f"kdk serve-teacher did not start:\n{self.log.read_text()[-4000:]}")
-            time.sleep(0.1)
-        url = f"http://127.0.0.1:{int(self.port_file.read_text())}"
-        announced = next(line for line in self.log.read_text().splitlines()
-                         if line.startswith("kdk serve-teacher: serving"))
-        server = Server(self.proc, url, self.log, announced)
-        while True:  # the socket listens already; wait for uvicorn to answer
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
-                    return server
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    server.stop()
-                    pytest.fail(f"kdk serve-teacher not healthy:\n{self.log.read_text()[-4000:]}")
-                time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def smoke_launch(tmp_path_factory):
     """`--teacher default --preset smoke`, launched early (see server): it loads while the
     other server starts, which halves the module's start-up time."""
-    launch = Launch("default", tmp_path_factory.mktemp("smoke"), "--preset", "smoke")
+    launch = KdkLaunch("default", tmp_path_factory.mktemp("smoke") / "server.log", "--preset",
+                       "smoke")
     yield launch
-    Server(launch.proc, "", launch.log, "").stop()
+    Server(launch.proc, "", launch.log).stop()
 
 
 @pytest.fixture(scope="module")
 def server(smoke_launch, model_dir, tmp_path_factory):
-    srv = Launch(str(model_dir), tmp_path_factory.mktemp("server"), "--api-key", KEY,
-                 "--max-logprobs", str(MAX_LOGPROBS), "--max-batch-tokens", "256",
-                 "--max-request-tokens", str(MAX_REQUEST_TOKENS),
-                 "--max-new-tokens", str(MAX_NEW_TOKENS)).ready()
+    srv = KdkLaunch(str(model_dir), tmp_path_factory.mktemp("server") / "server.log",
+                    "--api-key", KEY, "--max-logprobs", str(MAX_LOGPROBS),
+                    "--max-batch-tokens", "256", "--max-request-tokens", str(MAX_REQUEST_TOKENS),
+                    "--max-new-tokens", str(MAX_NEW_TOKENS)).ready()
     yield srv
     srv.stop()
 

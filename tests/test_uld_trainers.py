@@ -74,6 +74,19 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _check_against(ref: torch.Tensor, loss: torch.Tensor, fused: dict[str, torch.Tensor],
+                   student) -> None:
+    """The reference loss ``ref`` (its backward run here) matches ``loss`` and the student's
+    gradients matched ``fused`` (taken with ``_grads`` after ``loss.backward()``)."""
+    ref.backward()
+    assert ref.item() > 0
+    assert rel_err(loss, ref) <= 1e-5
+    expected = _grads(student)
+    assert fused.keys() == expected.keys()
+    for name, g in expected.items():
+        assert rel_err(fused[name], g) <= 1e-5, name
+
+
 CASES = [
     dict(cross_tokenizer="uld", merge="observed"),
     dict(cross_tokenizer="hybrid", merge="bayesian", beta=0.3, student_temperature=1.5,
@@ -104,13 +117,7 @@ def test_kdtrainer_loss_and_grads_match_uld_loss_on_logits(tmp_path, opts):
     ref = uld_loss(zs, zt, batch["labels"], batch["teacher_labels"], batch["input_ids"],
                    batch["teacher_input_ids"], batch["student_offsets"],
                    batch["teacher_offsets"], vocab_map=vocab_map, **kw)
-    ref.backward()
-    assert ref.item() > 0
-    assert rel_err(loss, ref) <= 1e-5
-    expected = _grads(student)
-    assert fused.keys() == expected.keys()
-    for name, g in expected.items():
-        assert rel_err(fused[name], g) <= 1e-5, name
+    _check_against(ref, loss, fused, student)
 
 
 def test_kdtrainer_trains_across_tokenizers(tmp_path):
@@ -215,13 +222,7 @@ def test_fused_gold_loss_matches_trl_uld_loss(tmp_path, cfg):
 
     fused_fn, trainer.uld_loss_fn = trainer.uld_loss_fn, trainer.trl_uld_loss_fn  # TRL's own
     ref = trainer.compute_loss(trainer.model, batch)
-    ref.backward()
-    assert ref.item() > 0
-    assert rel_err(loss, ref) <= 1e-5
-    expected = _grads(student)
-    assert fused.keys() == expected.keys()
-    for name, g in expected.items():
-        assert rel_err(fused[name], g) <= 1e-5, name
+    _check_against(ref, loss, fused, student)
     # return_outputs=True keeps real logits in the outputs: then our loss runs on them
     trainer.uld_loss_fn = fused_fn
     on_logits, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)

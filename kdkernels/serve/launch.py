@@ -19,6 +19,7 @@ class Server:
     proc: subprocess.Popen
     url: str
     log: Path
+    announced: str = ""  # kdk serve-teacher's "serving NAME on URL" line ('' for vLLM)
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -26,7 +27,8 @@ class Server:
         except OSError:
             return "(no log)"
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """Terminate (kill after 20 s); the exit status."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -34,6 +36,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        return self.proc.returncode
 
 
 def free_port() -> int:
@@ -61,23 +64,40 @@ def wait_healthy(server: Server, timeout: float) -> None:
                        f"{server.log_tail()}")
 
 
+class KdkLaunch:
+    """`kdk serve-teacher --teacher TEACHER --port 0 EXTRA...` started, not yet known to be up
+    (start several, then ``ready()`` each): the port comes back in --port-file (next to
+    ``log``)."""
+
+    def __init__(self, teacher: str, log: Path, *extra: str):
+        self.log = log
+        self.port_file = log.with_suffix(".port")
+        self.port_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "kdkernels.cli", "serve-teacher", "--teacher", teacher,
+               "--port", "0", "--port-file", str(self.port_file), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def ready(self, timeout: float = 300.0) -> Server:
+        """The server once its port file is written and /health answers, with the line it
+        announced itself with."""
+        deadline = time.monotonic() + timeout
+        while not self.port_file.exists() or not self.port_file.read_text().strip():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("kdk serve-teacher did not start:\n"
+                                   f"{self.log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        announced = next((line for line in self.log.read_text().splitlines()
+                          if line.startswith("kdk serve-teacher: serving")), "")
+        server = Server(self.proc, f"http://127.0.0.1:{int(self.port_file.read_text())}",
+                        self.log, announced)
+        wait_healthy(server, timeout)
+        return server
+
+
 def start_kdk(teacher: str, log: Path, *extra: str, timeout: float = 300.0) -> Server:
-    """`kdk serve-teacher --teacher TEACHER --port 0 EXTRA...`: the port comes back in
-    --port-file (next to ``log``)."""
-    port_file = log.with_suffix(".port")
-    port_file.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "kdkernels.cli", "serve-teacher", "--teacher", teacher,
-           "--port", "0", "--port-file", str(port_file), *extra]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while not port_file.exists() or not port_file.read_text().strip():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"kdk serve-teacher did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.2)
-    server = Server(proc, f"http://127.0.0.1:{int(port_file.read_text())}", log)
-    wait_healthy(server, timeout)
-    return server
+    """`kdk serve-teacher --teacher TEACHER --port 0 EXTRA...`, once it is up (``KdkLaunch``)."""
+    return KdkLaunch(teacher, log, *extra).ready(timeout)
 
 
 def start_vllm(python: str, model_dir: Path, log: Path, *, max_logprobs: int = 64,

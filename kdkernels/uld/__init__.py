@@ -3,9 +3,10 @@
 ``fused.py`` is the loss from hidden states and heads (``fused_linear_uld_loss``: chunked over
 groups, never the [tokens x vocab] logits; ``rows.py`` holds its per-chunk row math).
 ``align.py`` aligns the two tokenizations of one text by byte spans (GOLD's walk) into flat
-groups, ``logits.py`` is the loss on materialised logits (``uld_loss``), ``reference.py`` a
-float64 per-sample oracle, ``vocab.py`` / ``text.py`` build the vocabulary map and the inputs
-from text (they import ``transformers`` only when called).
+groups, ``logits.py`` is the loss on materialised logits (``uld_loss``), ``checks.py`` the
+input and option checks the two losses share, ``reference.py`` a float64 per-sample oracle,
+``vocab.py`` / ``text.py`` build the vocabulary map and the inputs from text (they import
+``transformers`` only when called).
 """
 
 from .align import MERGES, AlignedGroups, SideGroups, align_batch

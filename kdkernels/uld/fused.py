@@ -42,10 +42,16 @@ import torch
 from ..engine import gemm
 from ..engine.chunking import balanced_rows
 from . import rows as R
-from .align import AlignedGroups, align_batch, check_merge
-from .logits import _real, check_vocab_map, hybrid_weights
+from .align import AlignedGroups, align_batch
+from .checks import (
+    check_float_tensor,
+    check_labels,
+    check_loss_options,
+    check_same_device,
+    check_vocab_map,
+)
+from .logits import hybrid_columns, hybrid_weights
 
-REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch", "cpp")
 # The default workspace (per-chunk buffers, sort buffers included): at S1-like shapes (Vs 32k,
 # Vt 50k) chunks of ~290 groups with the C++ sort, ~90 with torch.sort; wider chunks gain
@@ -91,19 +97,8 @@ def _positive_int(name: str, value, *, allow_none: bool = True) -> int | None:
     return value
 
 
-def _hidden(name: str, x, dim: int = 3) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != dim:
-        want = "[B, L, D]" if dim == 3 else "[V, D]"
-        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    return x
-
-
 def _check_head(wname: str, w, hname: str, h, bname: str, b) -> None:
-    _hidden(wname, w, 2)
+    check_float_tensor(wname, w, "[V, D]")
     if w.shape[1] != h.shape[-1] or w.shape[0] < 1:
         raise ValueError(f"{wname} must be [V, D] with V >= 1 and D = {hname}.shape[-1] = "
                          f"{h.shape[-1]}; got {tuple(w.shape)}")
@@ -651,45 +646,29 @@ def fused_linear_uld_loss(
     as the rest of kdkernels), row math in fp32; the loss is fp32, the gradients in the
     inputs' dtypes. Gradients reach student_hidden, student_weight and student_bias only.
     """
-    h = _hidden("student_hidden", student_hidden)
-    g = _hidden("teacher_hidden", teacher_hidden)
+    h = check_float_tensor("student_hidden", student_hidden, "[B, L, D]")
+    g = check_float_tensor("teacher_hidden", teacher_hidden, "[B, L, D]")
     _check_head("student_weight", student_weight, "student_hidden", h, "student_bias",
                 student_bias)
     _check_head("teacher_weight", teacher_weight, "teacher_hidden", g, "teacher_bias",
                 teacher_bias)
-    check_merge(merge)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    ts = _real("student_temperature", student_temperature, low=0.0, low_open=True)
-    tt = _real("teacher_temperature", teacher_temperature, low=0.0, low_open=True)
-    beta = _real("beta", beta, low=0.0, high=1.0)
-    dw = _real("distillation_weight", distillation_weight, low=0.0)
-    cw = _real("ce_weight", ce_weight, low=0.0)
-    if matched_weight is not None:
-        matched_weight = _real("matched_weight", matched_weight, low=0.0)
-    if unmatched_weight is not None:
-        unmatched_weight = _real("unmatched_weight", unmatched_weight, low=0.0)
+    ts, tt, beta, dw, cw, matched_weight, unmatched_weight = check_loss_options(
+        merge=merge, reduction=reduction, student_temperature=student_temperature,
+        teacher_temperature=teacher_temperature, beta=beta,
+        distillation_weight=distillation_weight, ce_weight=ce_weight,
+        matched_weight=matched_weight, unmatched_weight=unmatched_weight)
     chunk_size = _positive_int("chunk_size", chunk_size)
     budget = _positive_int("max_workspace_bytes", max_workspace_bytes)
     top_k = _positive_int("uld_top_k", uld_top_k)
     device = h.device
-    for name, x in (("teacher_hidden", g), ("student_weight", student_weight),
-                    ("teacher_weight", teacher_weight), ("student_bias", student_bias),
-                    ("teacher_bias", teacher_bias), ("student_labels", student_labels),
-                    ("teacher_labels", teacher_labels), ("student_input_ids", student_input_ids),
-                    ("teacher_input_ids", teacher_input_ids),
-                    ("student_offsets", student_offsets), ("teacher_offsets", teacher_offsets)):
-        if isinstance(x, torch.Tensor) and x.device != device:
-            raise ValueError(f"{name} is on {x.device}, student_hidden on {device}: they must "
-                             "be on the same device")
-    for name, lab, x in (("student_labels", student_labels, h),
-                         ("teacher_labels", teacher_labels, g)):
-        if not isinstance(lab, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(lab).__name__}")
-        if lab.shape != x.shape[:-1]:
-            hname = name.replace("labels", "hidden")
-            raise ValueError(f"{name} must be [B, L] = {tuple(x.shape[:-1])} to match {hname}, "
-                             f"got {tuple(lab.shape)}")
+    check_same_device("student_hidden", device, (
+        ("teacher_hidden", g), ("student_weight", student_weight),
+        ("teacher_weight", teacher_weight), ("student_bias", student_bias),
+        ("teacher_bias", teacher_bias), ("student_labels", student_labels),
+        ("teacher_labels", teacher_labels), ("student_input_ids", student_input_ids),
+        ("teacher_input_ids", teacher_input_ids),
+        ("student_offsets", student_offsets), ("teacher_offsets", teacher_offsets)))
+    check_labels(student_labels, h, teacher_labels, g, "hidden")
     if h.shape[0] != g.shape[0]:
         raise ValueError(f"teacher_hidden has batch size {g.shape[0]}, student_hidden "
                          f"{h.shape[0]}: they must agree")
@@ -702,13 +681,8 @@ def fused_linear_uld_loss(
     if hybrid:
         vmap = check_vocab_map(vocab_map, vt, vs, device)
         mw, uw = hybrid_weights(vmap, matched_weight, unmatched_weight)
-        t_matched = torch.nonzero(vmap >= 0).squeeze(1)
-        s_matched = vmap[t_matched]
-        s_free_mask = torch.ones(vs, dtype=torch.bool, device=device)
-        s_free_mask[s_matched] = False
-        cols = dict(s_matched=s_matched, t_matched=t_matched,
-                    s_free=torch.nonzero(s_free_mask).squeeze(1),
-                    t_free=torch.nonzero(vmap < 0).squeeze(1))
+        cols = dict(zip(("s_matched", "t_matched", "s_free", "t_free"),
+                        hybrid_columns(vmap, vs), strict=True))
     groups = align_batch(student_labels, teacher_labels, student_input_ids, teacher_input_ids,
                          student_offsets, teacher_offsets, merge=merge,
                          skip_student_eos=skip_student_eos, skip_teacher_eos=skip_teacher_eos,

@@ -9,66 +9,20 @@ side runs under ``no_grad``. Half-precision logits are computed in float32, floa
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from .align import AlignedGroups, align_batch, check_merge
+from .align import AlignedGroups, align_batch
+from .checks import (
+    check_float_tensor,
+    check_labels,
+    check_loss_options,
+    check_same_device,
+    check_vocab_map,
+)
 
 EPS = 1e-8  # GOLD's clamp of the merge scalars and of the JSD's raw probabilities
-REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "torch")
-
-
-# ---- option checks (each error names its argument) -----------------------------------------
-def _real(name: str, value, *, low: float | None = None, high: float | None = None,
-          low_open: bool = False) -> float:
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value}")
-    return value
-
-
-def _logits(name: str, z) -> torch.Tensor:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
-    if z.dim() != 3:
-        raise ValueError(f"{name} must be [B, L, V], got shape {tuple(z.shape)}")
-    if not z.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got {z.dtype}")
-    return z
-
-
-def check_vocab_map(vocab_map, teacher_vocab: int, student_vocab: int,
-                    device: torch.device) -> torch.Tensor:
-    """``vocab_map`` as int64 [Vt] on ``device``: a student id per teacher id, or -1."""
-    if not isinstance(vocab_map, torch.Tensor):
-        try:
-            vocab_map = torch.as_tensor(vocab_map)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"vocab_map must be a 1-D integer tensor, got "
-                            f"{type(vocab_map).__name__}") from e
-    if vocab_map.is_floating_point() or vocab_map.is_complex() or vocab_map.dtype == torch.bool:
-        raise TypeError(f"vocab_map must be an integer tensor, got {vocab_map.dtype}")
-    if vocab_map.dim() != 1 or vocab_map.numel() != teacher_vocab:
-        raise ValueError(f"vocab_map must be [Vt] = [{teacher_vocab}] (one entry per teacher "
-                         f"logit column), got shape {tuple(vocab_map.shape)}")
-    if vocab_map.numel():
-        lo, hi = int(vocab_map.min()), int(vocab_map.max())
-        if lo < -1 or hi >= student_vocab:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"vocab_map has id {bad}: entries must be -1 (unmatched) or a "
-                             f"student id in [0, {student_vocab})")
-    return vocab_map.to(device=device, dtype=torch.long)
 
 
 def hybrid_weights(vocab_map: torch.Tensor, matched_weight, unmatched_weight) -> tuple:
@@ -78,6 +32,18 @@ def hybrid_weights(vocab_map: torch.Tensor, matched_weight, unmatched_weight) ->
     mw = n_matched / max(1, vocab_map.numel()) if matched_weight is None else matched_weight
     uw = 1.0 - mw if unmatched_weight is None else unmatched_weight
     return mw, uw
+
+
+def hybrid_columns(vocab_map: torch.Tensor, student_vocab: int) -> tuple[torch.Tensor, ...]:
+    """The hybrid's column sets, int64 on ``vocab_map``'s device: ``(s_matched, t_matched,
+    s_free, t_free)``, the matched teacher ids' student ids, the matched teacher ids, the
+    student ids no teacher id maps to, the unmatched teacher ids."""
+    t_matched = torch.nonzero(vocab_map >= 0).squeeze(1)
+    s_matched = vocab_map[t_matched]
+    s_free_mask = torch.ones(student_vocab, dtype=torch.bool, device=vocab_map.device)
+    s_free_mask[s_matched] = False
+    return (s_matched, t_matched, torch.nonzero(s_free_mask).squeeze(1),
+            torch.nonzero(vocab_map < 0).squeeze(1))
 
 
 # ---- row math -------------------------------------------------------------------------------
@@ -140,15 +106,10 @@ def group_losses(zs2: torch.Tensor, zt2: torch.Tensor, groups: AlignedGroups, *,
     if vocab_map is None:
         return sorted_l1(P, Q)
     mw, uw = hybrid_weights(vocab_map, matched_weight, unmatched_weight)
-    t_matched = torch.nonzero(vocab_map >= 0).squeeze(1)
-    s_matched = vocab_map[t_matched]
+    s_matched, t_matched, s_free, t_free = hybrid_columns(vocab_map, P.shape[-1])
     out = P.new_zeros(P.shape[0])
     if t_matched.numel():
         out = out + mw * generalized_jsd(P[:, s_matched], Q[:, t_matched], beta)
-    s_free_mask = torch.ones(P.shape[-1], dtype=torch.bool, device=P.device)
-    s_free_mask[s_matched] = False
-    s_free = torch.nonzero(s_free_mask).squeeze(1)
-    t_free = torch.nonzero(vocab_map < 0).squeeze(1)
     if s_free.numel() and t_free.numel():
         out = out + uw * sorted_l1(P[:, s_free], Q[:, t_free])
     return out
@@ -204,38 +165,21 @@ def uld_loss(
     Returns a 0-dim tensor (``[B]`` for "none"), float32 for half-precision logits. A batch
     without groups gives 0 with zero gradients.
     """
-    zs = _logits("student_logits", student_logits)
-    zt = _logits("teacher_logits", teacher_logits)
-    check_merge(merge)
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}; got {reduction!r}")
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(IMPLS)} for uld_loss; got {impl!r}")
-    Ts = _real("student_temperature", student_temperature, low=0.0, low_open=True)
-    Tt = _real("teacher_temperature", teacher_temperature, low=0.0, low_open=True)
-    beta = _real("beta", beta, low=0.0, high=1.0)
-    dw = _real("distillation_weight", distillation_weight, low=0.0)
-    cw = _real("ce_weight", ce_weight, low=0.0)
-    if matched_weight is not None:
-        matched_weight = _real("matched_weight", matched_weight, low=0.0)
-    if unmatched_weight is not None:
-        unmatched_weight = _real("unmatched_weight", unmatched_weight, low=0.0)
-    for name, lab, z in (("student_labels", student_labels, zs),
-                         ("teacher_labels", teacher_labels, zt)):
-        if not isinstance(lab, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(lab).__name__}")
-        if lab.shape != z.shape[:-1]:
-            logits_name = name.replace("labels", "logits")
-            raise ValueError(f"{name} must be [B, L] = {tuple(z.shape[:-1])} to match "
-                             f"{logits_name}, got {tuple(lab.shape)}")
+    zs = check_float_tensor("student_logits", student_logits, "[B, L, V]")
+    zt = check_float_tensor("teacher_logits", teacher_logits, "[B, L, V]")
+    Ts, Tt, beta, dw, cw, matched_weight, unmatched_weight = check_loss_options(
+        merge=merge, reduction=reduction, student_temperature=student_temperature,
+        teacher_temperature=teacher_temperature, beta=beta,
+        distillation_weight=distillation_weight, ce_weight=ce_weight,
+        matched_weight=matched_weight, unmatched_weight=unmatched_weight,
+        impl=impl, impls=IMPLS, impl_of="uld_loss")
+    check_labels(student_labels, zs, teacher_labels, zt, "logits")
     device = zs.device
-    for name, x in (("teacher_logits", zt), ("student_labels", student_labels),
-                    ("teacher_labels", teacher_labels), ("student_input_ids", student_input_ids),
-                    ("teacher_input_ids", teacher_input_ids),
-                    ("student_offsets", student_offsets), ("teacher_offsets", teacher_offsets)):
-        if isinstance(x, torch.Tensor) and x.device != device:
-            raise ValueError(f"{name} is on {x.device}, student_logits on {device}: they must "
-                             "be on the same device")
+    check_same_device("student_logits", device, (
+        ("teacher_logits", zt), ("student_labels", student_labels),
+        ("teacher_labels", teacher_labels), ("student_input_ids", student_input_ids),
+        ("teacher_input_ids", teacher_input_ids),
+        ("student_offsets", student_offsets), ("teacher_offsets", teacher_offsets)))
     B, _, Vs = zs.shape
     Vt = zt.shape[-1]
     if vocab_map is not None:
