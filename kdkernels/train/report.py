@@ -205,15 +205,19 @@ def _plot(out_dir: Path, results: dict[str, dict[str, Any]]) -> None:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("loss curves (train CE on hard labels; held-out CE)")
     ax.legend(fontsize=7)
-    names = [k for k in results if results[k]["heldout_ce"] is not None]
-    vals = [results[k]["heldout_ce"] for k in names]
+    # across tokenizers, bits per byte (per-token CE counts different tokens per model)
+    key = "bits_per_byte" if any("bits_per_byte" in r for r in results.values()) else \
+        "heldout_ce"
+    names = [k for k in results if results[k].get(key) is not None]
+    vals = [results[k][key] for k in names]
     bx.bar([_label(k, results[k]).replace(", ", "\n") for k in names], vals,
            color=[_COLORS.get(k, "#8c564b") for k in names])
     if vals:
         bx.set_ylim(min(vals) - 0.3, max(vals) + 0.1)
     for i, v in enumerate(vals):
         bx.text(i, v + 0.01, f"{v:.3f}", ha="center", fontsize=8)
-    bx.set_title("held-out CE (lower is better)")
+    bx.set_title("held-out " + ("bits per byte" if key == "bits_per_byte" else "CE")
+                 + " (lower is better)")
     bx.tick_params(axis="x", labelsize=7)
     cache = results.get("topk", {}).get("cache")
     fig.tight_layout(rect=(0, 0.05, 1, 1) if cache else None)
