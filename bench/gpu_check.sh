@@ -10,6 +10,10 @@
 # trl also needs accelerate and datasets: bring those wheels, and datasets' own dependencies,
 # if the machine lacks them, else the trl provider is skipped with the import error); .whl/test/*.whl (pytest, hypothesis and their deps) only if the
 # machine lacks pytest or hypothesis. kdkernels itself runs from the checkout (PYTHONPATH).
+# The `-m gpu` step includes the cross-tokenizer loss on CUDA and `kdk serve-teacher --device cuda`
+# with the hidden-mode trainer (tests/test_train_served.py): the latter needs the [serve] wheels
+# (fastapi, starlette, uvicorn, pydantic, pydantic-core, anyio, h11, annotated-types,
+# typing-inspection, sniffio) in .whl/ when the machine lacks them.
 # Builds: `python -m kdkernels.info` compiles the C++/CUDA extensions (MAX_JOBS=16) in the
 # background while the Triton tests run; later steps only load the cache (KDKERNELS_NO_BUILD).
 # Benchmarks: bench/loss.py --device cuda (row kernels vs copy, then the dense loss's providers;

@@ -260,3 +260,26 @@ def test_a_server_killed_mid_run_stops_it_and_resume_continues_exactly(
     server.restart()
     assert cli.main(_topk_args(server.url, out) + ["--resume"]) == 0
     assert _losses(out, "topk") == _losses(topk_run, "topk")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hidden_mode_on_cuda_gives_the_in_process_losses(tmp_path):
+    """`kdk serve-teacher --device cuda` and the hidden-mode trainer on the GPU against the
+    in-process dense run on the GPU: the same fp32 teacher forward on the same device, so
+    only the server's batch shape can change the GEMMs' rounding (1e-5 relative over 6
+    steps, as on the CPU)."""
+    from kdkernels.serve.launch import start_kdk
+
+    srv = start_kdk("default", tmp_path / "cuda-server.log", "--preset", "smoke",
+                    "--device", "cuda")
+    try:
+        dense, served = tmp_path / "dense", tmp_path / "served"
+        assert cli.main(BASE + ["-o", str(dense), "--device", "cuda"]) == 0
+        assert cli.main(BASE + ["-o", str(served), "--device", "cuda", "--teacher-url",
+                                srv.url, "--teacher-mode", "hidden"]) == 0
+    finally:
+        srv.stop()
+    a, b = _losses(dense, "kd"), _losses(served, "kd")
+    assert len(a) == len(b) == 6
+    assert torch.allclose(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=0), (a, b)
