@@ -18,11 +18,11 @@ import traceback
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from kdkernels.hf import engine_heads
 from kdkernels.integrations.trl_loss import fused_divergence_loss
+from tests._dist import close_group
 from tests._train_helpers import tiny_pair, token_stream
 from tests._trl_helpers import prompts, tiny_tokenizer
 
@@ -241,9 +241,7 @@ def main(engine: str, out: str) -> None:
             AcceleratorState._reset_state(reset_partial_state=False)
     if rank == 0:
         torch.save(saved, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close_group()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tests._dist import close_group
+
 N, DS, DT, V = 37, 16, 24, 1009
 IGNORED_ROWS = (5, 11, 30)
 IGNORE = -100
@@ -287,7 +289,7 @@ def main(rank: int, parts: int, port: int, out_path: str) -> None:
     except Exception:
         results["crash"] = traceback.format_exc()
     torch.save(results, out_path)
-    dist.destroy_process_group()
+    close_group()
 
 
 if __name__ == "__main__":
