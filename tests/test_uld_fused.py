@@ -341,6 +341,59 @@ def test_cpp_sorted_l1_matches_torch_with_threads(k):
                                    atol=1e-6)
 
 
+@pytest.mark.skipif("cpp" not in IMPLS, reason="the C++ ULD library is not built here")
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("k", [None, 7])
+def test_cpp_hybrid_matches_torch_with_threads(beta, k):
+    """The C++ hybrid row pass (columns gathered inside each row) against the torch path
+    (gathered buffers, index_add back), rows over 2 threads: underflowed probabilities (the
+    1e-8 clamp), a student id that two teacher ids map to, no free teacher column."""
+    import types
+
+    from kdkernels.uld.logits import hybrid_columns
+
+    g = torch.Generator().manual_seed(1)
+    torch.set_num_threads(2)
+    for c, vs, vt, dup, all_matched in ((33, 173, 211, True, False), (6, 40, 23, False, True)):
+        x = torch.softmax(torch.randn(c, vs, generator=g) * 5, dim=1)
+        y = torch.softmax(torch.randn(c, vt, generator=g) * 5, dim=1)
+        x[:, ::9] = 0.0
+        y[:, ::13] = 0.0
+        vmap = torch.full((vt,), -1, dtype=torch.long)
+        n = vt if all_matched else vt // 2
+        t_ids = torch.randperm(vt, generator=g)[:n]
+        vmap[t_ids] = torch.randperm(vs, generator=g)[:n]
+        if dup:
+            vmap[t_ids[1]] = vmap[t_ids[0]]
+        cols = dict(zip(("s_matched", "t_matched", "s_free", "t_free"),
+                        hybrid_columns(vmap, vs), strict=True))
+        cfg = types.SimpleNamespace(mw=0.6, uw=0.4, beta=beta, top_k=k, **cols)
+        cx, cy = torch.rand(c, generator=g) + 0.1, torch.rand(c, generator=g) + 0.1
+        outs, losses = {}, {}
+        for impl in ("torch", "cpp"):
+            ws = rows.Workspace(c, x.device)
+            outs[impl] = torch.full((c, vs), float("nan"))
+            losses[impl] = rows.hybrid(x, cx, y, cy, types.SimpleNamespace(impl=impl, **vars(cfg)),
+                                       outs[impl], True, ws)
+            ws.release()
+        # fp32 logs on both sides (Sleef in both); the C++ pass sums in float64: ~1e-6 apart
+        torch.testing.assert_close(losses["cpp"], losses["torch"], rtol=2e-5, atol=1e-6)
+        assert not outs["cpp"].isnan().any()
+        # matched columns: the same JSD gradient; free columns: signs, which tied values may
+        # swap (both valid subgradients), so compare their contraction with x as well
+        m = cols["s_matched"]
+        torch.testing.assert_close(outs["cpp"][:, m], outs["torch"][:, m], rtol=2e-5, atol=1e-5)
+        assert (outs["cpp"] != outs["torch"]).float().mean() < 0.02
+        torch.testing.assert_close(rows.rowdot(x, outs["cpp"]), rows.rowdot(x, outs["torch"]),
+                                   rtol=1e-5, atol=1e-6)
+        # without a gradient the output is not written
+        poison = torch.full((c, vs), float("nan"))
+        loss = rows.hybrid(x, cx, y, cy, types.SimpleNamespace(impl="cpp", **vars(cfg)), poison,
+                           False, None)
+        torch.testing.assert_close(loss, losses["cpp"], rtol=0, atol=0)
+        assert poison.isnan().all()
+
+
 # ----------------------------------------------------------------------------- top-k
 
 

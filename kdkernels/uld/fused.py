@@ -29,8 +29,9 @@ buffers (values + int64 indices, both sides; none for the C++ sort), the hybrid'
 columns, gathered hidden rows and their gradient; nothing [N, V].
 
 Backends (``impl``): ``"torch"`` everywhere (on CUDA the sort is torch's segmented sort of the
-chunk, no Triton sort); ``"cpp"`` on CPU (the sorted L1 by a per-row radix sort in C++, the rest
-in torch); ``"auto"``: cpp on CPU when the extension builds, else torch.
+chunk, no Triton sort); ``"cpp"`` on CPU (the sorted L1 by a per-row radix sort in C++; the
+hybrid's JSD and sorted L1 in one C++ pass over each row that gathers its columns itself; the
+rest in torch); ``"auto"``: cpp on CPU when the extension builds, else torch.
 """
 
 from __future__ import annotations
@@ -322,7 +323,9 @@ def bytes_per_row(cfg: UldConfig, s: _Head, t: _Head, rdt: torch.dtype, want_gra
         n += s.x.shape[1] * s.cd.itemsize  # the grad_hidden part
         if s.cd != rdt:
             n += vs * s.cd.itemsize
-    if cfg.hybrid:
+    if cfg.hybrid and cfg.impl == "cpp":
+        pass  # gathers and sorts inside each row: no per-chunk buffers
+    elif cfg.hybrid:
         if n_matched:
             n += R.jsd_bytes_per_row(n_matched, e)
         if n_s_free and n_t_free:
@@ -383,7 +386,7 @@ def run_passes(s: _Head, t: _Head, rs: RowSets, cfg: UldConfig, rdt: torch.dtype
         for start in range(0, G, c_max):
             stop = min(G, start + c_max)
             loss_g, ce_g = _pass_groups(s, t, rs, cfg, start, stop, cs, ct, ws, rdt,
-                                        w_group, w_ce, dlogc, grads, n_m, n_sf, n_tf)
+                                        w_group, w_ce, dlogc, grads)
             smp = rs.sample[start:stop]
             per_sample.index_add_(0, smp, loss_g * rs.inv_groups[start:stop].to(rdt))
             if ce_g is not None:
@@ -434,8 +437,7 @@ def _pass_scalars_stats(head: _Head, rows, tok, grp, lab, temperature: float, n_
 
 
 def _pass_groups(s: _Head, t: _Head, rs: RowSets, cfg: UldConfig, start: int, stop: int,
-                 cs, ct, ws: R.Workspace, rdt, w_group, w_ce, dlogc, grads: _Grads | None,
-                 n_m: int, n_sf: int, n_tf: int):
+                 cs, ct, ws: R.Workspace, rdt, w_group, w_ce, dlogc, grads: _Grads | None):
     """Pass 2 on the groups [start, stop): their losses [c] (and the CE of their base rows),
     and with a gradient, dL/dz of the base rows through their GEMMs."""
     c = stop - start
@@ -460,23 +462,7 @@ def _pass_groups(s: _Head, t: _Head, rs: RowSets, cfg: UldConfig, start: int, st
     if not cfg.hybrid:
         loss = R.sorted_l1(A, cs_c, D, ct_c, gP, cfg.top_k, cfg.impl, ws)
     else:
-        loss = torch.zeros(c, dtype=rdt, device=A.device)
-        gP.zero_()
-        if n_m and cfg.mw != 0:
-            pm = torch.index_select(A, 1, cfg.s_matched, out=ws.get("pm", c, n_m, rdt))
-            qm = torch.index_select(D, 1, cfg.t_matched, out=ws.get("qm", c, n_m, rdt))
-            pm.mul_(cs_c[:, None])
-            qm.mul_(ct_c[:, None])
-            loss += cfg.mw * R.gjsd_(pm, qm, cfg.beta, ws, want_grad)
-            if want_grad:
-                gP.index_add_(1, cfg.s_matched, pm, alpha=cfg.mw)
-        if n_sf and n_tf and cfg.uw != 0:
-            xu = torch.index_select(A, 1, cfg.s_free, out=ws.get("xu", c, n_sf, rdt))
-            yu = torch.index_select(D, 1, cfg.t_free, out=ws.get("yu", c, n_tf, rdt))
-            gu = ws.get("gu", c, n_sf, rdt)
-            loss += cfg.uw * R.sorted_l1(xu, cs_c, yu, ct_c, gu, cfg.top_k, cfg.impl, ws, "u")
-            if want_grad:
-                gP.index_add_(1, cfg.s_free, gu, alpha=cfg.uw)
+        loss = R.hybrid(A, cs_c, D, ct_c, cfg, gP, want_grad, ws)
     if not want_grad:
         return loss, ce_g
     wg = w_group[start:stop]

@@ -161,6 +161,42 @@ def _sorted_l1_torch(x, cx, y, cy, out, k, ws, tag):
 # ----------------------------------------------------------------------------- hybrid JSD
 
 
+def hybrid(x: torch.Tensor, cx: torch.Tensor, y: torch.Tensor, cy: torch.Tensor, cfg,
+           out: torch.Tensor, want_grad: bool, ws: Workspace) -> torch.Tensor:
+    """GOLD's hybrid per row: ``cfg.mw`` x the generalized JSD(``cfg.beta``) of the matched
+    columns (``cfg.s_matched`` / ``cfg.t_matched``) of the merged rows (cx x, cy y) plus
+    ``cfg.uw`` x the sorted L1 (top-k: ``cfg.top_k``) of the free columns. x [C, Vs] and
+    y [C, Vt] are kept; with ``want_grad`` ``out`` [C, Vs] receives dL/d(cx x) in every column
+    (repeated matched ids add). ``cfg.impl == "cpp"``: one C++ pass per row that gathers the
+    columns itself; torch: gathered [C, M] / [C, F] buffers from ``ws`` and scatters back."""
+    k = cfg.top_k
+    if cfg.impl == "cpp":
+        return torch.ops.kdkernels_uld.hybrid(
+            x, cx.contiguous(), y, cy.contiguous(), cfg.s_matched, cfg.t_matched, cfg.s_free,
+            cfg.t_free, out, float(cfg.mw), float(cfg.uw), float(cfg.beta),
+            0 if k is None else k, want_grad)
+    c, dt = x.shape[0], x.dtype
+    n_m, n_sf, n_tf = cfg.s_matched.numel(), cfg.s_free.numel(), cfg.t_free.numel()
+    loss = torch.zeros(c, dtype=dt, device=x.device)
+    out.zero_()
+    if n_m and cfg.mw != 0:
+        pm = torch.index_select(x, 1, cfg.s_matched, out=ws.get("pm", c, n_m, dt))
+        qm = torch.index_select(y, 1, cfg.t_matched, out=ws.get("qm", c, n_m, dt))
+        pm.mul_(cx[:, None])
+        qm.mul_(cy[:, None])
+        loss += cfg.mw * gjsd_(pm, qm, cfg.beta, ws, want_grad)
+        if want_grad:
+            out.index_add_(1, cfg.s_matched, pm, alpha=cfg.mw)
+    if n_sf and n_tf and cfg.uw != 0:
+        xu = torch.index_select(x, 1, cfg.s_free, out=ws.get("xu", c, n_sf, dt))
+        yu = torch.index_select(y, 1, cfg.t_free, out=ws.get("yu", c, n_tf, dt))
+        gu = ws.get("gu", c, n_sf, dt)
+        loss += cfg.uw * sorted_l1(xu, cx, yu, cy, gu, k, "torch", ws, "u")
+        if want_grad:
+            out.index_add_(1, cfg.s_free, gu, alpha=cfg.uw)
+    return loss
+
+
 def gjsd_(pm: torch.Tensor, qm: torch.Tensor, beta: float, ws: Workspace,
           want_grad: bool) -> torch.Tensor:
     """GOLD's generalized JSD(beta) on raw (unnormalised) probabilities, summed per row:
