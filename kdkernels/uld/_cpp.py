@@ -1,8 +1,9 @@
-"""Build (first use) and load the C++ sorted L1 of the fused ULD loss (csrc/uld_cpu.cpp).
+"""Build (first use) and load the C++ row math of the fused ULD loss (csrc/uld_cpu.cpp).
 
 A small library of its own (``extension.load_cpu_library``: the CPU extension's flags, cache
 and ``KDKERNELS_NO_BUILD`` rule, its own source hash), so that it neither rebuilds nor waits
-for the row-op extension. Its op: ``torch.ops.kdkernels_uld.sorted_l1``.
+for the row-op extension. Its ops:
+``torch.ops.kdkernels_uld.sorted_l1`` and ``torch.ops.kdkernels_uld.hybrid``.
 """
 
 from __future__ import annotations
