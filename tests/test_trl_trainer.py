@@ -3,6 +3,7 @@ its _compute_loss against TRL's own on the same micro-batch, and the errors with
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import sys
 
@@ -110,9 +111,9 @@ def test_import_without_trl_says_what_is_missing(monkeypatch):
            "fails" in found and "trl>=1.16,<2" in found
 
     def not_installed(name):
-        raise kd_trl.importlib.metadata.PackageNotFoundError(name)
+        raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(kd_trl.importlib.metadata, "version", not_installed)
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
     assert kd_trl._trl_problem().startswith("trl is not installed; KDDistillationTrainer needs "
                                             "trl>=1.16,<2")
     monkeypatch.setattr(kd_trl, "TRL_MISSING", "trl is not installed; ...")

@@ -59,7 +59,6 @@ constructing FusedGOLDTrainer raises ImportError with that text.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,8 +70,8 @@ from ..hf.logit_transform import logit_transform
 from ..uld.fused import fused_linear_uld_loss
 from ..uld.logits import uld_loss
 from ..uld.vocab import build_vocab_map
+from .trl_check import trl_class_problem
 
-TRL_REQUIREMENT = "trl>=1.16,<2"
 # What this module relies on: GOLDTrainer's compute_loss calling self.uld_loss_fn with the
 # outputs' .logits, and ULDLoss's attributes (its options).
 _ULD_ATTRIBUTES = ("crossentropy_weight", "distillation_weight", "student_temperature",
@@ -82,20 +81,8 @@ _ULD_ATTRIBUTES = ("crossentropy_weight", "distillation_weight", "student_temper
 
 
 def _trl_problem() -> str | None:
-    need = f"FusedGOLDTrainer needs {TRL_REQUIREMENT} (pip install 'kdkernels[trl]')"
-    try:
-        version = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:
-        return f"trl is not installed; {need}"
-    try:
-        from trl.experimental.gold import GOLDTrainer
-        from trl.experimental.gold.gold_trainer import ULDLoss  # noqa: F401
-    except Exception as err:  # an ImportError, or one of trl's dependencies failing
-        return (f"trl {version} is installed but `from trl.experimental.gold import GOLDTrainer` "
-                f"fails ({type(err).__name__}: {err}); {need}")
-    if not hasattr(GOLDTrainer, "compute_loss"):
-        return f"trl {version}'s GOLDTrainer has no compute_loss; {need}"
-    return None
+    return trl_class_problem("FusedGOLDTrainer", "trl.experimental.gold.gold_trainer",
+                             ("GOLDTrainer", "ULDLoss"), ("compute_loss",))
 
 
 TRL_MISSING = _trl_problem()

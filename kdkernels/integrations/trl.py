@@ -26,15 +26,14 @@ what is needed, and constructing KDDistillationTrainer raises ImportError with t
 
 from __future__ import annotations
 
-import importlib.metadata
 from typing import Any
 
 import torch
 
 from ..hf.logit_transform import logit_transform
+from .trl_check import trl_class_problem
 from .trl_loss import check_extra_options, extra_options, fused_divergence_loss
 
-TRL_REQUIREMENT = "trl>=1.16,<2"
 # DistillationTrainer's methods this class overrides or calls (present since trl 1.16).
 _TRL_HOOKS = ("_compute_loss", "_get_last_hidden_state")
 # The multimodal fields TRL's generation step leaves in a micro-batch for the backbones.
@@ -44,21 +43,7 @@ _MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "s
 
 def _trl_problem() -> str | None:
     """Why trl cannot be used here, naming the version found and the one needed; None if it can."""
-    need = f"KDDistillationTrainer needs {TRL_REQUIREMENT} (pip install 'kdkernels[trl]')"
-    try:
-        version = importlib.metadata.version("trl")
-    except importlib.metadata.PackageNotFoundError:
-        return f"trl is not installed; {need}"
-    try:
-        from trl import DistillationTrainer
-    except Exception as err:  # an ImportError, or one of trl's dependencies failing
-        return (f"trl {version} is installed but `from trl import DistillationTrainer` fails "
-                f"({type(err).__name__}: {err}); {need}")
-    missing = [name for name in _TRL_HOOKS if not hasattr(DistillationTrainer, name)]
-    if missing:
-        return (f"trl {version}'s DistillationTrainer has no {', '.join(missing)} (which "
-                f"KDDistillationTrainer overrides); {need}")
-    return None
+    return trl_class_problem("KDDistillationTrainer", "trl", ("DistillationTrainer",), _TRL_HOOKS)
 
 
 TRL_MISSING = _trl_problem()

@@ -188,13 +188,19 @@ class TopKRequest:
     temperature: float
 
 
-def parse_topk(body: dict, limits: Limits) -> TopKRequest:
+def _id_rows(body: dict, limits: Limits) -> list[list[int]]:
+    """The checked ``model`` and ``input_ids`` (equally long id lists) of a binary route."""
     check_model(body, limits)
     if "input_ids" not in body:
         raise RequestError("input_ids is required: a list of equally long token-id lists",
                            "input_ids")
     rows = token_rows(body["input_ids"], "input_ids", limits, flat_is_one_row=False)
     rectangular(rows, "input_ids")
+    return rows
+
+
+def parse_topk(body: dict, limits: Limits) -> TopKRequest:
+    rows = _id_rows(body, limits)
     if body.get("top_k") is None:
         raise RequestError("top_k is required: the number of (id, log-prob) slots per "
                            "position", "top_k")
@@ -214,12 +220,7 @@ class HiddenRequest:
 
 
 def parse_hidden(body: dict, limits: Limits) -> HiddenRequest:
-    check_model(body, limits)
-    if "input_ids" not in body:
-        raise RequestError("input_ids is required: a list of equally long token-id lists",
-                           "input_ids")
-    rows = token_rows(body["input_ids"], "input_ids", limits, flat_is_one_row=False)
-    rectangular(rows, "input_ids")
+    rows = _id_rows(body, limits)
     dtype = body.get("dtype")
     if dtype is not None and dtype not in HIDDEN_DTYPES:
         raise RequestError(f"dtype must be null (the server's) or one of "
