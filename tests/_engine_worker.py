@@ -22,7 +22,7 @@ from torch import nn
 
 from kdkernels.hf import engine_heads
 from kdkernels.integrations.trl_loss import fused_divergence_loss
-from tests._dist import close_group
+from tests._dist import exit_worker
 from tests._train_helpers import tiny_pair, token_stream
 from tests._trl_helpers import prompts, tiny_tokenizer
 
@@ -241,7 +241,7 @@ def main(engine: str, out: str) -> None:
             AcceleratorState._reset_state(reset_partial_state=False)
     if rank == 0:
         torch.save(saved, out)
-    close_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tests._dist import close_group
+from tests._dist import exit_worker
 
 N, D, V, K = 29, 12, 211, 9  # V = 211 splits unevenly over 2 and 3 ranks
 _BASE = dict(temperature=2.0, ce_weight=0.4, chunk_size=6)
@@ -120,7 +120,7 @@ def main(rank: int, parts: int, port: int, out_path: str) -> None:
     except Exception:
         results["crash"] = traceback.format_exc()
     torch.save(results, out_path)
-    close_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tests._dist import close_group
+from tests._dist import exit_worker
 
 N, DS, DT, V = 37, 16, 24, 1009
 IGNORED_ROWS = (5, 11, 30)
@@ -289,7 +289,7 @@ def main(rank: int, parts: int, port: int, out_path: str) -> None:
     except Exception:
         results["crash"] = traceback.format_exc()
     torch.save(results, out_path)
-    close_group()
+    exit_worker()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from kdkernels.integrations.trl_loss import fused_divergence_loss
-from tests._dist import close_group
+from tests._dist import exit_worker
 
 
 def main(rank: int, world: int, port: int, out: str) -> None:
@@ -44,7 +44,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                            grad_w=ws.grad.full_tensor(), grad_b=bs.grad.full_tensor())
     if rank == 0:
         torch.save(saved, out)
-    close_group()
+    exit_worker()
 
 
 if __name__ == "__main__":
