@@ -115,6 +115,9 @@ def _distill_parser(sub) -> argparse.ArgumentParser:
                    help="bearer token of a server started with --api-key")
     g.add_argument("--teacher-timeout", type=float, metavar="S",
                    help="seconds per request before the client retries it [60]")
+    g.add_argument("--teacher-retries", type=int, metavar="N",
+                   help="retries of a request that failed to connect, timed out or got a 5xx "
+                        "(with backoff), before the run stops [3]")
     g = p.add_argument_group("loss")
     g.add_argument("--divergence", choices=[d.name for d in divergences.TABLE],
                    help="KD divergence [forward_kl]")
@@ -263,7 +266,8 @@ def _served_teacher(args: argparse.Namespace):
     None; the other served-teacher flags are refused without --teacher-url."""
     flags = {"--teacher-server": args.teacher_server, "--teacher-mode": args.teacher_mode,
              "--top-k": args.top_k, "--teacher-api-key": args.teacher_api_key,
-             "--teacher-timeout": args.teacher_timeout}
+             "--teacher-timeout": args.teacher_timeout,
+             "--teacher-retries": args.teacher_retries}
     if args.teacher_url is None:
         given = [f for f, v in flags.items() if v is not None]
         if given:
@@ -274,7 +278,8 @@ def _served_teacher(args: argparse.Namespace):
 
     given = {k: v for k, v in (("server", args.teacher_server), ("mode", args.teacher_mode),
                                ("top_k", args.top_k), ("api_key", args.teacher_api_key),
-                               ("timeout", args.teacher_timeout)) if v is not None}
+                               ("timeout", args.teacher_timeout),
+                               ("retries", args.teacher_retries)) if v is not None}
     return ServedTeacher(args.teacher_url, **given)
 
 
@@ -329,7 +334,11 @@ def _cache_teacher_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--teacher-model", metavar="NAME",
                    help="the served model to ask for [the one /v1/models lists]")
     g.add_argument("--teacher-timeout", type=float, default=60.0, metavar="S",
-                   help="seconds per request before it is retried (3 retries, then an error)")
+                   help="seconds per request before it is retried (--teacher-retries, then an "
+                   "error)")
+    g.add_argument("--teacher-retries", type=int, default=3, metavar="N",
+                   help="retries of a request that failed to connect, timed out or got a 5xx "
+                   "(with backoff), before the command stops with the complete shards kept")
     g.add_argument("--prompts", metavar="FILE",
                    help="with --generate: prompts, one a line (text), or .jsonl strings or "
                    "{\"prompt\": ...} objects")
@@ -392,6 +401,7 @@ def _cache_teacher_served(args: argparse.Namespace) -> int:
             data=args.data, text_field=args.text_field, top_k=args.top_k,
             seq_len=args.seq_len, shard_size=args.shard_size, dtype=args.dtype,
             batch_size=args.batch_size, timeout=args.teacher_timeout,
+            retries=args.teacher_retries,
             progress=not args.no_progress, default_preset=args.preset, prompts=args.prompts,
             generate=args.generate, api_style=args.api_style, seed=args.seed)
         (cache_from_server if args.generate is None else cache_generated)(opts)

@@ -218,6 +218,7 @@ def test_a_killed_writer_resumes(tiny, server, served_cache, tmp_path, capsys):
     (["--tokenizer", "TOK", "--teacher", "TEACHER"], "alternatives"),
     (["--tokenizer", "TOK", "--mode", "sample"], "--mode sample"),
     (["--tokenizer", "TOK", "--generate", "4"], "--prompts"),
+    (["--tokenizer", "TOK", "--teacher-retries", "-1"], "--teacher-retries must be >= 0"),
 ])
 def test_refusals(tiny, tmp_path, capsys, extra, pattern):
     extra = [str(tiny.teacher) if e in ("TOK", "TEACHER") else e for e in extra]

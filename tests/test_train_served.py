@@ -110,6 +110,8 @@ def test_a_failed_request_reaches_the_loop_with_its_step():
      "--teacher-mode hidden needs --teacher-server kdk"),
     (["--teacher-url", URL, "--top-k", "0"], "--top-k must be >= 1"),
     (["--teacher-url", URL, "--teacher-timeout", "0"], "--teacher-timeout must be > 0"),
+    (["--teacher-url", URL, "--teacher-retries", "-1"], "--teacher-retries must be >= 0"),
+    (["--teacher-retries", "2"], "--teacher-retries configure a served teacher"),
     (["--teacher-url", "127.0.0.1:8000"], "--teacher-url must be an http"),
     (["--teacher-url", URL, "--on-policy", "0.5"], "--on-policy/--seq-kd"),
     (["--teacher-url", URL, "--seq-kd"], "--on-policy/--seq-kd"),
@@ -123,6 +125,27 @@ def test_refusals_name_the_flag(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert "kdk distill: error:" in err and message in err, err
     assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_teacher_retries_bound_the_requests_to_a_failing_server(tmp_path, capsys, retries):
+    """A server that answers 500 to everything: --teacher-retries N makes N + 1 attempts of the
+    first request, then the run stops naming the URL, before any step."""
+    from tests._teacher_server import Reply, ScriptedServer
+
+    server = ScriptedServer(vocab=13)
+    try:
+        for path in ("/health", "/v1/models", "/tokenize", "/v1/completions", "/v1/topk"):
+            server.on(path, lambda req, n: Reply(500, {"error": "down"}))
+        rc = cli.main(BASE + ["-o", str(tmp_path / "run"), "--teacher-url", server.url,
+                              "--teacher-server", "vllm", "--teacher-timeout", "5",
+                              "--teacher-retries", str(retries)])
+        err = capsys.readouterr().err
+        assert rc == 2 and "kdk distill: error:" in err and server.url in err, err
+        assert len(server.seen) == retries + 1, [s.path for s in server.seen]
+        assert len({s.path for s in server.seen}) == 1
+    finally:
+        server.close()
 
 
 def test_on_policy_preset_refuses_a_served_teacher(tmp_path, capsys):

@@ -77,6 +77,8 @@ class ServedCacheOptions:
                              f"{self.server!r}")
         if not self.timeout > 0:
             raise ValueError(f"--teacher-timeout must be > 0 seconds; got {self.timeout}")
+        if self.retries < 0:
+            raise ValueError(f"--teacher-retries must be >= 0; got {self.retries}")
         if self.generate is None:
             if self.prompts is not None:
                 raise ValueError("--prompts needs --generate N (tokens to generate per prompt)")

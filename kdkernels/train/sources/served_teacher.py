@@ -50,6 +50,7 @@ class ServedTeacher:
     top_k: int = 64
     api_key: str | None = None
     timeout: float = 60.0
+    retries: int = 3
 
     def check(self) -> None:
         """Refusals that need no server, each naming its flag."""
@@ -71,6 +72,8 @@ class ServedTeacher:
             raise ValueError(f"--top-k must be >= 1; got {self.top_k}")
         if not self.timeout > 0:
             raise ValueError(f"--teacher-timeout must be > 0 seconds; got {self.timeout}")
+        if self.retries < 0:
+            raise ValueError(f"--teacher-retries must be >= 0; got {self.retries}")
 
     def fingerprint(self) -> dict[str, Any]:
         """What --resume must find unchanged (K only where it shapes the targets)."""
@@ -127,7 +130,8 @@ def open_inputs(cfg: TrainConfig, served: ServedTeacher, student_path: str | Non
     held = streams.eval_batches(d.held, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
     try:
         client = make_teacher(served.server, served.url, top_k=served.top_k,
-                              timeout=served.timeout, api_key=served.api_key, tokenizer=tok)
+                              timeout=served.timeout, retries=served.retries,
+                              api_key=served.api_key, tokenizer=tok)
     except TeacherError as err:  # unreachable, or refused the probe: nothing trained yet
         raise ValueError(f"--teacher-url {served.url}: {err}") from err
     head, transform = None, (1.0, None)
