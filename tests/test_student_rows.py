@@ -170,7 +170,14 @@ def run_case(impl, rows, cols, dtype, temperature, cap, ce, mask_frac, seed, out
     # Relative to the terms' magnitude, not their sum: at T != 1 with CE the kd, ce and
     # one-hot terms of an element can cancel (seen: 2e-5 of the result, 3e-7 of the terms).
     mag = oracle_grad(zs, labels, coef, spec, magnitude=True)
-    _check(f"{impl} grad", out, ref, 1e-5 + OUT_ULP[out_dtype], 1e-7, mag)
+    rtol = 1e-5 + OUT_ULP[out_dtype]
+    if spec.student_softcap is not None:
+        # The softcap's derivative 1 - t^2 (t = tanh(z / cap)) cancels where |z| >> cap: an
+        # error of a few ulp in fp32's t grows by 2 t^2 / (1 - t^2) in it (seen: z / cap ~ 2,
+        # 4.9e-5 of the result). Allow 8 ulp (2^-20) of t through that amplification.
+        t = torch.tanh(torch.where(mask, 0.0, zs.double()) / spec.student_softcap)
+        mag = mag * (1 + 2 * t**2 / (1 - t**2) * 2.0**-20 / rtol)
+    _check(f"{impl} grad", out, ref, rtol, 1e-7, mag)
 
 
 @pytest.mark.skipif(not BACKENDS, reason="no backend with student row ops")
