@@ -151,22 +151,25 @@ void sorted_l1_rows(const float* x, const float* cx, const float* y, const float
 
 // GOLD's generalized JSD(beta) over gathered, clamped values s, t (n each, modified: s
 // receives dloss/ds, 0 where s was below the clamp); the per-row sum in float64. torch's
-// vectorized log (Sleef under AVX2/AVX-512), as the torch backend's torch.log.
-double gjsd_row(float* s, float* t, int64_t n, float beta, bool want_grad) {
+// vectorized log (Sleef under AVX2/AVX-512), as the torch backend's torch.log. The branch is
+// chosen on beta in double and the weights rounded from double, as the torch backend does: a
+// beta that rounds to 0 or 1 in float (1e-50, 1 - 1e-12) is still the mixture, not a KL.
+double gjsd_row(float* s, float* t, int64_t n, double beta, bool want_grad) {
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t kW = Vec::size();
   constexpr float kClamp = 1e-8f;
-  const Vec clamp(kClamp), wb(beta), wa(1.0f - beta), one(1.0f), zero(0.0f);
+  const Vec clamp(kClamp), wb(static_cast<float>(beta)), wa(static_cast<float>(1.0 - beta));
+  const Vec one(1.0f), zero(0.0f);
   double acc = 0.0;
   auto step = [&](Vec vs, Vec vt, Vec& loss, Vec& grad) {
     const Vec keep = vs >= clamp;  // all-ones lanes where s is not clamped
     vs = at::vec::maximum(vs, clamp);
     vt = at::vec::maximum(vt, clamp);
     const Vec ls = vs.log(), lt = vt.log();
-    if (beta == 0.0f) {  // KL(t || s)
+    if (beta == 0.0) {  // KL(t || s)
       loss = vt * (lt - ls);
       grad = zero - vt / vs;
-    } else if (beta == 1.0f) {  // KL(s || t)
+    } else if (beta == 1.0) {  // KL(s || t)
       loss = vs * (ls - lt);
       grad = ls - lt + one;
     } else {
@@ -287,7 +290,7 @@ at::Tensor hybrid(const at::Tensor& x, const at::Tensor& cx, const at::Tensor& y
           ps[j] = a * xr[sm[j]];  // the torch backend's fp32 products
           qs[j] = b * yr[tm[j]];
         }
-        acc += mw * gjsd_row(ps.data(), qs.data(), nm, static_cast<float>(beta), want_grad);
+        acc += mw * gjsd_row(ps.data(), qs.data(), nm, beta, want_grad);
         if (orow) {
           const float w = static_cast<float>(mw);
           for (int64_t j = 0; j < nm; ++j) orow[sm[j]] += w * ps[j];

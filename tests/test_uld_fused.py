@@ -353,12 +353,13 @@ def test_cpp_sorted_l1_matches_torch_with_threads(k):
 
 
 @pytest.mark.skipif("cpp" not in IMPLS, reason="the C++ ULD library is not built here")
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("beta", [0.0, 1e-50, 0.5, 1.0 - 1e-12, 1.0])
 @pytest.mark.parametrize("k", [None, 7])
 def test_cpp_hybrid_matches_torch_with_threads(beta, k):
     """The C++ hybrid row pass (columns gathered inside each row) against the torch path
     (gathered buffers, index_add back), rows over 2 threads: underflowed probabilities (the
-    1e-8 clamp), a student id that two teacher ids map to, no free teacher column."""
+    1e-8 clamp), a student id that two teacher ids map to, no free teacher column, and betas
+    that round to 0 or 1 in fp32 (still the mixture, not a KL)."""
     import types
 
     from kdkernels.uld.logits import hybrid_columns

@@ -20,7 +20,7 @@ def trl_class_problem(ours: str, module: str, names: tuple[str, ...],
         return f"trl is not installed; {need}"
     try:
         mod = importlib.import_module(module)
-        base = [getattr(mod, name) for name in names][0]
+        base, *_ = (getattr(mod, name) for name in names)
     except Exception as err:  # an ImportError, or one of trl's dependencies failing
         return (f"trl {version} is installed but `from {module} import {', '.join(names)}` "
                 f"fails ({type(err).__name__}: {err}); {need}")
